@@ -1,0 +1,262 @@
+//! The commands users run. Errors are `anyhow` here, at the binary's edge.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::config::Config;
+use crate::ipc::{self, Request, Response, StatusReport};
+use crate::logging;
+use crate::master::{Master, Readiness};
+use crate::runtime::{alive, running_master};
+use crate::table;
+use crate::worker;
+
+/// The descriptor a daemonized master reports readiness on.
+const READY_FD: i32 = 3;
+
+pub fn worker() -> i32 {
+    logging::for_worker();
+    let spec = std::env::var(worker::SPEC_ENV)
+        .ok()
+        .and_then(|s| serde_json::from_str::<worker::Spec>(&s).ok());
+    match spec {
+        Some(spec) => worker::run(spec),
+        None => {
+            eprintln!("wm-host worker: started without a spec; workers are started by the master");
+            2
+        }
+    }
+}
+
+pub fn start(path: &Path, daemon: bool) -> Result<()> {
+    let cfg = Config::load(path)?;
+    if let Some(pid) = running_master(&cfg) {
+        bail!(
+            "wm-host is already running for {} (master pid {pid})",
+            cfg.host.runtime_dir.display()
+        );
+    }
+    if daemon {
+        return start_daemon(&cfg);
+    }
+    logging::to_stderr();
+    let master = Master::new(cfg)?;
+    master.run(Readiness::Terminal)?;
+    Ok(())
+}
+
+fn start_daemon(cfg: &Config) -> Result<()> {
+    let stdout = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&cfg.host.stdout_file)
+        .with_context(|| format!("cannot open stdout_file {}", cfg.host.stdout_file.display()))?;
+    // Close-on-exec: only the copy moved to READY_FD reaches the master.
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    let exe = std::env::current_exe().context("cannot find own executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("master")
+        .arg("--config")
+        .arg(&cfg.path)
+        .stdin(Stdio::null())
+        .stdout(stdout.try_clone()?)
+        .stderr(stdout);
+    let w = write_end.as_raw_fd();
+    // SAFETY: setsid and dup2 are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::dup2(w, READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the master")?;
+    drop(write_end);
+    let mut report = String::new();
+    // The master closes the pipe once every worker is ready, or on failure.
+    File::from(read_end).read_to_string(&mut report)?;
+    if let Some(table) = report.strip_prefix("ok\n") {
+        print!("{table}");
+        println!(
+            "wm-host started in the background (master pid {})",
+            child.id()
+        );
+        return Ok(());
+    }
+    // Failed: make sure nothing is left behind before reporting.
+    let _ = child.wait();
+    match report.strip_prefix("error: ") {
+        Some(e) => Err(anyhow!("{}", e.trim())),
+        None => Err(anyhow!(
+            "the master exited during start-up; see {}",
+            cfg.host.log_file.display()
+        )),
+    }
+}
+
+/// `wm-host master`: the daemon side of `start -d`.
+pub fn daemon_master(path: &Path) -> Result<()> {
+    // SAFETY: the CLI passes the pipe at READY_FD.
+    let ready = unsafe { File::from_raw_fd(READY_FD) };
+    // Workers must not inherit it, or the CLI would never see the pipe close.
+    let _ = nix::fcntl::fcntl(
+        &ready,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    let mut readiness = Readiness::Pipe(Some(ready));
+    let cfg = Config::load(path)?;
+    let log = &cfg.host.log_file;
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    logging::to_file(log).with_context(|| format!("cannot open log_file {}", log.display()))?;
+    // Workers inherit this and log to the same file. No threads exist yet.
+    std::env::set_var(logging::LOG_FILE_ENV, log);
+    let master = match Master::new(cfg) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!("start failed: {e}");
+            readiness.fail(&e.to_string());
+            return Err(e.into());
+        }
+    };
+    master.run(readiness)?;
+    Ok(())
+}
+
+fn connect(cfg: &Config) -> Result<UnixStream> {
+    let path = cfg.control_socket();
+    if running_master(cfg).is_none() {
+        bail!(
+            "wm-host is not running (no live master for {})",
+            cfg.host.runtime_dir.display()
+        );
+    }
+    UnixStream::connect(&path)
+        .with_context(|| format!("cannot reach the master at {}", path.display()))
+}
+
+fn request(cfg: &Config, req: &Request, timeout: Duration) -> Result<Response> {
+    let mut stream = connect(cfg)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(&ipc::encode(req))?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .context("no answer from the master")?;
+    if line.is_empty() {
+        bail!("the master closed the connection without answering");
+    }
+    serde_json::from_str(&line).context("bad answer from the master")
+}
+
+pub fn stop(path: &Path, graceful: bool) -> Result<()> {
+    let cfg = Config::load(path)?;
+    let pid = running_master(&cfg);
+    let wait = cfg.host.stop_timeout + Duration::from_secs(10);
+    match request(&cfg, &Request::Stop { graceful }, wait)? {
+        Response::Stopped => {}
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+    // The master answers just before exiting; wait until it is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pid.is_some_and(alive) || cfg.pid_file().exists() {
+        if Instant::now() > deadline {
+            bail!("the master said it stopped but is still running");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("wm-host stopped");
+    Ok(())
+}
+
+pub fn restart(path: &Path, daemon: bool) -> Result<()> {
+    let cfg = Config::load(path)?;
+    if running_master(&cfg).is_some() {
+        stop(path, false)?;
+    }
+    start(path, daemon)
+}
+
+pub fn status(path: &Path, json: bool) -> Result<()> {
+    let cfg = Config::load(path)?;
+    let report = match request(&cfg, &Request::Status, Duration::from_secs(5))? {
+        Response::Status(r) => r,
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer: {other:?}"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_status(&report));
+    }
+    Ok(())
+}
+
+fn render_status(r: &StatusReport) -> String {
+    let start = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(r.start_time));
+    let up = r.uptime_secs;
+    let groups: std::collections::BTreeSet<&str> =
+        r.workers.iter().map(|w| w.group.as_str()).collect();
+    let mut out = format!(
+        "---------------------------------------- GLOBAL STATUS ----------------------------------------\n\
+         wm-host version: {}    master pid: {}\n\
+         start time: {start}    run {} days {} hours {} minutes\n\
+         load average: {}\n\
+         {} worker groups    {} processes\n\
+         ---------------------------------------- PROCESS STATUS ---------------------------------------\n",
+        r.version,
+        r.master_pid,
+        up / 86400,
+        up % 86400 / 3600,
+        up % 3600 / 60,
+        r.load_average,
+        groups.len(),
+        r.workers.len(),
+    );
+    let dash = || "-".to_string();
+    let rows: Vec<Vec<String>> = r
+        .workers
+        .iter()
+        .map(|w| {
+            vec![
+                w.pid.to_string(),
+                w.group.clone(),
+                w.id.to_string(),
+                w.listen.clone(),
+                format!("{:.1}M", w.rss_bytes as f64 / (1024.0 * 1024.0)),
+                w.stats
+                    .as_ref()
+                    .map_or_else(dash, |s| s.connections.to_string()),
+                w.stats
+                    .as_ref()
+                    .map_or_else(dash, |s| s.total_messages.to_string()),
+                w.plugin.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table::render(
+        &[
+            "pid",
+            "group",
+            "id",
+            "listen",
+            "memory",
+            "connections",
+            "total_request",
+            "plugin",
+        ],
+        &rows,
+    ));
+    out
+}

@@ -1,0 +1,466 @@
+//! `wm.toml`: parsing and validation. Every error names the file, the line and
+//! the key, on one line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use toml::Spanned;
+
+/// Workerman's default package limit.
+pub const DEFAULT_MAX_PACKAGE: usize = 10 * 1024 * 1024;
+/// Workerman's default per-connection send buffer limit.
+pub const DEFAULT_MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {msg}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub msg: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read config {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+/// Application protocols a listener can speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    Tcp,
+    Text,
+    Frame,
+}
+
+impl Scheme {
+    fn parse(s: &str) -> Option<Scheme> {
+        Some(match s {
+            "tcp" => Scheme::Tcp,
+            "text" => Scheme::Text,
+            "frame" => Scheme::Frame,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::Tcp => "tcp",
+            Scheme::Text => "text",
+            Scheme::Frame => "frame",
+        }
+    }
+}
+
+/// A parsed `listen = "scheme://host:port"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listen {
+    pub scheme: Scheme,
+    pub addr: SocketAddr,
+    /// As written, for logs and status.
+    pub text: String,
+}
+
+impl Listen {
+    pub fn parse(text: &str) -> Result<Listen, String> {
+        let (scheme, rest) = text
+            .split_once("://")
+            .ok_or_else(|| format!("expected scheme://host:port, got {text:?}"))?;
+        let scheme = Scheme::parse(scheme)
+            .ok_or_else(|| format!("unknown protocol {scheme:?} (supported: tcp, text, frame)"))?;
+        let addr = rest
+            .to_socket_addrs()
+            .map_err(|e| format!("bad address {rest:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("address {rest:?} resolves to nothing"))?;
+        Ok(Listen {
+            scheme,
+            addr,
+            text: text.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Everything a worker process needs to know, handed to it by the master.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerConfig {
+    pub name: String,
+    pub listen: Listen,
+    pub count: u32,
+    pub plugin: PathBuf,
+    pub reloadable: bool,
+    pub options: BTreeMap<String, String>,
+    pub max_package_size: usize,
+    pub max_send_buffer_size: usize,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostConfig {
+    pub runtime_dir: PathBuf,
+    pub stop_timeout: Duration,
+    pub start_timeout: Duration,
+    pub stdout_file: PathBuf,
+    pub log_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// The config file, absolute.
+    pub path: PathBuf,
+    pub host: HostConfig,
+    pub workers: Vec<WorkerConfig>,
+}
+
+// ---- raw TOML shape ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    host: RawHost,
+    #[serde(default)]
+    worker: Vec<RawWorker>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    runtime_dir: Option<String>,
+    stop_timeout: Option<Dur>,
+    start_timeout: Option<Dur>,
+    stdout_file: Option<String>,
+    log_file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    name: Spanned<String>,
+    listen: Spanned<String>,
+    #[serde(default = "one")]
+    count: Spanned<u32>,
+    plugin: Spanned<String>,
+    #[serde(default = "yes")]
+    reloadable: bool,
+    options: Option<Spanned<BTreeMap<String, toml::Value>>>,
+    max_package_size: Option<Spanned<usize>>,
+    max_send_buffer_size: Option<Spanned<usize>>,
+    max_connections: Option<usize>,
+}
+
+fn one() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+fn yes() -> bool {
+    true
+}
+
+/// A duration written as "2s", "500ms", "1m 30s".
+struct Dur(Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write e.g. \"2s\" or \"500ms\""
+            ))
+        })
+    }
+}
+
+struct Source<'a> {
+    file: String,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
+    }
+
+    fn error(&self, span: Option<Range<usize>>, msg: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: span.map(|s| self.line_of(s.start)).unwrap_or(0),
+            msg: msg.into(),
+        }
+    }
+
+    fn key_error(&self, span: Range<usize>, key: &str, msg: impl fmt::Display) -> ConfigError {
+        self.error(Some(span), format!("{key}: {msg}"))
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| LoadError::Read(path.display().to_string(), e))?;
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        Ok(Config::parse(&text, &abs)?)
+    }
+
+    /// Parses config text; relative paths are resolved against `path`'s folder.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let src = Source {
+            file: path.display().to_string(),
+            text,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml's own message spans several lines with a drawing; keep one.
+            let msg = e.message().trim().replace('\n', " ");
+            let key = e
+                .span()
+                .and_then(|s| key_at(text, s.start))
+                .map(|k| format!("{k}: "))
+                .unwrap_or_default();
+            src.error(e.span(), format!("{key}{msg}"))
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &str| normalize(&base.join(p));
+        let runtime_dir = rel(raw.host.runtime_dir.as_deref().unwrap_or("run"));
+        let host = HostConfig {
+            stop_timeout: raw
+                .host
+                .stop_timeout
+                .map_or(Duration::from_secs(2), |d| d.0),
+            start_timeout: raw
+                .host
+                .start_timeout
+                .map_or(Duration::from_secs(30), |d| d.0),
+            stdout_file: raw
+                .host
+                .stdout_file
+                .as_deref()
+                .map_or_else(|| PathBuf::from("/dev/null"), rel),
+            log_file: raw
+                .host
+                .log_file
+                .as_deref()
+                .map_or_else(|| runtime_dir.join("wm-host.log"), rel),
+            runtime_dir,
+        };
+
+        if raw.worker.is_empty() {
+            return Err(src.error(None, "no [[worker]] table: nothing to run"));
+        }
+        let mut workers: Vec<WorkerConfig> = Vec::new();
+        for w in raw.worker {
+            let name = w.name.get_ref().trim().to_string();
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(src.key_error(
+                    w.name.span(),
+                    "name",
+                    "must be non-empty, without spaces",
+                ));
+            }
+            if workers.iter().any(|o| o.name == name) {
+                return Err(src.key_error(
+                    w.name.span(),
+                    "name",
+                    format!("duplicate worker name {name:?}"),
+                ));
+            }
+            let listen = Listen::parse(w.listen.get_ref())
+                .map_err(|e| src.key_error(w.listen.span(), "listen", e))?;
+            if *w.count.get_ref() == 0 {
+                return Err(src.key_error(w.count.span(), "count", "must be at least 1"));
+            }
+            let mut options = BTreeMap::new();
+            let no_options = Spanned::new(0..0, BTreeMap::new());
+            let raw_options = w.options.as_ref().unwrap_or(&no_options);
+            for (k, v) in raw_options.get_ref() {
+                let v = match v {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
+                        v.to_string()
+                    }
+                    _ => {
+                        return Err(src.key_error(
+                            raw_options.span(),
+                            &format!("options.{k}"),
+                            "must be a string, number or boolean",
+                        ))
+                    }
+                };
+                options.insert(k.clone(), v);
+            }
+            let positive = |v: &Option<Spanned<usize>>, key: &str, default: usize| match v {
+                Some(s) if *s.get_ref() == 0 => {
+                    Err(src.key_error(s.span(), key, "must be at least 1"))
+                }
+                Some(s) => Ok(*s.get_ref()),
+                None => Ok(default),
+            };
+            workers.push(WorkerConfig {
+                listen,
+                count: *w.count.get_ref(),
+                plugin: rel(w.plugin.get_ref()),
+                reloadable: w.reloadable,
+                options,
+                max_package_size: positive(
+                    &w.max_package_size,
+                    "max_package_size",
+                    DEFAULT_MAX_PACKAGE,
+                )?,
+                max_send_buffer_size: positive(
+                    &w.max_send_buffer_size,
+                    "max_send_buffer_size",
+                    DEFAULT_MAX_SEND_BUFFER,
+                )?,
+                max_connections: w.max_connections.unwrap_or(usize::MAX),
+                name,
+            });
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            host,
+            workers,
+        })
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.host.runtime_dir.join("wm-host.pid")
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.host.runtime_dir.join("wm-host.sock")
+    }
+}
+
+/// Resolves `.` and `..` without touching the file system (the file may not
+/// exist yet), so logs and status show plain paths.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// The key on the line holding `offset`, when that line is `key = …` or the
+/// offset sits on a bare key.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split('=').next()?.trim();
+    let ok = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_alphanumeric() || "_-.\"".contains(c));
+    ok.then(|| key.trim_matches('"').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/srv/app/wm.toml"))
+    }
+
+    const MINIMAL: &str = "[[worker]]\nname = \"echo\"\nlisten = \"text://127.0.0.1:2347\"\nplugin = \"libecho.so\"\n";
+
+    #[test]
+    fn minimal_config_gets_workerman_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.host.stop_timeout, Duration::from_secs(2));
+        assert_eq!(c.host.runtime_dir, Path::new("/srv/app/run"));
+        assert_eq!(c.host.stdout_file, Path::new("/dev/null"));
+        let w = &c.workers[0];
+        assert_eq!(w.count, 1);
+        assert!(w.reloadable);
+        assert_eq!(w.plugin, Path::new("/srv/app/libecho.so"));
+        let c = parse(&MINIMAL.replace("libecho.so", "../target/./libecho.so")).unwrap();
+        assert_eq!(c.workers[0].plugin, Path::new("/srv/target/libecho.so"));
+        assert_eq!(w.listen.scheme, Scheme::Text);
+        assert_eq!(w.listen.addr, "127.0.0.1:2347".parse().unwrap());
+        assert_eq!(w.max_package_size, DEFAULT_MAX_PACKAGE);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let text = "[host]\nruntime_dir = \"/tmp/x\"\nstop_timeout = \"500ms\"\nlog_file = \"l.log\"\n\
+            [[worker]]\nname = \"a\"\nlisten = \"frame://0.0.0.0:9000\"\ncount = 4\nplugin = \"/p.so\"\nreloadable = false\n\
+            [worker.options]\ngreeting = \"hi\"\nlimit = 5\n";
+        let c = parse(text).unwrap();
+        assert_eq!(c.host.stop_timeout, Duration::from_millis(500));
+        assert_eq!(c.host.log_file, Path::new("/srv/app/l.log"));
+        let w = &c.workers[0];
+        assert_eq!((w.count, w.reloadable), (4, false));
+        assert_eq!(w.options["greeting"], "hi");
+        assert_eq!(w.options["limit"], "5");
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse(&format!("{MINIMAL}colour = \"red\"\n")).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.line, 5, "{text}");
+        assert!(text.contains("colour"), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_line() {
+        let err = parse(&format!("[host]\nstop_timeout = \"2 parsecs\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(err.msg.starts_with("stop_timeout:"), "{}", err.msg);
+    }
+
+    #[test]
+    fn bad_listen_names_key_and_line() {
+        let err = parse(&MINIMAL.replace("text://", "smtp://")).unwrap_err();
+        assert_eq!(err.line, 3);
+        assert!(
+            err.msg.contains("listen") && err.msg.contains("smtp"),
+            "{}",
+            err.msg
+        );
+        let err = parse(&MINIMAL.replace("127.0.0.1:2347", "nowhere")).unwrap_err();
+        assert!(err.msg.contains("listen"), "{}", err.msg);
+    }
+
+    #[test]
+    fn zero_count_and_duplicate_names_are_refused() {
+        let err = parse(&MINIMAL.replace("plugin", "count = 0\nplugin")).unwrap_err();
+        assert!(err.msg.starts_with("count:"), "{}", err.msg);
+        let err = parse(&format!("{MINIMAL}{MINIMAL}")).unwrap_err();
+        assert!(err.msg.contains("duplicate"), "{}", err.msg);
+        assert_eq!(err.line, 6);
+    }
+
+    #[test]
+    fn missing_key_and_no_workers_are_errors() {
+        let err = parse("[[worker]]\nname = \"x\"\nlisten = \"tcp://127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.msg.contains("plugin"), "{}", err.msg);
+        assert!(parse("[host]\n").is_err());
+    }
+}

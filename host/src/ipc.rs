@@ -1,0 +1,174 @@
+//! Messages between the CLI, the master and the workers: one JSON object per
+//! line over unix stream sockets.
+
+use std::io::{self, Read, Write};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Master to worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum ToWorker {
+    /// Stop accepting and exit: at once (closing connections after flushing)
+    /// or, when graceful, once connections have closed by themselves.
+    Stop { graceful: bool },
+    /// Report counters.
+    Stats { req: u64 },
+}
+
+/// Worker to master.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum FromWorker {
+    /// Plugin loaded and `on_worker_start` returned: accepting now.
+    Ready {
+        plugin: String,
+    },
+    /// The worker cannot start; it exits right after.
+    Failed {
+        error: String,
+    },
+    Stats {
+        req: u64,
+        stats: WorkerStats,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerStats {
+    pub connections: u64,
+    pub total_messages: u64,
+    pub send_fail: u64,
+    pub timers: u64,
+}
+
+/// CLI to master.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Stop { graceful: bool },
+    Status,
+}
+
+/// Master to CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Response {
+    Stopped,
+    Status(StatusReport),
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub master_pid: u32,
+    /// Unix seconds.
+    pub start_time: u64,
+    pub uptime_secs: u64,
+    pub load_average: String,
+    pub workers: Vec<WorkerRow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerRow {
+    pub pid: u32,
+    pub group: String,
+    pub id: u32,
+    pub listen: String,
+    pub rss_bytes: u64,
+    pub plugin: String,
+    /// Absent when the worker did not answer in time.
+    pub stats: Option<WorkerStats>,
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut v = serde_json::to_vec(msg).expect("ipc messages always serialize");
+    v.push(b'\n');
+    v
+}
+
+/// A non-blocking line-framed channel, for mio loops.
+#[derive(Debug, Default)]
+pub struct LineBuf {
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+}
+
+impl LineBuf {
+    /// Reads what is available. Returns the complete messages and whether the
+    /// peer has closed.
+    pub fn read_from<T: DeserializeOwned>(
+        &mut self,
+        r: &mut impl Read,
+    ) -> (Vec<Result<T, String>>, bool) {
+        let mut closed = false;
+        let mut chunk = [0u8; 4096];
+        loop {
+            match r.read(&mut chunk) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => self.inbuf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        while let Some(i) = self.inbuf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.inbuf.drain(..=i).collect();
+            out.push(serde_json::from_slice(&line[..i]).map_err(|e| e.to_string()));
+        }
+        (out, closed)
+    }
+
+    pub fn queue<T: Serialize>(&mut self, msg: &T) {
+        self.outbuf.extend_from_slice(&encode(msg));
+    }
+
+    /// Writes what it can; Err on a dead peer.
+    pub fn flush(&mut self, w: &mut impl Write) -> io::Result<()> {
+        while !self.outbuf.is_empty() {
+            match w.write(&self.outbuf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.outbuf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_lines_reassemble() {
+        let mut wire = encode(&ToWorker::Stop { graceful: true });
+        wire.extend(encode(&ToWorker::Stats { req: 7 }));
+        let mut lb = LineBuf::default();
+        // A slice reader ends with EOF, so each read reports "closed".
+        let (first, _) = lb.read_from::<ToWorker>(&mut &wire[..5]);
+        assert!(first.is_empty());
+        let (rest, closed) = lb.read_from::<ToWorker>(&mut &wire[5..]);
+        assert!(closed);
+        let rest: Vec<ToWorker> = rest.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            rest,
+            vec![
+                ToWorker::Stop { graceful: true },
+                ToWorker::Stats { req: 7 }
+            ]
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! wm-host: Workerman's process model for Rust plugins.
+
+mod cli;
+mod config;
+mod ipc;
+mod logging;
+mod master;
+mod plugin;
+mod protocol;
+mod runtime;
+mod table;
+mod worker;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "wm-host",
+    version,
+    about = "Multi-process socket server hosting hot-reloadable Rust plugins"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct ConfigArg {
+    /// The config file.
+    #[arg(short, long, default_value = "wm.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the master and its workers.
+    Start {
+        /// Run in the background; returns once every worker is ready.
+        #[arg(short = 'd', long)]
+        daemon: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Stop the master and its workers.
+    Stop {
+        /// Let connections end by themselves (up to stop_timeout).
+        #[arg(short = 'g', long)]
+        graceful: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Stop, then start again.
+    Restart {
+        #[arg(short = 'd', long)]
+        daemon: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show every worker process.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Internal: a worker process, started by the master.
+    #[command(hide = true)]
+    Worker,
+    /// Internal: a daemonized master, started by `start -d`.
+    #[command(hide = true)]
+    Master {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Worker => return ExitCode::from(cli::worker() as u8),
+        Cmd::Master { config } => cli::daemon_master(&config.config),
+        Cmd::Start { daemon, config } => cli::start(&config.config, daemon),
+        Cmd::Stop { graceful, config } => cli::stop(&config.config, graceful),
+        Cmd::Restart { daemon, config } => cli::restart(&config.config, daemon),
+        Cmd::Status { json, config } => cli::status(&config.config, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the cause chain joined.
+            let msg = e
+                .chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
+            eprintln!("wm-host: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,707 @@
+//! The master process: binds listeners, starts workers by fork+exec, watches
+//! them, answers the control socket and signals. It never loads plugin code.
+
+mod backoff;
+mod listen;
+mod spawn;
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::{UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use signal_hook::consts::signal::*;
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+
+use self::backoff::Backoff;
+use crate::config::{Config, WorkerConfig};
+use crate::ipc::{FromWorker, LineBuf, Request, Response, StatusReport, ToWorker, WorkerRow};
+use crate::runtime::PidLock;
+
+const SIGNALS: Token = Token(0);
+const CONTROL: Token = Token(1);
+const WORKER_BASE: usize = 1 << 20;
+const CLIENT_BASE: usize = 1 << 30;
+/// How long `status` waits for workers to report.
+const STATS_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Lock(String),
+    #[error(transparent)]
+    Bind(#[from] listen::BindError),
+    #[error("{0}")]
+    Io(String),
+    #[error("worker {name}#{id} failed to start: {error}")]
+    Worker {
+        name: String,
+        id: u32,
+        error: String,
+    },
+    #[error("workers not ready within start_timeout ({0:?})")]
+    Timeout(Duration),
+    #[error("stopped by a signal before all workers were ready")]
+    Interrupted,
+}
+
+/// Where to tell the CLI that start-up finished (daemon mode).
+pub enum Readiness {
+    /// Foreground: print the startup table.
+    Terminal,
+    /// Daemon: write the outcome to the CLI's pipe, then close it.
+    Pipe(Option<File>),
+}
+
+struct Group {
+    cfg: WorkerConfig,
+    sockets: Vec<OwnedFd>,
+    backoff: Vec<Backoff>,
+    /// Respawn due per id.
+    respawn_at: Vec<Option<Instant>>,
+}
+
+struct WorkerProc {
+    group: usize,
+    id: u32,
+    pid: Pid,
+    ctl: UnixStream,
+    buf: LineBuf,
+    started: Instant,
+    ready: bool,
+    /// Set when the worker reported why it could not start.
+    failure: Option<String>,
+    plugin: String,
+}
+
+struct Client {
+    stream: UnixStream,
+    buf: LineBuf,
+}
+
+struct PendingStatus {
+    client: usize,
+    req: u64,
+    waiting: HashSet<usize>,
+    report: StatusReport,
+    deadline: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Starting { deadline: Instant },
+    Running,
+    Stopping { deadline: Instant, killed: bool },
+}
+
+pub struct Master {
+    cfg: Config,
+    exe: PathBuf,
+    poll: Poll,
+    signals: Signals,
+    control: UnixListener,
+    groups: Vec<Group>,
+    workers: Slab<WorkerProc>,
+    clients: Slab<Client>,
+    /// Clients waiting for the stop to finish.
+    stop_waiters: Vec<usize>,
+    statuses: Vec<PendingStatus>,
+    next_req: u64,
+    phase: Phase,
+    start_error: Option<StartError>,
+    started_at: SystemTime,
+    _lock: PidLock,
+}
+
+impl Master {
+    /// Takes the runtime dir, binds every listener and the control socket.
+    pub fn new(cfg: Config) -> Result<Master, StartError> {
+        let lock = PidLock::acquire(&cfg).map_err(StartError::Lock)?;
+        let mut groups = Vec::new();
+        for w in &cfg.workers {
+            let sockets = listen::bind(w)?;
+            groups.push(Group {
+                backoff: vec![Backoff::default(); w.count as usize],
+                respawn_at: vec![None; w.count as usize],
+                cfg: w.clone(),
+                sockets,
+            });
+        }
+        let io_err = |what: &str, e: io::Error| StartError::Io(format!("{what}: {e}"));
+        let sock_path = cfg.control_socket();
+        let _ = std::fs::remove_file(&sock_path);
+        let mut control = UnixListener::bind(&sock_path).map_err(|e| {
+            io_err(
+                &format!("cannot create control socket {}", sock_path.display()),
+                e,
+            )
+        })?;
+        std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io_err("chmod control socket", e))?;
+        let poll = Poll::new().map_err(|e| io_err("epoll", e))?;
+        let mut signals = Signals::new([
+            SIGINT, SIGTERM, SIGQUIT, SIGUSR1, SIGUSR2, SIGABRT, SIGCHLD, SIGHUP,
+        ])
+        .map_err(|e| io_err("signals", e))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| io_err("register signals", e))?;
+        poll.registry()
+            .register(&mut control, CONTROL, Interest::READABLE)
+            .map_err(|e| io_err("register control socket", e))?;
+        let exe = std::env::current_exe().map_err(|e| io_err("cannot find own executable", e))?;
+        Ok(Master {
+            phase: Phase::Starting {
+                deadline: Instant::now() + cfg.host.start_timeout,
+            },
+            cfg,
+            exe,
+            poll,
+            signals,
+            control,
+            groups,
+            workers: Slab::new(),
+            clients: Slab::new(),
+            stop_waiters: Vec::new(),
+            statuses: Vec::new(),
+            next_req: 0,
+            start_error: None,
+            started_at: SystemTime::now(),
+            _lock: lock,
+        })
+    }
+
+    /// Starts all workers and supervises them until stopped. Returns an error
+    /// only when start-up failed; workers are gone either way.
+    pub fn run(mut self, mut readiness: Readiness) -> Result<(), StartError> {
+        tracing::info!(pid = std::process::id(), config = %self.cfg.path.display(), "master starting");
+        for g in 0..self.groups.len() {
+            for id in 0..self.groups[g].cfg.count {
+                if let Err(e) = self.spawn(g, id) {
+                    self.fail_start(StartError::Io(format!("cannot start worker: {e}")));
+                }
+            }
+        }
+        let mut events = Events::with_capacity(256);
+        loop {
+            if let Phase::Stopping { .. } = self.phase {
+                if self.workers.is_empty() {
+                    break;
+                }
+            }
+            let timeout = self
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!("poll failed: {e}");
+                    self.begin_stop(false);
+                }
+                continue;
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    SIGNALS => self.on_signals(),
+                    CONTROL => self.accept_clients(),
+                    Token(t) if t >= CLIENT_BASE => self.on_client(t - CLIENT_BASE),
+                    Token(t) => self.on_worker_io(t - WORKER_BASE),
+                }
+            }
+            self.on_time(&mut readiness);
+        }
+        self.finish();
+        let result = match self.start_error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        if let Err(e) = &result {
+            readiness.report(Err(e.to_string()));
+        }
+        result
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        match self.phase {
+            Phase::Starting { deadline } => consider(deadline),
+            Phase::Stopping {
+                deadline,
+                killed: false,
+            } => consider(deadline),
+            _ => {}
+        }
+        for g in &self.groups {
+            g.respawn_at.iter().flatten().for_each(|&t| consider(t));
+        }
+        self.statuses.iter().for_each(|s| consider(s.deadline));
+        next
+    }
+
+    fn on_time(&mut self, readiness: &mut Readiness) {
+        let now = Instant::now();
+        match self.phase {
+            Phase::Starting { deadline } => {
+                if self.workers.iter().all(|(_, w)| w.ready) && self.all_slots_filled() {
+                    self.phase = Phase::Running;
+                    tracing::info!(workers = self.workers.len(), "all workers ready");
+                    readiness.report(Ok(self.startup_table()));
+                } else if now >= deadline {
+                    self.fail_start(StartError::Timeout(self.cfg.host.start_timeout));
+                }
+            }
+            Phase::Stopping {
+                deadline,
+                killed: false,
+            } if now >= deadline => {
+                for (_, w) in &self.workers {
+                    tracing::warn!(
+                        pid = w.pid.as_raw(),
+                        "worker {}#{} did not stop within stop_timeout; killing it",
+                        self.groups[w.group].cfg.name,
+                        w.id
+                    );
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                }
+                self.phase = Phase::Stopping {
+                    deadline,
+                    killed: true,
+                };
+            }
+            _ => {}
+        }
+        if self.phase == Phase::Running {
+            for g in 0..self.groups.len() {
+                for id in 0..self.groups[g].respawn_at.len() {
+                    if self.groups[g].respawn_at[id].is_some_and(|t| t <= now) {
+                        self.groups[g].respawn_at[id] = None;
+                        if let Err(e) = self.spawn(g, id as u32) {
+                            tracing::error!(
+                                "cannot respawn worker {}#{id}: {e}",
+                                self.groups[g].cfg.name
+                            );
+                            let delay = self.groups[g].backoff[id].on_death(Duration::ZERO);
+                            self.groups[g].respawn_at[id] = Some(now + delay);
+                        }
+                    }
+                }
+            }
+        }
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.statuses)
+            .into_iter()
+            .partition(|s| s.waiting.is_empty() || s.deadline <= now);
+        self.statuses = keep;
+        for s in done {
+            self.reply(s.client, &Response::Status(s.report));
+        }
+    }
+
+    fn all_slots_filled(&self) -> bool {
+        let expected: u32 = self.groups.iter().map(|g| g.cfg.count).sum();
+        self.workers.len() == expected as usize
+    }
+
+    fn spawn(&mut self, group: usize, id: u32) -> io::Result<()> {
+        let g = &self.groups[group];
+        let child = spawn::worker(&self.exe, &g.cfg, id, &g.sockets[id as usize])?;
+        let entry = self.workers.vacant_entry();
+        let key = entry.key();
+        let mut ctl = child.ctl;
+        self.poll.registry().register(
+            &mut ctl,
+            Token(WORKER_BASE + key),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        tracing::debug!(
+            pid = child.pid.as_raw(),
+            "started worker {}#{id}",
+            g.cfg.name
+        );
+        entry.insert(WorkerProc {
+            group,
+            id,
+            pid: child.pid,
+            ctl,
+            buf: LineBuf::default(),
+            started: Instant::now(),
+            ready: false,
+            failure: None,
+            plugin: String::new(),
+        });
+        Ok(())
+    }
+
+    fn on_worker_io(&mut self, key: usize) {
+        let Some(w) = self.workers.get_mut(key) else {
+            return;
+        };
+        let (msgs, _closed) = w.buf.read_from::<FromWorker>(&mut w.ctl);
+        let _ = w.buf.flush(&mut w.ctl);
+        let (group, id) = (w.group, w.id);
+        for msg in msgs {
+            match msg {
+                Ok(FromWorker::Ready { plugin }) => {
+                    let w = &mut self.workers[key];
+                    w.ready = true;
+                    w.plugin = plugin;
+                }
+                Ok(FromWorker::Failed { error }) => {
+                    let name = self.groups[group].cfg.name.clone();
+                    self.workers[key].failure = Some(error.clone());
+                    if let Phase::Starting { .. } = self.phase {
+                        self.fail_start(StartError::Worker { name, id, error });
+                    }
+                }
+                Ok(FromWorker::Stats { req, stats }) => {
+                    if let Some(s) = self.statuses.iter_mut().find(|s| s.req == req) {
+                        if s.waiting.remove(&key) {
+                            if let Some(row) = s
+                                .report
+                                .workers
+                                .iter_mut()
+                                .find(|r| r.pid == self.workers[key].pid.as_raw() as u32)
+                            {
+                                row.stats = Some(stats);
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    "bad message from worker {}#{id}: {e}",
+                    self.groups[group].cfg.name
+                ),
+            }
+        }
+    }
+
+    fn on_signals(&mut self) {
+        let pending: Vec<i32> = self.signals.pending().collect();
+        for sig in pending {
+            match sig {
+                SIGINT | SIGTERM => {
+                    tracing::info!("signal {sig}: stopping");
+                    self.begin_stop(false);
+                }
+                SIGQUIT => {
+                    tracing::info!("SIGQUIT: stopping gracefully");
+                    self.begin_stop(true);
+                }
+                SIGCHLD => self.reap(),
+                SIGUSR1 | SIGUSR2 => {
+                    tracing::warn!("reload is not supported yet; ignoring signal {sig}")
+                }
+                SIGABRT => self.log_status(),
+                _ => {}
+            }
+        }
+    }
+
+    /// SIGIOT: write the process table into the log.
+    fn log_status(&self) {
+        for (_, w) in &self.workers {
+            let g = &self.groups[w.group].cfg;
+            tracing::info!(
+                pid = w.pid.as_raw(),
+                "status: {}#{} {} rss={}KiB plugin={}",
+                g.name,
+                w.id,
+                g.listen,
+                rss_bytes(w.pid) / 1024,
+                g.plugin.display()
+            );
+        }
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(s) => s,
+            };
+            let (pid, how) = match status {
+                WaitStatus::Exited(pid, code) => (pid, format!("exit code {code}")),
+                WaitStatus::Signaled(pid, sig, _) => (pid, format!("signal {sig}")),
+                _ => continue,
+            };
+            let Some(key) = self
+                .workers
+                .iter()
+                .find(|(_, w)| w.pid == pid)
+                .map(|(k, _)| k)
+            else {
+                continue;
+            };
+            let w = self.workers.remove(key);
+            let _ = self.poll.registry().deregister(&mut { w.ctl });
+            let name = self.groups[w.group].cfg.name.clone();
+            for s in &mut self.statuses {
+                s.waiting.remove(&key);
+            }
+            match self.phase {
+                Phase::Stopping { .. } => {
+                    tracing::debug!(pid = pid.as_raw(), "worker {name}#{} exited ({how})", w.id)
+                }
+                Phase::Starting { .. } => {
+                    let error = w
+                        .failure
+                        .unwrap_or_else(|| format!("exited before it was ready ({how})"));
+                    self.fail_start(StartError::Worker {
+                        name,
+                        id: w.id,
+                        error,
+                    });
+                }
+                Phase::Running => {
+                    let lived = w.started.elapsed();
+                    let delay = self.groups[w.group].backoff[w.id as usize].on_death(lived);
+                    tracing::warn!(
+                        pid = pid.as_raw(),
+                        "worker {name}#{} exited ({how}) after {:.1}s; restarting in {:?}",
+                        w.id,
+                        lived.as_secs_f64(),
+                        delay
+                    );
+                    self.groups[w.group].respawn_at[w.id as usize] = Some(Instant::now() + delay);
+                }
+            }
+        }
+    }
+
+    fn fail_start(&mut self, e: StartError) {
+        if self.start_error.is_none() {
+            tracing::error!("start failed: {e}");
+            self.start_error = Some(e);
+        }
+        self.begin_stop(false);
+    }
+
+    fn begin_stop(&mut self, graceful: bool) {
+        if let Phase::Stopping { .. } = self.phase {
+            return;
+        }
+        if let Phase::Starting { .. } = self.phase {
+            if self.start_error.is_none() {
+                self.start_error = Some(StartError::Interrupted);
+            }
+        }
+        self.phase = Phase::Stopping {
+            deadline: Instant::now() + self.cfg.host.stop_timeout,
+            killed: false,
+        };
+        for g in &mut self.groups {
+            g.respawn_at.iter_mut().for_each(|r| *r = None);
+        }
+        for (_, w) in &mut self.workers {
+            w.buf.queue(&ToWorker::Stop { graceful });
+            if w.buf.flush(&mut w.ctl).is_err() {
+                let _ = kill(w.pid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    fn accept_clients(&mut self) {
+        loop {
+            match self.control.accept() {
+                Ok((mut stream, _)) => {
+                    let entry = self.clients.vacant_entry();
+                    let token = Token(CLIENT_BASE + entry.key());
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                        .is_ok()
+                    {
+                        entry.insert(Client {
+                            stream,
+                            buf: LineBuf::default(),
+                        });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("control accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_client(&mut self, key: usize) {
+        let Some(c) = self.clients.get_mut(key) else {
+            return;
+        };
+        let (msgs, closed) = c.buf.read_from::<Request>(&mut c.stream);
+        if c.buf.flush(&mut c.stream).is_err() || (closed && msgs.is_empty()) {
+            self.drop_client(key);
+            return;
+        }
+        for msg in msgs {
+            match msg {
+                Ok(Request::Stop { graceful }) => {
+                    tracing::info!(graceful, "stop requested");
+                    self.stop_waiters.push(key);
+                    self.begin_stop(graceful);
+                }
+                Ok(Request::Status) => self.start_status(key),
+                Err(e) => self.reply(
+                    key,
+                    &Response::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                ),
+            }
+        }
+    }
+
+    fn drop_client(&mut self, key: usize) {
+        if self.clients.contains(key) {
+            let mut c = self.clients.remove(key);
+            let _ = self.poll.registry().deregister(&mut c.stream);
+        }
+    }
+
+    fn reply(&mut self, key: usize, resp: &Response) {
+        if let Some(c) = self.clients.get_mut(key) {
+            c.buf.queue(resp);
+            if c.buf.flush(&mut c.stream).is_err() {
+                self.drop_client(key);
+            }
+        }
+    }
+
+    fn start_status(&mut self, client: usize) {
+        self.next_req += 1;
+        let req = self.next_req;
+        let mut waiting = HashSet::new();
+        let mut rows = Vec::new();
+        for (key, w) in &mut self.workers {
+            let g = &self.groups[w.group].cfg;
+            rows.push(WorkerRow {
+                pid: w.pid.as_raw() as u32,
+                group: g.name.clone(),
+                id: w.id,
+                listen: g.listen.text.clone(),
+                rss_bytes: rss_bytes(w.pid),
+                plugin: g.plugin.display().to_string(),
+                stats: None,
+            });
+            if w.ready {
+                w.buf.queue(&ToWorker::Stats { req });
+                if w.buf.flush(&mut w.ctl).is_ok() {
+                    waiting.insert(key);
+                }
+            }
+        }
+        rows.sort_by(|a, b| (&a.group, a.id).cmp(&(&b.group, b.id)));
+        let now = SystemTime::now();
+        let start_time = self
+            .started_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.statuses.push(PendingStatus {
+            client,
+            req,
+            waiting,
+            deadline: Instant::now() + STATS_WAIT,
+            report: StatusReport {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                master_pid: std::process::id(),
+                start_time,
+                uptime_secs: now
+                    .duration_since(self.started_at)
+                    .unwrap_or_default()
+                    .as_secs(),
+                load_average: std::fs::read_to_string("/proc/loadavg")
+                    .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default(),
+                workers: rows,
+            },
+        });
+    }
+
+    fn startup_table(&self) -> String {
+        let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map_or_else(|| nix::unistd::getuid().to_string(), |u| u.name);
+        let rows: Vec<Vec<String>> = self
+            .groups
+            .iter()
+            .map(|g| {
+                vec![
+                    g.cfg.listen.scheme.name().to_string(),
+                    user.clone(),
+                    g.cfg.name.clone(),
+                    g.cfg.listen.text.clone(),
+                    g.cfg.count.to_string(),
+                    "[OK]".to_string(),
+                ]
+            })
+            .collect();
+        let table = crate::table::render(
+            &["proto", "user", "worker", "listen", "count", "state"],
+            &rows,
+        );
+        format!(
+            "wm-host {} (master pid {})\n{table}",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id()
+        )
+    }
+
+    fn finish(&mut self) {
+        let _ = std::fs::remove_file(self.cfg.control_socket());
+        for key in std::mem::take(&mut self.stop_waiters) {
+            self.reply(key, &Response::Stopped);
+        }
+        tracing::info!("master stopped");
+    }
+}
+
+impl Readiness {
+    pub fn fail(&mut self, error: &str) {
+        self.report(Err(error.to_string()));
+    }
+
+    fn report(&mut self, outcome: Result<String, String>) {
+        match (self, outcome) {
+            (Readiness::Terminal, Ok(table)) => {
+                println!("{table}Press Ctrl+C to stop. Start with -d to run in the background.");
+                let _ = io::stdout().flush();
+            }
+            (Readiness::Terminal, Err(_)) => {}
+            (Readiness::Pipe(f), outcome) => {
+                let text = match outcome {
+                    Ok(table) => format!("ok\n{table}"),
+                    Err(e) => format!("error: {e}\n"),
+                };
+                // Taking the file closes the pipe: the CLI reads to its end.
+                if let Some(mut f) = f.take() {
+                    let _ = f.write_all(text.as_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// Resident memory of a process, from /proc.
+pub fn rss_bytes(pid: Pid) -> u64 {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page)
+}

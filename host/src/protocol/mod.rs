@@ -1,0 +1,143 @@
+//! Application protocols as pure codecs: bytes in, message boundaries out, no
+//! sockets inside. The worker owns buffers and IO; a codec only says where the
+//! next message is, and what to put around an outgoing one.
+
+use crate::config::Scheme;
+
+mod frame;
+mod text;
+
+/// Where one complete message sits in the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message {
+    /// The payload is `input[start..end]`.
+    pub start: usize,
+    pub end: usize,
+    /// Bytes of input the message used up, framing included.
+    pub consumed: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("message of {size} bytes is over max_package_size ({max})")]
+    TooLarge { size: usize, max: usize },
+    #[error("frame length {0} is below the 4-byte header it must count")]
+    BadFrameLength(u32),
+}
+
+/// Bytes written around a payload: a header before, a trailer after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Envelope {
+    header: [u8; 4],
+    header_len: u8,
+    pub trailer: &'static [u8],
+}
+
+impl Envelope {
+    pub fn header(&self) -> &[u8] {
+        &self.header[..self.header_len as usize]
+    }
+}
+
+/// Per-connection decoder state.
+#[derive(Debug)]
+pub enum Codec {
+    /// Each read is one message.
+    Tcp,
+    Text(text::TextDecoder),
+    Frame,
+}
+
+impl Codec {
+    pub fn new(scheme: Scheme) -> Codec {
+        match scheme {
+            Scheme::Tcp => Codec::Tcp,
+            Scheme::Text => Codec::Text(text::TextDecoder::default()),
+            Scheme::Frame => Codec::Frame,
+        }
+    }
+
+    /// Finds the next complete message at the start of `input`.
+    /// `Ok(None)` means more bytes are needed.
+    pub fn decode(&mut self, input: &[u8], max: usize) -> Result<Option<Message>, ProtocolError> {
+        match self {
+            Codec::Tcp if input.is_empty() => Ok(None),
+            Codec::Tcp => Ok(Some(Message {
+                start: 0,
+                end: input.len(),
+                consumed: input.len(),
+            })),
+            Codec::Text(t) => t.decode(input, max),
+            Codec::Frame => frame::decode(input, max),
+        }
+    }
+
+    /// Tells the decoder that `n` bytes were taken off the front of its input,
+    /// so a stateful decoder can keep its place.
+    pub fn consumed(&mut self, n: usize) {
+        if let Codec::Text(t) = self {
+            t.consumed(n)
+        }
+    }
+
+    /// What to write around a payload of `len` bytes.
+    pub fn envelope(&self, len: usize) -> Result<Envelope, ProtocolError> {
+        let mut env = Envelope {
+            header: [0; 4],
+            header_len: 0,
+            trailer: b"",
+        };
+        match self {
+            Codec::Tcp => {}
+            Codec::Text(_) => env.trailer = b"\n",
+            Codec::Frame => {
+                env.header = frame::header(len)?;
+                env.header_len = 4;
+            }
+        }
+        Ok(env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `chunks` one at a time, as reads would, and collects messages.
+    pub(crate) fn feed(
+        codec: &mut Codec,
+        chunks: &[&[u8]],
+        max: usize,
+    ) -> Result<Vec<Vec<u8>>, ProtocolError> {
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            while let Some(m) = codec.decode(&buf, max)? {
+                out.push(buf[m.start..m.end].to_vec());
+                buf.drain(..m.consumed);
+                codec.consumed(m.consumed);
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn tcp_takes_each_read_whole() {
+        let mut c = Codec::new(Scheme::Tcp);
+        let got = feed(&mut c, &[b"ab", b"c\n"], 100).unwrap();
+        assert_eq!(got, vec![b"ab".to_vec(), b"c\n".to_vec()]);
+        let e = c.envelope(3).unwrap();
+        assert!(e.header().is_empty() && e.trailer.is_empty());
+    }
+
+    #[test]
+    fn envelopes_match_workerman_wire_formats() {
+        let c = Codec::new(Scheme::Text);
+        assert_eq!(c.envelope(5).unwrap().trailer, b"\n");
+        let c = Codec::new(Scheme::Frame);
+        let e = c.envelope(5).unwrap();
+        assert_eq!(e.header(), [0, 0, 0, 9]);
+        assert!(e.trailer.is_empty());
+    }
+}

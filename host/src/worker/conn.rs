@@ -1,0 +1,124 @@
+//! One accepted connection: socket, decoder state and the send buffer.
+
+use std::io::{self, IoSlice, Write};
+use std::net::SocketAddr;
+
+use mio::net::TcpStream;
+
+use crate::protocol::Codec;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Open,
+    /// Close once the send buffer is flushed; no more reading.
+    Closing,
+}
+
+pub struct Conn {
+    pub id: u64,
+    pub sock: TcpStream,
+    pub codec: Codec,
+    /// Unconsumed input: a partial message. Empty while idle.
+    pub inbuf: Vec<u8>,
+    out: Vec<u8>,
+    out_pos: usize,
+    pub state: State,
+    /// `on_buffer_full` was raised; `on_buffer_drain` is owed.
+    pub full: bool,
+    pub remote: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+impl Conn {
+    pub fn new(id: u64, sock: TcpStream, codec: Codec) -> Conn {
+        let remote = sock.peer_addr().ok();
+        let local = sock.local_addr().ok();
+        Conn {
+            id,
+            sock,
+            codec,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            state: State::Open,
+            full: false,
+            remote,
+            local,
+            bytes_read: 0,
+            bytes_written: 0,
+        }
+    }
+
+    /// Bytes waiting in the send buffer.
+    pub fn pending(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// Writes `parts` as one message: straight to the socket when nothing is
+    /// queued (one vectored write, no copy), the rest into the send buffer.
+    /// Returns true when all of it went out.
+    pub fn write_parts(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
+        let mut written = 0;
+        if self.pending() == 0 {
+            let slices: [IoSlice<'_>; 3] = [
+                IoSlice::new(parts.first().copied().unwrap_or_default()),
+                IoSlice::new(parts.get(1).copied().unwrap_or_default()),
+                IoSlice::new(parts.get(2).copied().unwrap_or_default()),
+            ];
+            debug_assert!(parts.len() <= 3);
+            written = loop {
+                match self.sock.write_vectored(&slices) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            self.bytes_written += written as u64;
+        }
+        let mut skip = written;
+        for part in parts {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            self.out.extend_from_slice(&part[skip..]);
+            skip = 0;
+        }
+        Ok(self.pending() == 0)
+    }
+
+    /// Writes queued bytes. Returns true when the buffer is empty.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        while self.pending() > 0 {
+            match self.sock.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.out_pos += n;
+                    self.bytes_written += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.pending() == 0 {
+            // Give the memory back: idle connections should cost little.
+            self.out = Vec::new();
+            self.out_pos = 0;
+            return Ok(true);
+        }
+        if self.out_pos > self.out.len() / 2 {
+            self.out.drain(..self.out_pos);
+            self.out_pos = 0;
+        }
+        Ok(false)
+    }
+
+    pub fn discard_output(&mut self) {
+        self.out = Vec::new();
+        self.out_pos = 0;
+    }
+}

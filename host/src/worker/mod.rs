@@ -1,0 +1,520 @@
+//! A worker process: one single-threaded mio loop that accepts on the
+//! listening socket inherited from the master, frames messages with the
+//! listener's codec and runs the plugin's callbacks.
+
+mod conn;
+mod core;
+mod host_api;
+mod timers;
+
+use std::ffi::c_void;
+use std::io::{self, Read};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::time::Instant;
+
+use abi_stable::std_types::{RSlice, RStr, Tuple2};
+use mio::net::{TcpListener, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use plugin_api::abi::{HostCtx, HostVTableRef, Outcome, RawWorkerInfo};
+use serde::{Deserialize, Serialize};
+
+use self::conn::{Conn, State};
+use self::core::{slot, Core, Deferred};
+use crate::config::WorkerConfig;
+use crate::ipc::{FromWorker, LineBuf, ToWorker};
+use crate::plugin::LoadedPlugin;
+use crate::protocol::Codec;
+
+/// File descriptors a worker inherits, by number.
+pub const LISTEN_FD: i32 = 3;
+pub const CONTROL_FD: i32 = 4;
+/// Environment variable carrying the [`Spec`] as JSON.
+pub const SPEC_ENV: &str = "WM_WORKER_SPEC";
+
+const LISTENER: Token = Token(0);
+const CONTROL: Token = Token(1);
+const FIRST_CONN: usize = 2;
+/// Shared by all connections of the worker: a connection keeps only the bytes
+/// of a message not yet complete.
+const READ_BUF: usize = 64 * 1024;
+
+/// What the master tells a worker it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spec {
+    pub worker: WorkerConfig,
+    pub id: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Now,
+    Graceful,
+}
+
+/// A plugin callback, with its arguments.
+enum Call<'a> {
+    WorkerStart,
+    WorkerStop,
+    Connect(u64),
+    Message(u64, &'a [u8]),
+    Close(u64),
+    BufferFull(u64),
+    BufferDrain(u64),
+    Error(u64, u32, &'a str),
+    Timer(u64),
+}
+
+impl Call<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Call::WorkerStart => "on_worker_start",
+            Call::WorkerStop => "on_worker_stop",
+            Call::Connect(_) => "on_connect",
+            Call::Message(..) => "on_message",
+            Call::Close(_) => "on_close",
+            Call::BufferFull(_) => "on_buffer_full",
+            Call::BufferDrain(_) => "on_buffer_drain",
+            Call::Error(..) => "on_error",
+            Call::Timer(_) => "on_timer",
+        }
+    }
+
+    fn conn(&self) -> Option<u64> {
+        match *self {
+            Call::Connect(c)
+            | Call::Message(c, _)
+            | Call::Close(c)
+            | Call::BufferFull(c)
+            | Call::BufferDrain(c)
+            | Call::Error(c, ..) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// The plugin with the host vtable: runs callbacks and handles their outcome.
+struct Runner {
+    plugin: LoadedPlugin,
+    vt: HostVTableRef,
+}
+
+impl Runner {
+    fn call(&self, core: &mut Core, call: Call<'_>) -> Outcome {
+        let ctx = HostCtx {
+            state: core as *mut Core as *mut c_void,
+            vt: self.vt,
+        };
+        let outcome = self.plugin.call(ctx, |vt, st, ctx| match call {
+            Call::WorkerStart => (vt.on_worker_start())(st, ctx),
+            Call::WorkerStop => (vt.on_worker_stop())(st, ctx),
+            Call::Connect(c) => (vt.on_connect())(st, ctx, c),
+            Call::Message(c, d) => (vt.on_message())(st, ctx, c, RSlice::from_slice(d)),
+            Call::Close(c) => (vt.on_close())(st, ctx, c),
+            Call::BufferFull(c) => (vt.on_buffer_full())(st, ctx, c),
+            Call::BufferDrain(c) => (vt.on_buffer_drain())(st, ctx, c),
+            Call::Error(c, code, m) => (vt.on_error())(st, ctx, c, code, RStr::from_str(m)),
+            Call::Timer(t) => (vt.on_timer())(st, ctx, t),
+        });
+        if let Outcome::Panicked(msg) = &outcome {
+            match call.conn() {
+                Some(conn) => {
+                    tracing::error!(
+                        conn,
+                        "plugin panicked in {}: {msg}; closing the connection",
+                        call.name()
+                    );
+                    core.destroy(conn);
+                }
+                None => tracing::error!("plugin panicked in {}: {msg}", call.name()),
+            }
+        }
+        outcome
+    }
+
+    /// Runs what the last callback queued: buffer events, errors, and the
+    /// `on_close` of connections torn down, until nothing is left.
+    fn settle(&self, core: &mut Core) {
+        loop {
+            if let Some(d) = core.deferred.pop_front() {
+                let call = match d {
+                    Deferred::BufferFull(c) => Call::BufferFull(c),
+                    Deferred::BufferDrain(c) => Call::BufferDrain(c),
+                    Deferred::Error(c, code, msg) => Call::Error(c, code, msg),
+                };
+                self.call(core, call);
+                continue;
+            }
+            if let Some(id) = core.closing.pop() {
+                if core.get(id).is_some() {
+                    // Dropping the socket closes it and takes it out of epoll.
+                    core.conns.remove(slot(id));
+                    self.call(core, Call::Close(id));
+                }
+                continue;
+            }
+            break;
+        }
+    }
+}
+
+struct Worker {
+    poll: Poll,
+    core: Core,
+    runner: Runner,
+    listener: Option<TcpListener>,
+    ctl: UnixStream,
+    ctl_buf: LineBuf,
+    read_buf: Box<[u8]>,
+    scheme: crate::config::Scheme,
+    max_connections: usize,
+    stop: Option<Stop>,
+    full_logged: bool,
+}
+
+/// Entry point of `wm-host worker`. Returns the process exit code.
+pub fn run(spec: Spec) -> i32 {
+    // Ctrl-C in a terminal reaches the whole process group; the master decides
+    // how workers stop, and tells them over the control socket.
+    ignore_signals();
+    // SAFETY: the master passes these descriptors to every worker, open.
+    let ctl_std = unsafe { StdUnixStream::from_raw_fd(CONTROL_FD) };
+    let listen_fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FD) };
+    let _span = tracing::info_span!("worker", name = %spec.worker.name, id = spec.id, pid = std::process::id()).entered();
+    match start(spec, ctl_std, listen_fd) {
+        Ok(mut worker) => match worker.run() {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!("worker loop failed: {e}");
+                1
+            }
+        },
+        Err((mut ctl, error)) => {
+            tracing::error!("{error}");
+            let _ =
+                io::Write::write_all(&mut ctl, &crate::ipc::encode(&FromWorker::Failed { error }));
+            2
+        }
+    }
+}
+
+fn ignore_signals() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGHUP,
+        Signal::SIGPIPE,
+    ] {
+        // SAFETY: SIG_IGN installs no handler code.
+        unsafe {
+            let _ = signal(s, SigHandler::SigIgn);
+        }
+    }
+}
+
+fn leak_info(spec: &Spec) -> &'static RawWorkerInfo {
+    fn leak(s: &str) -> RStr<'static> {
+        RStr::from_str(Box::leak(s.to_string().into_boxed_str()))
+    }
+    let options: Vec<Tuple2<RStr<'static>, RStr<'static>>> = spec
+        .worker
+        .options
+        .iter()
+        .map(|(k, v)| Tuple2(leak(k), leak(v)))
+        .collect();
+    // Lives as long as the process: plugins may keep these strings.
+    Box::leak(Box::new(RawWorkerInfo {
+        name: leak(&spec.worker.name),
+        id: spec.id,
+        count: spec.worker.count,
+        pid: std::process::id(),
+        listen: leak(&spec.worker.listen.text),
+        options: RSlice::from_slice(Box::leak(options.into_boxed_slice())),
+    }))
+}
+
+fn start(
+    spec: Spec,
+    ctl_std: StdUnixStream,
+    listen_fd: OwnedFd,
+) -> Result<Worker, (StdUnixStream, String)> {
+    let plugin = match LoadedPlugin::load(&spec.worker.plugin) {
+        Ok(p) => p,
+        Err(e) => return Err((ctl_std, e.to_string())),
+    };
+    tracing::debug!(plugin = %plugin.label, "plugin loaded");
+    let runner = Runner {
+        plugin,
+        vt: host_api::vtable(),
+    };
+    let mut core = Core::new(
+        leak_info(&spec),
+        spec.worker.max_package_size,
+        spec.worker.max_send_buffer_size,
+    );
+    match runner.call(&mut core, Call::WorkerStart) {
+        Outcome::Ok => {}
+        Outcome::Failed(e) => return Err((ctl_std, format!("on_worker_start failed: {e}"))),
+        Outcome::Panicked(e) => return Err((ctl_std, format!("on_worker_start panicked: {e}"))),
+    }
+    let setup = || -> io::Result<(Poll, TcpListener, UnixStream)> {
+        let poll = Poll::new()?;
+        let std_listener = std::net::TcpListener::from(listen_fd);
+        std_listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(std_listener);
+        ctl_std.set_nonblocking(true)?;
+        let mut ctl = UnixStream::from_std(ctl_std.try_clone()?);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut ctl, CONTROL, Interest::READABLE | Interest::WRITABLE)?;
+        Ok((poll, listener, ctl))
+    };
+    let (poll, listener, ctl) = match setup() {
+        Ok(v) => v,
+        Err(e) => return Err((ctl_std, format!("worker setup failed: {e}"))),
+    };
+    let mut worker = Worker {
+        poll,
+        core,
+        listener: Some(listener),
+        ctl,
+        ctl_buf: LineBuf::default(),
+        read_buf: vec![0u8; READ_BUF].into_boxed_slice(),
+        scheme: spec.worker.listen.scheme,
+        max_connections: spec.worker.max_connections,
+        stop: None,
+        full_logged: false,
+        runner,
+    };
+    worker.runner.settle(&mut worker.core);
+    worker.ctl_buf.queue(&FromWorker::Ready {
+        plugin: worker.runner.plugin.label.clone(),
+    });
+    let _ = worker.ctl_buf.flush(&mut worker.ctl);
+    tracing::info!(listen = %spec.worker.listen, plugin = %worker.runner.plugin.path.display(), "worker ready");
+    Ok(worker)
+}
+
+impl Worker {
+    fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            if self.stop.is_some() && self.core.conns.is_empty() {
+                break;
+            }
+            let timeout = self.core.timers.timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    CONTROL => self.control(),
+                    Token(t) => {
+                        let idx = t - FIRST_CONN;
+                        let Some(id) = self.core.conns.get(idx).map(|c| c.id) else {
+                            continue;
+                        };
+                        if ev.is_writable() {
+                            self.core.flush(id);
+                        }
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.read(id);
+                        }
+                        self.runner.settle(&mut self.core);
+                    }
+                }
+            }
+            self.fire_timers();
+        }
+        self.runner.call(&mut self.core, Call::WorkerStop);
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(id) = self.core.timers.pop_due(now) {
+            self.runner.call(&mut self.core, Call::Timer(id));
+            self.runner.settle(&mut self.core);
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            let (mut sock, _) = match listener.accept() {
+                Ok(v) => v,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and the like: leave the rest queued for later.
+                    tracing::warn!("accept failed: {e}");
+                    return;
+                }
+            };
+            if self.core.conns.len() >= self.max_connections {
+                if !self.full_logged {
+                    tracing::warn!(
+                        max_connections = self.max_connections,
+                        "connection limit reached; refusing new connections"
+                    );
+                    self.full_logged = true;
+                }
+                continue;
+            }
+            self.full_logged = false;
+            let _ = sock.set_nodelay(true);
+            let entry = self.core.conns.vacant_entry();
+            let idx = entry.key();
+            if let Err(e) = self.poll.registry().register(
+                &mut sock,
+                Token(idx + FIRST_CONN),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!("cannot register connection: {e}");
+                continue;
+            }
+            let id = self.core.next_id(idx);
+            self.core
+                .conns
+                .insert(Conn::new(id, sock, Codec::new(self.scheme)));
+            self.runner.call(&mut self.core, Call::Connect(id));
+            self.runner.settle(&mut self.core);
+        }
+    }
+
+    /// Reads all that is available, running `on_message` for each complete
+    /// message as it is found.
+    fn read(&mut self, id: u64) {
+        loop {
+            let Some(conn) = self.core.get(id) else {
+                return;
+            };
+            if conn.state != State::Open {
+                return;
+            }
+            match conn.sock.read(&mut self.read_buf) {
+                Ok(0) => {
+                    // Peer closed: send what is owed, then close.
+                    self.core.close(id, None);
+                    return;
+                }
+                Ok(n) => {
+                    conn.bytes_read += n as u64;
+                    self.dispatch(id, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(conn = id, "read failed: {e}");
+                    self.core.destroy(id);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Frames `read_buf[..n]` (after any partial message kept from before).
+    fn dispatch(&mut self, id: u64, n: usize) {
+        let Worker {
+            core,
+            runner,
+            read_buf,
+            ..
+        } = self;
+        let Some(conn) = core.get(id) else { return };
+        // Decode straight from the shared read buffer when nothing is pending.
+        let mut kept = std::mem::take(&mut conn.inbuf);
+        let direct = kept.is_empty();
+        if !direct {
+            kept.extend_from_slice(&read_buf[..n]);
+        }
+        let input: &[u8] = if direct { &read_buf[..n] } else { &kept };
+        let mut pos = 0;
+        let max = core.max_package_size;
+        loop {
+            let Some(conn) = core.get(id) else { return };
+            if conn.state != State::Open {
+                return;
+            }
+            match conn.codec.decode(&input[pos..], max) {
+                Ok(Some(m)) => {
+                    let msg = &input[pos + m.start..pos + m.end];
+                    pos += m.consumed;
+                    conn.codec.consumed(m.consumed);
+                    core.total_messages += 1;
+                    runner.call(core, Call::Message(id, msg));
+                    runner.settle(core);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let peer = conn.remote.map(|a| a.to_string()).unwrap_or_default();
+                    tracing::warn!(conn = id, %peer, "closing connection: {e}");
+                    core.destroy(id);
+                    return;
+                }
+            }
+        }
+        let Some(conn) = core.get(id) else { return };
+        if pos < input.len() {
+            conn.inbuf = if direct {
+                input[pos..].to_vec()
+            } else {
+                kept.drain(..pos);
+                kept
+            };
+        }
+    }
+
+    fn control(&mut self) {
+        let (msgs, closed) = self.ctl_buf.read_from::<ToWorker>(&mut self.ctl);
+        for msg in msgs {
+            match msg {
+                Ok(ToWorker::Stop { graceful }) => {
+                    self.begin_stop(if graceful { Stop::Graceful } else { Stop::Now })
+                }
+                Ok(ToWorker::Stats { req }) => {
+                    let stats = self.core.stats();
+                    self.ctl_buf.queue(&FromWorker::Stats { req, stats });
+                }
+                Err(e) => tracing::warn!("bad control message: {e}"),
+            }
+        }
+        if closed {
+            // The master is gone: nobody supervises us any more.
+            tracing::warn!("master went away; stopping");
+            self.begin_stop(Stop::Now);
+        }
+        let _ = self.ctl_buf.flush(&mut self.ctl);
+    }
+
+    fn begin_stop(&mut self, mode: Stop) {
+        if self.stop == Some(Stop::Now) {
+            return;
+        }
+        tracing::debug!(?mode, "stopping");
+        self.stop = Some(mode);
+        // Stop accepting at once. The master keeps the listening socket open,
+        // so connections waiting in its queue go to another worker.
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        if mode == Stop::Now {
+            let ids: Vec<u64> = self.core.conns.iter().map(|(_, c)| c.id).collect();
+            for id in ids {
+                self.core.close(id, None);
+            }
+            self.runner.settle(&mut self.core);
+        }
+    }
+}

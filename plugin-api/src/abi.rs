@@ -1,0 +1,163 @@
+//! The FFI-safe types that cross between wm-host and a plugin `.so`.
+//!
+//! Plugin authors never touch this module: they implement [`crate::Plugin`] and
+//! call [`crate::export_plugin!`]. The host loads [`PluginModRef`] with
+//! abi_stable, which checks the layout of everything reachable from it (and the
+//! `plugin-api` version) before any plugin code runs.
+//!
+//! Both vtables are prefix types, so a later minor version may append functions
+//! at the end without breaking plugins built earlier.
+
+use std::ffi::c_void;
+
+use abi_stable::{
+    declare_root_module_statics,
+    library::RootModule,
+    package_version_strings,
+    sabi_types::VersionStrings,
+    std_types::{ROption, RSlice, RStr, RString, Tuple2},
+    StableAbi,
+};
+
+/// What a plugin callback reports back to the host.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// The callback returned an error (only `on_worker_start` can).
+    Failed(RString),
+    /// The callback panicked; the panic was caught inside the plugin.
+    Panicked(RString),
+}
+
+/// What happened to data handed to `send`.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawSendStatus {
+    /// Written to the socket at once.
+    Sent,
+    /// Queued in the connection's send buffer.
+    Queued,
+    /// Dropped: the send buffer is over its limit.
+    Dropped,
+    /// The connection is closed or unknown.
+    Closed,
+}
+
+/// A socket address as plain bytes (`family` 0 = none, 4 or 6).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawAddr {
+    pub family: u8,
+    pub port: u16,
+    pub ip: [u8; 16],
+}
+
+/// Facts about the worker process, valid for the life of the process.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct RawWorkerInfo {
+    pub name: RStr<'static>,
+    pub id: u32,
+    pub count: u32,
+    pub pid: u32,
+    pub listen: RStr<'static>,
+    pub options: RSlice<'static, Tuple2<RStr<'static>, RStr<'static>>>,
+}
+
+/// Log levels, in `tracing` order.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RawLevel {
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
+/// Functions the host offers to plugin callbacks. `state` is the host's own
+/// per-worker data, opaque to the plugin.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = HostVTableRef)))]
+#[sabi(missing_field(panic))]
+pub struct HostVTable {
+    pub worker_info: extern "C" fn(state: *mut c_void) -> &'static RawWorkerInfo,
+    pub log: extern "C" fn(state: *mut c_void, level: RawLevel, msg: RStr<'_>),
+    pub send: extern "C" fn(state: *mut c_void, conn: u64, data: RSlice<'_, u8>) -> RawSendStatus,
+    pub close: extern "C" fn(state: *mut c_void, conn: u64, last: ROption<RSlice<'_, u8>>) -> bool,
+    pub addr: extern "C" fn(state: *mut c_void, conn: u64, remote: bool) -> RawAddr,
+    pub add_timer: extern "C" fn(state: *mut c_void, interval_ms: u64, repeat: bool) -> u64,
+    pub del_timer: extern "C" fn(state: *mut c_void, timer: u64) -> bool,
+    #[sabi(last_prefix_field)]
+    pub connection_count: extern "C" fn(state: *mut c_void) -> u64,
+}
+
+/// The handle a callback receives: host state plus the host's vtable.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct HostCtx {
+    pub state: *mut c_void,
+    pub vt: HostVTableRef,
+}
+
+/// Callbacks a plugin instance offers. `state` is the plugin object, opaque to
+/// the host. Every function catches panics on the plugin side.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginVTableRef)))]
+#[sabi(missing_field(panic))]
+pub struct PluginVTable {
+    pub on_worker_start: extern "C" fn(state: *mut c_void, ctx: HostCtx) -> Outcome,
+    pub on_worker_stop: extern "C" fn(state: *mut c_void, ctx: HostCtx) -> Outcome,
+    pub on_worker_reload: extern "C" fn(state: *mut c_void, ctx: HostCtx) -> Outcome,
+    pub on_connect: extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64) -> Outcome,
+    pub on_message:
+        extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64, data: RSlice<'_, u8>) -> Outcome,
+    pub on_close: extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64) -> Outcome,
+    pub on_buffer_full: extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64) -> Outcome,
+    pub on_buffer_drain: extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64) -> Outcome,
+    pub on_error: extern "C" fn(
+        state: *mut c_void,
+        ctx: HostCtx,
+        conn: u64,
+        code: u32,
+        msg: RStr<'_>,
+    ) -> Outcome,
+    pub on_timer: extern "C" fn(state: *mut c_void, ctx: HostCtx, timer: u64) -> Outcome,
+    /// Frees the plugin object. Called once, last.
+    #[sabi(last_prefix_field)]
+    pub drop: extern "C" fn(state: *mut c_void),
+}
+
+/// One plugin object and its callbacks.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct PluginInstance {
+    pub state: *mut c_void,
+    pub vt: PluginVTableRef,
+}
+
+/// The root module every plugin `.so` exports.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+#[sabi(missing_field(panic))]
+pub struct PluginMod {
+    /// The plugin crate's name and version, for logs and `status`.
+    pub name: RStr<'static>,
+    pub version: RStr<'static>,
+    /// Builds the plugin object. Called once per worker process.
+    #[sabi(last_prefix_field)]
+    pub create: extern "C" fn() -> ROption<PluginInstance>,
+}
+
+impl RootModule for PluginModRef {
+    declare_root_module_statics! {PluginModRef}
+    const BASE_NAME: &'static str = "wm_plugin";
+    const NAME: &'static str = "wm_plugin";
+    // Compatibility is judged on plugin-api's own version: a different minor
+    // (0.x) or major version is refused at load time with a clear error.
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}

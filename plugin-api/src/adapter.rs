@@ -1,0 +1,218 @@
+//! Glue behind [`crate::export_plugin!`]: turns a [`Plugin`] into the FFI
+//! vtable, catching every panic on the plugin side of the boundary (abi_stable
+//! would otherwise turn it into `exit(1)` of the whole worker).
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Once;
+
+pub use abi_stable::library::{
+    __call_root_module_loader as call_root_module_loader, CheckTypeLayout, LibHeader,
+    RootModuleResult,
+};
+pub use abi_stable::std_types::ROption;
+use abi_stable::{
+    prefix_type::PrefixTypeTrait,
+    std_types::{RSlice, RStr, RString},
+};
+
+use crate::abi::{HostCtx, Outcome, PluginInstance, PluginMod, PluginModRef, PluginVTable};
+use crate::{ConnId, Context, Plugin, TimerId};
+
+thread_local! {
+    // Where the panic hook leaves "message at file:line" for the wrapper to report.
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    // This hook belongs to the plugin's own copy of std, so it sees only plugin
+    // panics. It records instead of printing: the host logs the report.
+    ONCE.call_once(|| {
+        panic::set_hook(Box::new(|info| {
+            let msg = payload_text(info.payload());
+            let text = match info.location() {
+                Some(loc) => format!("{msg} at {}:{}", loc.file(), loc.line()),
+                None => msg,
+            };
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(text));
+        }));
+    });
+}
+
+fn payload_text(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+fn guard(f: impl FnOnce() -> Result<(), String>) -> Outcome {
+    match panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => Outcome::Ok,
+        Ok(Err(e)) => Outcome::Failed(RString::from(e)),
+        Err(payload) => {
+            let text = LAST_PANIC
+                .with(|p| p.borrow_mut().take())
+                .unwrap_or_else(|| payload_text(&*payload));
+            // Dropping a payload could itself panic; forget it to stay on this side.
+            std::mem::forget(payload);
+            Outcome::Panicked(RString::from(text))
+        }
+    }
+}
+
+/// # Safety
+/// `state` must be the pointer made by `create::<P>`, used on one thread.
+unsafe fn plugin<'a, P: Plugin>(state: *mut c_void) -> &'a mut P {
+    &mut *(state as *mut P)
+}
+
+macro_rules! conn_callback {
+    ($name:ident) => {
+        extern "C" fn $name<P: Plugin>(state: *mut c_void, ctx: HostCtx, conn: u64) -> Outcome {
+            guard(|| {
+                // SAFETY: the host passes back the state it got from `create`.
+                let p = unsafe { plugin::<P>(state) };
+                p.$name(&mut Context::from_raw(ctx), ConnId(conn));
+                Ok(())
+            })
+        }
+    };
+}
+
+conn_callback!(on_connect);
+conn_callback!(on_close);
+conn_callback!(on_buffer_full);
+conn_callback!(on_buffer_drain);
+
+macro_rules! worker_callback {
+    ($name:ident) => {
+        extern "C" fn $name<P: Plugin>(state: *mut c_void, ctx: HostCtx) -> Outcome {
+            guard(|| {
+                // SAFETY: as above.
+                let p = unsafe { plugin::<P>(state) };
+                p.$name(&mut Context::from_raw(ctx));
+                Ok(())
+            })
+        }
+    };
+}
+
+worker_callback!(on_worker_stop);
+worker_callback!(on_worker_reload);
+
+extern "C" fn on_worker_start<P: Plugin>(state: *mut c_void, ctx: HostCtx) -> Outcome {
+    guard(|| {
+        // SAFETY: as above.
+        let p = unsafe { plugin::<P>(state) };
+        p.on_worker_start(&mut Context::from_raw(ctx))
+            .map_err(|e| e.to_string())
+    })
+}
+
+extern "C" fn on_message<P: Plugin>(
+    state: *mut c_void,
+    ctx: HostCtx,
+    conn: u64,
+    data: RSlice<'_, u8>,
+) -> Outcome {
+    guard(|| {
+        // SAFETY: as above.
+        let p = unsafe { plugin::<P>(state) };
+        p.on_message(&mut Context::from_raw(ctx), ConnId(conn), data.as_slice());
+        Ok(())
+    })
+}
+
+extern "C" fn on_error<P: Plugin>(
+    state: *mut c_void,
+    ctx: HostCtx,
+    conn: u64,
+    code: u32,
+    msg: RStr<'_>,
+) -> Outcome {
+    guard(|| {
+        // SAFETY: as above.
+        let p = unsafe { plugin::<P>(state) };
+        p.on_error(
+            &mut Context::from_raw(ctx),
+            ConnId(conn),
+            code,
+            msg.as_str(),
+        );
+        Ok(())
+    })
+}
+
+extern "C" fn on_timer<P: Plugin>(state: *mut c_void, ctx: HostCtx, timer: u64) -> Outcome {
+    guard(|| {
+        // SAFETY: as above.
+        let p = unsafe { plugin::<P>(state) };
+        p.on_timer(&mut Context::from_raw(ctx), TimerId(timer));
+        Ok(())
+    })
+}
+
+extern "C" fn drop_plugin<P: Plugin>(state: *mut c_void) {
+    let _ = panic::catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `state` came from `Box::into_raw` in `create` and is dropped once.
+        drop(unsafe { Box::from_raw(state as *mut P) });
+    }));
+}
+
+/// Builds the plugin object; `None` if the constructor panicked.
+pub fn create<P: Plugin>(ctor: fn() -> P) -> ROption<PluginInstance> {
+    install_panic_hook();
+    let Ok(object) = panic::catch_unwind(ctor) else {
+        return ROption::RNone;
+    };
+    let vt = PluginVTable {
+        on_worker_start: on_worker_start::<P>,
+        on_worker_stop: on_worker_stop::<P>,
+        on_worker_reload: on_worker_reload::<P>,
+        on_connect: on_connect::<P>,
+        on_message: on_message::<P>,
+        on_close: on_close::<P>,
+        on_buffer_full: on_buffer_full::<P>,
+        on_buffer_drain: on_buffer_drain::<P>,
+        on_error: on_error::<P>,
+        on_timer: on_timer::<P>,
+        drop: drop_plugin::<P>,
+    };
+    ROption::RSome(PluginInstance {
+        state: Box::into_raw(Box::new(object)) as *mut c_void,
+        // Called once per worker process, so leaking one vtable is fine.
+        vt: vt.leak_into_prefix(),
+    })
+}
+
+/// Builds the root module. Called once, when the host loads the library.
+pub fn module(
+    name: &'static str,
+    version: &'static str,
+    create: extern "C" fn() -> ROption<PluginInstance>,
+) -> PluginModRef {
+    PluginMod {
+        name: RStr::from_str(name),
+        version: RStr::from_str(version),
+        create,
+    }
+    .leak_into_prefix()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn export_macro_uses_abi_stables_symbol_name() {
+        assert_eq!(
+            abi_stable::library::ROOT_MODULE_LOADER_NAME,
+            "_1as_0lib_1header_0root_bmodule_bloader"
+        );
+    }
+}

@@ -1,0 +1,112 @@
+//! Write wm-host plugins in safe Rust.
+//!
+//! A plugin is a type implementing [`Plugin`], exported with
+//! [`export_plugin!`] from a `cdylib` crate. wm-host creates one plugin object
+//! per worker process and keeps it for the life of that process, so fields of
+//! the plugin are Workerman's "persistent objects".
+//!
+//! ```
+//! use plugin_api::{export_plugin, ConnId, Context, Plugin};
+//!
+//! #[derive(Default)]
+//! struct Echo;
+//!
+//! impl Plugin for Echo {
+//!     fn on_message(&mut self, ctx: &mut Context<'_>, conn: ConnId, data: &[u8]) {
+//!         ctx.send(conn, data);
+//!     }
+//! }
+//!
+//! export_plugin!(Echo);
+//! # fn main() {}
+//! ```
+//!
+//! A panic in any callback is caught inside the plugin and reported to the
+//! host, which logs it and closes the connection concerned; the worker keeps
+//! serving everyone else.
+
+pub mod abi;
+#[doc(hidden)]
+pub mod adapter;
+mod context;
+
+#[doc(hidden)]
+pub use context::to_raw_addr;
+pub use context::{ConnId, Context, Level, SendStatus, TimerId, WorkerInfo};
+
+/// The error type `on_worker_start` may return: anything that converts into a
+/// boxed error, so `?` works on most results.
+pub type StartError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Error codes passed to [`Plugin::on_error`], as in Workerman.
+pub mod error_code {
+    /// An outbound connection could not be established.
+    pub const CONNECT_FAILED: u32 = 1;
+    /// Data could not be sent (connection closed, or send buffer full).
+    pub const SEND_FAILED: u32 = 2;
+}
+
+/// Business logic run by wm-host workers. Every method has a no-op default;
+/// implement only what you need.
+#[allow(unused_variables)]
+pub trait Plugin: 'static {
+    /// The worker process started. Connections are accepted only after this
+    /// returns; returning an error (or panicking) fails the worker's start.
+    fn on_worker_start(&mut self, ctx: &mut Context<'_>) -> Result<(), StartError> {
+        Ok(())
+    }
+    /// The worker is stopping, after its connections were closed.
+    fn on_worker_stop(&mut self, ctx: &mut Context<'_>) {}
+    /// A reload was asked for and this worker is not reloadable: it keeps
+    /// running the code it has.
+    fn on_worker_reload(&mut self, ctx: &mut Context<'_>) {}
+    /// A client connected.
+    fn on_connect(&mut self, ctx: &mut Context<'_>, conn: ConnId) {}
+    /// One complete message arrived, as framed by the listener's protocol.
+    fn on_message(&mut self, ctx: &mut Context<'_>, conn: ConnId, data: &[u8]) {}
+    /// The connection closed, by either side. `conn` is no longer usable.
+    fn on_close(&mut self, ctx: &mut Context<'_>, conn: ConnId) {}
+    /// The connection's send buffer reached its limit.
+    fn on_buffer_full(&mut self, ctx: &mut Context<'_>, conn: ConnId) {}
+    /// The connection's send buffer was emptied.
+    fn on_buffer_drain(&mut self, ctx: &mut Context<'_>, conn: ConnId) {}
+    /// Something failed on the connection; `code` is one of [`error_code`].
+    fn on_error(&mut self, ctx: &mut Context<'_>, conn: ConnId, code: u32, msg: &str) {}
+    /// A timer made with [`Context::add_timer`] fired.
+    fn on_timer(&mut self, ctx: &mut Context<'_>, timer: TimerId) {}
+}
+
+/// Exports a [`Plugin`] type from a `cdylib` crate.
+///
+/// `export_plugin!(MyPlugin)` builds it with `Default::default()`;
+/// `export_plugin!(MyPlugin, MyPlugin::new)` with any `fn() -> MyPlugin`.
+#[macro_export]
+macro_rules! export_plugin {
+    ($ty:ty) => {
+        $crate::export_plugin!($ty, <$ty as ::core::default::Default>::default);
+    };
+    ($ty:ty, $ctor:expr) => {
+        // What abi_stable's `#[export_root_module]` expands to, spelled out so
+        // plugin crates need no direct abi_stable dependency (the attribute
+        // names `::abi_stable`). A unit test pins the symbol name.
+        #[export_name = "_1as_0lib_1header_0root_bmodule_bloader"]
+        pub static WM_PLUGIN_LIB_HEADER: $crate::adapter::LibHeader = {
+            extern "C" fn create() -> $crate::adapter::ROption<$crate::abi::PluginInstance> {
+                $crate::adapter::create::<$ty>($ctor)
+            }
+            fn root() -> $crate::abi::PluginModRef {
+                $crate::adapter::module(env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"), create)
+            }
+            extern "C" fn erased() -> $crate::adapter::RootModuleResult {
+                $crate::adapter::call_root_module_loader(root)
+            }
+            // SAFETY: `erased` returns the module type named here.
+            unsafe {
+                $crate::adapter::LibHeader::from_constructor::<$crate::abi::PluginModRef>(
+                    erased,
+                    $crate::adapter::CheckTypeLayout::Yes,
+                )
+            }
+        };
+    };
+}
