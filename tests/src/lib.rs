@@ -1,1 +1,300 @@
+//! Harness for end-to-end tests: runs the real `wm-host` binary with a config
+//! written into a temporary folder, and talks to it over real sockets.
+//!
+//! The binary and plugins must be built first (`make test` does it).
 
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use serde_json::Value;
+
+/// Generous: CI machines are shared and slow.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// `target/debug`, found from the test binary's own path.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test> → target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn host_bin() -> PathBuf {
+    let p = target_dir().join("wm-host");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` (or `make test`) first",
+        p.display()
+    );
+    p
+}
+
+/// Path of a plugin built in this workspace, e.g. `plugin("echo_plugin")`.
+pub fn plugin(lib: &str) -> PathBuf {
+    let p = target_dir().join(format!("lib{lib}.so"));
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        p.display()
+    );
+    p
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    let r = unsafe { libc::kill(pid as i32, 0) };
+    // A zombie still "exists"; look at its state too.
+    r == 0
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(false)
+}
+
+/// One wm-host installation: a temp folder with `wm.toml` and its runtime dir.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    foreground: Option<Child>,
+}
+
+impl Server {
+    /// `workers` is the `[[worker]]` part of the config; `[host]` is filled in.
+    pub fn new(workers: &str) -> Server {
+        Server::with_host("", workers)
+    }
+
+    pub fn with_host(host_extra: &str, workers: &str) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("wm-e2e-")
+            .tempdir()
+            .unwrap();
+        let config = dir.path().join("wm.toml");
+        let text = format!(
+            "[host]\nruntime_dir = \"run\"\nstop_timeout = \"3s\"\n{host_extra}\n{workers}"
+        );
+        std::fs::write(&config, text).unwrap();
+        Server {
+            dir,
+            config,
+            foreground: None,
+        }
+    }
+
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(host_bin())
+            .args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// `start -d`, which returns once every worker is ready.
+    pub fn start(&self) -> Output {
+        let out = self.cli(&["start", "-d"]);
+        assert!(
+            out.status.success(),
+            "start -d failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Runs the master in the foreground as a child, then waits until
+    /// `status` answers with every worker reporting.
+    pub fn start_foreground(&mut self, workers: usize) -> &mut Child {
+        let child = Command::new(host_bin())
+            .args(["start", "-c"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.foreground = Some(child);
+        wait_for("the foreground master to be ready", || {
+            let s = self.try_status()?;
+            let ready = s["workers"]
+                .as_array()?
+                .iter()
+                .filter(|w| !w["stats"].is_null())
+                .count();
+            (ready == workers).then_some(())
+        });
+        self.foreground.as_mut().unwrap()
+    }
+
+    pub fn stop(&self) {
+        let out = self.cli(&["stop"]);
+        assert!(
+            out.status.success(),
+            "stop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn try_status(&self) -> Option<Value> {
+        let out = self.cli(&["status", "--json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_status().expect("status failed")
+    }
+
+    /// `(id, pid)` of every worker of `group`, sorted by id.
+    pub fn worker_pids(&self, group: &str) -> Vec<(u64, u32)> {
+        let s = self.status();
+        let mut v: Vec<(u64, u32)> = s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["group"] == group)
+            .map(|w| (w["id"].as_u64().unwrap(), w["pid"].as_u64().unwrap() as u32))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn master_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.runtime_dir().join("wm-host.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The log file of a daemonized master.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.runtime_dir().join("wm-host.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    /// A failing test must not leave processes behind.
+    fn drop(&mut self) {
+        if let Some(pid) = self.master_pid() {
+            if pid_alive(pid) {
+                let _ = self.cli(&["stop"]);
+            }
+            if pid_alive(pid) {
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        if let Some(mut c) = self.foreground.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A line-oriented client for `text://` listeners.
+pub struct TextClient {
+    reader: BufReader<TcpStream>,
+}
+
+impl TextClient {
+    pub fn connect(port: u16) -> TextClient {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        TextClient {
+            reader: BufReader::new(s),
+        }
+    }
+
+    pub fn send(&mut self, line: &str) {
+        self.reader
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+    }
+
+    /// The next line, without its `\n`; `None` at end of stream.
+    pub fn recv(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(line.trim_end_matches('\n').to_string()),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    pub fn call(&mut self, line: &str) -> String {
+        self.send(line);
+        self.recv().expect("connection closed")
+    }
+
+    /// True once the server has closed the connection.
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.reader.get_ref().shutdown(Shutdown::Both);
+    }
+}
+
+/// Frames a payload as `frame://` does.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut v = ((payload.len() + 4) as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Reads one `frame://` message.
+pub fn read_frame(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head)?;
+    let len = u32::from_be_bytes(head) as usize;
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body)?;
+    Ok(body)
+}
