@@ -62,8 +62,17 @@ impl Drop for LoadedPlugin {
 }
 
 fn classify(path: String, e: LibraryError) -> LoadError {
-    let detail = e.to_string().replace('\n', " ");
-    let detail = detail.split_whitespace().collect::<Vec<_>>().join(" ");
+    let full = e
+        .to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::debug!("loading {path}: {full}");
+    // Layout errors print both layouts in full; the verdict is at the end.
+    let detail = match full.rfind("Error:") {
+        Some(i) => full[i + "Error:".len()..].trim().to_string(),
+        None => full,
+    };
     match e {
         LibraryError::OpenError { .. } | LibraryError::GetSymbolError { .. } => {
             LoadError::NotAPlugin { path, detail }

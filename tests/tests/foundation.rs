@@ -460,3 +460,16 @@ fn plugin_sees_worker_info_options_addresses_and_timers() {
     assert!(c.closed_by_server());
     server.stop();
 }
+
+#[test]
+fn plugin_built_against_incompatible_api_is_refused() {
+    let port = free_port();
+    let server = Server::new(&format!(
+        "[[worker]]\nname = \"x\"\nlisten = \"text://127.0.0.1:{port}\"\nplugin = \"{}\"\n",
+        plugin("abi_mismatch_plugin").display()
+    ));
+    assert_start_fails(
+        &server,
+        &["libabi_mismatch_plugin.so", "incompatible plugin-api"],
+    );
+}
