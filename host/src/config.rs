@@ -39,6 +39,8 @@ pub enum Scheme {
     Tcp,
     Text,
     Frame,
+    Websocket,
+    Http,
 }
 
 impl Scheme {
@@ -47,6 +49,8 @@ impl Scheme {
             "tcp" => Scheme::Tcp,
             "text" => Scheme::Text,
             "frame" => Scheme::Frame,
+            "websocket" | "ws" => Scheme::Websocket,
+            "http" => Scheme::Http,
             _ => return None,
         })
     }
@@ -56,6 +60,8 @@ impl Scheme {
             Scheme::Tcp => "tcp",
             Scheme::Text => "text",
             Scheme::Frame => "frame",
+            Scheme::Websocket => "websocket",
+            Scheme::Http => "http",
         }
     }
 }
@@ -74,8 +80,9 @@ impl Listen {
         let (scheme, rest) = text
             .split_once("://")
             .ok_or_else(|| format!("expected scheme://host:port, got {text:?}"))?;
-        let scheme = Scheme::parse(scheme)
-            .ok_or_else(|| format!("unknown protocol {scheme:?} (supported: tcp, text, frame)"))?;
+        let scheme = Scheme::parse(scheme).ok_or_else(|| {
+            format!("unknown protocol {scheme:?} (supported: tcp, text, frame, websocket, http)")
+        })?;
         let addr = rest
             .to_socket_addrs()
             .map_err(|e| format!("bad address {rest:?}: {e}"))?
@@ -107,6 +114,8 @@ pub struct WorkerConfig {
     pub max_package_size: usize,
     pub max_send_buffer_size: usize,
     pub max_connections: usize,
+    /// http:// only: serve files from this folder before asking the plugin.
+    pub static_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +170,7 @@ struct RawWorker {
     max_package_size: Option<Spanned<usize>>,
     max_send_buffer_size: Option<Spanned<usize>>,
     max_connections: Option<usize>,
+    static_dir: Option<Spanned<String>>,
 }
 
 fn one() -> Spanned<u32> {
@@ -285,6 +295,17 @@ impl Config {
                 return Err(src.key_error(w.count.span(), "count", "must be at least 1"));
             }
             let mut options = BTreeMap::new();
+            let static_dir = match &w.static_dir {
+                Some(d) if listen.scheme != Scheme::Http => {
+                    return Err(src.key_error(
+                        d.span(),
+                        "static_dir",
+                        "only http:// listeners serve files",
+                    ));
+                }
+                Some(d) => Some(rel(d.get_ref())),
+                None => None,
+            };
             let no_options = Spanned::new(0..0, BTreeMap::new());
             let raw_options = w.options.as_ref().unwrap_or(&no_options);
             for (k, v) in raw_options.get_ref() {
@@ -327,6 +348,7 @@ impl Config {
                     DEFAULT_MAX_SEND_BUFFER,
                 )?,
                 max_connections: w.max_connections.unwrap_or(usize::MAX),
+                static_dir,
                 name,
             });
         }

@@ -1,5 +1,6 @@
 //! wm-host: Workerman's process model for Rust plugins.
 
+mod bus;
 mod cli;
 mod config;
 mod ipc;
@@ -8,6 +9,7 @@ mod master;
 mod plugin;
 mod protocol;
 mod runtime;
+mod static_files;
 mod table;
 mod worker;
 

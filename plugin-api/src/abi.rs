@@ -15,7 +15,7 @@ use abi_stable::{
     library::RootModule,
     package_version_strings,
     sabi_types::VersionStrings,
-    std_types::{ROption, RSlice, RStr, RString, Tuple2},
+    std_types::{ROption, RSlice, RStr, RString, RVec, Tuple2},
     StableAbi,
 };
 
@@ -28,6 +28,31 @@ pub enum Outcome {
     Failed(RString),
     /// The callback panicked; the panic was caught inside the plugin.
     Panicked(RString),
+    /// `on_websocket_connect` refused the handshake with this HTTP status.
+    Refused(u16),
+}
+
+/// How a message is framed on a websocket (other protocols use `Default`).
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawKind {
+    /// The listener's natural framing (websocket: text).
+    Default,
+    Text,
+    Binary,
+}
+
+/// An HTTP request: a plain `http://` request or a websocket handshake.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct RawRequest<'a> {
+    pub method: RStr<'a>,
+    pub path: RStr<'a>,
+    pub query: RStr<'a>,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    pub headers: RSlice<'a, Tuple2<RStr<'a>, RStr<'a>>>,
+    pub body: RSlice<'a, u8>,
 }
 
 /// What happened to data handed to `send`.
@@ -85,7 +110,40 @@ pub enum RawLevel {
 pub struct HostVTable {
     pub worker_info: extern "C" fn(state: *mut c_void) -> &'static RawWorkerInfo,
     pub log: extern "C" fn(state: *mut c_void, level: RawLevel, msg: RStr<'_>),
-    pub send: extern "C" fn(state: *mut c_void, conn: u64, data: RSlice<'_, u8>) -> RawSendStatus,
+    pub send: extern "C" fn(
+        state: *mut c_void,
+        conn: u64,
+        data: RSlice<'_, u8>,
+        kind: RawKind,
+    ) -> RawSendStatus,
+    /// The framing of the message being handled by `on_message`.
+    pub message_kind: extern "C" fn(state: *mut c_void) -> RawKind,
+    pub respond: extern "C" fn(
+        state: *mut c_void,
+        conn: u64,
+        status: u16,
+        headers: RSlice<'_, Tuple2<RStr<'_>, RStr<'_>>>,
+        body: RSlice<'_, u8>,
+    ) -> RawSendStatus,
+    pub join_group: extern "C" fn(state: *mut c_void, conn: u64, group: RStr<'_>) -> bool,
+    pub leave_group: extern "C" fn(state: *mut c_void, conn: u64, group: RStr<'_>) -> bool,
+    /// `exclude` is a connection of this worker to skip, or 0.
+    pub send_to_group: extern "C" fn(
+        state: *mut c_void,
+        group: RStr<'_>,
+        data: RSlice<'_, u8>,
+        kind: RawKind,
+        exclude: u64,
+    ),
+    pub send_to_all:
+        extern "C" fn(state: *mut c_void, data: RSlice<'_, u8>, kind: RawKind, exclude: u64),
+    pub bind_uid: extern "C" fn(state: *mut c_void, conn: u64, uid: RStr<'_>) -> bool,
+    pub send_to_uid:
+        extern "C" fn(state: *mut c_void, uid: RStr<'_>, data: RSlice<'_, u8>, kind: RawKind),
+    pub group_count: extern "C" fn(state: *mut c_void, group: RStr<'_>) -> u64,
+    /// Bound uids of the group's members across all workers, sorted, unique.
+    pub group_uids: extern "C" fn(state: *mut c_void, group: RStr<'_>) -> RVec<RString>,
+    pub publish: extern "C" fn(state: *mut c_void, topic: RStr<'_>, data: RSlice<'_, u8>),
     pub close: extern "C" fn(state: *mut c_void, conn: u64, last: ROption<RSlice<'_, u8>>) -> bool,
     pub addr: extern "C" fn(state: *mut c_void, conn: u64, remote: bool) -> RawAddr,
     pub add_timer: extern "C" fn(state: *mut c_void, interval_ms: u64, repeat: bool) -> u64,
@@ -126,6 +184,16 @@ pub struct PluginVTable {
         msg: RStr<'_>,
     ) -> Outcome,
     pub on_timer: extern "C" fn(state: *mut c_void, ctx: HostCtx, timer: u64) -> Outcome,
+    pub on_websocket_connect:
+        extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64, req: &RawRequest<'_>) -> Outcome,
+    pub on_request:
+        extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64, req: &RawRequest<'_>) -> Outcome,
+    pub on_publish: extern "C" fn(
+        state: *mut c_void,
+        ctx: HostCtx,
+        topic: RStr<'_>,
+        data: RSlice<'_, u8>,
+    ) -> Outcome,
     /// Frees the plugin object. Called once, last.
     #[sabi(last_prefix_field)]
     pub drop: extern "C" fn(state: *mut c_void),

@@ -18,8 +18,10 @@ use abi_stable::{
     std_types::{RSlice, RStr, RString},
 };
 
-use crate::abi::{HostCtx, Outcome, PluginInstance, PluginMod, PluginModRef, PluginVTable};
-use crate::{ConnId, Context, Plugin, TimerId};
+use crate::abi::{
+    HostCtx, Outcome, PluginInstance, PluginMod, PluginModRef, PluginVTable, RawRequest,
+};
+use crate::{ConnId, Context, Plugin, Request, TimerId};
 
 thread_local! {
     // Where the panic hook leaves "message at file:line" for the wrapper to report.
@@ -159,6 +161,63 @@ extern "C" fn on_timer<P: Plugin>(state: *mut c_void, ctx: HostCtx, timer: u64) 
     })
 }
 
+extern "C" fn on_websocket_connect<P: Plugin>(
+    state: *mut c_void,
+    ctx: HostCtx,
+    conn: u64,
+    req: &RawRequest<'_>,
+) -> Outcome {
+    let mut refused = None;
+    let outcome = guard(|| {
+        // SAFETY: as above.
+        let p = unsafe { plugin::<P>(state) };
+        refused = p
+            .on_websocket_connect(
+                &mut Context::from_raw(ctx),
+                ConnId(conn),
+                &Request::from_raw(req),
+            )
+            .err();
+        Ok(())
+    });
+    match (outcome, refused) {
+        (Outcome::Ok, Some(status)) => Outcome::Refused(status),
+        (outcome, _) => outcome,
+    }
+}
+
+extern "C" fn on_request<P: Plugin>(
+    state: *mut c_void,
+    ctx: HostCtx,
+    conn: u64,
+    req: &RawRequest<'_>,
+) -> Outcome {
+    guard(|| {
+        // SAFETY: as above.
+        let p = unsafe { plugin::<P>(state) };
+        p.on_request(
+            &mut Context::from_raw(ctx),
+            ConnId(conn),
+            &Request::from_raw(req),
+        );
+        Ok(())
+    })
+}
+
+extern "C" fn on_publish<P: Plugin>(
+    state: *mut c_void,
+    ctx: HostCtx,
+    topic: RStr<'_>,
+    data: RSlice<'_, u8>,
+) -> Outcome {
+    guard(|| {
+        // SAFETY: as above.
+        let p = unsafe { plugin::<P>(state) };
+        p.on_publish(&mut Context::from_raw(ctx), topic.as_str(), data.as_slice());
+        Ok(())
+    })
+}
+
 extern "C" fn drop_plugin<P: Plugin>(state: *mut c_void) {
     let _ = panic::catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `state` came from `Box::into_raw` in `create` and is dropped once.
@@ -183,6 +242,9 @@ pub fn create<P: Plugin>(ctor: fn() -> P) -> ROption<PluginInstance> {
         on_buffer_drain: on_buffer_drain::<P>,
         on_error: on_error::<P>,
         on_timer: on_timer::<P>,
+        on_websocket_connect: on_websocket_connect::<P>,
+        on_request: on_request::<P>,
+        on_publish: on_publish::<P>,
         drop: drop_plugin::<P>,
     };
     ROption::RSome(PluginInstance {

@@ -5,9 +5,9 @@ use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use abi_stable::std_types::{ROption, RSlice, RStr};
+use abi_stable::std_types::{ROption, RSlice, RStr, Tuple2};
 
-use crate::abi::{HostCtx, RawAddr, RawLevel, RawSendStatus};
+use crate::abi::{HostCtx, RawAddr, RawKind, RawLevel, RawSendStatus};
 
 /// A connection of this worker. Ids are not reused within a worker process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -40,6 +40,30 @@ impl SendStatus {
     /// Sent or queued: the data will go out unless the connection dies.
     pub fn is_ok(self) -> bool {
         matches!(self, SendStatus::Sent | SendStatus::Queued)
+    }
+}
+
+/// How a websocket message is framed. Other protocols report `Binary`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    Text,
+    Binary,
+}
+
+fn raw_kind(kind: Option<MessageKind>) -> RawKind {
+    match kind {
+        None => RawKind::Default,
+        Some(MessageKind::Text) => RawKind::Text,
+        Some(MessageKind::Binary) => RawKind::Binary,
+    }
+}
+
+fn send_status(s: RawSendStatus) -> SendStatus {
+    match s {
+        RawSendStatus::Sent => SendStatus::Sent,
+        RawSendStatus::Queued => SendStatus::Queued,
+        RawSendStatus::Dropped => SendStatus::Dropped,
+        RawSendStatus::Closed => SendStatus::Closed,
     }
 }
 
@@ -111,15 +135,136 @@ impl Context<'_> {
 
     /// Sends a message on a connection, framed by the listener's protocol
     /// (`text://` appends `\n`, `frame://` prepends the length).
+    /// On websocket listeners it sends a text message.
     pub fn send(&mut self, conn: ConnId, data: impl AsRef<[u8]>) -> SendStatus {
-        let status =
-            (self.raw.vt.send())(self.raw.state, conn.0, RSlice::from_slice(data.as_ref()));
-        match status {
-            RawSendStatus::Sent => SendStatus::Sent,
-            RawSendStatus::Queued => SendStatus::Queued,
-            RawSendStatus::Dropped => SendStatus::Dropped,
-            RawSendStatus::Closed => SendStatus::Closed,
+        self.send_raw(conn, data.as_ref(), None)
+    }
+
+    /// Sends a websocket text message.
+    pub fn send_text(&mut self, conn: ConnId, text: &str) -> SendStatus {
+        self.send_raw(conn, text.as_bytes(), Some(MessageKind::Text))
+    }
+
+    /// Sends a websocket binary message.
+    pub fn send_binary(&mut self, conn: ConnId, data: &[u8]) -> SendStatus {
+        self.send_raw(conn, data, Some(MessageKind::Binary))
+    }
+
+    fn send_raw(&mut self, conn: ConnId, data: &[u8], kind: Option<MessageKind>) -> SendStatus {
+        let send = self.raw.vt.send();
+        send_status(send(
+            self.raw.state,
+            conn.0,
+            RSlice::from_slice(data),
+            raw_kind(kind),
+        ))
+    }
+
+    /// Whether the message being handled in `on_message` is websocket text or
+    /// binary.
+    pub fn message_kind(&self) -> MessageKind {
+        match (self.raw.vt.message_kind())(self.raw.state) {
+            RawKind::Text => MessageKind::Text,
+            _ => MessageKind::Binary,
         }
+    }
+
+    /// Answers an HTTP request on an `http://` listener. `Content-Length`,
+    /// `Date` and `Connection` are added unless given.
+    pub fn respond(
+        &mut self,
+        conn: ConnId,
+        status: u16,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> SendStatus {
+        let headers: Vec<Tuple2<RStr<'_>, RStr<'_>>> = headers
+            .iter()
+            .map(|(k, v)| Tuple2(RStr::from_str(k), RStr::from_str(v)))
+            .collect();
+        let respond = self.raw.vt.respond();
+        send_status(respond(
+            self.raw.state,
+            conn.0,
+            status,
+            RSlice::from_slice(&headers),
+            RSlice::from_slice(body),
+        ))
+    }
+
+    /// Adds a connection of this worker to a group that spans every worker
+    /// process of the host.
+    pub fn join_group(&mut self, conn: ConnId, group: &str) -> bool {
+        (self.raw.vt.join_group())(self.raw.state, conn.0, RStr::from_str(group))
+    }
+
+    pub fn leave_group(&mut self, conn: ConnId, group: &str) -> bool {
+        (self.raw.vt.leave_group())(self.raw.state, conn.0, RStr::from_str(group))
+    }
+
+    /// Sends to every member of the group, in every worker process, except
+    /// `exclude` (a connection of this worker, usually the sender).
+    /// Messages from one worker to one group arrive in the order sent.
+    pub fn send_to_group(&mut self, group: &str, data: impl AsRef<[u8]>, exclude: Option<ConnId>) {
+        let f = self.raw.vt.send_to_group();
+        let data = RSlice::from_slice(data.as_ref());
+        f(
+            self.raw.state,
+            RStr::from_str(group),
+            data,
+            RawKind::Default,
+            exclude.map_or(0, |c| c.0),
+        )
+    }
+
+    /// Sends to every connection of every worker process of the host.
+    pub fn send_to_all(&mut self, data: impl AsRef<[u8]>, exclude: Option<ConnId>) {
+        let f = self.raw.vt.send_to_all();
+        f(
+            self.raw.state,
+            RSlice::from_slice(data.as_ref()),
+            RawKind::Default,
+            exclude.map_or(0, |c| c.0),
+        )
+    }
+
+    /// Binds a connection to a user id (one user may have several).
+    pub fn bind_uid(&mut self, conn: ConnId, uid: &str) -> bool {
+        (self.raw.vt.bind_uid())(self.raw.state, conn.0, RStr::from_str(uid))
+    }
+
+    /// Sends to every connection bound to `uid`, in any worker.
+    pub fn send_to_uid(&mut self, uid: &str, data: impl AsRef<[u8]>) {
+        let f = self.raw.vt.send_to_uid();
+        f(
+            self.raw.state,
+            RStr::from_str(uid),
+            RSlice::from_slice(data.as_ref()),
+            RawKind::Default,
+        )
+    }
+
+    /// Members of a group across all workers, as last known to this worker.
+    pub fn group_count(&self, group: &str) -> u64 {
+        (self.raw.vt.group_count())(self.raw.state, RStr::from_str(group))
+    }
+
+    /// The bound uids of a group's members across all workers, sorted.
+    pub fn group_uids(&self, group: &str) -> Vec<String> {
+        (self.raw.vt.group_uids())(self.raw.state, RStr::from_str(group))
+            .into_iter()
+            .map(|s| s.into_string())
+            .collect()
+    }
+
+    /// Delivers `data` to `on_publish` in every worker of the host (this one
+    /// included).
+    pub fn publish(&mut self, topic: &str, data: impl AsRef<[u8]>) {
+        (self.raw.vt.publish())(
+            self.raw.state,
+            RStr::from_str(topic),
+            RSlice::from_slice(data.as_ref()),
+        )
     }
 
     /// Closes a connection once what is queued for it is written.

@@ -29,10 +29,12 @@ pub mod abi;
 #[doc(hidden)]
 pub mod adapter;
 mod context;
+mod request;
 
 #[doc(hidden)]
 pub use context::to_raw_addr;
-pub use context::{ConnId, Context, Level, SendStatus, TimerId, WorkerInfo};
+pub use context::{ConnId, Context, Level, MessageKind, SendStatus, TimerId, WorkerInfo};
+pub use request::Request;
 
 /// The error type `on_worker_start` may return: anything that converts into a
 /// boxed error, so `?` works on most results.
@@ -74,6 +76,31 @@ pub trait Plugin: 'static {
     fn on_error(&mut self, ctx: &mut Context<'_>, conn: ConnId, code: u32, msg: &str) {}
     /// A timer made with [`Context::add_timer`] fired.
     fn on_timer(&mut self, ctx: &mut Context<'_>, timer: TimerId) {}
+    /// A websocket client sent its handshake (Workerman's onWebSocketConnect),
+    /// before `on_connect`. Return `Err(status)` to refuse it with that HTTP
+    /// status (e.g. 403).
+    fn on_websocket_connect(
+        &mut self,
+        ctx: &mut Context<'_>,
+        conn: ConnId,
+        req: &Request<'_>,
+    ) -> Result<(), u16> {
+        Ok(())
+    }
+    /// A complete request arrived on an `http://` listener. Answer it with
+    /// [`Context::respond`]; requests on one connection are answered in order.
+    /// The default answers 404.
+    fn on_request(&mut self, ctx: &mut Context<'_>, conn: ConnId, req: &Request<'_>) {
+        ctx.respond(
+            conn,
+            404,
+            &[("Content-Type", "text/plain")],
+            b"404 Not Found\n",
+        );
+    }
+    /// A message published with [`Context::publish`] by any worker of the
+    /// host, this one included, in the order each worker published them.
+    fn on_publish(&mut self, ctx: &mut Context<'_>, topic: &str, data: &[u8]) {}
 }
 
 /// Exports a [`Plugin`] type from a `cdylib` crate.

@@ -23,6 +23,7 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use self::backoff::Backoff;
+use crate::bus::{self, BusBuf, BusMsg, Registry};
 use crate::config::{Config, WorkerConfig};
 use crate::ipc::{FromWorker, LineBuf, Request, Response, StatusReport, ToWorker, WorkerRow};
 use crate::runtime::PidLock;
@@ -30,6 +31,7 @@ use crate::runtime::PidLock;
 const SIGNALS: Token = Token(0);
 const CONTROL: Token = Token(1);
 const WORKER_BASE: usize = 1 << 20;
+const BUS_BASE: usize = 1 << 25;
 const CLIENT_BASE: usize = 1 << 30;
 /// How long `status` waits for workers to report.
 const STATS_WAIT: Duration = Duration::from_secs(1);
@@ -76,6 +78,8 @@ struct WorkerProc {
     pid: Pid,
     ctl: UnixStream,
     buf: LineBuf,
+    bus: UnixStream,
+    bus_buf: BusBuf,
     started: Instant,
     ready: bool,
     /// Set when the worker reported why it could not start.
@@ -119,6 +123,8 @@ pub struct Master {
     phase: Phase,
     start_error: Option<StartError>,
     started_at: SystemTime,
+    /// Group membership across workers, to hand to workers that start.
+    registry: Registry,
     _lock: PidLock,
 }
 
@@ -176,6 +182,7 @@ impl Master {
             next_req: 0,
             start_error: None,
             started_at: SystemTime::now(),
+            registry: Registry::default(),
             _lock: lock,
         })
     }
@@ -213,6 +220,7 @@ impl Master {
                     SIGNALS => self.on_signals(),
                     CONTROL => self.accept_clients(),
                     Token(t) if t >= CLIENT_BASE => self.on_client(t - CLIENT_BASE),
+                    Token(t) if t >= BUS_BASE => self.on_bus(t - BUS_BASE),
                     Token(t) => self.on_worker_io(t - WORKER_BASE),
                 }
             }
@@ -316,11 +324,23 @@ impl Master {
         let entry = self.workers.vacant_entry();
         let key = entry.key();
         let mut ctl = child.ctl;
+        let mut bus = child.bus;
         self.poll.registry().register(
             &mut ctl,
             Token(WORKER_BASE + key),
             Interest::READABLE | Interest::WRITABLE,
         )?;
+        self.poll.registry().register(
+            &mut bus,
+            Token(BUS_BASE + key),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        // The newcomer learns who is in which group before anything else.
+        let mut bus_buf = BusBuf::default();
+        for msg in self.registry.snapshot() {
+            bus::encode(&msg, &mut bus_buf.outbuf);
+        }
+        let _ = bus_buf.flush(&mut bus);
         tracing::debug!(
             pid = child.pid.as_raw(),
             "started worker {}#{id}",
@@ -332,6 +352,8 @@ impl Master {
             pid: child.pid,
             ctl,
             buf: LineBuf::default(),
+            bus,
+            bus_buf,
             started: Instant::now(),
             ready: false,
             failure: None,
@@ -380,6 +402,49 @@ impl Master {
                     self.groups[group].cfg.name
                 ),
             }
+        }
+    }
+
+    /// Relays a worker's bus frames, in order, to every other worker.
+    fn on_bus(&mut self, key: usize) {
+        let Some(w) = self.workers.get_mut(key) else {
+            return;
+        };
+        let (frames, _closed) = w.bus_buf.read_frames(&mut w.bus);
+        let _ = w.bus_buf.flush(&mut w.bus);
+        if frames.is_empty() {
+            return;
+        }
+        for f in &frames {
+            // Only membership changes matter to the master's registry.
+            if let Ok(msg) = bus::decode(f) {
+                self.registry.apply(&msg);
+            }
+        }
+        for (k, other) in &mut self.workers {
+            if k == key {
+                continue;
+            }
+            for f in &frames {
+                other.bus_buf.outbuf.extend_from_slice(f);
+            }
+            if let Err(e) = other.bus_buf.flush(&mut other.bus) {
+                tracing::debug!(pid = other.pid.as_raw(), "bus write failed: {e}");
+            }
+        }
+    }
+
+    /// Tells every worker that a worker's connections are gone.
+    fn node_gone(&mut self, pid: Pid) {
+        let msg = BusMsg::NodeGone {
+            node: pid.as_raw() as u32,
+        };
+        self.registry.apply(&msg);
+        let mut frame = Vec::new();
+        bus::encode(&msg, &mut frame);
+        for (_, w) in &mut self.workers {
+            w.bus_buf.outbuf.extend_from_slice(&frame);
+            let _ = w.bus_buf.flush(&mut w.bus);
         }
     }
 
@@ -440,8 +505,10 @@ impl Master {
             else {
                 continue;
             };
-            let w = self.workers.remove(key);
-            let _ = self.poll.registry().deregister(&mut { w.ctl });
+            let mut w = self.workers.remove(key);
+            let _ = self.poll.registry().deregister(&mut w.ctl);
+            let _ = self.poll.registry().deregister(&mut w.bus);
+            self.node_gone(pid);
             let name = self.groups[w.group].cfg.name.clone();
             for s in &mut self.statuses {
                 s.waiting.remove(&key);

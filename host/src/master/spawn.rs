@@ -14,16 +14,19 @@ use mio::net::UnixStream;
 use nix::unistd::Pid;
 
 use crate::config::WorkerConfig;
-use crate::worker::{Spec, CONTROL_FD, LISTEN_FD, SPEC_ENV};
+use crate::worker::{Spec, BUS_FD, CONTROL_FD, LISTEN_FD, SPEC_ENV};
 
 pub struct Child {
     pub pid: Pid,
     /// Master's end of the control socket, non-blocking.
     pub ctl: UnixStream,
+    /// Master's end of the bus socket, non-blocking.
+    pub bus: UnixStream,
 }
 
 pub fn worker(exe: &Path, cfg: &WorkerConfig, id: u32, listener: &OwnedFd) -> io::Result<Child> {
     let (ours, theirs) = StdUnixStream::pair()?;
+    let (bus_ours, bus_theirs) = StdUnixStream::pair()?;
     let spec = Spec {
         worker: cfg.clone(),
         id,
@@ -31,29 +34,38 @@ pub fn worker(exe: &Path, cfg: &WorkerConfig, id: u32, listener: &OwnedFd) -> io
     let spec = serde_json::to_string(&spec).map_err(io::Error::other)?;
     let listen_fd = listener.as_raw_fd();
     let ctl_fd = theirs.as_raw_fd();
+    let bus_fd = bus_theirs.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg("worker").env(SPEC_ENV, spec).stdin(Stdio::null());
-    // SAFETY: only fcntl/dup2 run in the child before exec; both are
-    // async-signal-safe. Both fds are first copied above 10 so that moving one
-    // to 3 or 4 cannot overwrite the other, and dup2 onto a different number
+    // SAFETY: only fcntl/dup2/close run in the child before exec; all are
+    // async-signal-safe. The fds are first copied above 10 so that moving one
+    // to 3, 4 or 5 cannot overwrite another, and dup2 onto a different number
     // clears close-on-exec.
     unsafe {
         cmd.pre_exec(move || {
-            let l = libc::fcntl(listen_fd, libc::F_DUPFD, 10);
-            let c = libc::fcntl(ctl_fd, libc::F_DUPFD, 10);
-            if l < 0 || c < 0 || libc::dup2(l, LISTEN_FD) < 0 || libc::dup2(c, CONTROL_FD) < 0 {
-                return Err(io::Error::last_os_error());
+            let mut high = [0; 3];
+            for (h, from) in high.iter_mut().zip([listen_fd, ctl_fd, bus_fd]) {
+                *h = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 10);
+                if *h < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
-            libc::close(l);
-            libc::close(c);
+            for (h, to) in high.into_iter().zip([LISTEN_FD, CONTROL_FD, BUS_FD]) {
+                if libc::dup2(h, to) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
     let child = cmd.spawn()?;
     drop(theirs);
+    drop(bus_theirs);
     ours.set_nonblocking(true)?;
+    bus_ours.set_nonblocking(true)?;
     Ok(Child {
         pid: Pid::from_raw(child.id() as i32),
         ctl: UnixStream::from_std(ours),
+        bus: UnixStream::from_std(bus_ours),
     })
 }

@@ -5,7 +5,9 @@
 use crate::config::Scheme;
 
 mod frame;
+pub mod http;
 mod text;
+pub mod websocket;
 
 /// Where one complete message sits in the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +30,7 @@ pub enum ProtocolError {
 /// Bytes written around a payload: a header before, a trailer after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Envelope {
-    header: [u8; 4],
+    header: [u8; 10],
     header_len: u8,
     pub trailer: &'static [u8],
 }
@@ -40,12 +42,37 @@ impl Envelope {
 }
 
 /// Per-connection decoder state.
-#[derive(Debug)]
 pub enum Codec {
     /// Each read is one message.
     Tcp,
     Text(text::TextDecoder),
     Frame,
+    /// Before the handshake: `None`; after it, the frame reader.
+    Websocket(Option<Box<websocket::WsReader>>),
+    Http(Box<HttpConn>),
+}
+
+/// An HTTP connection: the request decoder and the requests still owed an
+/// answer, oldest first (answers go out in request order).
+#[derive(Default)]
+pub struct HttpConn {
+    pub decoder: http::HttpDecoder,
+    pub pending: std::collections::VecDeque<Pending>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Pending {
+    pub keep_alive: bool,
+    /// A HEAD request: answer with headers only.
+    pub head: bool,
+}
+
+/// The framing of one outgoing message where the protocol has a choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Default,
+    Text,
+    Binary,
 }
 
 impl Codec {
@@ -54,6 +81,8 @@ impl Codec {
             Scheme::Tcp => Codec::Tcp,
             Scheme::Text => Codec::Text(text::TextDecoder::default()),
             Scheme::Frame => Codec::Frame,
+            Scheme::Websocket => Codec::Websocket(None),
+            Scheme::Http => Codec::Http(Box::default()),
         }
     }
 
@@ -69,6 +98,8 @@ impl Codec {
             })),
             Codec::Text(t) => t.decode(input, max),
             Codec::Frame => frame::decode(input, max),
+            // These have their own paths in the worker.
+            Codec::Websocket(_) | Codec::Http(_) => Ok(None),
         }
     }
 
@@ -81,21 +112,32 @@ impl Codec {
     }
 
     /// What to write around a payload of `len` bytes.
-    pub fn envelope(&self, len: usize) -> Result<Envelope, ProtocolError> {
+    pub fn envelope(&self, len: usize, kind: Kind) -> Result<Envelope, ProtocolError> {
         let mut env = Envelope {
-            header: [0; 4],
+            header: [0; 10],
             header_len: 0,
             trailer: b"",
         };
         match self {
-            Codec::Tcp => {}
+            // HTTP answers are whole responses, built by `http::encode_response`.
+            Codec::Tcp | Codec::Http(_) => {}
             Codec::Text(_) => env.trailer = b"\n",
             Codec::Frame => {
-                env.header = frame::header(len)?;
+                env.header[..4].copy_from_slice(&frame::header(len)?);
                 env.header_len = 4;
+            }
+            Codec::Websocket(_) => {
+                let (h, n) = websocket::frame_header(len, kind == Kind::Binary);
+                env.header = h;
+                env.header_len = n as u8;
             }
         }
         Ok(env)
+    }
+
+    /// Whether the connection is past any handshake, so the plugin knows it.
+    pub fn established(&self) -> bool {
+        !matches!(self, Codec::Websocket(None))
     }
 }
 
@@ -127,16 +169,16 @@ mod tests {
         let mut c = Codec::new(Scheme::Tcp);
         let got = feed(&mut c, &[b"ab", b"c\n"], 100).unwrap();
         assert_eq!(got, vec![b"ab".to_vec(), b"c\n".to_vec()]);
-        let e = c.envelope(3).unwrap();
+        let e = c.envelope(3, Kind::Default).unwrap();
         assert!(e.header().is_empty() && e.trailer.is_empty());
     }
 
     #[test]
     fn envelopes_match_workerman_wire_formats() {
         let c = Codec::new(Scheme::Text);
-        assert_eq!(c.envelope(5).unwrap().trailer, b"\n");
+        assert_eq!(c.envelope(5, Kind::Default).unwrap().trailer, b"\n");
         let c = Codec::new(Scheme::Frame);
-        let e = c.envelope(5).unwrap();
+        let e = c.envelope(5, Kind::Default).unwrap();
         assert_eq!(e.header(), [0, 0, 0, 9]);
         assert!(e.trailer.is_empty());
     }

@@ -12,7 +12,9 @@ use slab::Slab;
 
 use super::conn::{Conn, State};
 use super::timers::Timers;
+use crate::bus::{self, BusMsg, Gid, Registry};
 use crate::ipc::WorkerStats;
+use crate::protocol::{http, websocket, Codec, Kind};
 
 /// A plugin callback owed once the current one returns.
 #[derive(Debug)]
@@ -20,6 +22,23 @@ pub enum Deferred {
     BufferFull(u64),
     BufferDrain(u64),
     Error(u64, u32, &'static str),
+    Publish(String, Vec<u8>),
+}
+
+fn kind_code(kind: Kind) -> u8 {
+    match kind {
+        Kind::Default => 0,
+        Kind::Text => 1,
+        Kind::Binary => 2,
+    }
+}
+
+pub fn kind_from(code: u8) -> Kind {
+    match code {
+        1 => Kind::Text,
+        2 => Kind::Binary,
+        _ => Kind::Default,
+    }
 }
 
 pub struct Core {
@@ -34,6 +53,14 @@ pub struct Core {
     pub max_send_buffer_size: usize,
     pub total_messages: u64,
     pub send_fail: u64,
+    /// This worker's pid: the node part of connection gids on the bus.
+    pub node: u32,
+    /// Group and uid membership across all workers.
+    pub registry: Registry,
+    /// Frames for the master to relay to the other workers.
+    pub bus_out: Vec<u8>,
+    /// The framing of the message `on_message` is handling.
+    pub current_kind: Kind,
 }
 
 /// Slab index of a connection id: the low 32 bits. The high 32 bits are a
@@ -63,6 +90,10 @@ impl Core {
             max_send_buffer_size,
             total_messages: 0,
             send_fail: 0,
+            node: std::process::id(),
+            registry: Registry::default(),
+            bus_out: Vec::new(),
+            current_kind: Kind::Default,
         }
     }
 
@@ -92,20 +123,39 @@ impl Core {
 
     /// Frames and sends one message (Workerman's `$connection->send`).
     pub fn send(&mut self, id: u64, data: &[u8]) -> RawSendStatus {
+        self.send_kind(id, data, Kind::Default)
+    }
+
+    /// Writes bytes that are already framed (handshake answers, control frames).
+    pub fn send_raw(&mut self, id: u64, bytes: &[u8]) {
+        let Some(conn) = lookup(&mut self.conns, id) else {
+            return;
+        };
+        if let Err(e) = conn.write_parts(&[bytes]) {
+            tracing::debug!(conn = id, "send failed: {e}");
+            self.destroy(id);
+        }
+    }
+
+    pub fn send_kind(&mut self, id: u64, data: &[u8], kind: Kind) -> RawSendStatus {
         let max = self.max_send_buffer_size;
         let Some(conn) = lookup(&mut self.conns, id) else {
             self.send_failed(id, "client closed");
             return RawSendStatus::Closed;
         };
-        if conn.state != State::Open {
+        if conn.state != State::Open || !conn.codec.established() {
             self.send_failed(id, "client closed");
             return RawSendStatus::Closed;
+        }
+        // On http:// a plain send is a 200 answer with that body (as in Workerman).
+        if let Codec::Http(_) = conn.codec {
+            return self.respond(id, 200, &[], data);
         }
         if conn.pending() >= max {
             self.send_failed(id, "send buffer full and drop package");
             return RawSendStatus::Dropped;
         }
-        let env = match conn.codec.envelope(data.len()) {
+        let env = match conn.codec.envelope(data.len(), kind) {
             Ok(env) => env,
             Err(_) => {
                 self.send_failed(id, "message too large for the protocol");
@@ -142,6 +192,10 @@ impl Core {
             return true;
         };
         if conn.state == State::Open {
+            // A websocket says goodbye with a close frame (1000: normal).
+            if matches!(&conn.codec, Codec::Websocket(Some(r)) if !r.closing()) {
+                let _ = conn.write_parts(&[&websocket::close_frame(1000)]);
+            }
             conn.state = State::Closing;
             if conn.pending() == 0 {
                 self.closing.push(id);
@@ -181,6 +235,254 @@ impl Core {
             Err(e) => {
                 tracing::debug!(conn = id, "write failed: {e}");
                 self.destroy(id);
+            }
+        }
+    }
+}
+
+/// HTTP answers, matched in order to the requests still pending.
+impl Core {
+    pub fn respond(
+        &mut self,
+        id: u64,
+        status: u16,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> RawSendStatus {
+        let resp = http::Response {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_vec(),
+        };
+        self.respond_with(id, &resp)
+    }
+
+    pub fn respond_with(&mut self, id: u64, resp: &http::Response) -> RawSendStatus {
+        let Some(conn) = lookup(&mut self.conns, id) else {
+            self.send_failed(id, "client closed");
+            return RawSendStatus::Closed;
+        };
+        let Codec::Http(h) = &mut conn.codec else {
+            self.send_failed(id, "respond on a connection that is not http://");
+            return RawSendStatus::Dropped;
+        };
+        let Some(req) = h.pending.pop_front() else {
+            self.send_failed(id, "no request waiting for an answer");
+            return RawSendStatus::Dropped;
+        };
+        let keep_alive = req.keep_alive && !resp.asks_close();
+        let mut out = Vec::with_capacity(resp.body.len() + 256);
+        http::encode_response(resp, keep_alive, req.head, &mut out);
+        let status = match conn.write_parts(&[&out]) {
+            Ok(true) => RawSendStatus::Sent,
+            Ok(false) => RawSendStatus::Queued,
+            Err(e) => {
+                tracing::debug!(conn = id, "send failed: {e}");
+                self.destroy(id);
+                return RawSendStatus::Closed;
+            }
+        };
+        if !keep_alive {
+            self.close(id, None);
+        }
+        status
+    }
+}
+
+/// Groups, uids and broadcasts: local delivery now, and the same message on
+/// the bus for the other workers.
+impl Core {
+    fn gid(&self, conn: u64) -> Gid {
+        (self.node, conn)
+    }
+
+    fn publish_bus(&mut self, msg: &BusMsg) {
+        bus::encode(msg, &mut self.bus_out);
+    }
+
+    fn member_op(&mut self, conn: u64, msg: BusMsg) -> bool {
+        if self.get(conn).is_none_or(|c| c.state != State::Open) {
+            return false;
+        }
+        self.registry.apply(&msg);
+        self.publish_bus(&msg);
+        true
+    }
+
+    pub fn join_group(&mut self, conn: u64, group: &str) -> bool {
+        let gid = self.gid(conn);
+        self.member_op(
+            conn,
+            BusMsg::Join {
+                group: group.to_string(),
+                conn: gid,
+            },
+        )
+    }
+
+    pub fn leave_group(&mut self, conn: u64, group: &str) -> bool {
+        let gid = self.gid(conn);
+        self.member_op(
+            conn,
+            BusMsg::Leave {
+                group: group.to_string(),
+                conn: gid,
+            },
+        )
+    }
+
+    pub fn bind_uid(&mut self, conn: u64, uid: &str) -> bool {
+        let gid = self.gid(conn);
+        self.member_op(
+            conn,
+            BusMsg::Bind {
+                uid: uid.to_string(),
+                conn: gid,
+            },
+        )
+    }
+
+    /// A connection closed: drop its memberships here and everywhere.
+    pub fn forget_conn(&mut self, conn: u64) {
+        let msg = BusMsg::Gone {
+            conn: self.gid(conn),
+        };
+        if self.registry.apply(&msg) {
+            self.publish_bus(&msg);
+        }
+    }
+
+    pub fn send_to_group(&mut self, group: &str, data: &[u8], kind: Kind, exclude: Option<u64>) {
+        let exclude = exclude.map(|c| self.gid(c));
+        self.deliver(
+            &BusMsg::ToGroup {
+                group: group.to_string(),
+                kind: kind_code(kind),
+                exclude,
+                data: Vec::new(),
+            },
+            data,
+        );
+        let msg = BusMsg::ToGroup {
+            group: group.to_string(),
+            kind: kind_code(kind),
+            exclude,
+            data: data.to_vec(),
+        };
+        self.publish_bus(&msg);
+    }
+
+    pub fn send_to_all(&mut self, data: &[u8], kind: Kind, exclude: Option<u64>) {
+        let exclude = exclude.map(|c| self.gid(c));
+        self.deliver(
+            &BusMsg::ToAll {
+                kind: kind_code(kind),
+                exclude,
+                data: Vec::new(),
+            },
+            data,
+        );
+        self.publish_bus(&BusMsg::ToAll {
+            kind: kind_code(kind),
+            exclude,
+            data: data.to_vec(),
+        });
+    }
+
+    pub fn send_to_uid(&mut self, uid: &str, data: &[u8], kind: Kind) {
+        self.deliver(
+            &BusMsg::ToUid {
+                uid: uid.to_string(),
+                kind: kind_code(kind),
+                data: Vec::new(),
+            },
+            data,
+        );
+        self.publish_bus(&BusMsg::ToUid {
+            uid: uid.to_string(),
+            kind: kind_code(kind),
+            data: data.to_vec(),
+        });
+    }
+
+    pub fn publish(&mut self, topic: &str, data: &[u8]) {
+        self.deferred
+            .push_back(Deferred::Publish(topic.to_string(), data.to_vec()));
+        self.publish_bus(&BusMsg::Publish {
+            topic: topic.to_string(),
+            data: data.to_vec(),
+        });
+    }
+
+    /// Sends a routed message to this worker's connections it targets.
+    /// `data` is passed apart so local sends need not copy it into the message.
+    pub fn deliver(&mut self, msg: &BusMsg, data: &[u8]) {
+        let node = self.node;
+        let (targets, kind): (Vec<u64>, u8) = match msg {
+            BusMsg::ToGroup {
+                group,
+                kind,
+                exclude,
+                ..
+            } => (
+                self.registry
+                    .members(group)
+                    .filter(|g| g.0 == node && Some(*g) != *exclude)
+                    .map(|g| g.1)
+                    .collect(),
+                *kind,
+            ),
+            BusMsg::ToUid { uid, kind, .. } => (
+                self.registry
+                    .uid_conns(uid)
+                    .filter(|g| g.0 == node)
+                    .map(|g| g.1)
+                    .collect(),
+                *kind,
+            ),
+            BusMsg::ToAll { kind, exclude, .. } => (
+                self.conns
+                    .iter()
+                    .filter(|(_, c)| c.state == State::Open && c.codec.established())
+                    .map(|(_, c)| c.id)
+                    .filter(|id| Some((node, *id)) != *exclude)
+                    .collect(),
+                *kind,
+            ),
+            _ => return,
+        };
+        for id in targets {
+            match self.get(id) {
+                Some(c) if c.state == State::Open && c.codec.established() => {
+                    self.send_kind(id, data, kind_from(kind));
+                }
+                // A member that is gone is counted, not an error.
+                _ => self.send_fail += 1,
+            }
+        }
+    }
+
+    /// A frame relayed from another worker.
+    pub fn on_bus_frame(&mut self, frame: &[u8]) {
+        let msg = match bus::decode(frame) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("bad bus frame: {e}");
+                return;
+            }
+        };
+        match &msg {
+            BusMsg::ToGroup { data, .. }
+            | BusMsg::ToUid { data, .. }
+            | BusMsg::ToAll { data, .. } => self.deliver(&msg, data),
+            BusMsg::Publish { topic, data } => self
+                .deferred
+                .push_back(Deferred::Publish(topic.clone(), data.clone())),
+            _ => {
+                self.registry.apply(&msg);
             }
         }
     }

@@ -5,10 +5,13 @@ use std::ffi::c_void;
 use std::time::{Duration, Instant};
 
 use abi_stable::prefix_type::PrefixTypeTrait;
-use abi_stable::std_types::{ROption, RSlice, RStr};
-use plugin_api::abi::{HostVTable, HostVTableRef, RawAddr, RawLevel, RawSendStatus, RawWorkerInfo};
+use abi_stable::std_types::{ROption, RSlice, RStr, RString, RVec, Tuple2};
+use plugin_api::abi::{
+    HostVTable, HostVTableRef, RawAddr, RawKind, RawLevel, RawSendStatus, RawWorkerInfo,
+};
 
 use super::core::Core;
+use crate::protocol::Kind;
 
 /// # Safety
 /// Only called from host functions, with the pointer the worker passed in the
@@ -34,8 +37,94 @@ extern "C" fn log(state: *mut c_void, level: RawLevel, msg: RStr<'_>) {
     }
 }
 
-extern "C" fn send(state: *mut c_void, conn: u64, data: RSlice<'_, u8>) -> RawSendStatus {
-    core(state).send(conn, data.as_slice())
+fn kind(k: RawKind) -> Kind {
+    match k {
+        RawKind::Default => Kind::Default,
+        RawKind::Text => Kind::Text,
+        RawKind::Binary => Kind::Binary,
+    }
+}
+
+fn exclude(conn: u64) -> Option<u64> {
+    (conn != 0).then_some(conn)
+}
+
+extern "C" fn send(
+    state: *mut c_void,
+    conn: u64,
+    data: RSlice<'_, u8>,
+    k: RawKind,
+) -> RawSendStatus {
+    core(state).send_kind(conn, data.as_slice(), kind(k))
+}
+
+extern "C" fn message_kind(state: *mut c_void) -> RawKind {
+    match core(state).current_kind {
+        Kind::Text => RawKind::Text,
+        Kind::Binary => RawKind::Binary,
+        Kind::Default => RawKind::Default,
+    }
+}
+
+extern "C" fn respond(
+    state: *mut c_void,
+    conn: u64,
+    status: u16,
+    headers: RSlice<'_, Tuple2<RStr<'_>, RStr<'_>>>,
+    body: RSlice<'_, u8>,
+) -> RawSendStatus {
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|t| (t.0.as_str(), t.1.as_str()))
+        .collect();
+    core(state).respond(conn, status, &headers, body.as_slice())
+}
+
+extern "C" fn join_group(state: *mut c_void, conn: u64, group: RStr<'_>) -> bool {
+    core(state).join_group(conn, group.as_str())
+}
+
+extern "C" fn leave_group(state: *mut c_void, conn: u64, group: RStr<'_>) -> bool {
+    core(state).leave_group(conn, group.as_str())
+}
+
+extern "C" fn send_to_group(
+    state: *mut c_void,
+    group: RStr<'_>,
+    data: RSlice<'_, u8>,
+    k: RawKind,
+    ex: u64,
+) {
+    core(state).send_to_group(group.as_str(), data.as_slice(), kind(k), exclude(ex))
+}
+
+extern "C" fn send_to_all(state: *mut c_void, data: RSlice<'_, u8>, k: RawKind, ex: u64) {
+    core(state).send_to_all(data.as_slice(), kind(k), exclude(ex))
+}
+
+extern "C" fn bind_uid(state: *mut c_void, conn: u64, uid: RStr<'_>) -> bool {
+    core(state).bind_uid(conn, uid.as_str())
+}
+
+extern "C" fn send_to_uid(state: *mut c_void, uid: RStr<'_>, data: RSlice<'_, u8>, k: RawKind) {
+    core(state).send_to_uid(uid.as_str(), data.as_slice(), kind(k))
+}
+
+extern "C" fn group_count(state: *mut c_void, group: RStr<'_>) -> u64 {
+    core(state).registry.count(group.as_str()) as u64
+}
+
+extern "C" fn group_uids(state: *mut c_void, group: RStr<'_>) -> RVec<RString> {
+    core(state)
+        .registry
+        .group_uids(group.as_str())
+        .into_iter()
+        .map(RString::from)
+        .collect()
+}
+
+extern "C" fn publish(state: *mut c_void, topic: RStr<'_>, data: RSlice<'_, u8>) {
+    core(state).publish(topic.as_str(), data.as_slice())
 }
 
 extern "C" fn close(state: *mut c_void, conn: u64, last: ROption<RSlice<'_, u8>>) -> bool {
@@ -69,6 +158,17 @@ pub fn vtable() -> HostVTableRef {
         worker_info,
         log,
         send,
+        message_kind,
+        respond,
+        join_group,
+        leave_group,
+        send_to_group,
+        send_to_all,
+        bind_uid,
+        send_to_uid,
+        group_count,
+        group_uids,
+        publish,
         close,
         addr,
         add_timer,

@@ -16,28 +16,50 @@ use std::time::Instant;
 use abi_stable::std_types::{RSlice, RStr, Tuple2};
 use mio::net::{TcpListener, UnixStream};
 use mio::{Events, Interest, Poll, Token};
-use plugin_api::abi::{HostCtx, HostVTableRef, Outcome, RawWorkerInfo};
+use plugin_api::abi::{HostCtx, HostVTableRef, Outcome, RawRequest, RawWorkerInfo};
 use serde::{Deserialize, Serialize};
 
 use self::conn::{Conn, State};
 use self::core::{slot, Core, Deferred};
+use crate::bus::BusBuf;
 use crate::config::WorkerConfig;
 use crate::ipc::{FromWorker, LineBuf, ToWorker};
 use crate::plugin::LoadedPlugin;
-use crate::protocol::Codec;
+use crate::protocol::{http, websocket, Codec, Kind, Pending};
+use crate::static_files::StaticDir;
 
 /// File descriptors a worker inherits, by number.
 pub const LISTEN_FD: i32 = 3;
 pub const CONTROL_FD: i32 = 4;
+pub const BUS_FD: i32 = 5;
 /// Environment variable carrying the [`Spec`] as JSON.
 pub const SPEC_ENV: &str = "WM_WORKER_SPEC";
 
 const LISTENER: Token = Token(0);
 const CONTROL: Token = Token(1);
-const FIRST_CONN: usize = 2;
+const BUS: Token = Token(2);
+const FIRST_CONN: usize = 3;
 /// Shared by all connections of the worker: a connection keeps only the bytes
 /// of a message not yet complete.
 const READ_BUF: usize = 64 * 1024;
+
+/// Builds the FFI view of a request for the length of one call.
+fn with_raw_request<R>(req: &http::Request, f: impl FnOnce(&RawRequest<'_>) -> R) -> R {
+    let headers: Vec<Tuple2<RStr<'_>, RStr<'_>>> = req
+        .headers
+        .iter()
+        .map(|(k, v)| Tuple2(RStr::from_str(k), RStr::from_str(v)))
+        .collect();
+    let raw = RawRequest {
+        method: RStr::from_str(&req.method),
+        path: RStr::from_str(&req.path),
+        query: RStr::from_str(&req.query),
+        version: req.version,
+        headers: RSlice::from_slice(&headers),
+        body: RSlice::from_slice(&req.body),
+    };
+    f(&raw)
+}
 
 /// What the master tells a worker it is.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +85,9 @@ enum Call<'a> {
     BufferDrain(u64),
     Error(u64, u32, &'a str),
     Timer(u64),
+    WebsocketConnect(u64, &'a RawRequest<'a>),
+    Request(u64, &'a RawRequest<'a>),
+    Publish(&'a str, &'a [u8]),
 }
 
 impl Call<'_> {
@@ -77,6 +102,9 @@ impl Call<'_> {
             Call::BufferDrain(_) => "on_buffer_drain",
             Call::Error(..) => "on_error",
             Call::Timer(_) => "on_timer",
+            Call::WebsocketConnect(..) => "on_websocket_connect",
+            Call::Request(..) => "on_request",
+            Call::Publish(..) => "on_publish",
         }
     }
 
@@ -87,7 +115,9 @@ impl Call<'_> {
             | Call::Close(c)
             | Call::BufferFull(c)
             | Call::BufferDrain(c)
-            | Call::Error(c, ..) => Some(c),
+            | Call::Error(c, ..)
+            | Call::WebsocketConnect(c, _)
+            | Call::Request(c, _) => Some(c),
             _ => None,
         }
     }
@@ -115,6 +145,11 @@ impl Runner {
             Call::BufferDrain(c) => (vt.on_buffer_drain())(st, ctx, c),
             Call::Error(c, code, m) => (vt.on_error())(st, ctx, c, code, RStr::from_str(m)),
             Call::Timer(t) => (vt.on_timer())(st, ctx, t),
+            Call::WebsocketConnect(c, r) => (vt.on_websocket_connect())(st, ctx, c, r),
+            Call::Request(c, r) => (vt.on_request())(st, ctx, c, r),
+            Call::Publish(t, d) => {
+                (vt.on_publish())(st, ctx, RStr::from_str(t), RSlice::from_slice(d))
+            }
         });
         if let Outcome::Panicked(msg) = &outcome {
             match call.conn() {
@@ -137,19 +172,24 @@ impl Runner {
     fn settle(&self, core: &mut Core) {
         loop {
             if let Some(d) = core.deferred.pop_front() {
-                let call = match d {
-                    Deferred::BufferFull(c) => Call::BufferFull(c),
-                    Deferred::BufferDrain(c) => Call::BufferDrain(c),
-                    Deferred::Error(c, code, msg) => Call::Error(c, code, msg),
+                match &d {
+                    Deferred::BufferFull(c) => self.call(core, Call::BufferFull(*c)),
+                    Deferred::BufferDrain(c) => self.call(core, Call::BufferDrain(*c)),
+                    Deferred::Error(c, code, msg) => self.call(core, Call::Error(*c, *code, msg)),
+                    Deferred::Publish(topic, data) => self.call(core, Call::Publish(topic, data)),
                 };
-                self.call(core, call);
                 continue;
             }
             if let Some(id) = core.closing.pop() {
-                if core.get(id).is_some() {
+                if let Some(conn) = core.get(id) {
+                    let known = conn.codec.established();
                     // Dropping the socket closes it and takes it out of epoll.
                     core.conns.remove(slot(id));
-                    self.call(core, Call::Close(id));
+                    // The plugin never saw a websocket whose handshake did not finish.
+                    if known {
+                        self.call(core, Call::Close(id));
+                    }
+                    core.forget_conn(id);
                 }
                 continue;
             }
@@ -165,7 +205,10 @@ struct Worker {
     listener: Option<TcpListener>,
     ctl: UnixStream,
     ctl_buf: LineBuf,
+    bus: UnixStream,
+    bus_buf: BusBuf,
     read_buf: Box<[u8]>,
+    static_dir: Option<StaticDir>,
     scheme: crate::config::Scheme,
     max_connections: usize,
     stop: Option<Stop>,
@@ -180,8 +223,9 @@ pub fn run(spec: Spec) -> i32 {
     // SAFETY: the master passes these descriptors to every worker, open.
     let ctl_std = unsafe { StdUnixStream::from_raw_fd(CONTROL_FD) };
     let listen_fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FD) };
+    let bus_fd = unsafe { OwnedFd::from_raw_fd(BUS_FD) };
     let _span = tracing::info_span!("worker", name = %spec.worker.name, id = spec.id, pid = std::process::id()).entered();
-    match start(spec, ctl_std, listen_fd) {
+    match start(spec, ctl_std, listen_fd, bus_fd) {
         Ok(mut worker) => match worker.run() {
             Ok(()) => 0,
             Err(e) => {
@@ -240,6 +284,7 @@ fn start(
     spec: Spec,
     ctl_std: StdUnixStream,
     listen_fd: OwnedFd,
+    bus_fd: OwnedFd,
 ) -> Result<Worker, (StdUnixStream, String)> {
     let plugin = match LoadedPlugin::load(&spec.worker.plugin) {
         Ok(p) => p,
@@ -256,11 +301,11 @@ fn start(
         spec.worker.max_send_buffer_size,
     );
     match runner.call(&mut core, Call::WorkerStart) {
-        Outcome::Ok => {}
+        Outcome::Ok | Outcome::Refused(_) => {}
         Outcome::Failed(e) => return Err((ctl_std, format!("on_worker_start failed: {e}"))),
         Outcome::Panicked(e) => return Err((ctl_std, format!("on_worker_start panicked: {e}"))),
     }
-    let setup = || -> io::Result<(Poll, TcpListener, UnixStream)> {
+    let setup = || -> io::Result<(Poll, TcpListener, UnixStream, UnixStream)> {
         let poll = Poll::new()?;
         let std_listener = std::net::TcpListener::from(listen_fd);
         std_listener.set_nonblocking(true)?;
@@ -271,9 +316,21 @@ fn start(
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         poll.registry()
             .register(&mut ctl, CONTROL, Interest::READABLE | Interest::WRITABLE)?;
-        Ok((poll, listener, ctl))
+        let bus_std = StdUnixStream::from(bus_fd);
+        bus_std.set_nonblocking(true)?;
+        let mut bus = UnixStream::from_std(bus_std);
+        poll.registry()
+            .register(&mut bus, BUS, Interest::READABLE | Interest::WRITABLE)?;
+        Ok((poll, listener, ctl, bus))
     };
-    let (poll, listener, ctl) = match setup() {
+    let static_dir = match &spec.worker.static_dir {
+        Some(dir) => match StaticDir::new(dir) {
+            Ok(d) => Some(d),
+            Err(e) => return Err((ctl_std, format!("static_dir {}: {e}", dir.display()))),
+        },
+        None => None,
+    };
+    let (poll, listener, ctl, bus) = match setup() {
         Ok(v) => v,
         Err(e) => return Err((ctl_std, format!("worker setup failed: {e}"))),
     };
@@ -283,7 +340,10 @@ fn start(
         listener: Some(listener),
         ctl,
         ctl_buf: LineBuf::default(),
+        bus,
+        bus_buf: BusBuf::default(),
         read_buf: vec![0u8; READ_BUF].into_boxed_slice(),
+        static_dir,
         scheme: spec.worker.listen.scheme,
         max_connections: spec.worker.max_connections,
         stop: None,
@@ -296,6 +356,9 @@ fn start(
     });
     let _ = worker.ctl_buf.flush(&mut worker.ctl);
     tracing::info!(listen = %spec.worker.listen, plugin = %worker.runner.plugin.path.display(), "worker ready");
+    if let Some(d) = &worker.static_dir {
+        tracing::debug!(root = %d.root().display(), "serving static files");
+    }
     Ok(worker)
 }
 
@@ -317,6 +380,7 @@ impl Worker {
                 match ev.token() {
                     LISTENER => self.accept(),
                     CONTROL => self.control(),
+                    BUS => self.bus_in(),
                     Token(t) => {
                         let idx = t - FIRST_CONN;
                         let Some(id) = self.core.conns.get(idx).map(|c| c.id) else {
@@ -333,8 +397,10 @@ impl Worker {
                 }
             }
             self.fire_timers();
+            self.flush_bus();
         }
         self.runner.call(&mut self.core, Call::WorkerStop);
+        self.flush_bus();
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -385,10 +451,13 @@ impl Worker {
                 continue;
             }
             let id = self.core.next_id(idx);
-            self.core
-                .conns
-                .insert(Conn::new(id, sock, Codec::new(self.scheme)));
-            self.runner.call(&mut self.core, Call::Connect(id));
+            let codec = Codec::new(self.scheme);
+            let known = codec.established();
+            self.core.conns.insert(Conn::new(id, sock, codec));
+            // A websocket is "connected" for the plugin once its handshake is done.
+            if known {
+                self.runner.call(&mut self.core, Call::Connect(id));
+            }
             self.runner.settle(&mut self.core);
         }
     }
@@ -424,8 +493,219 @@ impl Worker {
         }
     }
 
-    /// Frames `read_buf[..n]` (after any partial message kept from before).
+    /// Hands `read_buf[..n]` to the connection's protocol.
     fn dispatch(&mut self, id: u64, n: usize) {
+        match self.core.get(id).map(|c| &c.codec) {
+            Some(Codec::Websocket(Some(_))) => self.dispatch_ws(id, n),
+            Some(Codec::Websocket(None)) => self.handshake(id, n),
+            Some(Codec::Http(_)) => self.dispatch_http(id, n),
+            Some(_) => self.dispatch_framed(id, n),
+            None => {}
+        }
+    }
+
+    /// Appends input to what the connection kept and returns it all.
+    fn gather(&mut self, id: u64, n: usize) -> Option<Vec<u8>> {
+        let conn = self.core.get(id)?;
+        let mut buf = std::mem::take(&mut conn.inbuf);
+        buf.extend_from_slice(&self.read_buf[..n]);
+        Some(buf)
+    }
+
+    /// Keeps the unconsumed rest of `buf` for the next read.
+    fn keep(&mut self, id: u64, mut buf: Vec<u8>, used: usize) {
+        if let Some(conn) = self.core.get(id) {
+            if used < buf.len() {
+                buf.drain(..used);
+                conn.inbuf = buf;
+            }
+        }
+    }
+
+    /// Reads the websocket handshake; once complete asks the plugin, then
+    /// answers 101 and switches the connection to frames.
+    fn handshake(&mut self, id: u64, n: usize) {
+        let Some(buf) = self.gather(id, n) else {
+            return;
+        };
+        let limits = http::Limits::new(0);
+        let mut decoder = http::HttpDecoder::new();
+        let req = match decoder.decode(&buf, &limits) {
+            Ok(Some(http::Event::Request { request, consumed })) => (request, consumed),
+            Ok(Some(http::Event::Continue)) | Ok(None) => {
+                return self.keep(id, buf, 0);
+            }
+            Err(e) => return self.refuse(id, e.status(), &e.to_string()),
+        };
+        let (req, used) = req;
+        let accept = match websocket::accept_key(&req.method, req.version, |h| req.header(h)) {
+            Ok(a) => a,
+            Err(r) => return self.refuse(id, r.status, r.reason),
+        };
+        let outcome = with_raw_request(&req, |raw| {
+            self.runner
+                .call(&mut self.core, Call::WebsocketConnect(id, raw))
+        });
+        match outcome {
+            Outcome::Ok => {}
+            Outcome::Refused(status) => return self.refuse(id, status, "refused by the plugin"),
+            // A panic already destroyed the connection.
+            _ => return self.runner.settle(&mut self.core),
+        }
+        let max = self.core.max_package_size;
+        self.core
+            .send_raw(id, &websocket::switching_protocols(&accept));
+        let Some(conn) = self.core.get(id) else {
+            return;
+        };
+        conn.codec = Codec::Websocket(Some(Box::new(websocket::WsReader::new(max))));
+        self.runner.call(&mut self.core, Call::Connect(id));
+        self.runner.settle(&mut self.core);
+        // Frames the client sent right behind its handshake.
+        if used < buf.len() {
+            self.feed_ws(id, &buf[used..]);
+        }
+    }
+
+    fn refuse(&mut self, id: u64, status: u16, reason: &str) {
+        let peer = self
+            .core
+            .get(id)
+            .and_then(|c| c.remote)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::warn!(conn = id, %peer, "refusing websocket handshake: {status} {reason}");
+        let mut resp = http::error_response(status);
+        if status == 426 {
+            resp.headers
+                .push(("Sec-WebSocket-Version".into(), "13".into()));
+        }
+        let mut out = Vec::new();
+        http::encode_response(&resp, false, false, &mut out);
+        self.core.send_raw(id, &out);
+        self.core.close(id, None);
+    }
+
+    fn dispatch_ws(&mut self, id: u64, n: usize) {
+        let input = std::mem::take(&mut self.read_buf);
+        self.feed_ws(id, &input[..n]);
+        self.read_buf = input;
+    }
+
+    fn feed_ws(&mut self, id: u64, input: &[u8]) {
+        let Some(conn) = self.core.get(id) else {
+            return;
+        };
+        let Codec::Websocket(Some(reader)) = &mut conn.codec else {
+            return;
+        };
+        let mut out = Vec::new();
+        let mut events = Vec::new();
+        reader.feed(input, &mut out, &mut events);
+        if !out.is_empty() {
+            self.core.send_raw(id, &out);
+        }
+        for ev in events {
+            match ev {
+                websocket::Event::Message { binary, data } => {
+                    if self.core.get(id).is_none_or(|c| c.state != State::Open) {
+                        return;
+                    }
+                    self.core.total_messages += 1;
+                    self.core.current_kind = if binary { Kind::Binary } else { Kind::Text };
+                    self.runner.call(&mut self.core, Call::Message(id, &data));
+                    self.core.current_kind = Kind::Default;
+                    self.runner.settle(&mut self.core);
+                }
+                websocket::Event::Closed => {
+                    self.core.close(id, None);
+                }
+                websocket::Event::Failed { code, reason } => {
+                    let peer = self
+                        .core
+                        .get(id)
+                        .and_then(|c| c.remote)
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    tracing::warn!(conn = id, %peer, "closing websocket ({code}): {reason}");
+                    self.core.close(id, None);
+                }
+            }
+        }
+    }
+
+    /// HTTP requests, answered in order. Static files are served here;
+    /// everything else goes to the plugin's `on_request`.
+    fn dispatch_http(&mut self, id: u64, n: usize) {
+        let Some(buf) = self.gather(id, n) else {
+            return;
+        };
+        let limits = http::Limits::new(self.core.max_package_size);
+        let mut pos = 0;
+        loop {
+            let Some(conn) = self.core.get(id) else {
+                return;
+            };
+            if conn.state != State::Open {
+                return;
+            }
+            let Codec::Http(h) = &mut conn.codec else {
+                return;
+            };
+            match h.decoder.decode(&buf[pos..], &limits) {
+                Ok(Some(http::Event::Continue)) => {
+                    self.core.send_raw(id, b"HTTP/1.1 100 Continue\r\n\r\n");
+                }
+                Ok(Some(http::Event::Request { request, consumed })) => {
+                    pos += consumed;
+                    self.core.total_messages += 1;
+                    self.request(id, request);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let peer = conn.remote.map(|a| a.to_string()).unwrap_or_default();
+                    tracing::warn!(conn = id, %peer, "bad http request: {e}");
+                    h.pending.clear();
+                    let mut out = Vec::new();
+                    http::encode_response(
+                        &http::error_response(e.status()),
+                        false,
+                        false,
+                        &mut out,
+                    );
+                    self.core.send_raw(id, &out);
+                    self.core.close(id, None);
+                    return;
+                }
+            }
+        }
+        self.keep(id, buf, pos);
+    }
+
+    fn request(&mut self, id: u64, req: http::Request) {
+        let head = req.method == "HEAD";
+        if let Some(Codec::Http(h)) = self.core.get(id).map(|c| &mut c.codec) {
+            h.pending.push_back(Pending {
+                keep_alive: req.keep_alive,
+                head,
+            });
+        }
+        if let Some(dir) = &self.static_dir {
+            if req.method == "GET" || head {
+                if let Some(resp) = dir.serve(&req.path, req.header("if-modified-since")) {
+                    self.core.respond_with(id, &resp);
+                    return self.runner.settle(&mut self.core);
+                }
+            }
+        }
+        with_raw_request(&req, |raw| {
+            self.runner.call(&mut self.core, Call::Request(id, raw))
+        });
+        self.runner.settle(&mut self.core);
+    }
+
+    /// Frames `read_buf[..n]` (after any partial message kept from before).
+    fn dispatch_framed(&mut self, id: u64, n: usize) {
         let Worker {
             core,
             runner,
@@ -473,6 +753,27 @@ impl Worker {
                 kept.drain(..pos);
                 kept
             };
+        }
+    }
+
+    fn bus_in(&mut self) {
+        let (frames, closed) = self.bus_buf.read_frames(&mut self.bus);
+        for f in frames {
+            self.core.on_bus_frame(&f);
+            self.runner.settle(&mut self.core);
+        }
+        if closed {
+            tracing::warn!("bus to the master closed");
+        }
+        self.flush_bus();
+    }
+
+    fn flush_bus(&mut self) {
+        if !self.core.bus_out.is_empty() {
+            self.bus_buf.outbuf.append(&mut self.core.bus_out);
+        }
+        if let Err(e) = self.bus_buf.flush(&mut self.bus) {
+            tracing::debug!("bus write failed: {e}");
         }
     }
 

@@ -1,0 +1,346 @@
+//! Messages between worker processes (groups, users, broadcasts, publish),
+//! relayed by the master over one socket per worker, and the membership
+//! registry every worker (and the master) keeps a copy of.
+//!
+//! Each worker sends its events to the master, which applies membership
+//! changes to its own registry and forwards the bytes, in order, to every
+//! other worker. A worker that starts gets the master's registry first, so
+//! counts and member lists are answered locally without a round trip. A
+//! later Redis backend can carry the same `BusMsg`s between machines.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// A connection anywhere on the host: worker pid and connection id.
+pub type Gid = (u32, u64);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BusMsg {
+    Join {
+        group: String,
+        conn: Gid,
+    },
+    Leave {
+        group: String,
+        conn: Gid,
+    },
+    Bind {
+        uid: String,
+        conn: Gid,
+    },
+    /// The connection closed: it leaves every group and uid.
+    Gone {
+        conn: Gid,
+    },
+    /// Every connection of that worker is gone (it exited).
+    NodeGone {
+        node: u32,
+    },
+    ToGroup {
+        group: String,
+        kind: u8,
+        exclude: Option<Gid>,
+        data: Vec<u8>,
+    },
+    ToUid {
+        uid: String,
+        kind: u8,
+        data: Vec<u8>,
+    },
+    ToAll {
+        kind: u8,
+        exclude: Option<Gid>,
+        data: Vec<u8>,
+    },
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+    },
+}
+
+/// Who is in which group, and which connections carry which uid.
+#[derive(Debug, Default)]
+pub struct Registry {
+    groups: HashMap<String, HashSet<Gid>>,
+    uids: HashMap<String, HashSet<Gid>>,
+    /// Reverse indexes, for cleanup when a connection or worker goes.
+    conn_groups: HashMap<Gid, HashSet<String>>,
+    conn_uid: HashMap<Gid, String>,
+}
+
+impl Registry {
+    /// Applies a membership message; others are ignored. True if it changed anything.
+    pub fn apply(&mut self, msg: &BusMsg) -> bool {
+        match msg {
+            BusMsg::Join { group, conn } => {
+                self.conn_groups
+                    .entry(*conn)
+                    .or_default()
+                    .insert(group.clone());
+                self.groups.entry(group.clone()).or_default().insert(*conn)
+            }
+            BusMsg::Leave { group, conn } => self.leave(group, *conn),
+            BusMsg::Bind { uid, conn } => {
+                self.unbind(*conn);
+                self.conn_uid.insert(*conn, uid.clone());
+                self.uids.entry(uid.clone()).or_default().insert(*conn)
+            }
+            BusMsg::Gone { conn } => self.forget(*conn),
+            BusMsg::NodeGone { node } => {
+                let conns: Vec<Gid> = self
+                    .conn_groups
+                    .keys()
+                    .chain(self.conn_uid.keys())
+                    .filter(|c| c.0 == *node)
+                    .copied()
+                    .collect();
+                let mut changed = false;
+                for c in conns {
+                    changed |= self.forget(c);
+                }
+                changed
+            }
+            _ => false,
+        }
+    }
+
+    fn leave(&mut self, group: &str, conn: Gid) -> bool {
+        if let Some(gs) = self.conn_groups.get_mut(&conn) {
+            gs.remove(group);
+            if gs.is_empty() {
+                self.conn_groups.remove(&conn);
+            }
+        }
+        let Some(members) = self.groups.get_mut(group) else {
+            return false;
+        };
+        let removed = members.remove(&conn);
+        if members.is_empty() {
+            self.groups.remove(group);
+        }
+        removed
+    }
+
+    fn unbind(&mut self, conn: Gid) -> bool {
+        let Some(uid) = self.conn_uid.remove(&conn) else {
+            return false;
+        };
+        if let Some(set) = self.uids.get_mut(&uid) {
+            set.remove(&conn);
+            if set.is_empty() {
+                self.uids.remove(&uid);
+            }
+        }
+        true
+    }
+
+    fn forget(&mut self, conn: Gid) -> bool {
+        let mut changed = self.unbind(conn);
+        for g in self.conn_groups.remove(&conn).unwrap_or_default() {
+            if let Some(members) = self.groups.get_mut(&g) {
+                changed |= members.remove(&conn);
+                if members.is_empty() {
+                    self.groups.remove(&g);
+                }
+            }
+        }
+        changed
+    }
+
+    pub fn members(&self, group: &str) -> impl Iterator<Item = Gid> + '_ {
+        self.groups.get(group).into_iter().flatten().copied()
+    }
+
+    pub fn count(&self, group: &str) -> usize {
+        self.groups.get(group).map_or(0, HashSet::len)
+    }
+
+    /// Bound uids in a group, sorted and unique.
+    pub fn group_uids(&self, group: &str) -> Vec<String> {
+        let set: BTreeSet<&String> = self
+            .members(group)
+            .filter_map(|c| self.conn_uid.get(&c))
+            .collect();
+        set.into_iter().cloned().collect()
+    }
+
+    pub fn uid_conns(&self, uid: &str) -> impl Iterator<Item = Gid> + '_ {
+        self.uids.get(uid).into_iter().flatten().copied()
+    }
+
+    /// The registry as messages that rebuild it, for a worker that starts.
+    pub fn snapshot(&self) -> Vec<BusMsg> {
+        let mut out = Vec::new();
+        for (group, members) in &self.groups {
+            for c in members {
+                out.push(BusMsg::Join {
+                    group: group.clone(),
+                    conn: *c,
+                });
+            }
+        }
+        for (c, uid) in &self.conn_uid {
+            out.push(BusMsg::Bind {
+                uid: uid.clone(),
+                conn: *c,
+            });
+        }
+        out
+    }
+}
+
+/// Frames a message: 4-byte big-endian length, then postcard.
+pub fn encode(msg: &BusMsg, out: &mut Vec<u8>) {
+    let body = postcard::to_allocvec(msg).expect("bus messages always serialize");
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+}
+
+/// A non-blocking framed bus connection (master or worker side).
+#[derive(Debug, Default)]
+pub struct BusBuf {
+    inbuf: Vec<u8>,
+    pub outbuf: Vec<u8>,
+}
+
+impl BusBuf {
+    /// Reads what is available; returns raw frames (length prefix included,
+    /// so the master can forward them as they are) and whether the peer closed.
+    pub fn read_frames(&mut self, r: &mut impl Read) -> (Vec<Vec<u8>>, bool) {
+        let mut closed = false;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match r.read(&mut chunk) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => self.inbuf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let mut frames = Vec::new();
+        let mut pos = 0;
+        while let Some(head) = self.inbuf[pos..].first_chunk::<4>() {
+            let len = u32::from_be_bytes(*head) as usize + 4;
+            if self.inbuf.len() - pos < len {
+                break;
+            }
+            frames.push(self.inbuf[pos..pos + len].to_vec());
+            pos += len;
+        }
+        self.inbuf.drain(..pos);
+        (frames, closed)
+    }
+
+    pub fn flush(&mut self, w: &mut impl Write) -> io::Result<()> {
+        while !self.outbuf.is_empty() {
+            match w.write(&self.outbuf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.outbuf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decodes a frame made by [`encode`].
+pub fn decode(frame: &[u8]) -> Result<BusMsg, postcard::Error> {
+    postcard::from_bytes(&frame[4.min(frame.len())..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn membership_follows_joins_leaves_binds_and_departures() {
+        let mut r = Registry::default();
+        let (a, b, c) = ((1, 1), (1, 2), (2, 1));
+        for (g, conn) in [("room", a), ("room", b), ("room", c), ("other", a)] {
+            r.apply(&BusMsg::Join {
+                group: g.into(),
+                conn,
+            });
+        }
+        r.apply(&BusMsg::Bind {
+            uid: "ann".into(),
+            conn: a,
+        });
+        r.apply(&BusMsg::Bind {
+            uid: "cat".into(),
+            conn: c,
+        });
+        assert_eq!(r.count("room"), 3);
+        assert_eq!(r.group_uids("room"), vec!["ann", "cat"]);
+        r.apply(&BusMsg::Leave {
+            group: "room".into(),
+            conn: b,
+        });
+        assert_eq!(r.count("room"), 2);
+        r.apply(&BusMsg::Gone { conn: a });
+        assert_eq!(r.count("other"), 0);
+        assert_eq!(r.group_uids("room"), vec!["cat"]);
+        assert_eq!(r.uid_conns("ann").count(), 0);
+        r.apply(&BusMsg::NodeGone { node: 2 });
+        assert_eq!(r.count("room"), 0);
+        assert!(r.snapshot().is_empty());
+    }
+
+    #[test]
+    fn snapshot_rebuilds_the_registry() {
+        let mut r = Registry::default();
+        r.apply(&BusMsg::Join {
+            group: "g".into(),
+            conn: (7, 1),
+        });
+        r.apply(&BusMsg::Bind {
+            uid: "u".into(),
+            conn: (7, 1),
+        });
+        let mut copy = Registry::default();
+        for m in r.snapshot() {
+            copy.apply(&m);
+        }
+        assert_eq!(copy.group_uids("g"), vec!["u"]);
+    }
+
+    #[test]
+    fn frames_survive_splitting() {
+        let msgs = vec![
+            BusMsg::ToGroup {
+                group: "g".into(),
+                kind: 0,
+                exclude: Some((1, 2)),
+                data: vec![1, 2, 3],
+            },
+            BusMsg::Publish {
+                topic: "t".into(),
+                data: vec![0; 100],
+            },
+        ];
+        let mut wire = Vec::new();
+        for m in &msgs {
+            encode(m, &mut wire);
+        }
+        let mut b = BusBuf::default();
+        let mut got = Vec::new();
+        for chunk in wire.chunks(5) {
+            let (frames, _) = b.read_frames(&mut &chunk[..]);
+            got.extend(frames.iter().map(|f| decode(f).unwrap()));
+        }
+        assert_eq!(got, msgs);
+    }
+}

@@ -1,0 +1,1163 @@
+//! HTTP/1.1 server side (RFC 9112): a request decoder and a response encoder.
+//! Pure like the other codecs: the worker owns the socket and the buffer, and
+//! feeds the decoder the connection's unconsumed input on every read.
+//!
+//! The decoder never consumes part of a request: `Event::Request` reports the
+//! bytes of the whole request (head and body), and until then the caller keeps
+//! passing the same input, grown by what it has read since.
+
+use std::fmt::Write as _;
+use std::mem;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+/// More header fields than this is answered like an oversize head (431).
+const MAX_HEADERS: usize = 128;
+/// A chunk-size line longer than this is garbage, not a size with extensions.
+const MAX_CHUNK_LINE: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Request line and header fields, blank line included; also caps trailers.
+    pub max_header_bytes: usize,
+    /// Decoded body (the sum of the chunks when chunked).
+    pub max_body_bytes: usize,
+}
+
+impl Limits {
+    pub fn new(max_body_bytes: usize) -> Limits {
+        Limits {
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_body_bytes,
+        }
+    }
+}
+
+impl Default for Limits {
+    /// The header default and the config's default `max_package_size`.
+    fn default() -> Limits {
+        Limits::new(10 * 1024 * 1024)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    /// The request target up to `?`, still percent-encoded. An absolute-form
+    /// target (`http://host/p`) is reduced to its path.
+    pub path: String,
+    /// What follows `?`, without it; empty when there is none.
+    pub query: String,
+    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Whether the connection may carry another request after this one.
+    pub keep_alive: bool,
+}
+
+impl Request {
+    /// The first value of header `name`, compared case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A complete request; `consumed` bytes of input were used.
+    Request { request: Request, consumed: usize },
+    /// The request asked for `Expect: 100-continue` and its body is not all
+    /// here: write `HTTP/1.1 100 Continue\r\n\r\n` now. Consumes nothing;
+    /// reported at most once per request.
+    Continue,
+}
+
+/// Why a request was refused. The connection cannot be trusted after any of
+/// these: answer `error_response(err.status())` and close.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    #[error("request head is over {max} bytes")]
+    HeadTooLarge { max: usize },
+    #[error("request has more than {MAX_HEADERS} header fields")]
+    TooManyHeaders,
+    #[error("request trailers are over {max} bytes")]
+    TrailersTooLarge { max: usize },
+    #[error("request body of {size} bytes is over the limit ({max})")]
+    BodyTooLarge { size: u64, max: usize },
+    #[error("malformed request head: {0}")]
+    Malformed(String),
+    #[error("HTTP/1.1 request without a Host header")]
+    MissingHost,
+    #[error("request with more than one Host header")]
+    DuplicateHost,
+    #[error("invalid Content-Length {0:?}")]
+    BadContentLength(String),
+    #[error("request has both Transfer-Encoding and Content-Length")]
+    LengthAndTransferEncoding,
+    #[error("Transfer-Encoding in an HTTP/1.0 request")]
+    TransferEncodingInHttp10,
+    #[error("unsupported Transfer-Encoding {0:?}")]
+    UnsupportedTransferEncoding(String),
+    #[error("malformed chunked body: {0}")]
+    BadChunk(&'static str),
+}
+
+impl HttpError {
+    pub fn status(&self) -> u16 {
+        match self {
+            HttpError::HeadTooLarge { .. }
+            | HttpError::TooManyHeaders
+            | HttpError::TrailersTooLarge { .. } => 431,
+            HttpError::BodyTooLarge { .. } => 413,
+            HttpError::UnsupportedTransferEncoding(_) => 501,
+            HttpError::Malformed(_)
+            | HttpError::MissingHost
+            | HttpError::DuplicateHost
+            | HttpError::BadContentLength(_)
+            | HttpError::LengthAndTransferEncoding
+            | HttpError::TransferEncodingInHttp10
+            | HttpError::BadChunk(_) => 400,
+        }
+    }
+}
+
+/// Per-connection decoder. After an error its state is meaningless: close.
+#[derive(Debug, Default)]
+pub struct HttpDecoder {
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    /// `scanned` bytes at the start of the input are known not to end the
+    /// head, so a head arriving in many reads is scanned once.
+    Head {
+        scanned: usize,
+    },
+    Body(Box<Pending>),
+}
+
+impl Default for State {
+    fn default() -> State {
+        State::Head { scanned: 0 }
+    }
+}
+
+/// A request whose head is parsed and whose body is still arriving.
+#[derive(Debug)]
+struct Pending {
+    request: Request,
+    body: Body,
+    /// `Expect: 100-continue` not yet answered.
+    owe_continue: bool,
+}
+
+#[derive(Debug)]
+enum Body {
+    /// `len` bytes right after a head of `head_len` bytes.
+    Fixed { head_len: usize, len: usize },
+    /// `pos`: input bytes already taken into the body or skipped.
+    Chunked {
+        pos: usize,
+        step: Step,
+        trailer_bytes: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+impl HttpDecoder {
+    pub fn new() -> HttpDecoder {
+        HttpDecoder::default()
+    }
+
+    /// Looks for the next request at the start of `input`. `Ok(None)` means
+    /// more bytes are needed; the caller must then pass the same input again,
+    /// with more appended.
+    pub fn decode(&mut self, input: &[u8], limits: &Limits) -> Result<Option<Event>, HttpError> {
+        if let State::Head { scanned } = &mut self.state {
+            let Some(head_len) = find_head_end(input, scanned, limits.max_header_bytes)? else {
+                return Ok(None);
+            };
+            let pending = parse_head(&input[..head_len], limits)?;
+            self.state = State::Body(Box::new(pending));
+        }
+        let State::Body(p) = &mut self.state else {
+            return Ok(None);
+        };
+        match p.read_body(input, limits)? {
+            Some(consumed) => {
+                let State::Body(p) = mem::take(&mut self.state) else {
+                    return Ok(None);
+                };
+                Ok(Some(Event::Request {
+                    request: p.request,
+                    consumed,
+                }))
+            }
+            None if p.owe_continue => {
+                p.owe_continue = false;
+                Ok(Some(Event::Continue))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// Returns the length of the head (blank line included) once it is all here.
+fn find_head_end(
+    input: &[u8],
+    scanned: &mut usize,
+    max: usize,
+) -> Result<Option<usize>, HttpError> {
+    // Blank lines before the request line are ignored (RFC 9112 §2.2).
+    let start = input
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(input.len());
+    let mut i = (*scanned).clamp(start, input.len());
+    // The head ends at "\n\n" or "\n\r\n"; httparse accepts bare LF too.
+    let end = loop {
+        let Some(off) = input[i..].iter().position(|&b| b == b'\n') else {
+            i = input.len();
+            break None;
+        };
+        let nl = i + off;
+        match (input.get(nl + 1), input.get(nl + 2)) {
+            (Some(b'\n'), _) => break Some(nl + 2),
+            (Some(b'\r'), Some(b'\n')) => break Some(nl + 3),
+            // Could still become a terminator: look again from here.
+            (None, _) | (Some(b'\r'), None) => {
+                i = nl;
+                break None;
+            }
+            _ => i = nl + 1,
+        }
+    };
+    match end {
+        Some(end) if end > max => Err(HttpError::HeadTooLarge { max }),
+        Some(end) => Ok(Some(end)),
+        // Refuse early rather than buffer a head that can never fit.
+        None if input.len() > max => Err(HttpError::HeadTooLarge { max }),
+        None => {
+            *scanned = i;
+            Ok(None)
+        }
+    }
+}
+
+fn parse_head(head: &[u8], limits: &Limits) -> Result<Pending, HttpError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        Ok(_) => {
+            return Err(HttpError::Malformed(
+                "head does not end where expected".into(),
+            ))
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(HttpError::TooManyHeaders),
+        Err(e) => return Err(HttpError::Malformed(e.to_string())),
+    }
+    // A complete parse fills all three.
+    let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version)
+    else {
+        return Err(HttpError::Malformed("incomplete request line".into()));
+    };
+    let headers: Vec<(String, String)> = parsed
+        .headers
+        .iter()
+        .map(|h| {
+            let v = String::from_utf8_lossy(h.value);
+            (h.name.to_owned(), v.trim_matches([' ', '\t']).to_owned())
+        })
+        .collect();
+    let values = |name: &'static str| {
+        headers
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    // Comma-separated list elements across all fields of that name.
+    let tokens = |name: &'static str| {
+        values(name)
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+    };
+
+    match values("host").count() {
+        0 if version == 1 => return Err(HttpError::MissingHost),
+        0 | 1 => {}
+        _ => return Err(HttpError::DuplicateHost),
+    }
+
+    let mut length: Option<u64> = None;
+    for v in values("content-length") {
+        for part in v.split(',').map(str::trim) {
+            // `parse` alone would accept "+5"; only digits are a length.
+            let n = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| part.parse::<u64>().ok())
+                .flatten()
+                .ok_or_else(|| HttpError::BadContentLength(v.to_owned()))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(HttpError::BadContentLength(v.to_owned()));
+            }
+            length = Some(n);
+        }
+    }
+
+    let chunked = if values("transfer-encoding").next().is_some() {
+        // Both framings at once is how requests get smuggled past proxies.
+        if length.is_some() {
+            return Err(HttpError::LengthAndTransferEncoding);
+        }
+        if version == 0 {
+            return Err(HttpError::TransferEncodingInHttp10);
+        }
+        let codings: Vec<&str> = tokens("transfer-encoding").collect();
+        if !matches!(codings[..], [c] if c.eq_ignore_ascii_case("chunked")) {
+            return Err(HttpError::UnsupportedTransferEncoding(codings.join(", ")));
+        }
+        true
+    } else {
+        false
+    };
+
+    let max = limits.max_body_bytes;
+    let length = length.unwrap_or(0);
+    if length > max as u64 {
+        return Err(HttpError::BodyTooLarge { size: length, max });
+    }
+
+    let keep_alive = if version == 1 {
+        !tokens("connection").any(|t| t.eq_ignore_ascii_case("close"))
+    } else {
+        tokens("connection").any(|t| t.eq_ignore_ascii_case("keep-alive"))
+    };
+    // HTTP/1.0 clients do not know 100 Continue (RFC 9110 §10.1.1).
+    let owe_continue = version == 1
+        && (chunked || length > 0)
+        && values("expect").any(|v| v.eq_ignore_ascii_case("100-continue"));
+
+    let (path, query) = split_target(target);
+    let body = if chunked {
+        Body::Chunked {
+            pos: head.len(),
+            step: Step::Size,
+            trailer_bytes: 0,
+        }
+    } else {
+        Body::Fixed {
+            head_len: head.len(),
+            len: length as usize,
+        }
+    };
+    Ok(Pending {
+        request: Request {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            query: query.to_owned(),
+            version,
+            headers,
+            body: Vec::new(),
+            keep_alive,
+        },
+        body,
+        owe_continue,
+    })
+}
+
+/// Splits a request target into path and query, reducing the absolute form
+/// (which servers must accept, RFC 9112 §3.2.2) to its path.
+fn split_target(target: &str) -> (&str, &str) {
+    let has_scheme = |p: &str| {
+        target
+            .get(..p.len())
+            .is_some_and(|t| t.eq_ignore_ascii_case(p))
+    };
+    let origin = if has_scheme("http://") || has_scheme("https://") {
+        let after_scheme = &target[target.find("//").map_or(0, |i| i + 2)..];
+        match after_scheme.find(['/', '?']) {
+            Some(i) if after_scheme[i..].starts_with('/') => &after_scheme[i..],
+            Some(i) => return ("/", &after_scheme[i + 1..]),
+            None => "/",
+        }
+    } else {
+        target
+    };
+    match origin.split_once('?') {
+        Some((p, q)) => (p, q),
+        None => (origin, ""),
+    }
+}
+
+impl Pending {
+    /// Takes what body bytes `input` has; returns the request's total length
+    /// once the body is complete.
+    fn read_body(&mut self, input: &[u8], limits: &Limits) -> Result<Option<usize>, HttpError> {
+        match &mut self.body {
+            Body::Fixed { head_len, len } => {
+                let end = *head_len + *len;
+                if input.len() < end {
+                    return Ok(None);
+                }
+                self.request.body = input[*head_len..end].to_vec();
+                Ok(Some(end))
+            }
+            Body::Chunked {
+                pos,
+                step,
+                trailer_bytes,
+            } => read_chunks(
+                input,
+                pos,
+                step,
+                trailer_bytes,
+                &mut self.request.body,
+                limits,
+            ),
+        }
+    }
+}
+
+fn read_chunks(
+    input: &[u8],
+    pos: &mut usize,
+    step: &mut Step,
+    trailer_bytes: &mut usize,
+    body: &mut Vec<u8>,
+    limits: &Limits,
+) -> Result<Option<usize>, HttpError> {
+    loop {
+        match *step {
+            Step::Size => {
+                let Some(line) = take_line(input, pos) else {
+                    if input.len() - *pos > MAX_CHUNK_LINE {
+                        return Err(HttpError::BadChunk("chunk size line too long"));
+                    }
+                    return Ok(None);
+                };
+                let size = chunk_size(line)?;
+                if size == 0 {
+                    *step = Step::Trailers;
+                    continue;
+                }
+                let max = limits.max_body_bytes;
+                let total = (body.len() as u64).saturating_add(size);
+                if total > max as u64 {
+                    return Err(HttpError::BodyTooLarge { size: total, max });
+                }
+                *step = Step::Data(size);
+            }
+            Step::Data(left) => {
+                let avail = &input[*pos..];
+                let n = (avail.len() as u64).min(left) as usize;
+                body.extend_from_slice(&avail[..n]);
+                *pos += n;
+                if (n as u64) < left {
+                    *step = Step::Data(left - n as u64);
+                    return Ok(None);
+                }
+                *step = Step::DataEnd;
+            }
+            Step::DataEnd => {
+                // Checked byte by byte so junk fails now, not after a line's worth.
+                match input[*pos..] {
+                    [] | [b'\r'] => return Ok(None),
+                    [b'\n', ..] => *pos += 1,
+                    [b'\r', b'\n', ..] => *pos += 2,
+                    _ => return Err(HttpError::BadChunk("chunk data not followed by CRLF")),
+                }
+                *step = Step::Size;
+            }
+            Step::Trailers => {
+                let max = limits.max_header_bytes;
+                let Some(line) = take_line(input, pos) else {
+                    if *trailer_bytes + (input.len() - *pos) > max {
+                        return Err(HttpError::TrailersTooLarge { max });
+                    }
+                    return Ok(None);
+                };
+                if line.is_empty() {
+                    return Ok(Some(*pos));
+                }
+                // Trailer fields are dropped: nothing here acts on them.
+                *trailer_bytes += line.len() + 2;
+                if *trailer_bytes > max {
+                    return Err(HttpError::TrailersTooLarge { max });
+                }
+            }
+        }
+    }
+}
+
+/// The line at `pos` without its `\n` or `\r\n`, advancing past it.
+fn take_line<'a>(input: &'a [u8], pos: &mut usize) -> Option<&'a [u8]> {
+    let rest = &input[*pos..];
+    let nl = rest.iter().position(|&b| b == b'\n')?;
+    *pos += nl + 1;
+    let line = &rest[..nl];
+    Some(line.strip_suffix(b"\r").unwrap_or(line))
+}
+
+/// `chunk-size [ chunk-ext ]`; extensions are ignored.
+fn chunk_size(line: &[u8]) -> Result<u64, HttpError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(HttpError::BadChunk("chunk size is not hexadecimal"));
+    }
+    let mut size: u64 = 0;
+    for &b in &line[..digits] {
+        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(d))
+            .ok_or(HttpError::BadChunk("chunk size overflows"))?;
+    }
+    let rest = &line[digits..];
+    let rest = &rest[rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count()..];
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err(HttpError::BadChunk("junk after chunk size"));
+    }
+    Ok(size)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Response {
+        Response {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+
+    /// Whether the response itself says `Connection: close`. `encode_response`
+    /// writes its own Connection header, so the caller folds this into
+    /// `keep_alive`.
+    pub fn asks_close(&self) -> bool {
+        self.headers.iter().any(|(k, v)| {
+            k.eq_ignore_ascii_case("connection")
+                && v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))
+        })
+    }
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        206 => "Partial Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        415 => "Unsupported Media Type",
+        417 => "Expectation Failed",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "",
+    }
+}
+
+/// A plain-text response such as "431 Request Header Fields Too Large".
+pub fn error_response(status: u16) -> Response {
+    let mut resp = Response::new(status, format!("{status} {}", reason(status)).trim_end());
+    resp.headers
+        .push(("Content-Type".into(), "text/plain; charset=utf-8".into()));
+    resp
+}
+
+/// Serializes `resp`, adding what the caller left out: `Server`, `Date` and
+/// `Content-Length` unless given, and always `Connection` per `keep_alive`
+/// (one given in `resp` is replaced). `head_only` (a HEAD request) keeps the
+/// real Content-Length but drops the body.
+pub fn encode_response(resp: &Response, keep_alive: bool, head_only: bool, out: &mut Vec<u8>) {
+    encode_response_at(resp, keep_alive, head_only, SystemTime::now(), out)
+}
+
+/// `encode_response` with the clock given, for tests.
+pub fn encode_response_at(
+    resp: &Response,
+    keep_alive: bool,
+    head_only: bool,
+    now: SystemTime,
+    out: &mut Vec<u8>,
+) {
+    // 1xx, 204 and 304 never have a body, nor a length (RFC 9110 §8.6).
+    let bodiless = matches!(resp.status, 100..=199 | 204 | 304);
+    let mut head = String::with_capacity(160 + 32 * resp.headers.len());
+    let _ = write!(head, "HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
+    if resp.header("server").is_none() {
+        head.push_str("Server: wm-host\r\n");
+    }
+    if resp.header("date").is_none() {
+        let _ = write!(head, "Date: {}\r\n", http_date(now));
+    }
+    for (k, v) in &resp.headers {
+        // A CR or LF from a plugin would let it forge headers or responses.
+        let bad = |s: &str| s.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0));
+        if k.is_empty() || bad(k) || bad(v) {
+            tracing::warn!(header = %k.escape_debug(), "dropping response header with CR, LF or NUL");
+            continue;
+        }
+        if k.eq_ignore_ascii_case("connection") {
+            continue;
+        }
+        let _ = write!(head, "{k}: {v}\r\n");
+    }
+    let framed =
+        resp.header("content-length").is_some() || resp.header("transfer-encoding").is_some();
+    if !bodiless && !framed {
+        let _ = write!(head, "Content-Length: {}\r\n", resp.body.len());
+    }
+    head.push_str(if keep_alive {
+        "Connection: keep-alive\r\n\r\n"
+    } else {
+        "Connection: close\r\n\r\n"
+    });
+    out.extend_from_slice(head.as_bytes());
+    if !head_only && !bodiless {
+        out.extend_from_slice(&resp.body);
+    }
+}
+
+/// IMF-fixdate; httpdate panics outside 1970..=9999, so clamp into it.
+pub fn http_date(t: SystemTime) -> String {
+    const YEAR_10000: u64 = 253_402_300_800;
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .min(YEAR_10000 - 1);
+    httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_header_bytes: 1024,
+            max_body_bytes: 100,
+        }
+    }
+
+    /// Feeds `chunks` one at a time as reads would, answering Continue like a
+    /// worker; returns the requests and how many Continues were asked for.
+    fn feed(chunks: &[&[u8]], limits: &Limits) -> Result<(Vec<Request>, usize), HttpError> {
+        let mut d = HttpDecoder::new();
+        let mut buf = Vec::new();
+        let (mut reqs, mut continues) = (Vec::new(), 0);
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            while let Some(ev) = d.decode(&buf, limits)? {
+                match ev {
+                    Event::Request { request, consumed } => {
+                        reqs.push(request);
+                        buf.drain(..consumed);
+                    }
+                    Event::Continue => continues += 1,
+                }
+            }
+        }
+        assert!(
+            buf.is_empty(),
+            "left over: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        Ok((reqs, continues))
+    }
+
+    fn one(input: &[u8]) -> Result<Request, HttpError> {
+        let (mut reqs, _) = feed(&[input], &limits())?;
+        assert_eq!(reqs.len(), 1);
+        Ok(reqs.remove(0))
+    }
+
+    fn err(input: &[u8]) -> HttpError {
+        let mut d = HttpDecoder::new();
+        loop {
+            match d.decode(input, &limits()) {
+                Err(e) => return e,
+                Ok(Some(Event::Continue)) => continue,
+                Ok(other) => panic!("expected an error, got {other:?}"),
+            }
+        }
+    }
+
+    /// Every way of cutting `input` in two must decode like the whole.
+    fn assert_split_everywhere(input: &[u8]) -> Vec<Request> {
+        let (whole, _) = feed(&[input], &limits()).unwrap();
+        for i in 0..=input.len() {
+            let (parts, _) = feed(&[&input[..i], &input[i..]], &limits()).unwrap();
+            assert_eq!(parts, whole, "split at {i}");
+        }
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(feed(&bytes, &limits()).unwrap().0, whole);
+        whole
+    }
+
+    const GET: &[u8] = b"GET /a/b?x=1&y=2 HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\n\r\n";
+
+    #[test]
+    fn simple_get() {
+        let r = one(GET).unwrap();
+        assert_eq!(r.method, "GET");
+        assert_eq!(r.path, "/a/b");
+        assert_eq!(r.query, "x=1&y=2");
+        assert_eq!(r.version, 1);
+        assert_eq!(r.header("HOST"), Some("example.com"));
+        assert_eq!(r.header("accept"), Some("*/*"));
+        assert_eq!(r.header("missing"), None);
+        assert!(r.body.is_empty());
+        assert!(r.keep_alive);
+    }
+
+    #[test]
+    fn consumed_is_the_whole_request() {
+        let mut input = GET.to_vec();
+        input.extend_from_slice(b"GET /next");
+        let ev = HttpDecoder::new().decode(&input, &limits()).unwrap();
+        assert!(matches!(ev, Some(Event::Request { consumed, .. }) if consumed == GET.len()));
+    }
+
+    #[test]
+    fn get_split_at_every_byte() {
+        assert_split_everywhere(GET);
+    }
+
+    #[test]
+    fn leading_blank_lines_and_bare_lf_are_accepted() {
+        let r = one(b"\r\n\nGET / HTTP/1.1\nHost: h\n\n").unwrap();
+        assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/"));
+        assert_split_everywhere(b"\r\nGET / HTTP/1.1\nHost: h\r\n\n");
+    }
+
+    #[test]
+    fn absolute_form_target_is_reduced_to_its_path() {
+        let r = one(b"GET http://h:80/p/q?z HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        assert_eq!((r.path.as_str(), r.query.as_str()), ("/p/q", "z"));
+        let r = one(b"GET HTTP://h?z HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        assert_eq!((r.path.as_str(), r.query.as_str()), ("/", "z"));
+    }
+
+    #[test]
+    fn three_pipelined_requests() {
+        let input = b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n\
+POST /2 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc\
+GET /3 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n";
+        let reqs = assert_split_everywhere(input);
+        let paths: Vec<&str> = reqs.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(paths, ["/1", "/2", "/3"]);
+        assert_eq!(reqs[1].body, b"abc");
+        assert!(!reqs[2].keep_alive);
+    }
+
+    #[test]
+    fn post_with_content_length_split() {
+        let input = b"POST /form HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\nhello world";
+        let reqs = assert_split_everywhere(input);
+        assert_eq!(reqs[0].body, b"hello world");
+        let r = one(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n").unwrap();
+        assert!(r.body.is_empty());
+    }
+
+    #[test]
+    fn equal_duplicate_content_lengths_are_one() {
+        let r = one(
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nok",
+        );
+        assert_eq!(r.unwrap().body, b"ok");
+    }
+
+    const CHUNKED: &[u8] = b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n\
+5;name=value\r\nhello\r\n\
+1 ; x\r\n \r\n\
+A\r\n0123456789\r\n\
+0\r\nX-Trailer: 1\r\nX-Other: 2\r\n\r\n";
+
+    #[test]
+    fn chunked_with_extensions_and_trailers_split_everywhere() {
+        let reqs = assert_split_everywhere(CHUNKED);
+        assert_eq!(reqs[0].body, b"hello 0123456789");
+        assert_eq!(reqs[0].header("x-trailer"), None);
+    }
+
+    #[test]
+    fn chunked_then_pipelined_request() {
+        let mut input = CHUNKED.to_vec();
+        input.extend_from_slice(GET);
+        let reqs = assert_split_everywhere(&input);
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(reqs[1].path, "/a/b");
+    }
+
+    #[test]
+    fn chunked_coding_name_is_case_insensitive() {
+        let r = one(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n0\r\n\r\n");
+        assert!(r.unwrap().body.is_empty());
+    }
+
+    #[test]
+    fn expect_continue_is_reported_once_then_the_request() {
+        let head =
+            b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n";
+        let mut d = HttpDecoder::new();
+        let mut buf = head.to_vec();
+        assert_eq!(d.decode(&buf, &limits()), Ok(Some(Event::Continue)));
+        assert_eq!(d.decode(&buf, &limits()), Ok(None));
+        buf.extend_from_slice(b"da");
+        assert_eq!(d.decode(&buf, &limits()), Ok(None));
+        buf.extend_from_slice(b"ta");
+        match d.decode(&buf, &limits()) {
+            Ok(Some(Event::Request { request, consumed })) => {
+                assert_eq!(request.body, b"data");
+                assert_eq!(consumed, buf.len());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Split anywhere, still exactly one Continue per request.
+        for i in head.len()..=buf.len() {
+            let (reqs, continues) = feed(&[&buf[..i], &buf[i..]], &limits()).unwrap();
+            assert_eq!((reqs.len(), continues), (1, usize::from(i < buf.len())));
+        }
+    }
+
+    #[test]
+    fn expect_continue_not_reported_when_not_needed() {
+        // Body already here, no body, or HTTP/1.0.
+        let cases: [&[u8]; 3] = [
+            b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok",
+            b"GET / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n",
+            b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok",
+        ];
+        for input in cases {
+            let (reqs, continues) = feed(&[input], &limits()).unwrap();
+            assert_eq!((reqs.len(), continues), (1, 0));
+        }
+    }
+
+    #[test]
+    fn expect_continue_with_chunked_body() {
+        let head = b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (reqs, continues) = feed(&[head, b"2\r\nok\r\n0\r\n\r\n"], &limits()).unwrap();
+        assert_eq!((reqs[0].body.as_slice(), continues), (&b"ok"[..], 1));
+    }
+
+    #[test]
+    fn oversize_body_refused_before_continue() {
+        let input =
+            b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 101\r\n\r\n";
+        assert_eq!(err(input).status(), 413);
+    }
+
+    #[test]
+    fn huge_header_is_431_complete_or_not() {
+        let mut input = b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: ".to_vec();
+        input.resize(2000, b'a');
+        // Incomplete: refused without waiting for the end of the head.
+        assert_eq!(err(&input), HttpError::HeadTooLarge { max: 1024 });
+        input.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(err(&input).status(), 431);
+        // Incomplete but still under the limit: wait.
+        let mut d = HttpDecoder::new();
+        assert_eq!(d.decode(&input[..1000], &limits()), Ok(None));
+    }
+
+    #[test]
+    fn head_exactly_at_the_limit_is_accepted() {
+        let mut input = b"GET / HTTP/1.1\r\nHost: h\r\nX: ".to_vec();
+        input.resize(1024 - 4, b'a');
+        input.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(input.len(), 1024);
+        assert!(one(&input).is_ok());
+        input.insert(30, b'a');
+        assert_eq!(err(&input).status(), 431);
+    }
+
+    #[test]
+    fn too_many_headers_is_431() {
+        let mut input = b"GET / HTTP/1.1\r\nHost: h\r\n".to_vec();
+        for i in 0..MAX_HEADERS {
+            input.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        input.extend_from_slice(b"\r\n");
+        let big = Limits {
+            max_header_bytes: 1 << 20,
+            max_body_bytes: 0,
+        };
+        let e = HttpDecoder::new().decode(&input, &big).unwrap_err();
+        assert_eq!((e.clone(), e.status()), (HttpError::TooManyHeaders, 431));
+    }
+
+    #[test]
+    fn big_content_length_is_413_before_the_body() {
+        let e = err(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 101\r\n\r\n");
+        assert_eq!(
+            e,
+            HttpError::BodyTooLarge {
+                size: 101,
+                max: 100
+            }
+        );
+        assert_eq!(e.status(), 413);
+        let mut at_limit = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n".to_vec();
+        at_limit.resize(at_limit.len() + 100, b'a');
+        assert_eq!(one(&at_limit).unwrap().body.len(), 100);
+    }
+
+    #[test]
+    fn big_chunked_total_is_413() {
+        let mut input =
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        input.extend_from_slice(b"32\r\n");
+        input.extend_from_slice(&[b'a'; 50]);
+        input.extend_from_slice(b"\r\n33\r\n");
+        // 50 + 51 > 100, refused as soon as the second size is read.
+        assert_eq!(
+            err(&input),
+            HttpError::BodyTooLarge {
+                size: 101,
+                max: 100
+            }
+        );
+        let e = err(
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n",
+        );
+        assert_eq!(e.status(), 413);
+    }
+
+    #[test]
+    fn bad_requests_are_400() {
+        let cases: &[&[u8]] = &[
+            b"GET / HTTP/1.1\r\nHost: h\r\nBad Header: x\r\n\r\n",
+            b"GET  / HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\n folded\r\n\r\n",
+            b"GET / FTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3x\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length:\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 4\r\n\r\nabcd",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5 x\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n00000000000000000001x\r\n",
+        ];
+        for input in cases {
+            let e = err(input);
+            assert_eq!(e.status(), 400, "{:?}: {e}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn endless_chunk_size_line_is_400() {
+        let mut input =
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1;".to_vec();
+        input.resize(input.len() + MAX_CHUNK_LINE + 1, b'x');
+        assert_eq!(err(&input).status(), 400);
+    }
+
+    #[test]
+    fn oversize_trailers_are_431() {
+        let mut input =
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: ".to_vec();
+        input.resize(input.len() + 1100, b'x');
+        assert_eq!(err(&input).status(), 431);
+    }
+
+    #[test]
+    fn unsupported_transfer_encodings_are_501() {
+        for te in ["gzip", "gzip, chunked", "chunked, chunked", "identity"] {
+            let input = format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: {te}\r\n\r\n");
+            let e = err(input.as_bytes());
+            assert_eq!(e.status(), 501, "{te}");
+        }
+        let e = err(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n");
+        assert_eq!(e.status(), 501);
+    }
+
+    #[test]
+    fn keep_alive_rules() {
+        let ka = |input: &[u8]| one(input).unwrap().keep_alive;
+        assert!(ka(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"));
+        assert!(!ka(
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Close\r\n\r\n"
+        ));
+        assert!(!ka(
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade, close\r\n\r\n"
+        ));
+        assert!(!ka(b"GET / HTTP/1.0\r\n\r\n"));
+        assert!(ka(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
+        assert!(!ka(b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n"));
+        let r = one(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        assert_eq!(r.version, 0);
+    }
+
+    #[test]
+    fn error_statuses_and_messages() {
+        assert_eq!(HttpError::MissingHost.status(), 400);
+        assert_eq!(
+            HttpError::BodyTooLarge { size: 5, max: 4 }.to_string(),
+            "request body of 5 bytes is over the limit (4)"
+        );
+        assert_eq!(
+            HttpError::UnsupportedTransferEncoding("gzip".into()).to_string(),
+            "unsupported Transfer-Encoding \"gzip\""
+        );
+    }
+
+    fn fixed_now() -> SystemTime {
+        UNIX_EPOCH + std::time::Duration::from_secs(1_420_070_400)
+    }
+
+    fn encoded(resp: &Response, keep_alive: bool, head_only: bool) -> String {
+        let mut out = Vec::new();
+        encode_response_at(resp, keep_alive, head_only, fixed_now(), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn encode_response_exact_bytes() {
+        let mut resp = Response::new(200, "hello");
+        resp.headers
+            .push(("Content-Type".into(), "text/plain".into()));
+        assert_eq!(
+            encoded(&resp, true, false),
+            "HTTP/1.1 200 OK\r\nServer: wm-host\r\nDate: Thu, 01 Jan 2015 00:00:00 GMT\r\n\
+Content-Type: text/plain\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello"
+        );
+        assert_eq!(
+            encoded(&Response::new(404, ""), false, false),
+            "HTTP/1.1 404 Not Found\r\nServer: wm-host\r\nDate: Thu, 01 Jan 2015 00:00:00 GMT\r\n\
+Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn encode_response_keeps_given_headers() {
+        let mut resp = Response::new(200, "abc");
+        for (k, v) in [
+            ("server", "other"),
+            ("date", "x"),
+            ("content-length", "3"),
+            ("Connection", "close"),
+        ] {
+            resp.headers.push((k.into(), v.into()));
+        }
+        assert!(resp.asks_close());
+        assert_eq!(
+            encoded(&resp, false, false),
+            "HTTP/1.1 200 OK\r\nserver: other\r\ndate: x\r\ncontent-length: 3\r\nConnection: close\r\n\r\nabc"
+        );
+    }
+
+    #[test]
+    fn encode_response_drops_headers_with_newlines() {
+        let mut resp = Response::new(200, "");
+        resp.headers
+            .push(("X-A".into(), "1\r\nSet-Cookie: evil".into()));
+        resp.headers.push(("X-B\n".into(), "2".into()));
+        let s = encoded(&resp, true, false);
+        assert!(
+            !s.contains("evil") && !s.contains("X-B") && !s.contains("X-A"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn head_response_has_length_but_no_body() {
+        let s = encoded(&Response::new(200, "hello"), true, true);
+        assert!(
+            s.ends_with("Content-Length: 5\r\nConnection: keep-alive\r\n\r\n"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn bodiless_statuses_get_no_length_nor_body() {
+        for status in [204, 304] {
+            let s = encoded(&Response::new(status, "x"), true, false);
+            assert!(
+                !s.contains("Content-Length") && s.ends_with("\r\n\r\n"),
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_response_body_names_the_status() {
+        let r = error_response(431);
+        assert_eq!(r.body, b"431 Request Header Fields Too Large");
+        assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+        assert_eq!(error_response(599).body, b"599");
+    }
+
+    #[test]
+    fn http_date_clamps_instead_of_panicking() {
+        assert_eq!(http_date(fixed_now()), "Thu, 01 Jan 2015 00:00:00 GMT");
+        assert_eq!(
+            http_date(UNIX_EPOCH - std::time::Duration::from_secs(5)),
+            "Thu, 01 Jan 1970 00:00:00 GMT"
+        );
+    }
+}
