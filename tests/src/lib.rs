@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
+
 /// Generous: CI machines are shared and slow.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -297,4 +298,85 @@ pub fn read_frame(s: &mut TcpStream) -> io::Result<Vec<u8>> {
     let mut body = vec![0u8; len - 4];
     s.read_exact(&mut body)?;
     Ok(body)
+}
+
+/// A `[[worker]]` table. `extra` lines go inside it (options, limits…).
+pub fn worker_table(name: &str, listen: &str, lib: &str, count: u32, extra: &str) -> String {
+    format!(
+        "[[worker]]\nname = \"{name}\"\nlisten = \"{listen}\"\ncount = {count}\nplugin = \"{}\"\n{extra}\n",
+        plugin(lib).display()
+    )
+}
+
+/// A masked client websocket frame, for tests that must send what a
+/// well-behaved client library would not.
+pub fn ws_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let m = if masked { 0x80 } else { 0 };
+    let len = payload.len();
+    if len < 126 {
+        v.push(m | len as u8);
+    } else if len <= 0xffff {
+        v.push(m | 126);
+        v.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        v.push(m | 127);
+        v.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    if masked {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        v.extend_from_slice(&mask);
+        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    } else {
+        v.extend_from_slice(payload);
+    }
+    v
+}
+
+/// A raw websocket connection after a successful handshake.
+pub fn ws_raw(port: u16, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let head = read_http_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    s
+}
+
+/// Reads up to the end of an HTTP head, byte by byte (nothing more).
+pub fn read_http_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Reads one unmasked server frame: (fin, opcode, payload).
+pub fn ws_read_frame(s: &mut TcpStream) -> io::Result<(bool, u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)?;
+    let mut len = (h[1] & 0x7f) as u64;
+    if len == 126 {
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b)?;
+        len = u16::from_be_bytes(b) as u64;
+    } else if len == 127 {
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b)?;
+        len = u64::from_be_bytes(b);
+    }
+    assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload)?;
+    Ok((h[0] & 0x80 != 0, h[0] & 0x0f, payload))
 }

@@ -185,11 +185,12 @@ impl Runner {
                     let known = conn.codec.established();
                     // Dropping the socket closes it and takes it out of epoll.
                     core.conns.remove(slot(id));
+                    // Memberships go first, so `on_close` sees the group without it.
+                    core.forget_conn(id);
                     // The plugin never saw a websocket whose handshake did not finish.
                     if known {
                         self.call(core, Call::Close(id));
                     }
-                    core.forget_conn(id);
                 }
                 continue;
             }

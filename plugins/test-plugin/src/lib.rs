@@ -10,14 +10,35 @@
 //! | `timer <ms>`     | `timer fired` after that long (one-shot)       |
 //! | `close`          | `bye`, then the server closes                  |
 //! | `panic`          | nothing: the callback panics                   |
-//! | anything else    | the message itself                             |
+//! | `kind`           | `text` or `binary`: how the message came (ws)  |
+//! | `hs`             | path and query of the websocket handshake      |
+//! | `join <g>` / `leave <g>` | `ok`, after joining/leaving group g    |
+//! | `gsend <g> <t>`  | sends t to group g (sender included)           |
+//! | `gsendx <g> <t>` | sends t to group g except the sender           |
+//! | `count <g>`      | members of g across workers                    |
+//! | `uid <u>`        | `ok`, after binding the connection to uid u    |
+//! | `uids <g>`       | bound uids in g, comma-separated               |
+//! | `touid <u> <t>`  | sends t to uid u                               |
+//! | `all <t>`        | sends t to every connection                    |
+//! | `sub`            | `ok`; then `published <topic> <data>` arrives for each publish |
+//! | `publish <t> <d>`| publishes d on topic t to every worker         |
+//! | anything else    | the message itself (binary stays binary)       |
+//!
+//! Websocket handshakes to `/forbidden` are refused with 403, and to any path
+//! with `?refuse=N` with status N. On http:// listeners: `/hello` answers
+//! `hello <method> <query>`, `/echo` answers the request body, `/bye` answers
+//! with `Connection: close`, anything else 404.
 //!
 //! Options: `fail_start = "error" | "panic"` makes `on_worker_start` fail.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use plugin_api::{export_plugin, ConnId, Context, Plugin, StartError, TimerId};
+use std::collections::HashSet;
+
+use plugin_api::{
+    export_plugin, ConnId, Context, MessageKind, Plugin, Request, StartError, TimerId,
+};
 
 /// Set `WM_TEST_BUILD` when building to tell two builds apart.
 const BUILD: &str = match option_env!("WM_TEST_BUILD") {
@@ -28,6 +49,8 @@ const BUILD: &str = match option_env!("WM_TEST_BUILD") {
 #[derive(Default)]
 pub struct TestPlugin {
     timers: HashMap<TimerId, ConnId>,
+    handshakes: HashMap<ConnId, String>,
+    subscribers: HashSet<ConnId>,
 }
 
 impl Plugin for TestPlugin {
@@ -80,9 +103,105 @@ impl Plugin for TestPlugin {
                 ctx.close_with(conn, "bye");
             }
             "panic" => panic!("panic requested by the client"),
+            "kind" => {
+                let k = match ctx.message_kind() {
+                    MessageKind::Text => "text",
+                    MessageKind::Binary => "binary",
+                };
+                ctx.send(conn, k);
+            }
+            "hs" => {
+                let hs = self.handshakes.get(&conn).cloned().unwrap_or_default();
+                ctx.send(conn, hs);
+            }
+            "join" | "leave" | "uid" => {
+                let ok = match cmd {
+                    "join" => ctx.join_group(conn, arg),
+                    "leave" => ctx.leave_group(conn, arg),
+                    _ => ctx.bind_uid(conn, arg),
+                };
+                ctx.send(conn, if ok { "ok" } else { "failed" });
+            }
+            "gsend" | "gsendx" | "touid" => {
+                let (target, text) = arg.split_once(' ').unwrap_or((arg, ""));
+                match cmd {
+                    "gsend" => ctx.send_to_group(target, text, None),
+                    "gsendx" => ctx.send_to_group(target, text, Some(conn)),
+                    _ => ctx.send_to_uid(target, text),
+                }
+            }
+            "count" => {
+                let n = ctx.group_count(arg);
+                ctx.send(conn, n.to_string());
+            }
+            "uids" => {
+                let uids = ctx.group_uids(arg).join(",");
+                ctx.send(conn, uids);
+            }
+            "all" => ctx.send_to_all(arg, None),
+            "sub" => {
+                self.subscribers.insert(conn);
+                ctx.send(conn, "ok");
+            }
+            "publish" => {
+                let (topic, data) = arg.split_once(' ').unwrap_or((arg, ""));
+                ctx.publish(topic, data);
+            }
+            _ if ctx.message_kind() == MessageKind::Binary
+                && ctx.worker().listen.starts_with("websocket") =>
+            {
+                ctx.send_binary(conn, data);
+            }
             _ => {
                 ctx.send(conn, data);
             }
+        }
+    }
+
+    fn on_websocket_connect(
+        &mut self,
+        _ctx: &mut Context<'_>,
+        conn: ConnId,
+        req: &Request<'_>,
+    ) -> Result<(), u16> {
+        if req.path() == "/forbidden" {
+            return Err(403);
+        }
+        if let Some(status) = req.query_param("refuse").and_then(|s| s.parse().ok()) {
+            return Err(status);
+        }
+        self.handshakes
+            .insert(conn, format!("{}?{}", req.path(), req.query()));
+        Ok(())
+    }
+
+    fn on_request(&mut self, ctx: &mut Context<'_>, conn: ConnId, req: &Request<'_>) {
+        match req.path() {
+            "/hello" => {
+                let body = format!("hello {} {}", req.method(), req.query());
+                ctx.respond(
+                    conn,
+                    200,
+                    &[("Content-Type", "text/plain")],
+                    body.as_bytes(),
+                );
+            }
+            "/echo" => {
+                ctx.respond(conn, 200, &[], req.body());
+            }
+            "/bye" => {
+                ctx.respond(conn, 200, &[("Connection", "close")], b"bye");
+            }
+            _ => {
+                ctx.respond(conn, 404, &[], b"not here");
+            }
+        }
+    }
+
+    fn on_publish(&mut self, ctx: &mut Context<'_>, topic: &str, data: &[u8]) {
+        let text = format!("published {topic} {}", String::from_utf8_lossy(data));
+        for conn in self.subscribers.clone() {
+            ctx.send(conn, &text);
         }
     }
 
@@ -94,6 +213,8 @@ impl Plugin for TestPlugin {
 
     fn on_close(&mut self, _ctx: &mut Context<'_>, conn: ConnId) {
         self.timers.retain(|_, c| *c != conn);
+        self.handshakes.remove(&conn);
+        self.subscribers.remove(&conn);
     }
 }
 
