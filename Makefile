@@ -2,24 +2,36 @@
 CARGO ?= cargo
 HOST  := target/debug/wm-host
 
-.PHONY: build run test test-deps lint fmt clean
+.PHONY: build run test test-deps test-builds lint fmt clean
 
 build:
 	$(CARGO) build --workspace
 
-## Run the echo example in the foreground (Ctrl+C stops it).
+## Run the chat demo in the foreground (Ctrl+C stops it): open the URL it prints.
 run: build
-	@echo "echo server on text://127.0.0.1:2347 — try: printf 'hi\\n' | python3 -c 'import socket,sys;s=socket.create_connection((\"127.0.0.1\",2347));s.sendall(sys.stdin.buffer.read());print(s.recv(99))'"
-	$(HOST) start -c examples/echo/wm.toml
+	@echo "chat page: http://127.0.0.1:8080/  (websocket on port 7272)"
+	$(HOST) start -c examples/chat/wm.toml
 
 ## Everything CI runs: formatting, lints, unit and end-to-end tests.
-test: test-deps lint
-	$(CARGO) build --workspace
+test: test-deps lint test-builds
 	$(CARGO) test --workspace
 
-# Tools the tests need, installed when missing (Debian, as root).
+# What the tests need, installed when missing (Debian, as root): headless
+# Chromium and its WebDriver for the browser test.
 test-deps:
-	@true
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing chromium and chromium-driver"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+# Two builds of the test plugin that answer `build` differently, for the
+# reload tests; then the default build again.
+test-builds: build
+	WM_TEST_BUILD=a $(CARGO) build -p test-plugin
+	cp target/debug/libtest_plugin.so target/debug/libtest_plugin_a.so
+	WM_TEST_BUILD=b $(CARGO) build -p test-plugin
+	cp target/debug/libtest_plugin.so target/debug/libtest_plugin_b.so
+	$(CARGO) build -p test-plugin
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -180,6 +180,44 @@ pub fn stop(path: &Path, graceful: bool) -> Result<()> {
     Ok(())
 }
 
+pub fn reload(path: &Path, graceful: bool) -> Result<()> {
+    let cfg = Config::load(path)?;
+    // Each replacement may take start_timeout; old workers stop_timeout.
+    let per_worker = cfg.host.start_timeout + cfg.host.stop_timeout;
+    let workers: u32 = cfg.workers.iter().map(|w| w.count).sum();
+    let wait = per_worker * workers.max(1) + Duration::from_secs(10);
+    let report = match request(&cfg, &Request::Reload { graceful }, wait)? {
+        Response::Reloaded(r) => r,
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer: {other:?}"),
+    };
+    for g in &report.groups {
+        match (&g.error, g.kept) {
+            (Some(e), _) => println!(
+                "{}: FAILED after {}/{} workers: {e}",
+                g.name, g.rolled, g.count
+            ),
+            (None, true) => println!(
+                "{}: not reloadable, {} workers kept on build {} (on_worker_reload run)",
+                g.name, g.count, g.old
+            ),
+            (None, false) => println!(
+                "{}: build {} -> {}, {}/{} workers rolled in {:.2}s",
+                g.name,
+                g.old,
+                g.new,
+                g.rolled,
+                g.count,
+                g.millis as f64 / 1000.0
+            ),
+        }
+    }
+    if !report.ok() {
+        bail!("reload failed; the old build keeps serving");
+    }
+    Ok(())
+}
+
 pub fn restart(path: &Path, daemon: bool) -> Result<()> {
     let cfg = Config::load(path)?;
     if running_master(&cfg).is_some() {
@@ -241,6 +279,9 @@ fn render_status(r: &StatusReport) -> String {
                 w.stats
                     .as_ref()
                     .map_or_else(dash, |s| s.total_messages.to_string()),
+                w.build.clone(),
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(w.loaded_at))
+                    .to_string(),
                 w.plugin.clone(),
             ]
         })
@@ -254,6 +295,8 @@ fn render_status(r: &StatusReport) -> String {
             "memory",
             "connections",
             "total_request",
+            "build",
+            "loaded",
             "plugin",
         ],
         &rows,

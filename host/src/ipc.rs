@@ -14,6 +14,8 @@ pub enum ToWorker {
     Stop { graceful: bool },
     /// Report counters.
     Stats { req: u64 },
+    /// A reload was asked for and this worker is kept: run `on_worker_reload`.
+    Reload,
 }
 
 /// Worker to master.
@@ -48,6 +50,7 @@ pub struct WorkerStats {
 pub enum Request {
     Stop { graceful: bool },
     Status,
+    Reload { graceful: bool },
 }
 
 /// Master to CLI.
@@ -56,6 +59,7 @@ pub enum Request {
 pub enum Response {
     Stopped,
     Status(StatusReport),
+    Reloaded(crate::master::roll::ReloadReport),
     Error { message: String },
 }
 
@@ -78,6 +82,10 @@ pub struct WorkerRow {
     pub listen: String,
     pub rss_bytes: u64,
     pub plugin: String,
+    /// First 12 hex digits of the SHA-256 of the plugin file it runs.
+    pub build: String,
+    /// Unix seconds when it finished loading the plugin.
+    pub loaded_at: u64,
     /// Absent when the worker did not answer in time.
     pub stats: Option<WorkerStats>,
 }

@@ -54,6 +54,14 @@ enum Cmd {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Roll workers one by one onto the current plugin build.
+    Reload {
+        /// Old workers keep their connections until those end (up to stop_timeout).
+        #[arg(short = 'g', long)]
+        graceful: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Stop, then start again.
     Restart {
         #[arg(short = 'd', long)]
@@ -88,6 +96,7 @@ fn main() -> ExitCode {
         Cmd::Start { daemon, config } => cli::start(&config.config, daemon),
         Cmd::Stop { graceful, config } => cli::stop(&config.config, graceful),
         Cmd::Restart { daemon, config } => cli::restart(&config.config, daemon),
+        Cmd::Reload { graceful, config } => cli::reload(&config.config, graceful),
         Cmd::Status { json, config } => cli::status(&config.config, json),
     };
     match result {

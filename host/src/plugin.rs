@@ -27,8 +27,10 @@ pub struct LoadedPlugin {
 }
 
 impl LoadedPlugin {
-    pub fn load(path: &Path) -> Result<LoadedPlugin, LoadError> {
-        let shown = path.display().to_string();
+    /// Loads `path`; errors name `shown` (the file the user configured, where
+    /// `path` is its private copy).
+    pub fn load(path: &Path, shown: &Path) -> Result<LoadedPlugin, LoadError> {
+        let shown = shown.display().to_string();
         if !path.exists() {
             return Err(LoadError::Missing { path: shown });
         }

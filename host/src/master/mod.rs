@@ -2,7 +2,9 @@
 //! them, answers the control socket and signals. It never loads plugin code.
 
 mod backoff;
+pub mod builds;
 mod listen;
+pub mod roll;
 mod spawn;
 
 use std::collections::HashSet;
@@ -23,6 +25,8 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use self::backoff::Backoff;
+use self::builds::Build;
+use self::roll::{Action, Plan, Roll};
 use crate::bus::{self, BusBuf, BusMsg, Registry};
 use crate::config::{Config, WorkerConfig};
 use crate::ipc::{FromWorker, LineBuf, Request, Response, StatusReport, ToWorker, WorkerRow};
@@ -54,6 +58,8 @@ pub enum StartError {
     Timeout(Duration),
     #[error("stopped by a signal before all workers were ready")]
     Interrupted,
+    #[error("{0}")]
+    Plugin(String),
 }
 
 /// Where to tell the CLI that start-up finished (daemon mode).
@@ -70,6 +76,18 @@ struct Group {
     backoff: Vec<Backoff>,
     /// Respawn due per id.
     respawn_at: Vec<Option<Instant>>,
+    /// The build each id runs (they differ only during a roll).
+    builds: Vec<Build>,
+}
+
+/// Where a worker stands in its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Serving,
+    /// Started by a roll; serving once ready.
+    Replacement,
+    /// Replaced: told to stop, not respawned.
+    Retiring,
 }
 
 struct WorkerProc {
@@ -85,6 +103,9 @@ struct WorkerProc {
     /// Set when the worker reported why it could not start.
     failure: Option<String>,
     plugin: String,
+    build: Build,
+    role: Role,
+    loaded_at: SystemTime,
 }
 
 struct Client {
@@ -125,6 +146,11 @@ pub struct Master {
     started_at: SystemTime,
     /// Group membership across workers, to hand to workers that start.
     registry: Registry,
+    roll: Option<Roll>,
+    /// When the replacement being waited for must be ready.
+    roll_deadline: Option<Instant>,
+    /// Clients waiting for the roll's report.
+    reload_waiters: Vec<usize>,
     _lock: PidLock,
 }
 
@@ -134,10 +160,13 @@ impl Master {
         let lock = PidLock::acquire(&cfg).map_err(StartError::Lock)?;
         let mut groups = Vec::new();
         for w in &cfg.workers {
+            let build =
+                builds::install(&cfg.host.runtime_dir, &w.plugin).map_err(StartError::Plugin)?;
             let sockets = listen::bind(w)?;
             groups.push(Group {
                 backoff: vec![Backoff::default(); w.count as usize],
                 respawn_at: vec![None; w.count as usize],
+                builds: vec![build; w.count as usize],
                 cfg: w.clone(),
                 sockets,
             });
@@ -183,6 +212,9 @@ impl Master {
             start_error: None,
             started_at: SystemTime::now(),
             registry: Registry::default(),
+            roll: None,
+            roll_deadline: None,
+            reload_waiters: Vec::new(),
             _lock: lock,
         })
     }
@@ -252,6 +284,15 @@ impl Master {
             g.respawn_at.iter().flatten().for_each(|&t| consider(t));
         }
         self.statuses.iter().for_each(|s| consider(s.deadline));
+        if let Some(d) = self.roll_deadline {
+            consider(d);
+        }
+        let stop = self.cfg.host.stop_timeout;
+        for (_, w) in &self.workers {
+            if w.role == Role::Retiring {
+                consider(w.started + stop);
+            }
+        }
         next
     }
 
@@ -304,6 +345,22 @@ impl Master {
                 }
             }
         }
+        let stop = self.cfg.host.stop_timeout;
+        for (_, w) in &self.workers {
+            if w.role == Role::Retiring && w.started + stop <= now {
+                tracing::warn!(
+                    pid = w.pid.as_raw(),
+                    "replaced worker did not stop within stop_timeout; killing it"
+                );
+                let _ = kill(w.pid, Signal::SIGKILL);
+            }
+        }
+        if self.roll_deadline.is_some_and(|d| d <= now) {
+            if let Some((group, id)) = self.roll.as_ref().and_then(|r| r.waiting()) {
+                let t = self.cfg.host.start_timeout;
+                self.fail_roll_step(group, id, format!("not ready within start_timeout ({t:?})"));
+            }
+        }
         let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.statuses)
             .into_iter()
             .partition(|s| s.waiting.is_empty() || s.deadline <= now);
@@ -319,8 +376,13 @@ impl Master {
     }
 
     fn spawn(&mut self, group: usize, id: u32) -> io::Result<()> {
+        let build = self.groups[group].builds[id as usize].clone();
+        self.spawn_with(group, id, build, Role::Serving).map(|_| ())
+    }
+
+    fn spawn_with(&mut self, group: usize, id: u32, build: Build, role: Role) -> io::Result<usize> {
         let g = &self.groups[group];
-        let child = spawn::worker(&self.exe, &g.cfg, id, &g.sockets[id as usize])?;
+        let child = spawn::worker(&self.exe, &g.cfg, id, &build.copy, &g.sockets[id as usize])?;
         let entry = self.workers.vacant_entry();
         let key = entry.key();
         let mut ctl = child.ctl;
@@ -358,8 +420,11 @@ impl Master {
             ready: false,
             failure: None,
             plugin: String::new(),
+            build,
+            role,
+            loaded_at: SystemTime::now(),
         });
-        Ok(())
+        Ok(key)
     }
 
     fn on_worker_io(&mut self, key: usize) {
@@ -375,12 +440,18 @@ impl Master {
                     let w = &mut self.workers[key];
                     w.ready = true;
                     w.plugin = plugin;
+                    w.loaded_at = SystemTime::now();
+                    if w.role == Role::Replacement {
+                        self.replacement_ready(key);
+                    }
                 }
                 Ok(FromWorker::Failed { error }) => {
                     let name = self.groups[group].cfg.name.clone();
                     self.workers[key].failure = Some(error.clone());
                     if let Phase::Starting { .. } = self.phase {
                         self.fail_start(StartError::Worker { name, id, error });
+                    } else if self.workers[key].role == Role::Replacement {
+                        let _ = kill(self.workers[key].pid, Signal::SIGKILL);
                     }
                 }
                 Ok(FromWorker::Stats { req, stats }) => {
@@ -403,6 +474,170 @@ impl Master {
                 ),
             }
         }
+    }
+
+    /// Starts a rolling reload of every reloadable group; groups with
+    /// `reloadable = false` only run `on_worker_reload`.
+    fn begin_reload(&mut self, graceful: bool, client: Option<usize>) -> Result<(), String> {
+        match self.phase {
+            Phase::Running => {}
+            Phase::Starting { .. } => return Err("still starting".into()),
+            Phase::Stopping { .. } => return Err("stopping".into()),
+        }
+        if self.roll.is_some() {
+            return Err("a reload is already in progress".into());
+        }
+        let mut plans = Vec::new();
+        let mut kept = Vec::new();
+        let mut errors = Vec::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            let old = g.builds[0].short().to_string();
+            if !g.cfg.reloadable {
+                kept.push((g.cfg.name.clone(), old, g.cfg.count));
+                continue;
+            }
+            match builds::install(&self.cfg.host.runtime_dir, &g.cfg.plugin) {
+                Ok(new) => plans.push(Plan {
+                    group: gi,
+                    name: g.cfg.name.clone(),
+                    count: g.cfg.count,
+                    old,
+                    new,
+                }),
+                Err(e) => errors.push((g.cfg.name.clone(), old, g.cfg.count, e)),
+            }
+        }
+        for (_, w) in &mut self.workers {
+            if !self.groups[w.group].cfg.reloadable && w.role == Role::Serving {
+                w.buf.queue(&ToWorker::Reload);
+                let _ = w.buf.flush(&mut w.ctl);
+            }
+        }
+        let mut roll = Roll::new(plans, kept, graceful);
+        for (name, old, count, error) in errors {
+            tracing::error!("reload of {name} refused: {error}");
+            roll.report.groups.push(roll::GroupReport {
+                name,
+                new: old.clone(),
+                old,
+                rolled: 0,
+                count,
+                millis: 0,
+                kept: false,
+                error: Some(error),
+            });
+        }
+        tracing::info!(graceful, "rolling reload started");
+        self.roll = Some(roll);
+        self.reload_waiters.extend(client);
+        self.drive_roll();
+        Ok(())
+    }
+
+    /// Carries out the roll's next action.
+    fn drive_roll(&mut self) {
+        let Some(roll) = self.roll.as_mut() else {
+            return;
+        };
+        match roll.next(Instant::now()) {
+            Action::Spawn { group, id, build } => {
+                tracing::info!(
+                    "reload: starting {}#{id} on build {}",
+                    self.groups[group].cfg.name,
+                    build.short()
+                );
+                self.roll_deadline = Some(Instant::now() + self.cfg.host.start_timeout);
+                if let Err(e) = self.spawn_with(group, id, build, Role::Replacement) {
+                    self.fail_roll_step(group, id, format!("cannot start a worker: {e}"));
+                }
+            }
+            Action::Finished => self.finish_roll(),
+            Action::Retire { .. } => unreachable!("next() never retires"),
+        }
+    }
+
+    fn replacement_ready(&mut self, key: usize) {
+        let (group, id) = (self.workers[key].group, self.workers[key].id);
+        let Some(Action::Retire { .. }) = self.roll.as_mut().and_then(|r| r.ready(group, id))
+        else {
+            return;
+        };
+        self.roll_deadline = None;
+        let graceful = self.roll.as_ref().is_some_and(|r| r.graceful);
+        self.workers[key].role = Role::Serving;
+        self.groups[group].builds[id as usize] = self.workers[key].build.clone();
+        for (k, w) in &mut self.workers {
+            if k != key && w.group == group && w.id == id && w.role == Role::Serving {
+                // Stops accepting at once; its queue stays with the master's socket.
+                w.role = Role::Retiring;
+                w.buf.queue(&ToWorker::Stop { graceful });
+                if w.buf.flush(&mut w.ctl).is_err() {
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                }
+                // Bounded by stop_timeout, as a stop is.
+                w.started = Instant::now();
+            }
+        }
+        self.drive_roll();
+    }
+
+    /// The replacement for (group, id) failed: the roll stops there.
+    fn fail_roll_step(&mut self, group: usize, id: u32, error: String) {
+        let Some(roll) = self.roll.as_mut() else {
+            return;
+        };
+        if roll.waiting() != Some((group, id)) {
+            return;
+        }
+        tracing::error!(
+            "reload of {}#{id} failed: {error}; keeping the running build",
+            self.groups[group].cfg.name
+        );
+        roll.failed(group, id, error, Instant::now());
+        self.roll_deadline = None;
+        for (_, w) in &mut self.workers {
+            if w.group == group && w.id == id && w.role == Role::Replacement {
+                let _ = kill(w.pid, Signal::SIGKILL);
+            }
+        }
+        self.drive_roll();
+    }
+
+    fn finish_roll(&mut self) {
+        let Some(roll) = self.roll.take() else { return };
+        self.roll_deadline = None;
+        let report = roll.report;
+        for g in &report.groups {
+            match &g.error {
+                Some(e) => tracing::error!("reload {}: failed: {e}", g.name),
+                None => tracing::info!(
+                    "reload {}: {} -> {}, {}/{} rolled in {} ms",
+                    g.name,
+                    g.old,
+                    g.new,
+                    g.rolled,
+                    g.count,
+                    g.millis
+                ),
+            }
+        }
+        for key in std::mem::take(&mut self.reload_waiters) {
+            self.reply(key, &Response::Reloaded(report.clone()));
+        }
+        self.prune_builds();
+    }
+
+    /// Removes plugin copies that neither a worker nor a slot uses.
+    fn prune_builds(&self) {
+        let mut keep: HashSet<PathBuf> = self
+            .workers
+            .iter()
+            .map(|(_, w)| w.build.copy.clone())
+            .collect();
+        for g in &self.groups {
+            keep.extend(g.builds.iter().map(|b| b.copy.clone()));
+        }
+        builds::prune(&self.cfg.host.runtime_dir, &keep);
     }
 
     /// Relays a worker's bus frames, in order, to every other worker.
@@ -462,7 +697,10 @@ impl Master {
                 }
                 SIGCHLD => self.reap(),
                 SIGUSR1 | SIGUSR2 => {
-                    tracing::warn!("reload is not supported yet; ignoring signal {sig}")
+                    tracing::info!("signal {sig}: reloading");
+                    if let Err(e) = self.begin_reload(sig == SIGUSR2, None) {
+                        tracing::warn!("reload refused: {e}");
+                    }
                 }
                 SIGABRT => self.log_status(),
                 _ => {}
@@ -505,6 +743,9 @@ impl Master {
             else {
                 continue;
             };
+            // What it said just before dying (its reason for failing) may
+            // still be unread: the exit can be seen before the message.
+            self.on_worker_io(key);
             let mut w = self.workers.remove(key);
             let _ = self.poll.registry().deregister(&mut w.ctl);
             let _ = self.poll.registry().deregister(&mut w.bus);
@@ -512,6 +753,25 @@ impl Master {
             let name = self.groups[w.group].cfg.name.clone();
             for s in &mut self.statuses {
                 s.waiting.remove(&key);
+            }
+            if w.role == Role::Retiring {
+                tracing::info!(
+                    pid = pid.as_raw(),
+                    "replaced worker {name}#{} exited ({how})",
+                    w.id
+                );
+                self.prune_builds();
+                continue;
+            }
+            if w.role == Role::Replacement {
+                if let Phase::Running = self.phase {
+                    let error = w
+                        .failure
+                        .clone()
+                        .unwrap_or_else(|| format!("exited before it was ready ({how})"));
+                    self.fail_roll_step(w.group, w.id, error);
+                }
+                continue;
             }
             match self.phase {
                 Phase::Stopping { .. } => {
@@ -564,6 +824,17 @@ impl Master {
             deadline: Instant::now() + self.cfg.host.stop_timeout,
             killed: false,
         };
+        if self.roll.take().is_some() {
+            self.roll_deadline = None;
+            for key in std::mem::take(&mut self.reload_waiters) {
+                self.reply(
+                    key,
+                    &Response::Error {
+                        message: "stopped during the reload".into(),
+                    },
+                );
+            }
+        }
         for g in &mut self.groups {
             g.respawn_at.iter_mut().for_each(|r| *r = None);
         }
@@ -619,6 +890,16 @@ impl Master {
                     self.begin_stop(graceful);
                 }
                 Ok(Request::Status) => self.start_status(key),
+                Ok(Request::Reload { graceful }) => {
+                    if let Err(message) = self.begin_reload(graceful, Some(key)) {
+                        self.reply(
+                            key,
+                            &Response::Error {
+                                message: format!("cannot reload: {message}"),
+                            },
+                        );
+                    }
+                }
                 Err(e) => self.reply(
                     key,
                     &Response::Error {
@@ -659,6 +940,12 @@ impl Master {
                 listen: g.listen.text.clone(),
                 rss_bytes: rss_bytes(w.pid),
                 plugin: g.plugin.display().to_string(),
+                build: w.build.short().to_string(),
+                loaded_at: w
+                    .loaded_at
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs(),
                 stats: None,
             });
             if w.ready {

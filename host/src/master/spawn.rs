@@ -24,12 +24,20 @@ pub struct Child {
     pub bus: UnixStream,
 }
 
-pub fn worker(exe: &Path, cfg: &WorkerConfig, id: u32, listener: &OwnedFd) -> io::Result<Child> {
+/// `build` is the plugin copy the worker loads (see `builds`).
+pub fn worker(
+    exe: &Path,
+    cfg: &WorkerConfig,
+    id: u32,
+    build: &Path,
+    listener: &OwnedFd,
+) -> io::Result<Child> {
     let (ours, theirs) = StdUnixStream::pair()?;
     let (bus_ours, bus_theirs) = StdUnixStream::pair()?;
     let spec = Spec {
         worker: cfg.clone(),
         id,
+        load_from: build.to_path_buf(),
     };
     let spec = serde_json::to_string(&spec).map_err(io::Error::other)?;
     let listen_fd = listener.as_raw_fd();

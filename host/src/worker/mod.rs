@@ -66,6 +66,8 @@ fn with_raw_request<R>(req: &http::Request, f: impl FnOnce(&RawRequest<'_>) -> R
 pub struct Spec {
     pub worker: WorkerConfig,
     pub id: u32,
+    /// The private copy of `worker.plugin` to load.
+    pub load_from: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +80,7 @@ enum Stop {
 enum Call<'a> {
     WorkerStart,
     WorkerStop,
+    WorkerReload,
     Connect(u64),
     Message(u64, &'a [u8]),
     Close(u64),
@@ -95,6 +98,7 @@ impl Call<'_> {
         match self {
             Call::WorkerStart => "on_worker_start",
             Call::WorkerStop => "on_worker_stop",
+            Call::WorkerReload => "on_worker_reload",
             Call::Connect(_) => "on_connect",
             Call::Message(..) => "on_message",
             Call::Close(_) => "on_close",
@@ -138,6 +142,7 @@ impl Runner {
         let outcome = self.plugin.call(ctx, |vt, st, ctx| match call {
             Call::WorkerStart => (vt.on_worker_start())(st, ctx),
             Call::WorkerStop => (vt.on_worker_stop())(st, ctx),
+            Call::WorkerReload => (vt.on_worker_reload())(st, ctx),
             Call::Connect(c) => (vt.on_connect())(st, ctx, c),
             Call::Message(c, d) => (vt.on_message())(st, ctx, c, RSlice::from_slice(d)),
             Call::Close(c) => (vt.on_close())(st, ctx, c),
@@ -287,7 +292,7 @@ fn start(
     listen_fd: OwnedFd,
     bus_fd: OwnedFd,
 ) -> Result<Worker, (StdUnixStream, String)> {
-    let plugin = match LoadedPlugin::load(&spec.worker.plugin) {
+    let plugin = match LoadedPlugin::load(&spec.load_from, &spec.worker.plugin) {
         Ok(p) => p,
         Err(e) => return Err((ctl_std, e.to_string())),
     };
@@ -784,6 +789,10 @@ impl Worker {
             match msg {
                 Ok(ToWorker::Stop { graceful }) => {
                     self.begin_stop(if graceful { Stop::Graceful } else { Stop::Now })
+                }
+                Ok(ToWorker::Reload) => {
+                    self.runner.call(&mut self.core, Call::WorkerReload);
+                    self.runner.settle(&mut self.core);
                 }
                 Ok(ToWorker::Stats { req }) => {
                     let stats = self.core.stats();

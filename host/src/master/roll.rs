@@ -1,0 +1,280 @@
+//! A rolling reload as a pure state machine: which worker to start, which to
+//! retire, when to stop. The master feeds it what happened (a replacement is
+//! ready, or failed) and carries out the actions; tests drive it directly.
+//!
+//! Per worker id: start the replacement first, wait until it is ready, then
+//! retire the old one, so capacity never dips. The first failure stops the
+//! roll; workers not yet replaced keep their build.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::builds::Build;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start a replacement for `id` running `build`.
+    Spawn { group: usize, id: u32, build: Build },
+    /// The replacement for `id` is ready: stop the old worker of that id.
+    Retire { group: usize, id: u32 },
+    /// Nothing left to do.
+    Finished,
+}
+
+/// What `wm-host reload` prints, per group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupReport {
+    pub name: String,
+    pub old: String,
+    pub new: String,
+    pub rolled: u32,
+    pub count: u32,
+    pub millis: u64,
+    /// `reloadable = false`: workers kept, `on_worker_reload` run.
+    pub kept: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub groups: Vec<GroupReport>,
+}
+
+impl ReloadReport {
+    pub fn ok(&self) -> bool {
+        self.groups.iter().all(|g| g.error.is_none())
+    }
+}
+
+#[derive(Debug)]
+struct GroupRoll {
+    group: usize,
+    count: u32,
+    build: Build,
+    next: u32,
+    started: Option<Instant>,
+    report: usize,
+}
+
+#[derive(Debug)]
+pub struct Roll {
+    queue: VecDeque<GroupRoll>,
+    /// The id whose replacement we are waiting for.
+    waiting: Option<(usize, u32)>,
+    pub graceful: bool,
+    pub report: ReloadReport,
+    failed: bool,
+}
+
+/// One group to roll: index, name, worker count, current and new build.
+pub struct Plan {
+    pub group: usize,
+    pub name: String,
+    pub count: u32,
+    pub old: String,
+    pub new: Build,
+}
+
+impl Roll {
+    /// `kept` lists groups that are not reloadable (reported, not rolled).
+    pub fn new(plans: Vec<Plan>, kept: Vec<(String, String, u32)>, graceful: bool) -> Roll {
+        let mut report = ReloadReport { groups: Vec::new() };
+        let mut queue = VecDeque::new();
+        for p in plans {
+            queue.push_back(GroupRoll {
+                group: p.group,
+                count: p.count,
+                build: p.new.clone(),
+                next: 0,
+                started: None,
+                report: report.groups.len(),
+            });
+            report.groups.push(GroupReport {
+                name: p.name,
+                old: p.old,
+                new: p.new.short().to_string(),
+                rolled: 0,
+                count: p.count,
+                millis: 0,
+                kept: false,
+                error: None,
+            });
+        }
+        for (name, build, count) in kept {
+            report.groups.push(GroupReport {
+                name,
+                old: build.clone(),
+                new: build,
+                rolled: 0,
+                count,
+                millis: 0,
+                kept: true,
+                error: None,
+            });
+        }
+        Roll {
+            queue,
+            waiting: None,
+            graceful,
+            report,
+            failed: false,
+        }
+    }
+
+    /// The id being replaced now, if any.
+    pub fn waiting(&self) -> Option<(usize, u32)> {
+        self.waiting
+    }
+
+    /// Starts the roll (or the next step).
+    pub fn next(&mut self, now: Instant) -> Action {
+        if self.failed {
+            return Action::Finished;
+        }
+        while let Some(g) = self.queue.front_mut() {
+            if g.next < g.count {
+                g.started.get_or_insert(now);
+                self.waiting = Some((g.group, g.next));
+                return Action::Spawn {
+                    group: g.group,
+                    id: g.next,
+                    build: g.build.clone(),
+                };
+            }
+            let done = self.queue.pop_front().expect("front exists");
+            let r = &mut self.report.groups[done.report];
+            r.millis = done
+                .started
+                .map_or(0, |s| now.duration_since(s).as_millis() as u64);
+        }
+        self.waiting = None;
+        Action::Finished
+    }
+
+    /// The replacement for the id we wait on is ready.
+    pub fn ready(&mut self, group: usize, id: u32) -> Option<Action> {
+        if self.waiting != Some((group, id)) {
+            return None;
+        }
+        let g = self.queue.front_mut()?;
+        g.next += 1;
+        self.report.groups[g.report].rolled += 1;
+        self.waiting = None;
+        Some(Action::Retire { group, id })
+    }
+
+    /// The replacement failed: stop here, keeping the rest on their build.
+    pub fn failed(&mut self, group: usize, id: u32, error: String, now: Instant) {
+        if self.waiting != Some((group, id)) {
+            return;
+        }
+        if let Some(g) = self.queue.front() {
+            let r = &mut self.report.groups[g.report];
+            r.error = Some(error);
+            r.millis = g
+                .started
+                .map_or(0, |s| now.duration_since(s).as_millis() as u64);
+        }
+        self.failed = true;
+        self.waiting = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn build(tag: &str) -> Build {
+        Build {
+            hash: format!("{tag:0>64}"),
+            copy: PathBuf::from(format!("/rt/plugins/{tag}.so")),
+        }
+    }
+
+    fn plan(group: usize, count: u32) -> Plan {
+        Plan {
+            group,
+            name: format!("g{group}"),
+            count,
+            old: "old".into(),
+            new: build("new"),
+        }
+    }
+
+    #[test]
+    fn rolls_one_id_at_a_time_starting_the_replacement_first() {
+        let t = Instant::now();
+        let mut r = Roll::new(vec![plan(0, 2), plan(1, 1)], vec![], false);
+        let mut log = Vec::new();
+        let mut a = r.next(t);
+        loop {
+            log.push(a.clone());
+            match a {
+                Action::Spawn { group, id, .. } => {
+                    // Nothing is retired before its replacement is ready.
+                    let retire = r.ready(group, id).unwrap();
+                    log.push(retire);
+                    a = r.next(t);
+                }
+                Action::Finished => break,
+                Action::Retire { .. } => unreachable!(),
+            }
+        }
+        let short: Vec<String> = log
+            .iter()
+            .map(|a| match a {
+                Action::Spawn { group, id, .. } => format!("spawn {group}#{id}"),
+                Action::Retire { group, id } => format!("retire {group}#{id}"),
+                Action::Finished => "done".into(),
+            })
+            .collect();
+        assert_eq!(
+            short,
+            [
+                "spawn 0#0",
+                "retire 0#0",
+                "spawn 0#1",
+                "retire 0#1",
+                "spawn 1#0",
+                "retire 1#0",
+                "done"
+            ]
+        );
+        assert!(r.report.ok());
+        assert_eq!(r.report.groups[0].rolled, 2);
+    }
+
+    #[test]
+    fn first_failure_stops_the_roll_and_is_reported() {
+        let t = Instant::now();
+        let mut r = Roll::new(
+            vec![plan(0, 3)],
+            vec![("static".into(), "abc".into(), 2)],
+            true,
+        );
+        assert!(matches!(r.next(t), Action::Spawn { id: 0, .. }));
+        r.failed(0, 0, "plugin x: not a wm-host plugin".into(), t);
+        assert_eq!(r.next(t), Action::Finished);
+        assert!(!r.report.ok());
+        let g = &r.report.groups[0];
+        assert_eq!(
+            (g.rolled, g.error.as_deref()),
+            (0, Some("plugin x: not a wm-host plugin"))
+        );
+        assert!(r.report.groups[1].kept);
+    }
+
+    #[test]
+    fn stray_events_are_ignored() {
+        let t = Instant::now();
+        let mut r = Roll::new(vec![plan(0, 2)], vec![], false);
+        r.next(t);
+        assert_eq!(r.ready(0, 1), None, "not the id being replaced");
+        r.failed(3, 0, "other group".into(), t);
+        assert!(r.report.ok());
+        assert_eq!(r.ready(0, 0), Some(Action::Retire { group: 0, id: 0 }));
+    }
+}

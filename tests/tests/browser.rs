@@ -1,0 +1,104 @@
+//! The chat example in a real browser: headless chromium, driven through
+//! chromedriver, loads the page from the `http://` listener and chats over the
+//! `websocket://` listener.
+//!
+//! Needs `apt-get install chromium chromium-driver`, and
+//! `cargo build -p wm-host -p chat-plugin`.
+
+use std::path::PathBuf;
+
+use wm_e2e::webdriver::{Driver, Session};
+use wm_e2e::*;
+
+fn static_dir() -> PathBuf {
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../plugins/chat-plugin/static"
+    ));
+    p.canonicalize()
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Joins `room` as `name` from a page that is already connected.
+fn join(page: &Session<'_>, name: &str, room: &str) {
+    let n = page.find("#name");
+    page.clear(&n);
+    page.send_keys(&n, name);
+    let r = page.find("#room");
+    page.clear(&r);
+    page.send_keys(&r, room);
+    page.click(&page.find("#join"));
+}
+
+fn wait_online(page: &Session<'_>, who: &str, names: &[&str]) {
+    wait_for(&format!("{who}'s #online list to show {names:?}"), || {
+        let online = page.texts("#online li");
+        names
+            .iter()
+            .all(|n| online.iter().any(|o| o.trim() == *n))
+            .then_some(())
+    });
+}
+
+fn say(page: &Session<'_>, text: &str) {
+    let t = page.find("#text");
+    page.send_keys(&t, text);
+    page.click(&page.find("#send"));
+}
+
+fn wait_message(page: &Session<'_>, who: &str, from: &str, text: &str) {
+    wait_for(
+        &format!("{who} to show a .message from {from:?} saying {text:?}"),
+        || {
+            page.texts("#messages .message")
+                .iter()
+                .any(|m| m.contains(from) && m.contains(text))
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn two_browsers_chat_in_one_room() {
+    let (ws_port, http_port) = (free_port(), free_port());
+    let chat = plugin("chat_plugin");
+    let server = Server::new(&format!(
+        "[[worker]]\nname = \"chat\"\nlisten = \"websocket://127.0.0.1:{ws_port}\"\ncount = 4\nplugin = \"{chat}\"\n\n\
+         [[worker]]\nname = \"web\"\nlisten = \"http://127.0.0.1:{http_port}\"\ncount = 1\nplugin = \"{chat}\"\n\
+         static_dir = \"{static_dir}\"\n\n[worker.options]\nws_port = \"{ws_port}\"\n",
+        chat = chat.display(),
+        static_dir = static_dir().display(),
+    ));
+    server.start();
+
+    let driver = Driver::start();
+    let alice = driver.new_session();
+    let bob = driver.new_session();
+    let url = format!("http://127.0.0.1:{http_port}/");
+    for (who, page) in [("alice", &alice), ("bob", &bob)] {
+        page.goto(&url);
+        wait_for(&format!("{who}'s page to say #status connected"), || {
+            (page.try_text("#status")?.trim() == "connected").then_some(())
+        });
+    }
+
+    let room = "e2e-room";
+    join(&alice, "alice", room);
+    join(&bob, "bob", room);
+    wait_online(&alice, "alice", &["alice", "bob"]);
+    wait_online(&bob, "bob", &["alice", "bob"]);
+
+    say(&alice, "hello from alice");
+    wait_message(&bob, "bob", "alice", "hello from alice");
+    say(&bob, "hi alice, bob here");
+    wait_message(&alice, "alice", "bob", "hi alice, bob here");
+    // Each side also sees its own message once the server echoes it.
+    wait_message(&alice, "alice", "alice", "hello from alice");
+
+    // For humans: target/browser-chat.png.
+    bob.screenshot(&target_dir().parent().unwrap().join("browser-chat.png"));
+
+    drop((alice, bob));
+    drop(driver);
+    server.stop();
+}
