@@ -116,6 +116,9 @@ pub struct WorkerConfig {
     pub max_connections: usize,
     /// http:// only: serve files from this folder before asking the plugin.
     pub static_dir: Option<PathBuf>,
+    /// Reload when the plugin file (or a `watch_paths` entry) changes.
+    pub watch: bool,
+    pub watch_paths: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -171,6 +174,9 @@ struct RawWorker {
     max_send_buffer_size: Option<Spanned<usize>>,
     max_connections: Option<usize>,
     static_dir: Option<Spanned<String>>,
+    watch: Option<bool>,
+    #[serde(default)]
+    watch_paths: Vec<String>,
 }
 
 fn one() -> Spanned<u32> {
@@ -349,6 +355,8 @@ impl Config {
                 )?,
                 max_connections: w.max_connections.unwrap_or(usize::MAX),
                 static_dir,
+                watch: w.watch.unwrap_or(true),
+                watch_paths: w.watch_paths.iter().map(|p| rel(p)).collect(),
                 name,
             });
         }

@@ -236,7 +236,10 @@ pub struct TextClient {
 
 impl TextClient {
     pub fn connect(port: u16) -> TextClient {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        TextClient::from_stream(TcpStream::connect(("127.0.0.1", port)).unwrap())
+    }
+
+    pub fn from_stream(s: TcpStream) -> TextClient {
         s.set_read_timeout(Some(DEADLINE)).unwrap();
         TextClient {
             reader: BufReader::new(s),
@@ -380,4 +383,16 @@ pub fn ws_read_frame(s: &mut TcpStream) -> io::Result<(bool, u8, Vec<u8>)> {
     let mut payload = vec![0u8; len as usize];
     s.read_exact(&mut payload)?;
     Ok((h[0] & 0x80 != 0, h[0] & 0x0f, payload))
+}
+
+/// A build of the test plugin made by `make test-builds` that answers `build`
+/// with `tag` ("a" or "b").
+pub fn test_build(tag: &str) -> PathBuf {
+    let p = target_dir().join(format!("libtest_plugin_{tag}.so"));
+    assert!(
+        p.exists(),
+        "{} is missing: run `make test-builds` first",
+        p.display()
+    );
+    p
 }

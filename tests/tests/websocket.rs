@@ -204,7 +204,7 @@ fn frames_right_behind_the_handshake_are_not_lost() {
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut wire = String::from(
         "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
     )
     .into_bytes();
     wire.extend(ws_frame(true, 1, b"early", true));

@@ -6,6 +6,7 @@ pub mod builds;
 mod listen;
 pub mod roll;
 mod spawn;
+mod watch;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -27,6 +28,7 @@ use slab::Slab;
 use self::backoff::Backoff;
 use self::builds::Build;
 use self::roll::{Action, Plan, Roll};
+use self::watch::{Trigger, Watch};
 use crate::bus::{self, BusBuf, BusMsg, Registry};
 use crate::config::{Config, WorkerConfig};
 use crate::ipc::{FromWorker, LineBuf, Request, Response, StatusReport, ToWorker, WorkerRow};
@@ -34,6 +36,7 @@ use crate::runtime::PidLock;
 
 const SIGNALS: Token = Token(0);
 const CONTROL: Token = Token(1);
+const WAKER: Token = Token(2);
 const WORKER_BASE: usize = 1 << 20;
 const BUS_BASE: usize = 1 << 25;
 const CLIENT_BASE: usize = 1 << 30;
@@ -151,6 +154,7 @@ pub struct Master {
     roll_deadline: Option<Instant>,
     /// Clients waiting for the roll's report.
     reload_waiters: Vec<usize>,
+    watch: Option<Watch>,
     _lock: PidLock,
 }
 
@@ -194,6 +198,13 @@ impl Master {
             .register(&mut control, CONTROL, Interest::READABLE)
             .map_err(|e| io_err("register control socket", e))?;
         let exe = std::env::current_exe().map_err(|e| io_err("cannot find own executable", e))?;
+        let waker = std::sync::Arc::new(
+            mio::Waker::new(poll.registry(), WAKER).map_err(|e| io_err("waker", e))?,
+        );
+        let watch = Watch::new(&cfg.workers, waker).unwrap_or_else(|e| {
+            tracing::warn!("cannot watch plugin files: {e}; reload with `wm-host reload`");
+            None
+        });
         Ok(Master {
             phase: Phase::Starting {
                 deadline: Instant::now() + cfg.host.start_timeout,
@@ -215,6 +226,7 @@ impl Master {
             roll: None,
             roll_deadline: None,
             reload_waiters: Vec::new(),
+            watch,
             _lock: lock,
         })
     }
@@ -251,6 +263,11 @@ impl Master {
                 match ev.token() {
                     SIGNALS => self.on_signals(),
                     CONTROL => self.accept_clients(),
+                    WAKER => {
+                        if let Some(w) = self.watch.as_mut() {
+                            w.drain(Instant::now());
+                        }
+                    }
                     Token(t) if t >= CLIENT_BASE => self.on_client(t - CLIENT_BASE),
                     Token(t) if t >= BUS_BASE => self.on_bus(t - BUS_BASE),
                     Token(t) => self.on_worker_io(t - WORKER_BASE),
@@ -285,6 +302,9 @@ impl Master {
         }
         self.statuses.iter().for_each(|s| consider(s.deadline));
         if let Some(d) = self.roll_deadline {
+            consider(d);
+        }
+        if let Some(d) = self.watch.as_ref().and_then(Watch::due) {
             consider(d);
         }
         let stop = self.cfg.host.stop_timeout;
@@ -344,6 +364,9 @@ impl Master {
                     }
                 }
             }
+        }
+        if self.phase == Phase::Running {
+            self.on_watch(now);
         }
         let stop = self.cfg.host.stop_timeout;
         for (_, w) in &self.workers {
@@ -476,9 +499,69 @@ impl Master {
         }
     }
 
-    /// Starts a rolling reload of every reloadable group; groups with
-    /// `reloadable = false` only run `on_worker_reload`.
+    /// A watched file settled: roll the groups whose build really changed.
+    fn on_watch(&mut self, now: Instant) {
+        let Some(watch) = self.watch.as_mut() else {
+            return;
+        };
+        let triggers = watch.take(now);
+        if triggers.is_empty() {
+            return;
+        }
+        if self.roll.is_some() {
+            watch.retry(triggers, now);
+            return;
+        }
+        let mut groups = HashSet::new();
+        for t in triggers {
+            match t {
+                Trigger::Extra(g) => {
+                    groups.insert(g);
+                }
+                Trigger::Plugin(g) => {
+                    let grp = &self.groups[g];
+                    match builds::hash_file(&grp.cfg.plugin) {
+                        // Same bytes (a touch, or our own copy's events): nothing to do.
+                        Ok(h) if grp.builds.iter().all(|b| b.hash == h) => {
+                            tracing::info!(
+                                "{} changed on disk but not its content: no reload",
+                                grp.cfg.plugin.display()
+                            );
+                        }
+                        Ok(_) => {
+                            groups.insert(g);
+                        }
+                        // Missing: mid-replace; the next event brings it back.
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+        if groups.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = groups
+            .iter()
+            .map(|&g| self.groups[g].cfg.name.as_str())
+            .collect();
+        tracing::info!("change detected for {}: reloading", names.join(", "));
+        if let Err(e) = self.begin_reload_of(Some(&groups), false, None) {
+            tracing::warn!("reload refused: {e}");
+        }
+    }
+
     fn begin_reload(&mut self, graceful: bool, client: Option<usize>) -> Result<(), String> {
+        self.begin_reload_of(None, graceful, client)
+    }
+
+    /// Starts a rolling reload of every reloadable group (or of `only`);
+    /// groups with `reloadable = false` only run `on_worker_reload`.
+    fn begin_reload_of(
+        &mut self,
+        only: Option<&HashSet<usize>>,
+        graceful: bool,
+        client: Option<usize>,
+    ) -> Result<(), String> {
         match self.phase {
             Phase::Running => {}
             Phase::Starting { .. } => return Err("still starting".into()),
@@ -490,7 +573,11 @@ impl Master {
         let mut plans = Vec::new();
         let mut kept = Vec::new();
         let mut errors = Vec::new();
+        let picked = |g: usize| only.is_none_or(|set| set.contains(&g));
         for (gi, g) in self.groups.iter().enumerate() {
+            if !picked(gi) {
+                continue;
+            }
             let old = g.builds[0].short().to_string();
             if !g.cfg.reloadable {
                 kept.push((g.cfg.name.clone(), old, g.cfg.count));
@@ -508,7 +595,7 @@ impl Master {
             }
         }
         for (_, w) in &mut self.workers {
-            if !self.groups[w.group].cfg.reloadable && w.role == Role::Serving {
+            if picked(w.group) && !self.groups[w.group].cfg.reloadable && w.role == Role::Serving {
                 w.buf.queue(&ToWorker::Reload);
                 let _ = w.buf.flush(&mut w.ctl);
             }
@@ -610,6 +697,9 @@ impl Master {
         for g in &report.groups {
             match &g.error {
                 Some(e) => tracing::error!("reload {}: failed: {e}", g.name),
+                None if g.kept => {
+                    tracing::info!("reload {}: not reloadable; on_worker_reload run", g.name)
+                }
                 None => tracing::info!(
                     "reload {}: {} -> {}, {}/{} rolled in {} ms",
                     g.name,

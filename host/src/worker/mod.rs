@@ -11,7 +11,7 @@ use std::ffi::c_void;
 use std::io::{self, Read};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use abi_stable::std_types::{RSlice, RStr, Tuple2};
 use mio::net::{TcpListener, UnixStream};
@@ -42,6 +42,10 @@ const FIRST_CONN: usize = 3;
 /// Shared by all connections of the worker: a connection keeps only the bytes
 /// of a message not yet complete.
 const READ_BUF: usize = 64 * 1024;
+/// After a (non-graceful) stop, connections are still read and answered this
+/// long before they are closed, so a request already on its way when the
+/// stop came is answered rather than cut off.
+const DRAIN: Duration = Duration::from_millis(500);
 
 /// Builds the FFI view of a request for the length of one call.
 fn with_raw_request<R>(req: &http::Request, f: impl FnOnce(&RawRequest<'_>) -> R) -> R {
@@ -218,6 +222,8 @@ struct Worker {
     scheme: crate::config::Scheme,
     max_connections: usize,
     stop: Option<Stop>,
+    /// When a stop closes the remaining connections.
+    close_at: Option<Instant>,
     full_logged: bool,
 }
 
@@ -353,6 +359,7 @@ fn start(
         scheme: spec.worker.listen.scheme,
         max_connections: spec.worker.max_connections,
         stop: None,
+        close_at: None,
         full_logged: false,
         runner,
     };
@@ -375,7 +382,12 @@ impl Worker {
             if self.stop.is_some() && self.core.conns.is_empty() {
                 break;
             }
-            let timeout = self.core.timers.timeout(Instant::now());
+            let now = Instant::now();
+            let timeout = match (self.core.timers.timeout(now), self.close_at) {
+                (t, None) => t,
+                (None, Some(c)) => Some(c.saturating_duration_since(now)),
+                (Some(t), Some(c)) => Some(t.min(c.saturating_duration_since(now))),
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -403,6 +415,10 @@ impl Worker {
                 }
             }
             self.fire_timers();
+            if self.close_at.is_some_and(|c| c <= Instant::now()) {
+                self.close_at = None;
+                self.close_all();
+            }
             self.flush_bus();
         }
         self.runner.call(&mut self.core, Call::WorkerStop);
@@ -816,16 +832,22 @@ impl Worker {
         tracing::debug!(?mode, "stopping");
         self.stop = Some(mode);
         // Stop accepting at once. The master keeps the listening socket open,
-        // so connections waiting in its queue go to another worker.
+        // so connections waiting in its queue stay there for the process that
+        // takes over this id (a reload's replacement).
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
         if mode == Stop::Now {
-            let ids: Vec<u64> = self.core.conns.iter().map(|(_, c)| c.id).collect();
-            for id in ids {
-                self.core.close(id, None);
-            }
-            self.runner.settle(&mut self.core);
+            self.close_at = Some(Instant::now() + DRAIN);
         }
+    }
+
+    /// Closes every connection once what it is owed is written.
+    fn close_all(&mut self) {
+        let ids: Vec<u64> = self.core.conns.iter().map(|(_, c)| c.id).collect();
+        for id in ids {
+            self.core.close(id, None);
+        }
+        self.runner.settle(&mut self.core);
     }
 }

@@ -29,7 +29,11 @@
 //! `hello <method> <query>`, `/echo` answers the request body, `/bye` answers
 //! with `Connection: close`, anything else 404.
 //!
-//! Options: `fail_start = "error" | "panic"` makes `on_worker_start` fail.
+//! | `reloads`        | how often `on_worker_reload` ran in this worker |
+//!
+//! Options: `fail_start = "error" | "panic"` makes `on_worker_start` fail;
+//! `fail_start_file = PATH` makes it panic while that file exists (so a test
+//! can make only the workers started later fail).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -51,6 +55,7 @@ pub struct TestPlugin {
     timers: HashMap<TimerId, ConnId>,
     handshakes: HashMap<ConnId, String>,
     subscribers: HashSet<ConnId>,
+    reloads: u32,
 }
 
 impl Plugin for TestPlugin {
@@ -58,6 +63,12 @@ impl Plugin for TestPlugin {
         match ctx.option("fail_start") {
             Some("error") => Err("fail_start is set".into()),
             Some("panic") => panic!("fail_start is set to panic"),
+            _ if ctx
+                .option("fail_start_file")
+                .is_some_and(|p| std::path::Path::new(p).exists()) =>
+            {
+                panic!("fail_start_file exists")
+            }
             _ => {
                 ctx.info(format_args!("test plugin build {BUILD} started"));
                 Ok(())
@@ -103,6 +114,10 @@ impl Plugin for TestPlugin {
                 ctx.close_with(conn, "bye");
             }
             "panic" => panic!("panic requested by the client"),
+            "reloads" => {
+                let n = self.reloads.to_string();
+                ctx.send(conn, n);
+            }
             "kind" => {
                 let k = match ctx.message_kind() {
                     MessageKind::Text => "text",
@@ -203,6 +218,11 @@ impl Plugin for TestPlugin {
         for conn in self.subscribers.clone() {
             ctx.send(conn, &text);
         }
+    }
+
+    fn on_worker_reload(&mut self, ctx: &mut Context<'_>) {
+        self.reloads += 1;
+        ctx.info("on_worker_reload ran");
     }
 
     fn on_timer(&mut self, ctx: &mut Context<'_>, timer: TimerId) {
