@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::config::Config;
-use crate::ipc::{self, Request, Response, StatusReport};
+use crate::ipc::{self, ConnectionsReport, Request, Response, StatusReport, WorkerState};
 use crate::logging;
 use crate::master::{Master, Readiness};
 use crate::runtime::{alive, running_master};
@@ -241,44 +241,106 @@ pub fn status(path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn render_status(r: &StatusReport) -> String {
+pub fn connections(path: &Path, json: bool) -> Result<()> {
+    let cfg = Config::load(path)?;
+    let report = match request(&cfg, &Request::Connections, Duration::from_secs(5))? {
+        Response::Connections(r) => r,
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer: {other:?}"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_connections(&report));
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}M", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Workerman's status: a global block, exit statistics per group, then one
+/// row per process and a summary.
+pub(crate) fn render_status(r: &StatusReport) -> String {
     let start = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(r.start_time));
     let up = r.uptime_secs;
-    let groups: std::collections::BTreeSet<&str> =
-        r.workers.iter().map(|w| w.group.as_str()).collect();
     let mut out = format!(
         "---------------------------------------- GLOBAL STATUS ----------------------------------------\n\
          wm-host version: {}    master pid: {}\n\
-         start time: {start}    run {} days {} hours {} minutes\n\
+         start time: {start}    run {} days {} hours {} minutes {} seconds\n\
          load average: {}\n\
-         {} worker groups    {} processes\n\
-         ---------------------------------------- PROCESS STATUS ---------------------------------------\n",
+         {} worker groups    {} processes\n",
         r.version,
         r.master_pid,
         up / 86400,
         up % 86400 / 3600,
         up % 3600 / 60,
+        up % 60,
         r.load_average,
-        groups.len(),
+        r.groups.len(),
         r.workers.len(),
     );
+    // One row per group and exit status; `-  0` for a group without deaths.
+    let mut group_rows = Vec::new();
+    for g in &r.groups {
+        let exits: Vec<_> = r.exits.iter().filter(|e| e.group == g.name).collect();
+        let first = vec![
+            g.name.clone(),
+            g.listen.clone(),
+            g.count.to_string(),
+            g.processes.to_string(),
+        ];
+        if exits.is_empty() {
+            let mut row = first;
+            row.extend(["-".to_string(), "0".to_string()]);
+            group_rows.push(row);
+            continue;
+        }
+        for (i, e) in exits.into_iter().enumerate() {
+            let mut row = if i == 0 {
+                first.clone()
+            } else {
+                vec![String::new(); 4]
+            };
+            row.extend([e.status.clone(), e.count.to_string()]);
+            group_rows.push(row);
+        }
+    }
+    out.push_str(&table::render(
+        &[
+            "worker",
+            "listen",
+            "count",
+            "processes",
+            "exit_status",
+            "exit_count",
+        ],
+        &group_rows,
+    ));
+    out.push_str(
+        "---------------------------------------- PROCESS STATUS ---------------------------------------\n",
+    );
     let dash = || "-".to_string();
-    let rows: Vec<Vec<String>> = r
+    let mut rows: Vec<Vec<String>> = r
         .workers
         .iter()
         .map(|w| {
+            let stat = |f: fn(&ipc::WorkerStats) -> u64| {
+                w.stats.as_ref().map_or_else(dash, |s| f(s).to_string())
+            };
             vec![
                 w.pid.to_string(),
                 w.group.clone(),
                 w.id.to_string(),
                 w.listen.clone(),
-                format!("{:.1}M", w.rss_bytes as f64 / (1024.0 * 1024.0)),
-                w.stats
-                    .as_ref()
-                    .map_or_else(dash, |s| s.connections.to_string()),
-                w.stats
-                    .as_ref()
-                    .map_or_else(dash, |s| s.total_messages.to_string()),
+                mib(w.rss_bytes),
+                stat(|s| s.connections),
+                stat(|s| s.send_fail),
+                stat(|s| s.timers),
+                stat(|s| s.total_messages),
+                w.qps.map_or_else(dash, |q| format!("{q:.1}")),
+                format!("[{}]", w.state.name()),
                 w.build.clone(),
                 humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(w.loaded_at))
                     .to_string(),
@@ -286,6 +348,31 @@ fn render_status(r: &StatusReport) -> String {
             ]
         })
         .collect();
+    let sum = |f: fn(&ipc::WorkerStats) -> u64| -> String {
+        r.workers
+            .iter()
+            .filter_map(|w| w.stats.as_ref().map(f))
+            .sum::<u64>()
+            .to_string()
+    };
+    let busy = r
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Busy)
+        .count();
+    rows.push(vec![
+        "Summary".into(),
+        "-".into(),
+        "-".into(),
+        "-".into(),
+        mib(r.workers.iter().map(|w| w.rss_bytes).sum()),
+        sum(|s| s.connections),
+        sum(|s| s.send_fail),
+        sum(|s| s.timers),
+        sum(|s| s.total_messages),
+        format!("{:.1}", r.workers.iter().filter_map(|w| w.qps).sum::<f64>()),
+        format!("[{busy} busy]"),
+    ]);
     out.push_str(&table::render(
         &[
             "pid",
@@ -294,12 +381,66 @@ fn render_status(r: &StatusReport) -> String {
             "listen",
             "memory",
             "connections",
+            "send_fail",
+            "timers",
             "total_request",
+            "qps",
+            "state",
             "build",
             "loaded",
             "plugin",
         ],
         &rows,
     ));
+    out
+}
+
+/// Workerman's `connections`: one row per connection across all workers.
+pub(crate) fn render_connections(r: &ConnectionsReport) -> String {
+    let rows: Vec<Vec<String>> = r
+        .connections
+        .iter()
+        .map(|c| {
+            vec![
+                c.pid.to_string(),
+                c.worker.clone(),
+                c.id.to_string(),
+                c.transport.clone(),
+                c.protocol.clone(),
+                c.local.clone(),
+                c.remote.clone(),
+                c.recv_q.to_string(),
+                c.send_q.to_string(),
+                c.bytes_read.to_string(),
+                c.bytes_written.to_string(),
+                c.state.clone(),
+            ]
+        })
+        .collect();
+    let mut out = table::render(
+        &[
+            "pid",
+            "worker",
+            "cid",
+            "trans",
+            "protocol",
+            "local_address",
+            "remote_address",
+            "recv_q",
+            "send_q",
+            "bytes_r",
+            "bytes_w",
+            "state",
+        ],
+        &rows,
+    );
+    out.push_str(&format!("{} connections\n", r.connections.len()));
+    if !r.busy.is_empty() {
+        let pids: Vec<String> = r.busy.iter().map(u32::to_string).collect();
+        out.push_str(&format!(
+            "busy (no answer within 1s, connections not listed): pid {}\n",
+            pids.join(", ")
+        ));
+    }
     out
 }

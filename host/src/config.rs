@@ -119,6 +119,10 @@ pub struct WorkerConfig {
     /// Reload when the plugin file (or a `watch_paths` entry) changes.
     pub watch: bool,
     pub watch_paths: Vec<PathBuf>,
+    /// Close connections that sent nothing for this long (heartbeat).
+    pub idle_timeout: Option<Duration>,
+    /// websocket:// only: ping every connection this often.
+    pub ws_ping_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -177,6 +181,8 @@ struct RawWorker {
     watch: Option<bool>,
     #[serde(default)]
     watch_paths: Vec<String>,
+    idle_timeout: Option<Dur>,
+    ws_ping_interval: Option<Spanned<Dur>>,
 }
 
 fn one() -> Spanned<u32> {
@@ -301,6 +307,17 @@ impl Config {
                 return Err(src.key_error(w.count.span(), "count", "must be at least 1"));
             }
             let mut options = BTreeMap::new();
+            let ws_ping_interval = match &w.ws_ping_interval {
+                Some(d) if listen.scheme != Scheme::Websocket => {
+                    return Err(src.key_error(
+                        d.span(),
+                        "ws_ping_interval",
+                        "only websocket:// listeners ping",
+                    ));
+                }
+                Some(d) => Some(d.get_ref().0).filter(|d| !d.is_zero()),
+                None => None,
+            };
             let static_dir = match &w.static_dir {
                 Some(d) if listen.scheme != Scheme::Http => {
                     return Err(src.key_error(
@@ -356,6 +373,8 @@ impl Config {
                 max_connections: w.max_connections.unwrap_or(usize::MAX),
                 static_dir,
                 watch: w.watch.unwrap_or(true),
+                idle_timeout: w.idle_timeout.map(|d| d.0).filter(|d| !d.is_zero()),
+                ws_ping_interval,
                 watch_paths: w.watch_paths.iter().map(|p| rel(p)).collect(),
                 name,
             });

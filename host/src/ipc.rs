@@ -14,12 +14,14 @@ pub enum ToWorker {
     Stop { graceful: bool },
     /// Report counters.
     Stats { req: u64 },
+    /// List every connection.
+    Connections { req: u64 },
     /// A reload was asked for and this worker is kept: run `on_worker_reload`.
     Reload,
 }
 
 /// Worker to master.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum FromWorker {
     /// Plugin loaded and `on_worker_start` returned: accepting now.
@@ -33,7 +35,24 @@ pub enum FromWorker {
     Stats {
         req: u64,
         stats: WorkerStats,
+        /// Messages per second since the previous `Stats` request.
+        #[serde(default)]
+        qps: f64,
     },
+    Connections {
+        req: u64,
+        rows: Vec<ConnRow>,
+    },
+}
+
+impl FromWorker {
+    /// The request a report answers (0 for other messages).
+    pub fn req(&self) -> u64 {
+        match self {
+            FromWorker::Stats { req, .. } | FromWorker::Connections { req, .. } => *req,
+            FromWorker::Ready { .. } | FromWorker::Failed { .. } => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -50,6 +69,7 @@ pub struct WorkerStats {
 pub enum Request {
     Stop { graceful: bool },
     Status,
+    Connections,
     Reload { graceful: bool },
 }
 
@@ -59,6 +79,7 @@ pub enum Request {
 pub enum Response {
     Stopped,
     Status(StatusReport),
+    Connections(ConnectionsReport),
     Reloaded(crate::master::roll::ReloadReport),
     Error { message: String },
 }
@@ -71,7 +92,57 @@ pub struct StatusReport {
     pub start_time: u64,
     pub uptime_secs: u64,
     pub load_average: String,
+    /// Configured groups with their processes now.
+    #[serde(default)]
+    pub groups: Vec<GroupRow>,
+    /// Deaths since start of workers that died unexpectedly or were killed.
+    #[serde(default)]
+    pub exits: Vec<ExitRow>,
     pub workers: Vec<WorkerRow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupRow {
+    pub name: String,
+    pub listen: String,
+    /// `count` in the config.
+    pub count: u32,
+    /// Processes alive now (more than `count` while a reload rolls).
+    pub processes: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitRow {
+    pub group: String,
+    /// `exit code N` or `signal SIGNAME`.
+    pub status: String,
+    pub count: u64,
+}
+
+/// What a worker was doing when `status` asked.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Answered between callbacks.
+    Idle,
+    /// Did not answer in time: inside a callback (or stopped).
+    #[default]
+    Busy,
+    /// Not ready yet (loading the plugin, in `on_worker_start`); not asked.
+    Starting,
+    /// Died while the report was being gathered.
+    Exited,
+}
+
+impl WorkerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerState::Idle => "idle",
+            WorkerState::Busy => "busy",
+            WorkerState::Starting => "starting",
+            WorkerState::Exited => "exited",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +159,42 @@ pub struct WorkerRow {
     pub loaded_at: u64,
     /// Absent when the worker did not answer in time.
     pub stats: Option<WorkerStats>,
+    /// Messages per second since the previous `status` (absent with `stats`).
+    #[serde(default)]
+    pub qps: Option<f64>,
+    #[serde(default)]
+    pub state: WorkerState,
+}
+
+/// One connection, as `wm-host connections` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConnRow {
+    pub pid: u32,
+    /// The group (`[[worker]] name`).
+    pub worker: String,
+    pub id: u64,
+    /// Always `tcp`.
+    pub transport: String,
+    /// The listener's scheme: tcp, text, frame, websocket, http.
+    pub protocol: String,
+    pub local: String,
+    pub remote: String,
+    /// Bytes received and not yet consumed (a partial message).
+    pub recv_q: u64,
+    /// Bytes waiting in the send buffer.
+    pub send_q: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// ESTABLISHED, CLOSING, or HANDSHAKE (websocket before its 101).
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectionsReport {
+    pub connections: Vec<ConnRow>,
+    /// Workers that did not answer in time (busy in a callback): their
+    /// connections are missing.
+    pub busy: Vec<u32>,
 }
 
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {

@@ -77,6 +77,14 @@ enum Cmd {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// List every connection of every worker.
+    Connections {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Internal: a worker process, started by the master.
     #[command(hide = true)]
     Worker,
@@ -98,6 +106,7 @@ fn main() -> ExitCode {
         Cmd::Restart { daemon, config } => cli::restart(&config.config, daemon),
         Cmd::Reload { graceful, config } => cli::reload(&config.config, graceful),
         Cmd::Status { json, config } => cli::status(&config.config, json),
+        Cmd::Connections { json, config } => cli::connections(&config.config, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -78,6 +78,23 @@ pub struct RawAddr {
     pub ip: [u8; 16],
 }
 
+/// One connection's counters and addresses.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct RawConnInfo {
+    /// False when the connection is unknown or closed (other fields zero).
+    pub open: bool,
+    pub remote: RawAddr,
+    pub local: RawAddr,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Bytes waiting in the send buffer.
+    pub send_queue: u64,
+    /// Bytes of an incomplete message kept from the socket.
+    pub recv_queue: u64,
+    pub paused: bool,
+}
+
 /// Facts about the worker process, valid for the life of the process.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy)]
@@ -150,6 +167,18 @@ pub struct HostVTable {
     pub del_timer: extern "C" fn(state: *mut c_void, timer: u64) -> bool,
     #[sabi(last_prefix_field)]
     pub connection_count: extern "C" fn(state: *mut c_void) -> u64,
+    pub pause_recv: extern "C" fn(state: *mut c_void, conn: u64) -> bool,
+    pub resume_recv: extern "C" fn(state: *mut c_void, conn: u64) -> bool,
+    /// Half-close after flushing; close for good after a short linger.
+    pub end: extern "C" fn(state: *mut c_void, conn: u64) -> bool,
+    /// Close now, dropping what is queued.
+    pub destroy: extern "C" fn(state: *mut c_void, conn: u64) -> bool,
+    pub set_max_send_buffer: extern "C" fn(state: *mut c_void, conn: u64, bytes: u64) -> bool,
+    pub conn_info: extern "C" fn(state: *mut c_void, conn: u64) -> RawConnInfo,
+    /// Ids of this worker's open connections.
+    pub connections: extern "C" fn(state: *mut c_void) -> RVec<u64>,
+    /// Deletes every timer of this worker; returns how many there were.
+    pub del_all_timers: extern "C" fn(state: *mut c_void) -> u64,
 }
 
 /// The handle a callback receives: host state plus the host's vtable.

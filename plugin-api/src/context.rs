@@ -77,6 +77,20 @@ pub enum Level {
     Trace,
 }
 
+/// A connection's addresses and counters, from [`Context::conn_info`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub remote: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Bytes waiting in the send buffer.
+    pub send_queue: u64,
+    /// Bytes of an incomplete message kept from the socket.
+    pub recv_queue: u64,
+    pub paused: bool,
+}
+
 /// Facts about the worker process running the plugin.
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerInfo {
@@ -287,6 +301,59 @@ impl Context<'_> {
     /// The local address the connection arrived on.
     pub fn local_addr(&self, conn: ConnId) -> Option<SocketAddr> {
         from_raw_addr((self.raw.vt.addr())(self.raw.state, conn.0, false))
+    }
+
+    /// Stops reading from a connection (back-pressure): its data waits in
+    /// the kernel until [`Context::resume_recv`].
+    pub fn pause_recv(&mut self, conn: ConnId) -> bool {
+        (self.raw.vt.pause_recv())(self.raw.state, conn.0)
+    }
+
+    pub fn resume_recv(&mut self, conn: ConnId) -> bool {
+        (self.raw.vt.resume_recv())(self.raw.state, conn.0)
+    }
+
+    /// Half-closes after what is queued is written (the peer sees end of
+    /// stream), then closes for good after a short linger.
+    pub fn end(&mut self, conn: ConnId) -> bool {
+        (self.raw.vt.end())(self.raw.state, conn.0)
+    }
+
+    /// Closes at once, dropping whatever is queued.
+    pub fn destroy(&mut self, conn: ConnId) -> bool {
+        (self.raw.vt.destroy())(self.raw.state, conn.0)
+    }
+
+    /// Overrides the listener's `max_send_buffer_size` for one connection.
+    pub fn set_max_send_buffer(&mut self, conn: ConnId, bytes: usize) -> bool {
+        (self.raw.vt.set_max_send_buffer())(self.raw.state, conn.0, bytes as u64)
+    }
+
+    /// Counters and addresses of a connection; `None` once it is closed.
+    pub fn conn_info(&self, conn: ConnId) -> Option<ConnInfo> {
+        let raw = (self.raw.vt.conn_info())(self.raw.state, conn.0);
+        raw.open.then(|| ConnInfo {
+            remote: from_raw_addr(raw.remote),
+            local: from_raw_addr(raw.local),
+            bytes_read: raw.bytes_read,
+            bytes_written: raw.bytes_written,
+            send_queue: raw.send_queue,
+            recv_queue: raw.recv_queue,
+            paused: raw.paused,
+        })
+    }
+
+    /// This worker's open connections (for heartbeats, broadcasts within it…).
+    pub fn connections(&self) -> Vec<ConnId> {
+        (self.raw.vt.connections())(self.raw.state)
+            .into_iter()
+            .map(ConnId)
+            .collect()
+    }
+
+    /// Deletes every timer of this worker; returns how many there were.
+    pub fn del_all_timers(&mut self) -> u64 {
+        (self.raw.vt.del_all_timers())(self.raw.state)
     }
 
     /// Number of open connections in this worker.

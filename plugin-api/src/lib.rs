@@ -33,7 +33,7 @@ mod request;
 
 #[doc(hidden)]
 pub use context::to_raw_addr;
-pub use context::{ConnId, Context, Level, MessageKind, SendStatus, TimerId, WorkerInfo};
+pub use context::{ConnId, ConnInfo, Context, Level, MessageKind, SendStatus, TimerId, WorkerInfo};
 pub use request::Request;
 
 /// The error type `on_worker_start` may return: anything that converts into a

@@ -8,7 +8,7 @@ pub mod roll;
 mod spawn;
 mod watch;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
@@ -31,7 +31,10 @@ use self::roll::{Action, Plan, Roll};
 use self::watch::{Trigger, Watch};
 use crate::bus::{self, BusBuf, BusMsg, Registry};
 use crate::config::{Config, WorkerConfig};
-use crate::ipc::{FromWorker, LineBuf, Request, Response, StatusReport, ToWorker, WorkerRow};
+use crate::ipc::{
+    ConnectionsReport, ExitRow, FromWorker, GroupRow, LineBuf, Request, Response, StatusReport,
+    ToWorker, WorkerRow, WorkerState,
+};
 use crate::runtime::PidLock;
 
 const SIGNALS: Token = Token(0);
@@ -40,7 +43,8 @@ const WAKER: Token = Token(2);
 const WORKER_BASE: usize = 1 << 20;
 const BUS_BASE: usize = 1 << 25;
 const CLIENT_BASE: usize = 1 << 30;
-/// How long `status` waits for workers to report.
+/// How long `status` and `connections` wait for workers to report; a worker
+/// that has not answered by then is in a callback: `[busy]`.
 const STATS_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
@@ -116,12 +120,56 @@ struct Client {
     buf: LineBuf,
 }
 
-struct PendingStatus {
-    client: usize,
+/// A report gathered from every ready worker: sent once all have answered
+/// or at the deadline, whichever comes first.
+struct Gathering {
+    to: Sink,
     req: u64,
+    /// Worker keys asked and not answered yet.
     waiting: HashSet<usize>,
-    report: StatusReport,
+    report: Gathered,
     deadline: Instant,
+}
+
+/// Where a gathered report goes.
+#[derive(Debug, Clone, Copy)]
+enum Sink {
+    Client(usize),
+    /// Signals (SIGIOT, SIGIO): into the log.
+    Log,
+}
+
+enum Gathered {
+    Status(StatusReport),
+    Connections(ConnectionsReport),
+}
+
+impl Gathered {
+    /// A worker answered; `None` for a worker that died meanwhile.
+    fn answered(&mut self, pid: u32, msg: Option<FromWorker>) {
+        match (self, msg) {
+            (Gathered::Status(r), msg) => {
+                let Some(row) = r.workers.iter_mut().find(|w| w.pid == pid) else {
+                    return;
+                };
+                match msg {
+                    Some(FromWorker::Stats { stats, qps, .. }) => {
+                        row.stats = Some(stats);
+                        row.qps = Some(qps);
+                        row.state = WorkerState::Idle;
+                    }
+                    None => row.state = WorkerState::Exited,
+                    Some(_) => {}
+                }
+            }
+            (Gathered::Connections(r), msg) => {
+                r.busy.retain(|&p| p != pid);
+                if let Some(FromWorker::Connections { rows, .. }) = msg {
+                    r.connections.extend(rows);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,8 +190,11 @@ pub struct Master {
     clients: Slab<Client>,
     /// Clients waiting for the stop to finish.
     stop_waiters: Vec<usize>,
-    statuses: Vec<PendingStatus>,
+    gatherings: Vec<Gathering>,
     next_req: u64,
+    /// (group, "exit code N" | "signal S") -> deaths of workers that died
+    /// unexpectedly or were killed, since start.
+    exits: BTreeMap<(String, String), u64>,
     phase: Phase,
     start_error: Option<StartError>,
     started_at: SystemTime,
@@ -188,7 +239,7 @@ impl Master {
             .map_err(|e| io_err("chmod control socket", e))?;
         let poll = Poll::new().map_err(|e| io_err("epoll", e))?;
         let mut signals = Signals::new([
-            SIGINT, SIGTERM, SIGQUIT, SIGUSR1, SIGUSR2, SIGABRT, SIGCHLD, SIGHUP,
+            SIGINT, SIGTERM, SIGQUIT, SIGUSR1, SIGUSR2, SIGABRT, SIGIO, SIGCHLD, SIGHUP,
         ])
         .map_err(|e| io_err("signals", e))?;
         poll.registry()
@@ -218,8 +269,9 @@ impl Master {
             workers: Slab::new(),
             clients: Slab::new(),
             stop_waiters: Vec::new(),
-            statuses: Vec::new(),
+            gatherings: Vec::new(),
             next_req: 0,
+            exits: BTreeMap::new(),
             start_error: None,
             started_at: SystemTime::now(),
             registry: Registry::default(),
@@ -300,7 +352,7 @@ impl Master {
         for g in &self.groups {
             g.respawn_at.iter().flatten().for_each(|&t| consider(t));
         }
-        self.statuses.iter().for_each(|s| consider(s.deadline));
+        self.gatherings.iter().for_each(|g| consider(g.deadline));
         if let Some(d) = self.roll_deadline {
             consider(d);
         }
@@ -384,12 +436,12 @@ impl Master {
                 self.fail_roll_step(group, id, format!("not ready within start_timeout ({t:?})"));
             }
         }
-        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.statuses)
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gatherings)
             .into_iter()
-            .partition(|s| s.waiting.is_empty() || s.deadline <= now);
-        self.statuses = keep;
-        for s in done {
-            self.reply(s.client, &Response::Status(s.report));
+            .partition(|g| g.waiting.is_empty() || g.deadline <= now);
+        self.gatherings = keep;
+        for g in done {
+            self.deliver(g);
         }
     }
 
@@ -477,17 +529,12 @@ impl Master {
                         let _ = kill(self.workers[key].pid, Signal::SIGKILL);
                     }
                 }
-                Ok(FromWorker::Stats { req, stats }) => {
-                    if let Some(s) = self.statuses.iter_mut().find(|s| s.req == req) {
-                        if s.waiting.remove(&key) {
-                            if let Some(row) = s
-                                .report
-                                .workers
-                                .iter_mut()
-                                .find(|r| r.pid == self.workers[key].pid.as_raw() as u32)
-                            {
-                                row.stats = Some(stats);
-                            }
+                Ok(msg @ (FromWorker::Stats { .. } | FromWorker::Connections { .. })) => {
+                    let req = msg.req();
+                    let pid = self.workers[key].pid.as_raw() as u32;
+                    if let Some(g) = self.gatherings.iter_mut().find(|g| g.req == req) {
+                        if g.waiting.remove(&key) {
+                            g.report.answered(pid, Some(msg));
                         }
                     }
                 }
@@ -792,25 +839,10 @@ impl Master {
                         tracing::warn!("reload refused: {e}");
                     }
                 }
-                SIGABRT => self.log_status(),
+                SIGABRT => self.start_status(Sink::Log),
+                SIGIO => self.start_connections(Sink::Log),
                 _ => {}
             }
-        }
-    }
-
-    /// SIGIOT: write the process table into the log.
-    fn log_status(&self) {
-        for (_, w) in &self.workers {
-            let g = &self.groups[w.group].cfg;
-            tracing::info!(
-                pid = w.pid.as_raw(),
-                "status: {}#{} {} rss={}KiB plugin={}",
-                g.name,
-                w.id,
-                g.listen,
-                rss_bytes(w.pid) / 1024,
-                g.plugin.display()
-            );
         }
     }
 
@@ -841,8 +873,16 @@ impl Master {
             let _ = self.poll.registry().deregister(&mut w.bus);
             self.node_gone(pid);
             let name = self.groups[w.group].cfg.name.clone();
-            for s in &mut self.statuses {
-                s.waiting.remove(&key);
+            for g in &mut self.gatherings {
+                if g.waiting.remove(&key) {
+                    g.report.answered(pid.as_raw() as u32, None);
+                }
+            }
+            // Exit statistics: deaths nobody asked for, and kills. A worker
+            // told to stop that exits cleanly is not counted.
+            let clean = matches!(status, WaitStatus::Exited(_, 0));
+            if self.phase == Phase::Running && !(w.role == Role::Retiring && clean) {
+                *self.exits.entry((name.clone(), how.clone())).or_default() += 1;
             }
             if w.role == Role::Retiring {
                 tracing::info!(
@@ -979,7 +1019,8 @@ impl Master {
                     self.stop_waiters.push(key);
                     self.begin_stop(graceful);
                 }
-                Ok(Request::Status) => self.start_status(key),
+                Ok(Request::Status) => self.start_status(Sink::Client(key)),
+                Ok(Request::Connections) => self.start_connections(Sink::Client(key)),
                 Ok(Request::Reload { graceful }) => {
                     if let Err(message) = self.begin_reload(graceful, Some(key)) {
                         self.reply(
@@ -1016,12 +1057,62 @@ impl Master {
         }
     }
 
-    fn start_status(&mut self, client: usize) {
+    /// Sends `msg(req)` to every ready worker; returns the request number and
+    /// the keys of the workers asked.
+    fn ask_workers(&mut self, msg: impl Fn(u64) -> ToWorker) -> (u64, HashSet<usize>) {
         self.next_req += 1;
         let req = self.next_req;
         let mut waiting = HashSet::new();
-        let mut rows = Vec::new();
         for (key, w) in &mut self.workers {
+            if w.ready {
+                w.buf.queue(&msg(req));
+                if w.buf.flush(&mut w.ctl).is_ok() {
+                    waiting.insert(key);
+                }
+            }
+        }
+        (req, waiting)
+    }
+
+    fn gather(&mut self, to: Sink, req: u64, waiting: HashSet<usize>, report: Gathered) {
+        self.gatherings.push(Gathering {
+            to,
+            req,
+            waiting,
+            report,
+            deadline: Instant::now() + STATS_WAIT,
+        });
+    }
+
+    /// Hands a finished report to whoever asked.
+    fn deliver(&mut self, mut g: Gathering) {
+        if let Gathered::Connections(r) = &mut g.report {
+            r.connections
+                .sort_by(|a, b| (&a.worker, a.pid, a.id).cmp(&(&b.worker, b.pid, b.id)));
+            r.busy.sort_unstable();
+        }
+        match (g.to, g.report) {
+            (Sink::Client(c), Gathered::Status(r)) => self.reply(c, &Response::Status(r)),
+            (Sink::Client(c), Gathered::Connections(r)) => self.reply(c, &Response::Connections(r)),
+            (Sink::Log, Gathered::Status(r)) => {
+                tracing::info!("SIGIOT: status");
+                for line in crate::cli::render_status(&r).lines() {
+                    tracing::info!("status: {line}");
+                }
+            }
+            (Sink::Log, Gathered::Connections(r)) => {
+                tracing::info!("SIGIO: {} connections", r.connections.len());
+                for line in crate::cli::render_connections(&r).lines() {
+                    tracing::info!("connections: {line}");
+                }
+            }
+        }
+    }
+
+    fn start_status(&mut self, to: Sink) {
+        let (req, waiting) = self.ask_workers(|req| ToWorker::Stats { req });
+        let mut rows = Vec::new();
+        for (key, w) in &self.workers {
             let g = &self.groups[w.group].cfg;
             rows.push(WorkerRow {
                 pid: w.pid.as_raw() as u32,
@@ -1037,40 +1128,71 @@ impl Master {
                     .unwrap_or_default()
                     .as_secs(),
                 stats: None,
+                qps: None,
+                // Until it answers; still so at the deadline means busy.
+                state: if waiting.contains(&key) {
+                    WorkerState::Busy
+                } else {
+                    WorkerState::Starting
+                },
             });
-            if w.ready {
-                w.buf.queue(&ToWorker::Stats { req });
-                if w.buf.flush(&mut w.ctl).is_ok() {
-                    waiting.insert(key);
-                }
-            }
         }
         rows.sort_by(|a, b| (&a.group, a.id).cmp(&(&b.group, b.id)));
+        let groups = self
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(gi, g)| GroupRow {
+                name: g.cfg.name.clone(),
+                listen: g.cfg.listen.text.clone(),
+                count: g.cfg.count,
+                processes: self.workers.iter().filter(|(_, w)| w.group == gi).count() as u32,
+            })
+            .collect();
+        let exits = self
+            .exits
+            .iter()
+            .map(|((group, status), &count)| ExitRow {
+                group: group.clone(),
+                status: status.clone(),
+                count,
+            })
+            .collect();
         let now = SystemTime::now();
         let start_time = self
             .started_at
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        self.statuses.push(PendingStatus {
-            client,
-            req,
-            waiting,
-            deadline: Instant::now() + STATS_WAIT,
-            report: StatusReport {
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                master_pid: std::process::id(),
-                start_time,
-                uptime_secs: now
-                    .duration_since(self.started_at)
-                    .unwrap_or_default()
-                    .as_secs(),
-                load_average: std::fs::read_to_string("/proc/loadavg")
-                    .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
-                    .unwrap_or_default(),
-                workers: rows,
-            },
-        });
+        let report = StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            master_pid: std::process::id(),
+            start_time,
+            uptime_secs: now
+                .duration_since(self.started_at)
+                .unwrap_or_default()
+                .as_secs(),
+            load_average: std::fs::read_to_string("/proc/loadavg")
+                .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default(),
+            groups,
+            exits,
+            workers: rows,
+        };
+        self.gather(to, req, waiting, Gathered::Status(report));
+    }
+
+    fn start_connections(&mut self, to: Sink) {
+        let (req, waiting) = self.ask_workers(|req| ToWorker::Connections { req });
+        let busy = waiting
+            .iter()
+            .map(|&k| self.workers[k].pid.as_raw() as u32)
+            .collect();
+        let report = ConnectionsReport {
+            connections: Vec::new(),
+            busy,
+        };
+        self.gather(to, req, waiting, Gathered::Connections(report));
     }
 
     fn startup_table(&self) -> String {

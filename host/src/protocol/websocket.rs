@@ -79,6 +79,9 @@ pub fn frame_header(len: usize, binary: bool) -> ([u8; 10], usize) {
     (h, n)
 }
 
+/// An empty ping from the server.
+pub const PING: [u8; 2] = [0x89, 0];
+
 /// A close frame with a status code, as the server sends it.
 pub fn close_frame(code: u16) -> [u8; 4] {
     let c = code.to_be_bytes();

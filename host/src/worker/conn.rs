@@ -2,6 +2,7 @@
 
 use std::io::{self, IoSlice, Write};
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use mio::net::TcpStream;
 
@@ -29,10 +30,18 @@ pub struct Conn {
     pub local: Option<SocketAddr>,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// `pause_recv`: leave input in the kernel until resumed.
+    pub paused: bool,
+    /// `end()`: half-close once flushed instead of closing.
+    pub ending: bool,
+    /// Send buffer limit (the listener's, unless the plugin set one).
+    pub max_send: usize,
+    /// Last time anything arrived, for `idle_timeout`.
+    pub last_active: Instant,
 }
 
 impl Conn {
-    pub fn new(id: u64, sock: TcpStream, codec: Codec) -> Conn {
+    pub fn new(id: u64, sock: TcpStream, codec: Codec, max_send: usize) -> Conn {
         let remote = sock.peer_addr().ok();
         let local = sock.local_addr().ok();
         Conn {
@@ -48,6 +57,10 @@ impl Conn {
             local,
             bytes_read: 0,
             bytes_written: 0,
+            paused: false,
+            ending: false,
+            max_send,
+            last_active: Instant::now(),
         }
     }
 

@@ -6,7 +6,9 @@
 
 use std::collections::VecDeque;
 
-use plugin_api::abi::{RawSendStatus, RawWorkerInfo};
+use std::time::{Duration, Instant};
+
+use plugin_api::abi::{RawConnInfo, RawSendStatus, RawWorkerInfo};
 use plugin_api::error_code;
 use slab::Slab;
 
@@ -15,6 +17,9 @@ use super::timers::Timers;
 use crate::bus::{self, BusMsg, Gid, Registry};
 use crate::ipc::WorkerStats;
 use crate::protocol::{http, websocket, Codec, Kind};
+
+/// How long a connection half-closed by `end()` may linger (Workerman: 1 s).
+pub const LINGER: Duration = Duration::from_secs(1);
 
 /// A plugin callback owed once the current one returns.
 #[derive(Debug)]
@@ -61,6 +66,12 @@ pub struct Core {
     pub bus_out: Vec<u8>,
     /// The framing of the message `on_message` is handling.
     pub current_kind: Kind,
+    /// Connections resumed by the plugin: read what waited in the kernel.
+    pub resumed: Vec<u64>,
+    /// Half-closed connections (`end`) and when to close them for good.
+    pub lingering: Vec<(Instant, u64)>,
+    /// Total messages at the previous `status`, for qps.
+    last_sample: Option<(u64, Instant)>,
 }
 
 /// Slab index of a connection id: the low 32 bits. The high 32 bits are a
@@ -94,6 +105,9 @@ impl Core {
             registry: Registry::default(),
             bus_out: Vec::new(),
             current_kind: Kind::Default,
+            resumed: Vec::new(),
+            lingering: Vec::new(),
+            last_sample: None,
         }
     }
 
@@ -138,11 +152,11 @@ impl Core {
     }
 
     pub fn send_kind(&mut self, id: u64, data: &[u8], kind: Kind) -> RawSendStatus {
-        let max = self.max_send_buffer_size;
         let Some(conn) = lookup(&mut self.conns, id) else {
             self.send_failed(id, "client closed");
             return RawSendStatus::Closed;
         };
+        let max = conn.max_send;
         if conn.state != State::Open || !conn.codec.established() {
             self.send_failed(id, "client closed");
             return RawSendStatus::Closed;
@@ -198,10 +212,94 @@ impl Core {
             }
             conn.state = State::Closing;
             if conn.pending() == 0 {
-                self.closing.push(id);
+                self.finish_close(id);
             }
         }
         true
+    }
+
+    /// A closing connection has nothing left to send: close it, or for
+    /// `end()` half-close it and close after the linger.
+    fn finish_close(&mut self, id: u64) {
+        let Some(conn) = lookup(&mut self.conns, id) else {
+            return;
+        };
+        if conn.ending {
+            conn.ending = false;
+            let _ = conn.sock.shutdown(std::net::Shutdown::Write);
+            self.lingering.push((Instant::now() + LINGER, id));
+        } else {
+            self.closing.push(id);
+        }
+    }
+
+    /// Half-close after flushing, then close after [`LINGER`].
+    pub fn end(&mut self, id: u64) -> bool {
+        match self.get(id) {
+            Some(c) if c.state == State::Open => c.ending = true,
+            _ => return false,
+        }
+        self.close(id, None)
+    }
+
+    pub fn pause_recv(&mut self, id: u64, paused: bool) -> bool {
+        let Some(conn) = self.get(id) else {
+            return false;
+        };
+        if conn.state != State::Open {
+            return false;
+        }
+        let was = std::mem::replace(&mut conn.paused, paused);
+        if was && !paused {
+            // Edge-triggered: nothing wakes us for data that already waited.
+            self.resumed.push(id);
+        }
+        true
+    }
+
+    pub fn set_max_send_buffer(&mut self, id: u64, bytes: usize) -> bool {
+        match self.get(id) {
+            Some(c) => {
+                c.max_send = bytes.max(1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn conn_info(&mut self, id: u64) -> RawConnInfo {
+        let none = plugin_api::to_raw_addr(None);
+        match self.get(id) {
+            Some(c) if c.state == State::Open => RawConnInfo {
+                open: true,
+                remote: plugin_api::to_raw_addr(c.remote),
+                local: plugin_api::to_raw_addr(c.local),
+                bytes_read: c.bytes_read,
+                bytes_written: c.bytes_written,
+                send_queue: c.pending() as u64,
+                recv_queue: c.inbuf.len() as u64,
+                paused: c.paused,
+            },
+            _ => RawConnInfo {
+                open: false,
+                remote: none,
+                local: none,
+                bytes_read: 0,
+                bytes_written: 0,
+                send_queue: 0,
+                recv_queue: 0,
+                paused: false,
+            },
+        }
+    }
+
+    /// Open connections the plugin knows (websocket handshakes done).
+    pub fn open_ids(&self) -> Vec<u64> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Open && c.codec.established())
+            .map(|(_, c)| c.id)
+            .collect()
     }
 
     /// Closes at once, dropping whatever is queued.
@@ -228,7 +326,7 @@ impl Core {
                     self.deferred.push_back(Deferred::BufferDrain(id));
                 }
                 if conn.state == State::Closing {
-                    self.closing.push(id);
+                    self.finish_close(id);
                 }
             }
             Ok(false) => {}
@@ -485,5 +583,66 @@ impl Core {
                 self.registry.apply(&msg);
             }
         }
+    }
+}
+
+/// Introspection for `wm-host status` and `wm-host connections`.
+impl Core {
+    /// The counters, and the messages per second since the previous call
+    /// (0 on the first): qps over the interval between two `status` requests,
+    /// as Workerman computes it.
+    pub fn stats_and_qps(&mut self) -> (WorkerStats, f64) {
+        let stats = self.stats();
+        let now = Instant::now();
+        let qps = match self.last_sample.replace((stats.total_messages, now)) {
+            Some((total, at)) => {
+                let secs = now.duration_since(at).as_secs_f64();
+                let delta = stats.total_messages.saturating_sub(total);
+                if secs > 0.0 {
+                    delta as f64 / secs
+                } else {
+                    0.0
+                }
+            }
+            None => 0.0,
+        };
+        (stats, qps)
+    }
+
+    /// One row per connection of this worker.
+    pub fn connection_rows(&self) -> Vec<crate::ipc::ConnRow> {
+        let addr =
+            |a: Option<std::net::SocketAddr>| a.map_or_else(|| "-".into(), |a| a.to_string());
+        self.conns
+            .iter()
+            .map(|(_, c)| crate::ipc::ConnRow {
+                pid: self.node,
+                worker: self.info.name.as_str().to_string(),
+                id: c.id,
+                transport: "tcp".into(),
+                protocol: match c.codec {
+                    Codec::Tcp => "tcp",
+                    Codec::Text(_) => "text",
+                    Codec::Frame => "frame",
+                    Codec::Websocket(_) => "websocket",
+                    Codec::Http(_) => "http",
+                }
+                .into(),
+                local: addr(c.local),
+                remote: addr(c.remote),
+                recv_q: c.inbuf.len() as u64,
+                send_q: c.pending() as u64,
+                bytes_read: c.bytes_read,
+                bytes_written: c.bytes_written,
+                state: if c.state == State::Closing {
+                    "CLOSING"
+                } else if !c.codec.established() {
+                    "HANDSHAKE"
+                } else {
+                    "ESTABLISHED"
+                }
+                .into(),
+            })
+            .collect()
     }
 }

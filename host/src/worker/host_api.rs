@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::std_types::{ROption, RSlice, RStr, RString, RVec, Tuple2};
 use plugin_api::abi::{
-    HostVTable, HostVTableRef, RawAddr, RawKind, RawLevel, RawSendStatus, RawWorkerInfo,
+    HostVTable, HostVTableRef, RawAddr, RawConnInfo, RawKind, RawLevel, RawSendStatus,
+    RawWorkerInfo,
 };
 
 use super::core::Core;
@@ -152,6 +153,41 @@ extern "C" fn connection_count(state: *mut c_void) -> u64 {
     core(state).conns.len() as u64
 }
 
+extern "C" fn pause_recv(state: *mut c_void, conn: u64) -> bool {
+    core(state).pause_recv(conn, true)
+}
+
+extern "C" fn resume_recv(state: *mut c_void, conn: u64) -> bool {
+    core(state).pause_recv(conn, false)
+}
+
+extern "C" fn end(state: *mut c_void, conn: u64) -> bool {
+    core(state).end(conn)
+}
+
+extern "C" fn destroy(state: *mut c_void, conn: u64) -> bool {
+    let c = core(state);
+    let known = c.get(conn).is_some();
+    c.destroy(conn);
+    known
+}
+
+extern "C" fn set_max_send_buffer(state: *mut c_void, conn: u64, bytes: u64) -> bool {
+    core(state).set_max_send_buffer(conn, bytes as usize)
+}
+
+extern "C" fn conn_info(state: *mut c_void, conn: u64) -> RawConnInfo {
+    core(state).conn_info(conn)
+}
+
+extern "C" fn connections(state: *mut c_void) -> RVec<u64> {
+    core(state).open_ids().into()
+}
+
+extern "C" fn del_all_timers(state: *mut c_void) -> u64 {
+    core(state).timers.clear() as u64
+}
+
 /// Built once per worker process.
 pub fn vtable() -> HostVTableRef {
     HostVTable {
@@ -174,6 +210,14 @@ pub fn vtable() -> HostVTableRef {
         add_timer,
         del_timer,
         connection_count,
+        pause_recv,
+        resume_recv,
+        end,
+        destroy,
+        set_max_send_buffer,
+        conn_info,
+        connections,
+        del_all_timers,
     }
     .leak_into_prefix()
 }

@@ -47,6 +47,64 @@ const READ_BUF: usize = 64 * 1024;
 /// stop came is answered rather than cut off.
 const DRAIN: Duration = Duration::from_millis(500);
 
+/// Heartbeats: closing idle connections and pinging websockets, on a
+/// coarse schedule (a quarter of the period) so one sweep covers many.
+struct Housekeeping {
+    idle: Option<Duration>,
+    ping: Option<Duration>,
+    next_sweep: Option<Instant>,
+    next_ping: Option<Instant>,
+}
+
+impl Housekeeping {
+    fn new(idle: Option<Duration>, ping: Option<Duration>) -> Housekeeping {
+        let now = Instant::now();
+        Housekeeping {
+            idle,
+            ping,
+            next_sweep: idle.map(|d| now + (d / 4).max(Duration::from_millis(10))),
+            next_ping: ping.map(|d| now + d),
+        }
+    }
+
+    fn next(&self, core: &Core) -> Option<Instant> {
+        let linger = core.lingering.iter().map(|(t, _)| *t).min();
+        [self.next_sweep, self.next_ping, linger]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Sends due pings; returns the connections idle for too long.
+    fn due(&mut self, core: &mut Core, now: Instant) -> Vec<u64> {
+        if let (Some(at), Some(every)) = (self.next_ping, self.ping) {
+            if at <= now {
+                self.next_ping = Some(now + every);
+                for id in core.open_ids() {
+                    core.send_raw(id, &websocket::PING);
+                }
+            }
+        }
+        let (Some(at), Some(idle)) = (self.next_sweep, self.idle) else {
+            return Vec::new();
+        };
+        if at > now {
+            return Vec::new();
+        }
+        self.next_sweep = Some(now + (idle / 4).max(Duration::from_millis(10)));
+        let quiet: Vec<u64> = core
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Open && now.duration_since(c.last_active) >= idle)
+            .map(|(_, c)| c.id)
+            .collect();
+        for id in &quiet {
+            tracing::debug!(conn = id, "closing idle connection (idle_timeout {idle:?})");
+        }
+        quiet
+    }
+}
+
 /// Builds the FFI view of a request for the length of one call.
 fn with_raw_request<R>(req: &http::Request, f: impl FnOnce(&RawRequest<'_>) -> R) -> R {
     let headers: Vec<Tuple2<RStr<'_>, RStr<'_>>> = req
@@ -222,6 +280,7 @@ struct Worker {
     scheme: crate::config::Scheme,
     max_connections: usize,
     stop: Option<Stop>,
+    housekeeping: Housekeeping,
     /// When a stop closes the remaining connections.
     close_at: Option<Instant>,
     full_logged: bool,
@@ -359,6 +418,7 @@ fn start(
         scheme: spec.worker.listen.scheme,
         max_connections: spec.worker.max_connections,
         stop: None,
+        housekeeping: Housekeeping::new(spec.worker.idle_timeout, spec.worker.ws_ping_interval),
         close_at: None,
         full_logged: false,
         runner,
@@ -383,10 +443,14 @@ impl Worker {
                 break;
             }
             let now = Instant::now();
-            let timeout = match (self.core.timers.timeout(now), self.close_at) {
-                (t, None) => t,
-                (None, Some(c)) => Some(c.saturating_duration_since(now)),
-                (Some(t), Some(c)) => Some(t.min(c.saturating_duration_since(now))),
+            let wake = [self.close_at, self.housekeeping.next(&self.core)]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|t| t.saturating_duration_since(now));
+            let timeout = match (self.core.timers.timeout(now), wake) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -415,6 +479,7 @@ impl Worker {
                 }
             }
             self.fire_timers();
+            self.after_events();
             if self.close_at.is_some_and(|c| c <= Instant::now()) {
                 self.close_at = None;
                 self.close_all();
@@ -425,6 +490,26 @@ impl Worker {
         self.flush_bus();
         tracing::info!("worker stopped");
         Ok(())
+    }
+
+    /// Work that is not an IO event: resumed readers, lingering half-closed
+    /// connections, idle connections, websocket pings.
+    fn after_events(&mut self) {
+        while let Some(id) = self.core.resumed.pop() {
+            // Messages already buffered first, then what waited in the kernel.
+            self.dispatch(id, 0);
+            self.read(id);
+            self.runner.settle(&mut self.core);
+        }
+        let now = Instant::now();
+        let core = &mut self.core;
+        let (done, keep): (Vec<_>, Vec<_>) = core.lingering.drain(..).partition(|(t, _)| *t <= now);
+        core.lingering = keep;
+        core.closing.extend(done.into_iter().map(|(_, id)| id));
+        for id in self.housekeeping.due(&mut self.core, now) {
+            self.core.close(id, None);
+        }
+        self.runner.settle(&mut self.core);
     }
 
     fn fire_timers(&mut self) {
@@ -475,7 +560,8 @@ impl Worker {
             let id = self.core.next_id(idx);
             let codec = Codec::new(self.scheme);
             let known = codec.established();
-            self.core.conns.insert(Conn::new(id, sock, codec));
+            let max_send = self.core.max_send_buffer_size;
+            self.core.conns.insert(Conn::new(id, sock, codec, max_send));
             // A websocket is "connected" for the plugin once its handshake is done.
             if known {
                 self.runner.call(&mut self.core, Call::Connect(id));
@@ -491,7 +577,7 @@ impl Worker {
             let Some(conn) = self.core.get(id) else {
                 return;
             };
-            if conn.state != State::Open {
+            if conn.state != State::Open || conn.paused {
                 return;
             }
             match conn.sock.read(&mut self.read_buf) {
@@ -502,6 +588,7 @@ impl Worker {
                 }
                 Ok(n) => {
                     conn.bytes_read += n as u64;
+                    conn.last_active = Instant::now();
                     self.dispatch(id, n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -671,6 +758,9 @@ impl Worker {
             if conn.state != State::Open {
                 return;
             }
+            if conn.paused {
+                break;
+            }
             let Codec::Http(h) = &mut conn.codec else {
                 return;
             };
@@ -749,6 +839,10 @@ impl Worker {
             if conn.state != State::Open {
                 return;
             }
+            // Paused by the plugin: keep the rest for after `resume_recv`.
+            if conn.paused {
+                break;
+            }
             match conn.codec.decode(&input[pos..], max) {
                 Ok(Some(m)) => {
                     let msg = &input[pos + m.start..pos + m.end];
@@ -811,8 +905,12 @@ impl Worker {
                     self.runner.settle(&mut self.core);
                 }
                 Ok(ToWorker::Stats { req }) => {
-                    let stats = self.core.stats();
-                    self.ctl_buf.queue(&FromWorker::Stats { req, stats });
+                    let (stats, qps) = self.core.stats_and_qps();
+                    self.ctl_buf.queue(&FromWorker::Stats { req, stats, qps });
+                }
+                Ok(ToWorker::Connections { req }) => {
+                    let rows = self.core.connection_rows();
+                    self.ctl_buf.queue(&FromWorker::Connections { req, rows });
                 }
                 Err(e) => tracing::warn!("bad control message: {e}"),
             }

@@ -43,6 +43,14 @@ impl Timers {
         self.live.remove(&id).is_some()
     }
 
+    /// Deletes every timer; returns how many there were.
+    pub fn clear(&mut self) -> usize {
+        let n = self.live.len();
+        self.live.clear();
+        self.queue.clear();
+        n
+    }
+
     pub fn len(&self) -> usize {
         self.live.len()
     }

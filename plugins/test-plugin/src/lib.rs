@@ -30,6 +30,15 @@
 //! with `Connection: close`, anything else 404.
 //!
 //! | `reloads`        | how often `on_worker_reload` ran in this worker |
+//! | `flood <n> <size>` | sends n messages of size bytes at once (no reply) |
+//! | `events`         | `full=F drain=D dropped=X errors=E` for this connection |
+//! | `pause <ms>`     | `paused`; stops reading for ms, then `resumed`  |
+//! | `every <ms> <n>` | `tick 1`..`tick n` every ms, then `done` (the timer deletes itself) |
+//! | `deltimers`      | `deleted N` after deleting every timer          |
+//! | `end`            | `ending`, then a half-close                     |
+//! | `info`           | `read=R written=W conns=N` for this connection  |
+//!
+//! `on_buffer_drain` also sends `drained`.
 //!
 //! Options: `fail_start = "error" | "panic"` makes `on_worker_start` fail;
 //! `fail_start_file = PATH` makes it panic while that file exists (so a test
@@ -56,6 +65,18 @@ pub struct TestPlugin {
     handshakes: HashMap<ConnId, String>,
     subscribers: HashSet<ConnId>,
     reloads: u32,
+    events: HashMap<ConnId, Events>,
+    /// Repeating timers of `every`: connection, ticks sent, ticks wanted.
+    tickers: HashMap<TimerId, (ConnId, u32, u32)>,
+    resumes: HashMap<TimerId, ConnId>,
+}
+
+#[derive(Default)]
+struct Events {
+    full: u32,
+    drain: u32,
+    dropped: u32,
+    errors: u32,
 }
 
 impl Plugin for TestPlugin {
@@ -114,6 +135,55 @@ impl Plugin for TestPlugin {
                 ctx.close_with(conn, "bye");
             }
             "panic" => panic!("panic requested by the client"),
+            "flood" => {
+                let (n, size) = arg.split_once(' ').unwrap_or(("1", "1"));
+                let chunk = vec![b'x'; size.parse().unwrap_or(1)];
+                for _ in 0..n.parse::<u32>().unwrap_or(1) {
+                    if ctx.send(conn, &chunk) == plugin_api::SendStatus::Dropped {
+                        self.events.entry(conn).or_default().dropped += 1;
+                    }
+                }
+            }
+            "events" => {
+                let e = self.events.entry(conn).or_default();
+                let reply = format!(
+                    "full={} drain={} dropped={} errors={}",
+                    e.full, e.drain, e.dropped, e.errors
+                );
+                ctx.send(conn, reply);
+            }
+            "pause" => {
+                ctx.pause_recv(conn);
+                ctx.send(conn, "paused");
+                let t = ctx.add_timer(Duration::from_millis(arg.parse().unwrap_or(100)), false);
+                self.resumes.insert(t, conn);
+            }
+            "every" => {
+                let (ms, n) = arg.split_once(' ').unwrap_or(("10", "3"));
+                let t = ctx.add_timer(Duration::from_millis(ms.parse().unwrap_or(10)), true);
+                self.tickers.insert(t, (conn, 0, n.parse().unwrap_or(3)));
+            }
+            "deltimers" => {
+                let n = ctx.del_all_timers();
+                self.tickers.clear();
+                self.timers.clear();
+                ctx.send(conn, format!("deleted {n}"));
+            }
+            "end" => {
+                ctx.send(conn, "ending");
+                ctx.end(conn);
+            }
+            "info" => {
+                let i = ctx.conn_info(conn).expect("open");
+                let n = ctx.connections().len();
+                ctx.send(
+                    conn,
+                    format!(
+                        "read={} written={} conns={n}",
+                        i.bytes_read, i.bytes_written
+                    ),
+                );
+            }
             "reloads" => {
                 let n = self.reloads.to_string();
                 ctx.send(conn, n);
@@ -229,12 +299,43 @@ impl Plugin for TestPlugin {
         if let Some(conn) = self.timers.remove(&timer) {
             ctx.send(conn, "timer fired");
         }
+        if let Some(conn) = self.resumes.remove(&timer) {
+            ctx.resume_recv(conn);
+            ctx.send(conn, "resumed");
+        }
+        if let Some((conn, sent, wanted)) = self.tickers.get_mut(&timer) {
+            *sent += 1;
+            let (conn, sent, wanted) = (*conn, *sent, *wanted);
+            ctx.send(conn, format!("tick {sent}"));
+            if sent == wanted {
+                // A repeating timer deleting itself from its own callback.
+                ctx.del_timer(timer);
+                self.tickers.remove(&timer);
+                ctx.send(conn, "done");
+            }
+        }
+    }
+
+    fn on_buffer_full(&mut self, _ctx: &mut Context<'_>, conn: ConnId) {
+        self.events.entry(conn).or_default().full += 1;
+    }
+
+    fn on_buffer_drain(&mut self, ctx: &mut Context<'_>, conn: ConnId) {
+        self.events.entry(conn).or_default().drain += 1;
+        ctx.send(conn, "drained");
+    }
+
+    fn on_error(&mut self, _ctx: &mut Context<'_>, conn: ConnId, _code: u32, _msg: &str) {
+        self.events.entry(conn).or_default().errors += 1;
     }
 
     fn on_close(&mut self, _ctx: &mut Context<'_>, conn: ConnId) {
         self.timers.retain(|_, c| *c != conn);
         self.handshakes.remove(&conn);
         self.subscribers.remove(&conn);
+        self.events.remove(&conn);
+        self.tickers.retain(|_, t| t.0 != conn);
+        self.resumes.retain(|_, c| *c != conn);
     }
 }
 
