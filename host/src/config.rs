@@ -41,6 +41,8 @@ pub enum Scheme {
     Frame,
     Websocket,
     Http,
+    /// Framing supplied by the plugin (`Plugin::protocol`).
+    Custom,
 }
 
 impl Scheme {
@@ -51,6 +53,7 @@ impl Scheme {
             "frame" => Scheme::Frame,
             "websocket" | "ws" => Scheme::Websocket,
             "http" => Scheme::Http,
+            "custom" => Scheme::Custom,
             _ => return None,
         })
     }
@@ -62,6 +65,7 @@ impl Scheme {
             Scheme::Frame => "frame",
             Scheme::Websocket => "websocket",
             Scheme::Http => "http",
+            Scheme::Custom => "custom",
         }
     }
 }
@@ -81,7 +85,7 @@ impl Listen {
             .split_once("://")
             .ok_or_else(|| format!("expected scheme://host:port, got {text:?}"))?;
         let scheme = Scheme::parse(scheme).ok_or_else(|| {
-            format!("unknown protocol {scheme:?} (supported: tcp, text, frame, websocket, http)")
+            format!("unknown protocol {scheme:?} (supported: tcp, text, frame, websocket, http, custom)")
         })?;
         let addr = rest
             .to_socket_addrs()

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use abi_stable::library::{LibraryError, RootModule};
+use abi_stable::std_types::{RResult, RSlice, RVec};
 use plugin_api::abi::{HostCtx, Outcome, PluginInstance, PluginModRef, PluginVTableRef};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,38 @@ pub struct LoadedPlugin {
     pub label: String,
     state: *mut std::ffi::c_void,
     vt: PluginVTableRef,
+    /// The plugin's `Protocol` object, if it has one.
+    protocol: *mut std::ffi::c_void,
+}
+
+/// A plugin's framing for `custom://`, callable while a plugin callback runs
+/// (it is a separate object from the plugin).
+#[derive(Clone, Copy)]
+pub struct CustomProtocol {
+    vt: PluginVTableRef,
+    proto: *mut std::ffi::c_void,
+}
+
+impl CustomProtocol {
+    /// Length of the first packet: `Ok(None)` needs more.
+    pub fn input(&self, buf: &[u8]) -> Result<Option<usize>, String> {
+        match (self.vt.protocol_input())(self.proto, RSlice::from_slice(buf)) {
+            RResult::ROk(n) => Ok(n.into_option().map(|n| n as usize)),
+            RResult::RErr(e) => Err(e.into_string()),
+        }
+    }
+
+    /// The message's offsets inside a packet.
+    pub fn decode(&self, packet: &[u8]) -> (usize, usize) {
+        let r = (self.vt.protocol_decode())(self.proto, RSlice::from_slice(packet));
+        (r.0 as usize, r.1 as usize)
+    }
+
+    pub fn encode(&self, data: &[u8]) -> Option<Vec<u8>> {
+        let mut out = RVec::new();
+        (self.vt.protocol_encode())(self.proto, RSlice::from_slice(data), &mut out)
+            .then(|| out.into_vec())
+    }
 }
 
 impl LoadedPlugin {
@@ -35,7 +68,11 @@ impl LoadedPlugin {
             return Err(LoadError::Missing { path: shown });
         }
         let module = PluginModRef::load_from_file(path).map_err(|e| classify(shown.clone(), e))?;
-        let PluginInstance { state, vt } = match (module.create())().into_option() {
+        let PluginInstance {
+            state,
+            protocol,
+            vt,
+        } = match (module.create())().into_option() {
             Some(inst) => inst,
             None => return Err(LoadError::CtorPanicked { path: shown }),
         };
@@ -44,6 +81,14 @@ impl LoadedPlugin {
             label: format!("{} {}", module.name(), module.version()),
             state,
             vt,
+            protocol,
+        })
+    }
+
+    pub fn protocol(&self) -> Option<CustomProtocol> {
+        (!self.protocol.is_null()).then_some(CustomProtocol {
+            vt: self.vt,
+            proto: self.protocol,
         })
     }
 

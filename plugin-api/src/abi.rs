@@ -15,7 +15,7 @@ use abi_stable::{
     library::RootModule,
     package_version_strings,
     sabi_types::VersionStrings,
-    std_types::{ROption, RSlice, RStr, RString, RVec, Tuple2},
+    std_types::{ROption, RResult, RSlice, RStr, RString, RVec, Tuple2},
     StableAbi,
 };
 
@@ -226,6 +226,17 @@ pub struct PluginVTable {
     /// Frees the plugin object. Called once, last.
     #[sabi(last_prefix_field)]
     pub drop: extern "C" fn(state: *mut c_void),
+    /// `custom://` framing, on the protocol object (never the plugin object,
+    /// so the host may encode while a plugin callback runs).
+    /// Ok(Some(n)): a packet of n bytes; Ok(None): need more; Err: bad input.
+    pub protocol_input:
+        extern "C" fn(proto: *mut c_void, buf: RSlice<'_, u8>) -> RResult<ROption<u64>, RString>,
+    /// The message inside a packet, as (start, end) offsets.
+    pub protocol_decode:
+        extern "C" fn(proto: *mut c_void, packet: RSlice<'_, u8>) -> Tuple2<u64, u64>,
+    /// Appends the bytes for an outgoing message; false if the encoder failed.
+    pub protocol_encode:
+        extern "C" fn(proto: *mut c_void, data: RSlice<'_, u8>, out: &mut RVec<u8>) -> bool,
 }
 
 /// One plugin object and its callbacks.
@@ -233,6 +244,8 @@ pub struct PluginVTable {
 #[derive(StableAbi)]
 pub struct PluginInstance {
     pub state: *mut c_void,
+    /// The plugin's [`crate::Protocol`] for `custom://` listeners, or null.
+    pub protocol: *mut c_void,
     pub vt: PluginVTableRef,
 }
 

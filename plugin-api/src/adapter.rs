@@ -15,13 +15,13 @@ pub use abi_stable::library::{
 pub use abi_stable::std_types::ROption;
 use abi_stable::{
     prefix_type::PrefixTypeTrait,
-    std_types::{RSlice, RStr, RString},
+    std_types::{RResult, RSlice, RStr, RString, RVec, Tuple2},
 };
 
 use crate::abi::{
     HostCtx, Outcome, PluginInstance, PluginMod, PluginModRef, PluginVTable, RawRequest,
 };
-use crate::{ConnId, Context, Plugin, Request, TimerId};
+use crate::{ConnId, Context, Plugin, Protocol, Request, TimerId};
 
 thread_local! {
     // Where the panic hook leaves "message at file:line" for the wrapper to report.
@@ -218,6 +218,71 @@ extern "C" fn on_publish<P: Plugin>(
     })
 }
 
+type ProtoBox = Box<dyn Protocol>;
+
+/// # Safety
+/// `proto` is the pointer made in `create`, used on one thread.
+unsafe fn proto<'a>(p: *mut c_void) -> &'a mut ProtoBox {
+    &mut *(p as *mut ProtoBox)
+}
+
+extern "C" fn protocol_input(
+    p: *mut c_void,
+    buf: RSlice<'_, u8>,
+) -> RResult<ROption<u64>, RString> {
+    // SAFETY: the host passes back the pointer from `create`.
+    let r = panic::catch_unwind(AssertUnwindSafe(|| {
+        unsafe { proto(p) }.input(buf.as_slice())
+    }));
+    match r {
+        Ok(Ok(n)) => RResult::ROk(n.map(|n| n as u64).into()),
+        Ok(Err(e)) => RResult::RErr(e.into()),
+        Err(payload) => {
+            let text = LAST_PANIC
+                .with(|l| l.borrow_mut().take())
+                .unwrap_or_else(|| payload_text(&*payload));
+            std::mem::forget(payload);
+            RResult::RErr(format!("protocol input panicked: {text}").into())
+        }
+    }
+}
+
+extern "C" fn protocol_decode(p: *mut c_void, packet: RSlice<'_, u8>) -> Tuple2<u64, u64> {
+    let whole = Tuple2(0, packet.len() as u64);
+    let r = panic::catch_unwind(AssertUnwindSafe(|| {
+        let packet = packet.as_slice();
+        // SAFETY: as above.
+        let msg = unsafe { proto(p) }.decode(packet);
+        let start = (msg.as_ptr() as usize).wrapping_sub(packet.as_ptr() as usize);
+        // Only a part of the packet can be handed back without a copy.
+        if start <= packet.len() && start + msg.len() <= packet.len() {
+            Tuple2(start as u64, (start + msg.len()) as u64)
+        } else {
+            whole
+        }
+    }));
+    r.unwrap_or(whole)
+}
+
+extern "C" fn protocol_encode(p: *mut c_void, data: RSlice<'_, u8>, out: &mut RVec<u8>) -> bool {
+    let r = panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut v = Vec::new();
+        // SAFETY: as above.
+        unsafe { proto(p) }.encode(data.as_slice(), &mut v);
+        v
+    }));
+    match r {
+        Ok(v) => {
+            out.extend_from_slice(&v);
+            true
+        }
+        Err(payload) => {
+            std::mem::forget(payload);
+            false
+        }
+    }
+}
+
 extern "C" fn drop_plugin<P: Plugin>(state: *mut c_void) {
     let _ = panic::catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `state` came from `Box::into_raw` in `create` and is dropped once.
@@ -246,9 +311,19 @@ pub fn create<P: Plugin>(ctor: fn() -> P) -> ROption<PluginInstance> {
         on_request: on_request::<P>,
         on_publish: on_publish::<P>,
         drop: drop_plugin::<P>,
+        protocol_input,
+        protocol_decode,
+        protocol_encode,
+    };
+    let mut object = object;
+    let protocol = match panic::catch_unwind(AssertUnwindSafe(|| object.protocol())) {
+        // Lives as long as the worker: never freed.
+        Ok(Some(p)) => Box::into_raw(Box::new(p)) as *mut c_void,
+        _ => std::ptr::null_mut(),
     };
     ROption::RSome(PluginInstance {
         state: Box::into_raw(Box::new(object)) as *mut c_void,
+        protocol,
         // Called once per worker process, so leaking one vtable is fine.
         vt: vt.leak_into_prefix(),
     })

@@ -48,6 +48,21 @@ pub mod error_code {
     pub const SEND_FAILED: u32 = 2;
 }
 
+/// Framing for `custom://` listeners (Workerman's protocol classes): the host
+/// keeps buffers, limits and IO, and asks this object where messages are.
+pub trait Protocol: 'static {
+    /// `Ok(Some(n))`: the first packet is `buf[..n]`; `Ok(None)`: more bytes
+    /// are needed; `Err(reason)`: bad input (the connection is closed and the
+    /// reason logged). Packets over `max_package_size` are refused by the host.
+    fn input(&mut self, buf: &[u8]) -> Result<Option<usize>, String>;
+    /// The message inside a complete packet, as a part of it. Default: all.
+    fn decode<'a>(&mut self, packet: &'a [u8]) -> &'a [u8] {
+        packet
+    }
+    /// Appends the bytes to write for an outgoing message.
+    fn encode(&mut self, data: &[u8], out: &mut Vec<u8>);
+}
+
 /// Business logic run by wm-host workers. Every method has a no-op default;
 /// implement only what you need.
 #[allow(unused_variables)]
@@ -97,6 +112,10 @@ pub trait Plugin: 'static {
             &[("Content-Type", "text/plain")],
             b"404 Not Found\n",
         );
+    }
+    /// The framing for `custom://` listeners; asked once per worker.
+    fn protocol(&mut self) -> Option<Box<dyn Protocol>> {
+        None
     }
     /// A message published with [`Context::publish`] by any worker of the
     /// host, this one included, in the order each worker published them.

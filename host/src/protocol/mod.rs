@@ -50,6 +50,8 @@ pub enum Codec {
     /// Before the handshake: `None`; after it, the frame reader.
     Websocket(Option<Box<websocket::WsReader>>),
     Http(Box<HttpConn>),
+    /// Framed by the plugin's `Protocol` (the worker calls it).
+    Custom,
 }
 
 /// An HTTP connection: the request decoder and the requests still owed an
@@ -83,6 +85,7 @@ impl Codec {
             Scheme::Frame => Codec::Frame,
             Scheme::Websocket => Codec::Websocket(None),
             Scheme::Http => Codec::Http(Box::default()),
+            Scheme::Custom => Codec::Custom,
         }
     }
 
@@ -99,7 +102,7 @@ impl Codec {
             Codec::Text(t) => t.decode(input, max),
             Codec::Frame => frame::decode(input, max),
             // These have their own paths in the worker.
-            Codec::Websocket(_) | Codec::Http(_) => Ok(None),
+            Codec::Websocket(_) | Codec::Http(_) | Codec::Custom => Ok(None),
         }
     }
 
@@ -120,7 +123,8 @@ impl Codec {
         };
         match self {
             // HTTP answers are whole responses, built by `http::encode_response`.
-            Codec::Tcp | Codec::Http(_) => {}
+            // Custom framing is encoded by the plugin's protocol object.
+            Codec::Tcp | Codec::Http(_) | Codec::Custom => {}
             Codec::Text(_) => env.trailer = b"\n",
             Codec::Frame => {
                 env.header[..4].copy_from_slice(&frame::header(len)?);

@@ -16,6 +16,7 @@ use super::conn::{Conn, State};
 use super::timers::Timers;
 use crate::bus::{self, BusMsg, Gid, Registry};
 use crate::ipc::WorkerStats;
+use crate::plugin::CustomProtocol;
 use crate::protocol::{http, websocket, Codec, Kind};
 
 /// How long a connection half-closed by `end()` may linger (Workerman: 1 s).
@@ -72,6 +73,8 @@ pub struct Core {
     pub lingering: Vec<(Instant, u64)>,
     /// Total messages at the previous `status`, for qps.
     last_sample: Option<(u64, Instant)>,
+    /// The plugin's framing, for `custom://` listeners.
+    pub custom: Option<CustomProtocol>,
 }
 
 /// Slab index of a connection id: the low 32 bits. The high 32 bits are a
@@ -108,6 +111,7 @@ impl Core {
             resumed: Vec::new(),
             lingering: Vec::new(),
             last_sample: None,
+            custom: None,
         }
     }
 
@@ -165,18 +169,26 @@ impl Core {
         if let Codec::Http(_) = conn.codec {
             return self.respond(id, 200, &[], data);
         }
-        if conn.pending() >= max {
-            self.send_failed(id, "send buffer full and drop package");
-            return RawSendStatus::Dropped;
-        }
-        let env = match conn.codec.envelope(data.len(), kind) {
-            Ok(env) => env,
-            Err(_) => {
-                self.send_failed(id, "message too large for the protocol");
+        let encoded;
+        let env;
+        let parts: [&[u8]; 3] = if let (Codec::Custom, Some(proto)) = (&conn.codec, self.custom) {
+            let Some(bytes) = proto.encode(data) else {
+                self.send_failed(id, "the plugin's protocol failed to encode");
                 return RawSendStatus::Dropped;
-            }
+            };
+            encoded = bytes;
+            [&encoded, &[], &[]]
+        } else {
+            env = match conn.codec.envelope(data.len(), kind) {
+                Ok(env) => env,
+                Err(_) => {
+                    self.send_failed(id, "message too large for the protocol");
+                    return RawSendStatus::Dropped;
+                }
+            };
+            [env.header(), data, env.trailer]
         };
-        match conn.write_parts(&[env.header(), data, env.trailer]) {
+        match conn.write_parts(&parts) {
             Ok(true) => RawSendStatus::Sent,
             Ok(false) => {
                 if conn.pending() >= max && !conn.full {
@@ -626,6 +638,7 @@ impl Core {
                     Codec::Frame => "frame",
                     Codec::Websocket(_) => "websocket",
                     Codec::Http(_) => "http",
+                    Codec::Custom => "custom",
                 }
                 .into(),
                 local: addr(c.local),

@@ -24,8 +24,8 @@ use self::core::{slot, Core, Deferred};
 use crate::bus::BusBuf;
 use crate::config::WorkerConfig;
 use crate::ipc::{FromWorker, LineBuf, ToWorker};
-use crate::plugin::LoadedPlugin;
-use crate::protocol::{http, websocket, Codec, Kind, Pending};
+use crate::plugin::{CustomProtocol, LoadedPlugin};
+use crate::protocol::{http, websocket, Codec, Kind, Message, Pending};
 use crate::static_files::StaticDir;
 
 /// File descriptors a worker inherits, by number.
@@ -102,6 +102,38 @@ impl Housekeeping {
             tracing::debug!(conn = id, "closing idle connection (idle_timeout {idle:?})");
         }
         quiet
+    }
+}
+
+/// Finds the next message with the plugin's `custom://` framing; the host
+/// still enforces `max_package_size`.
+fn custom_decode(
+    proto: CustomProtocol,
+    input: &[u8],
+    max: usize,
+) -> Result<Option<Message>, String> {
+    if input.is_empty() {
+        return Ok(None);
+    }
+    match proto.input(input)? {
+        Some(0) => Err("the protocol reported an empty packet".into()),
+        Some(n) if n > max => Err(format!(
+            "packet of {n} bytes is over max_package_size ({max})"
+        )),
+        Some(n) if n > input.len() => Ok(None),
+        Some(n) => {
+            let (start, end) = proto.decode(&input[..n]);
+            Ok(Some(Message {
+                start,
+                end,
+                consumed: n,
+            }))
+        }
+        None if input.len() >= max => Err(format!(
+            "no complete packet in {} bytes (max_package_size {max})",
+            input.len()
+        )),
+        None => Ok(None),
     }
 }
 
@@ -371,6 +403,14 @@ fn start(
         spec.worker.max_package_size,
         spec.worker.max_send_buffer_size,
     );
+    core.custom = runner.plugin.protocol();
+    if spec.worker.listen.scheme == crate::config::Scheme::Custom && core.custom.is_none() {
+        let error = format!(
+            "plugin {}: custom:// needs a plugin that provides a protocol (Plugin::protocol)",
+            spec.worker.plugin.display()
+        );
+        return Err((ctl_std, error));
+    }
     match runner.call(&mut core, Call::WorkerStart) {
         Outcome::Ok | Outcome::Refused(_) => {}
         Outcome::Failed(e) => return Err((ctl_std, format!("on_worker_start failed: {e}"))),
@@ -818,6 +858,7 @@ impl Worker {
 
     /// Frames `read_buf[..n]` (after any partial message kept from before).
     fn dispatch_framed(&mut self, id: u64, n: usize) {
+        let custom = self.core.custom;
         let Worker {
             core,
             runner,
@@ -843,7 +884,11 @@ impl Worker {
             if conn.paused {
                 break;
             }
-            match conn.codec.decode(&input[pos..], max) {
+            let decoded = match (&mut conn.codec, custom) {
+                (Codec::Custom, Some(proto)) => custom_decode(proto, &input[pos..], max),
+                (codec, _) => codec.decode(&input[pos..], max).map_err(|e| e.to_string()),
+            };
+            match decoded {
                 Ok(Some(m)) => {
                     let msg = &input[pos + m.start..pos + m.end];
                     pos += m.consumed;
