@@ -179,6 +179,12 @@ pub struct HostVTable {
     pub connections: extern "C" fn(state: *mut c_void) -> RVec<u64>,
     /// Deletes every timer of this worker; returns how many there were.
     pub del_all_timers: extern "C" fn(state: *mut c_void) -> u64,
+    /// Opens an outbound connection (`tcp://`, `text://`, `frame://`, `ws://`).
+    pub connect:
+        extern "C" fn(state: *mut c_void, url: RStr<'_>, timeout_ms: u64) -> RResult<u64, RString>,
+    pub reconnect: extern "C" fn(state: *mut c_void, conn: u64, delay_ms: u64) -> bool,
+    pub pipe: extern "C" fn(state: *mut c_void, src: u64, dst: u64) -> bool,
+    pub is_outbound: extern "C" fn(state: *mut c_void, conn: u64) -> bool,
 }
 
 /// The handle a callback receives: host state plus the host's vtable.

@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use abi_stable::std_types::{ROption, RSlice, RStr, Tuple2};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, Tuple2};
 
 use crate::abi::{HostCtx, RawAddr, RawKind, RawLevel, RawSendStatus};
 
@@ -354,6 +354,44 @@ impl Context<'_> {
     /// Deletes every timer of this worker; returns how many there were.
     pub fn del_all_timers(&mut self) -> u64 {
         (self.raw.vt.del_all_timers())(self.raw.state)
+    }
+
+    /// Opens a client connection, driven by this worker's loop: `tcp://`,
+    /// `text://`, `frame://` or `ws://host:port/path`. Its `on_connect` comes
+    /// once connected (before that, sends are queued); a failure comes as
+    /// `on_error` with [`crate::error_code::CONNECT_FAILED`], then `on_close`.
+    /// Connect timeout: 10 s.
+    pub fn connect(&mut self, url: &str) -> Result<ConnId, String> {
+        self.connect_timeout(url, Duration::from_secs(10))
+    }
+
+    pub fn connect_timeout(&mut self, url: &str, timeout: Duration) -> Result<ConnId, String> {
+        let ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        match (self.raw.vt.connect())(self.raw.state, RStr::from_str(url), ms) {
+            RResult::ROk(id) => Ok(ConnId(id)),
+            RResult::RErr(e) => Err(e.into_string()),
+        }
+    }
+
+    /// Connects an outbound connection again after `delay`, keeping its id
+    /// (closing it first if open). Call it from `on_close` to retry.
+    pub fn reconnect(&mut self, conn: ConnId, delay: Duration) -> bool {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        (self.raw.vt.reconnect())(self.raw.state, conn.0, ms)
+    }
+
+    /// Sends everything that arrives on `src` to `dst` as it comes, pausing
+    /// `src` while `dst`'s send buffer is full; when either closes, so does
+    /// the other. Call it both ways for a proxy.
+    pub fn pipe(&mut self, src: ConnId, dst: ConnId) -> bool {
+        (self.raw.vt.pipe())(self.raw.state, src.0, dst.0)
+    }
+
+    /// Whether the plugin opened this connection with [`Context::connect`].
+    pub fn is_outbound(&self, conn: ConnId) -> bool {
+        (self.raw.vt.is_outbound())(self.raw.state, conn.0)
     }
 
     /// Number of open connections in this worker.

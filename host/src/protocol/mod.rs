@@ -52,6 +52,8 @@ pub enum Codec {
     Http(Box<HttpConn>),
     /// Framed by the plugin's `Protocol` (the worker calls it).
     Custom,
+    /// Our outbound websocket: before the server's 101, `None`.
+    WsClient(Option<Box<websocket::WsReader>>),
 }
 
 /// An HTTP connection: the request decoder and the requests still owed an
@@ -102,7 +104,7 @@ impl Codec {
             Codec::Text(t) => t.decode(input, max),
             Codec::Frame => frame::decode(input, max),
             // These have their own paths in the worker.
-            Codec::Websocket(_) | Codec::Http(_) | Codec::Custom => Ok(None),
+            Codec::Websocket(_) | Codec::Http(_) | Codec::Custom | Codec::WsClient(_) => Ok(None),
         }
     }
 
@@ -124,7 +126,8 @@ impl Codec {
         match self {
             // HTTP answers are whole responses, built by `http::encode_response`.
             // Custom framing is encoded by the plugin's protocol object.
-            Codec::Tcp | Codec::Http(_) | Codec::Custom => {}
+            // Client frames are masked, so built whole by the sender.
+            Codec::Tcp | Codec::Http(_) | Codec::Custom | Codec::WsClient(_) => {}
             Codec::Text(_) => env.trailer = b"\n",
             Codec::Frame => {
                 env.header[..4].copy_from_slice(&frame::header(len)?);
@@ -141,7 +144,7 @@ impl Codec {
 
     /// Whether the connection is past any handshake, so the plugin knows it.
     pub fn established(&self) -> bool {
-        !matches!(self, Codec::Websocket(None))
+        !matches!(self, Codec::Websocket(None) | Codec::WsClient(None))
     }
 }
 

@@ -154,6 +154,19 @@ impl WsReader {
         }
     }
 
+    /// The reader of our own outbound websocket (server frames unmasked).
+    pub fn client(max_message: usize) -> WsReader {
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_CHUNK)
+            .write_buffer_size(0)
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_message));
+        WsReader {
+            ctx: WebSocketContext::new(Role::Client, Some(config)),
+            closing: false,
+        }
+    }
+
     pub fn closing(&self) -> bool {
         self.closing
     }

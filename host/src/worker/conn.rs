@@ -10,9 +10,13 @@ use crate::protocol::Codec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// Outbound, waiting for the TCP handshake; sends are queued.
+    Connecting,
     Open,
     /// Close once the send buffer is flushed; no more reading.
     Closing,
+    /// Outbound and closed, its slot kept for a reconnect.
+    Dead,
 }
 
 pub struct Conn {
@@ -38,6 +42,14 @@ pub struct Conn {
     pub max_send: usize,
     /// Last time anything arrived, for `idle_timeout`.
     pub last_active: Instant,
+    /// Set for connections the plugin opened.
+    pub outbound: Option<Box<super::outbound::Outbound>>,
+    /// `pipe`: input goes, as read, to this connection…
+    pub pipe_to: Option<u64>,
+    /// …and this connection's input comes here.
+    pub pipe_from: Option<u64>,
+    /// Paused by a pipe whose destination is full (not by the plugin).
+    pub pipe_paused: bool,
 }
 
 impl Conn {
@@ -61,7 +73,20 @@ impl Conn {
             ending: false,
             max_send,
             last_active: Instant::now(),
+            outbound: None,
+            pipe_to: None,
+            pipe_from: None,
+            pipe_paused: false,
         }
+    }
+
+    /// Puts bytes ahead of what is queued (a handshake before early sends).
+    pub fn prepend_output(&mut self, bytes: &[u8]) {
+        let rest = self.out.split_off(self.out_pos);
+        self.out.clear();
+        self.out_pos = 0;
+        self.out.extend_from_slice(bytes);
+        self.out.extend_from_slice(&rest);
     }
 
     /// Bytes waiting in the send buffer.
@@ -74,7 +99,8 @@ impl Conn {
     /// Returns true when all of it went out.
     pub fn write_parts(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
         let mut written = 0;
-        if self.pending() == 0 {
+        // While connecting, everything waits in the buffer.
+        if self.pending() == 0 && self.state != State::Connecting {
             let slices: [IoSlice<'_>; 3] = [
                 IoSlice::new(parts.first().copied().unwrap_or_default()),
                 IoSlice::new(parts.get(1).copied().unwrap_or_default()),

@@ -4,6 +4,7 @@
 //! runs those after the current callback returns, so the plugin is never
 //! re-entered.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
 use std::time::{Duration, Instant};
@@ -22,12 +23,17 @@ use crate::protocol::{http, websocket, Codec, Kind};
 /// How long a connection half-closed by `end()` may linger (Workerman: 1 s).
 pub const LINGER: Duration = Duration::from_secs(1);
 
+/// Poll tokens of connections start here (below: listener, control, bus).
+pub const FIRST_CONN: usize = 3;
+
 /// A plugin callback owed once the current one returns.
 #[derive(Debug)]
 pub enum Deferred {
+    /// An outbound connection is established.
+    Connect(u64),
     BufferFull(u64),
     BufferDrain(u64),
-    Error(u64, u32, &'static str),
+    Error(u64, u32, Cow<'static, str>),
     Publish(String, Vec<u8>),
 }
 
@@ -75,6 +81,12 @@ pub struct Core {
     last_sample: Option<(u64, Instant)>,
     /// The plugin's framing, for `custom://` listeners.
     pub custom: Option<CustomProtocol>,
+    /// For registering outbound sockets; set once the loop exists.
+    pub poll_registry: Option<mio::Registry>,
+    /// Outbound connections and when their connect times out.
+    pub connect_deadlines: Vec<(Instant, u64)>,
+    /// Outbound connections waiting to reconnect, and when.
+    pub redials: Vec<(Instant, u64)>,
 }
 
 /// Slab index of a connection id: the low 32 bits. The high 32 bits are a
@@ -83,7 +95,7 @@ pub fn slot(id: u64) -> usize {
     (id & 0xffff_ffff) as usize
 }
 
-fn lookup(conns: &mut Slab<Conn>, id: u64) -> Option<&mut Conn> {
+pub fn lookup(conns: &mut Slab<Conn>, id: u64) -> Option<&mut Conn> {
     conns.get_mut(slot(id)).filter(|c| c.id == id)
 }
 
@@ -112,12 +124,21 @@ impl Core {
             lingering: Vec::new(),
             last_sample: None,
             custom: None,
+            poll_registry: None,
+            connect_deadlines: Vec::new(),
+            redials: Vec::new(),
         }
     }
 
     pub fn next_id(&mut self, slot: usize) -> u64 {
         self.generation = self.generation.wrapping_add(1);
         (u64::from(self.generation) << 32) | slot as u64
+    }
+
+    pub fn registry(&self) -> &mio::Registry {
+        self.poll_registry
+            .as_ref()
+            .expect("the registry is set before any callback")
     }
 
     pub fn get(&mut self, id: u64) -> Option<&mut Conn> {
@@ -135,8 +156,11 @@ impl Core {
 
     fn send_failed(&mut self, id: u64, why: &'static str) {
         self.send_fail += 1;
-        self.deferred
-            .push_back(Deferred::Error(id, error_code::SEND_FAILED, why));
+        self.deferred.push_back(Deferred::Error(
+            id,
+            error_code::SEND_FAILED,
+            Cow::Borrowed(why),
+        ));
     }
 
     /// Frames and sends one message (Workerman's `$connection->send`).
@@ -161,7 +185,9 @@ impl Core {
             return RawSendStatus::Closed;
         };
         let max = conn.max_send;
-        if conn.state != State::Open || !conn.codec.established() {
+        // Outbound connections queue what is sent while they connect.
+        let open = matches!(conn.state, State::Open | State::Connecting);
+        if !open || matches!(conn.codec, Codec::Websocket(None)) {
             self.send_failed(id, "client closed");
             return RawSendStatus::Closed;
         }
@@ -171,7 +197,12 @@ impl Core {
         }
         let encoded;
         let env;
-        let parts: [&[u8]; 3] = if let (Codec::Custom, Some(proto)) = (&conn.codec, self.custom) {
+        let parts: [&[u8]; 3] = if let Codec::WsClient(_) = conn.codec {
+            let mut frame = Vec::with_capacity(data.len() + 14);
+            super::outbound::client_frame(data, kind == Kind::Binary, &mut frame);
+            encoded = frame;
+            [&encoded, &[], &[]]
+        } else if let (Codec::Custom, Some(proto)) = (&conn.codec, self.custom) {
             let Some(bytes) = proto.encode(data) else {
                 self.send_failed(id, "the plugin's protocol failed to encode");
                 return RawSendStatus::Dropped;
@@ -209,6 +240,11 @@ impl Core {
     pub fn close(&mut self, id: u64, last: Option<&[u8]>) -> bool {
         match self.get(id) {
             Some(c) if c.state == State::Open => {}
+            // Nothing to flush to yet: closing a connect attempt ends it.
+            Some(c) if c.state == State::Connecting => {
+                self.destroy(id);
+                return true;
+            }
             _ => return false,
         }
         if let Some(last) = last {
@@ -317,7 +353,11 @@ impl Core {
     /// Closes at once, dropping whatever is queued.
     pub fn destroy(&mut self, id: u64) {
         if let Some(conn) = self.get(id) {
-            let first = conn.state == State::Open || conn.pending() > 0;
+            if conn.state == State::Dead {
+                return;
+            }
+            // Not yet queued for teardown unless it was closing with nothing left.
+            let first = conn.state != State::Closing || conn.pending() > 0;
             conn.state = State::Closing;
             conn.discard_output();
             if first {
@@ -340,6 +380,7 @@ impl Core {
                 if conn.state == State::Closing {
                     self.finish_close(id);
                 }
+                self.pipe_drained(id);
             }
             Ok(false) => {}
             Err(e) => {
@@ -639,6 +680,7 @@ impl Core {
                     Codec::Websocket(_) => "websocket",
                     Codec::Http(_) => "http",
                     Codec::Custom => "custom",
+                    Codec::WsClient(_) => "ws-client",
                 }
                 .into(),
                 local: addr(c.local),

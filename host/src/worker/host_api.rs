@@ -5,7 +5,7 @@ use std::ffi::c_void;
 use std::time::{Duration, Instant};
 
 use abi_stable::prefix_type::PrefixTypeTrait;
-use abi_stable::std_types::{ROption, RSlice, RStr, RString, RVec, Tuple2};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec, Tuple2};
 use plugin_api::abi::{
     HostVTable, HostVTableRef, RawAddr, RawConnInfo, RawKind, RawLevel, RawSendStatus,
     RawWorkerInfo,
@@ -188,6 +188,25 @@ extern "C" fn del_all_timers(state: *mut c_void) -> u64 {
     core(state).timers.clear() as u64
 }
 
+extern "C" fn connect(state: *mut c_void, url: RStr<'_>, timeout_ms: u64) -> RResult<u64, RString> {
+    match core(state).connect(url.as_str(), Duration::from_millis(timeout_ms)) {
+        Ok(id) => RResult::ROk(id),
+        Err(e) => RResult::RErr(e.into()),
+    }
+}
+
+extern "C" fn reconnect(state: *mut c_void, conn: u64, delay_ms: u64) -> bool {
+    core(state).reconnect(conn, Duration::from_millis(delay_ms))
+}
+
+extern "C" fn pipe(state: *mut c_void, src: u64, dst: u64) -> bool {
+    core(state).pipe(src, dst)
+}
+
+extern "C" fn is_outbound(state: *mut c_void, conn: u64) -> bool {
+    core(state).get(conn).is_some_and(|c| c.outbound.is_some())
+}
+
 /// Built once per worker process.
 pub fn vtable() -> HostVTableRef {
     HostVTable {
@@ -218,6 +237,10 @@ pub fn vtable() -> HostVTableRef {
         conn_info,
         connections,
         del_all_timers,
+        connect,
+        reconnect,
+        pipe,
+        is_outbound,
     }
     .leak_into_prefix()
 }

@@ -5,6 +5,7 @@
 mod conn;
 mod core;
 mod host_api;
+mod outbound;
 mod timers;
 
 use std::ffi::c_void;
@@ -20,7 +21,7 @@ use plugin_api::abi::{HostCtx, HostVTableRef, Outcome, RawRequest, RawWorkerInfo
 use serde::{Deserialize, Serialize};
 
 use self::conn::{Conn, State};
-use self::core::{slot, Core, Deferred};
+use self::core::{slot, Core, Deferred, FIRST_CONN};
 use crate::bus::BusBuf;
 use crate::config::WorkerConfig;
 use crate::ipc::{FromWorker, LineBuf, ToWorker};
@@ -38,7 +39,6 @@ pub const SPEC_ENV: &str = "WM_WORKER_SPEC";
 const LISTENER: Token = Token(0);
 const CONTROL: Token = Token(1);
 const BUS: Token = Token(2);
-const FIRST_CONN: usize = 3;
 /// Shared by all connections of the worker: a connection keeps only the bytes
 /// of a message not yet complete.
 const READ_BUF: usize = 64 * 1024;
@@ -69,7 +69,9 @@ impl Housekeeping {
 
     fn next(&self, core: &Core) -> Option<Instant> {
         let linger = core.lingering.iter().map(|(t, _)| *t).min();
-        [self.next_sweep, self.next_ping, linger]
+        let connects = core.connect_deadlines.iter().map(|(t, _)| *t).min();
+        let redials = core.redials.iter().map(|(t, _)| *t).min();
+        [self.next_sweep, self.next_ping, linger, connects, redials]
             .into_iter()
             .flatten()
             .min()
@@ -266,6 +268,33 @@ impl Runner {
         outcome
     }
 
+    /// Closes an outbound connection: the plugin hears `on_close`, and may
+    /// ask for a reconnect there, which keeps the slot (and the id).
+    fn finish_outbound(&self, core: &mut Core, id: u64) {
+        core.forget_conn(id);
+        let Some(conn) = core.get(id) else { return };
+        if conn.state == State::Dead {
+            return;
+        }
+        let _ = conn.sock.shutdown(std::net::Shutdown::Both);
+        conn.state = State::Dead;
+        conn.discard_output();
+        conn.inbuf = Vec::new();
+        let partners = [conn.pipe_to.take(), conn.pipe_from.take()];
+        for p in partners.into_iter().flatten() {
+            core.close(p, None);
+        }
+        self.call(core, Call::Close(id));
+        let Some(conn) = core.get(id) else { return };
+        match conn.outbound.as_ref().and_then(|o| o.reconnect_after) {
+            Some(after) => core.redials.push((Instant::now() + after, id)),
+            None => {
+                let mut conn = core.conns.remove(slot(id));
+                let _ = core.registry().deregister(&mut conn.sock);
+            }
+        }
+    }
+
     /// Runs what the last callback queued: buffer events, errors, and the
     /// `on_close` of connections torn down, until nothing is left.
     fn settle(&self, core: &mut Core) {
@@ -275,15 +304,25 @@ impl Runner {
                     Deferred::BufferFull(c) => self.call(core, Call::BufferFull(*c)),
                     Deferred::BufferDrain(c) => self.call(core, Call::BufferDrain(*c)),
                     Deferred::Error(c, code, msg) => self.call(core, Call::Error(*c, *code, msg)),
+                    Deferred::Connect(c) => self.call(core, Call::Connect(*c)),
                     Deferred::Publish(topic, data) => self.call(core, Call::Publish(topic, data)),
                 };
                 continue;
             }
             if let Some(id) = core.closing.pop() {
                 if let Some(conn) = core.get(id) {
+                    if conn.outbound.is_some() {
+                        self.finish_outbound(core, id);
+                        continue;
+                    }
                     let known = conn.codec.established();
+                    let partners = [conn.pipe_to, conn.pipe_from];
                     // Dropping the socket closes it and takes it out of epoll.
                     core.conns.remove(slot(id));
+                    // A pipe's other end goes too, once it has flushed.
+                    for p in partners.into_iter().flatten() {
+                        core.close(p, None);
+                    }
                     // Memberships go first, so `on_close` sees the group without it.
                     core.forget_conn(id);
                     // The plugin never saw a websocket whose handshake did not finish.
@@ -404,6 +443,14 @@ fn start(
         spec.worker.max_send_buffer_size,
     );
     core.custom = runner.plugin.protocol();
+    // The loop exists before on_worker_start, which may open connections.
+    let poll = match Poll::new().and_then(|p| p.registry().try_clone().map(|r| (p, r))) {
+        Ok((p, r)) => {
+            core.poll_registry = Some(r);
+            p
+        }
+        Err(e) => return Err((ctl_std, format!("epoll: {e}"))),
+    };
     if spec.worker.listen.scheme == crate::config::Scheme::Custom && core.custom.is_none() {
         let error = format!(
             "plugin {}: custom:// needs a plugin that provides a protocol (Plugin::protocol)",
@@ -416,8 +463,7 @@ fn start(
         Outcome::Failed(e) => return Err((ctl_std, format!("on_worker_start failed: {e}"))),
         Outcome::Panicked(e) => return Err((ctl_std, format!("on_worker_start panicked: {e}"))),
     }
-    let setup = || -> io::Result<(Poll, TcpListener, UnixStream, UnixStream)> {
-        let poll = Poll::new()?;
+    let setup = |poll: Poll| -> io::Result<(Poll, TcpListener, UnixStream, UnixStream)> {
         let std_listener = std::net::TcpListener::from(listen_fd);
         std_listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(std_listener);
@@ -441,7 +487,7 @@ fn start(
         },
         None => None,
     };
-    let (poll, listener, ctl, bus) = match setup() {
+    let (poll, listener, ctl, bus) = match setup(poll) {
         Ok(v) => v,
         Err(e) => return Err((ctl_std, format!("worker setup failed: {e}"))),
     };
@@ -509,6 +555,7 @@ impl Worker {
                             continue;
                         };
                         if ev.is_writable() {
+                            self.core.check_connect(id);
                             self.core.flush(id);
                         }
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
@@ -535,6 +582,14 @@ impl Worker {
     /// Work that is not an IO event: resumed readers, lingering half-closed
     /// connections, idle connections, websocket pings.
     fn after_events(&mut self) {
+        let now = Instant::now();
+        self.core.expire_connects(now);
+        let (due, keep): (Vec<_>, Vec<_>) =
+            self.core.redials.drain(..).partition(|(t, _)| *t <= now);
+        self.core.redials = keep;
+        for (_, id) in due {
+            self.core.redial(id);
+        }
         while let Some(id) = self.core.resumed.pop() {
             // Messages already buffered first, then what waited in the kernel.
             self.dispatch(id, 0);
@@ -644,7 +699,14 @@ impl Worker {
 
     /// Hands `read_buf[..n]` to the connection's protocol.
     fn dispatch(&mut self, id: u64, n: usize) {
+        if let Some(dst) = self.core.get(id).and_then(|c| c.pipe_to) {
+            let Worker { core, read_buf, .. } = self;
+            core.forward(id, dst, &read_buf[..n]);
+            return;
+        }
         match self.core.get(id).map(|c| &c.codec) {
+            Some(Codec::WsClient(None)) => self.client_handshake(id, n),
+            Some(Codec::WsClient(Some(_))) => self.dispatch_ws(id, n),
             Some(Codec::Websocket(Some(_))) => self.dispatch_ws(id, n),
             Some(Codec::Websocket(None)) => self.handshake(id, n),
             Some(Codec::Http(_)) => self.dispatch_http(id, n),
@@ -716,6 +778,53 @@ impl Worker {
         }
     }
 
+    /// Reads the server's answer to our websocket handshake.
+    fn client_handshake(&mut self, id: u64, n: usize) {
+        let Some(buf) = self.gather(id, n) else {
+            return;
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let used = match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(used)) => used,
+            Ok(httparse::Status::Partial) if buf.len() < 16 * 1024 => return self.keep(id, buf, 0),
+            _ => {
+                return self
+                    .core
+                    .connect_failed(id, "bad websocket handshake answer".into())
+            }
+        };
+        let accept = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
+            .map(|h| String::from_utf8_lossy(h.value).into_owned());
+        let code = resp.code.unwrap_or(0);
+        let max = self.core.max_package_size;
+        let Some(conn) = self.core.get(id) else {
+            return;
+        };
+        let key = conn
+            .outbound
+            .as_ref()
+            .and_then(|o| o.ws.as_ref())
+            .map(|w| w.key.clone())
+            .unwrap_or_default();
+        if code != 101
+            || accept.as_deref() != Some(&tungstenite::handshake::derive_accept_key(key.as_bytes()))
+        {
+            return self
+                .core
+                .connect_failed(id, format!("websocket handshake refused (HTTP {code})"));
+        }
+        conn.codec = Codec::WsClient(Some(Box::new(websocket::WsReader::client(max))));
+        self.runner.call(&mut self.core, Call::Connect(id));
+        self.runner.settle(&mut self.core);
+        if used < buf.len() {
+            self.feed_ws(id, &buf[used..]);
+        }
+    }
+
     fn refuse(&mut self, id: u64, status: u16, reason: &str) {
         let peer = self
             .core
@@ -745,7 +854,8 @@ impl Worker {
         let Some(conn) = self.core.get(id) else {
             return;
         };
-        let Codec::Websocket(Some(reader)) = &mut conn.codec else {
+        let (Codec::Websocket(Some(reader)) | Codec::WsClient(Some(reader))) = &mut conn.codec
+        else {
             return;
         };
         let mut out = Vec::new();

@@ -38,6 +38,9 @@
 //! | `end`            | `ending`, then a half-close                     |
 //! | `info`           | `read=R written=W conns=N` for this connection  |
 //!
+//! | `dial <url> <m>` | connects to url and sends m at once (queued until connected); then relays: `reply <data>`, `error <code>`, `upstream closed` |
+//! | `redial <url> <n>` | connects to url; on each close reconnects (50 ms later) up to n times; `connected` once it works |
+//!
 //! `on_buffer_drain` also sends `drained`.
 //!
 //! Options: `fail_start = "error" | "panic"` makes `on_worker_start` fail;
@@ -69,6 +72,8 @@ pub struct TestPlugin {
     /// Repeating timers of `every`: connection, ticks sent, ticks wanted.
     tickers: HashMap<TimerId, (ConnId, u32, u32)>,
     resumes: HashMap<TimerId, ConnId>,
+    /// Outbound connection -> (the client that asked, reconnects left).
+    dials: HashMap<ConnId, (ConnId, u32)>,
 }
 
 #[derive(Default)]
@@ -97,7 +102,18 @@ impl Plugin for TestPlugin {
         }
     }
 
+    fn on_connect(&mut self, ctx: &mut Context<'_>, conn: ConnId) {
+        if let Some(&(client, _)) = self.dials.get(&conn) {
+            ctx.send(client, "connected");
+        }
+    }
+
     fn on_message(&mut self, ctx: &mut Context<'_>, conn: ConnId, data: &[u8]) {
+        if let Some(&(client, _)) = self.dials.get(&conn) {
+            let reply = format!("reply {}", String::from_utf8_lossy(data));
+            ctx.send(client, reply);
+            return;
+        }
         let text = String::from_utf8_lossy(data);
         let (cmd, arg) = text.split_once(' ').unwrap_or((&text, ""));
         match cmd {
@@ -183,6 +199,25 @@ impl Plugin for TestPlugin {
                         i.bytes_read, i.bytes_written
                     ),
                 );
+            }
+            "dial" | "redial" => {
+                let (url, rest) = arg.split_once(' ').unwrap_or((arg, ""));
+                match ctx.connect(url) {
+                    Ok(up) => {
+                        let retries = if cmd == "redial" {
+                            rest.parse().unwrap_or(0)
+                        } else {
+                            0
+                        };
+                        self.dials.insert(up, (conn, retries));
+                        if cmd == "dial" {
+                            ctx.send(up, rest);
+                        }
+                    }
+                    Err(e) => {
+                        ctx.send(conn, format!("dial error: {e}"));
+                    }
+                }
             }
             "reloads" => {
                 let n = self.reloads.to_string();
@@ -325,11 +360,24 @@ impl Plugin for TestPlugin {
         ctx.send(conn, "drained");
     }
 
-    fn on_error(&mut self, _ctx: &mut Context<'_>, conn: ConnId, _code: u32, _msg: &str) {
+    fn on_error(&mut self, ctx: &mut Context<'_>, conn: ConnId, code: u32, _msg: &str) {
         self.events.entry(conn).or_default().errors += 1;
+        if let Some(&(client, _)) = self.dials.get(&conn) {
+            ctx.send(client, format!("error {code}"));
+        }
     }
 
-    fn on_close(&mut self, _ctx: &mut Context<'_>, conn: ConnId) {
+    fn on_close(&mut self, ctx: &mut Context<'_>, conn: ConnId) {
+        if let Some((client, left)) = self.dials.get_mut(&conn) {
+            let client = *client;
+            if *left > 0 {
+                *left -= 1;
+                ctx.reconnect(conn, Duration::from_millis(50));
+            } else {
+                self.dials.remove(&conn);
+                ctx.send(client, "upstream closed");
+            }
+        }
         self.timers.retain(|_, c| *c != conn);
         self.handshakes.remove(&conn);
         self.subscribers.remove(&conn);
