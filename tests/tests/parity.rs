@@ -23,6 +23,11 @@ fn slow_reader_fills_the_buffer_then_drains_and_drops_are_counted() {
     let mut c = TextClient::connect(port);
     // 40 MiB at once: the kernel takes some, the send buffer 1 MiB, the rest is dropped.
     c.send("flood 640 65536");
+    // Not reading yet: once the server reports drops, the buffer was full.
+    wait_for("sends to fail while the client does not read", || {
+        let st = s.status();
+        (st["workers"][0]["stats"]["send_fail"].as_u64()? > 0).then_some(())
+    });
     // Now read it all; the plugin says `drained` once its buffer is empty.
     let mut lines = 0;
     loop {
@@ -149,5 +154,37 @@ fn plugin_sees_byte_counts_and_its_connections() {
     // 6 bytes, then 5 for "info\n": 11 read; 6 written before.
     let info = c.call("info");
     assert_eq!(info, "read=11 written=6 conns=2");
+    s.stop();
+}
+
+#[test]
+fn max_connections_refuses_extra_clients_with_a_log_line() {
+    let (s, port) = server("max_connections = 2");
+    let mut a = TextClient::connect(port);
+    let mut b = TextClient::connect(port);
+    assert_eq!(a.call("one"), "one");
+    assert_eq!(b.call("two"), "two");
+    let mut extra = TextClient::connect(port);
+    extra.send("three");
+    assert!(extra.closed_by_server(), "a third client is refused");
+    assert_eq!(a.call("still"), "still");
+    assert!(s.log().contains("connection limit reached"), "{}", s.log());
+    s.stop();
+}
+
+#[test]
+fn websocket_listeners_ping_when_asked() {
+    let port = free_port();
+    let s = Server::new(&worker_table(
+        "ws",
+        &format!("websocket://127.0.0.1:{port}"),
+        "test_plugin",
+        1,
+        "ws_ping_interval = \"100ms\"",
+    ));
+    s.start();
+    let mut c = ws_raw(port, "/");
+    let (fin, op, payload) = ws_read_frame(&mut c).unwrap();
+    assert_eq!((fin, op, payload.len()), (true, 0x9, 0), "a server ping");
     s.stop();
 }

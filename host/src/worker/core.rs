@@ -191,6 +191,10 @@ impl Core {
             self.send_failed(id, "client closed");
             return RawSendStatus::Closed;
         }
+        if conn.pending() >= max {
+            self.send_failed(id, "send buffer full and drop package");
+            return RawSendStatus::Dropped;
+        }
         // On http:// a plain send is a 200 answer with that body (as in Workerman).
         if let Codec::Http(_) = conn.codec {
             return self.respond(id, 200, &[], data);
