@@ -209,23 +209,7 @@ impl BusBuf {
     /// Reads what is available; returns raw frames (length prefix included,
     /// so the master can forward them as they are) and whether the peer closed.
     pub fn read_frames(&mut self, r: &mut impl Read) -> (Vec<Vec<u8>>, bool) {
-        let mut closed = false;
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            match r.read(&mut chunk) {
-                Ok(0) => {
-                    closed = true;
-                    break;
-                }
-                Ok(n) => self.inbuf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
+        let closed = crate::ipc::read_available(r, &mut self.inbuf);
         let mut frames = Vec::new();
         let mut pos = 0;
         while let Some(head) = self.inbuf[pos..].first_chunk::<4>() {
@@ -241,18 +225,7 @@ impl BusBuf {
     }
 
     pub fn flush(&mut self, w: &mut impl Write) -> io::Result<()> {
-        while !self.outbuf.is_empty() {
-            match w.write(&self.outbuf) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.outbuf.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        crate::ipc::flush_buf(&mut self.outbuf, w)
     }
 }
 

@@ -203,6 +203,36 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     v
 }
 
+/// Appends what a non-blocking reader has to `buf`; true once the peer closed.
+pub fn read_available(r: &mut impl Read, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match r.read(&mut chunk) {
+            Ok(0) => return true,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Writes as much of `out` as a non-blocking writer takes; Err on a dead peer.
+pub fn flush_buf(out: &mut Vec<u8>, w: &mut impl Write) -> io::Result<()> {
+    while !out.is_empty() {
+        match w.write(out) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                out.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// A non-blocking line-framed channel, for mio loops.
 #[derive(Debug, Default)]
 pub struct LineBuf {
@@ -217,23 +247,7 @@ impl LineBuf {
         &mut self,
         r: &mut impl Read,
     ) -> (Vec<Result<T, String>>, bool) {
-        let mut closed = false;
-        let mut chunk = [0u8; 4096];
-        loop {
-            match r.read(&mut chunk) {
-                Ok(0) => {
-                    closed = true;
-                    break;
-                }
-                Ok(n) => self.inbuf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
+        let closed = read_available(r, &mut self.inbuf);
         let mut out = Vec::new();
         while let Some(i) = self.inbuf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.inbuf.drain(..=i).collect();
@@ -248,18 +262,7 @@ impl LineBuf {
 
     /// Writes what it can; Err on a dead peer.
     pub fn flush(&mut self, w: &mut impl Write) -> io::Result<()> {
-        while !self.outbuf.is_empty() {
-            match w.write(&self.outbuf) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.outbuf.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        flush_buf(&mut self.outbuf, w)
     }
 }
 

@@ -142,27 +142,24 @@ impl Write for Pipe<'_> {
 }
 
 impl WsReader {
+    /// The reader of a connection we accepted.
     pub fn new(max_message: usize) -> WsReader {
-        let config = WebSocketConfig::default()
-            .read_buffer_size(READ_CHUNK)
-            .write_buffer_size(0)
-            .max_message_size(Some(max_message))
-            .max_frame_size(Some(max_message));
-        WsReader {
-            ctx: WebSocketContext::new(Role::Server, Some(config)),
-            closing: false,
-        }
+        WsReader::with_role(Role::Server, max_message)
     }
 
     /// The reader of our own outbound websocket (server frames unmasked).
     pub fn client(max_message: usize) -> WsReader {
+        WsReader::with_role(Role::Client, max_message)
+    }
+
+    fn with_role(role: Role, max_message: usize) -> WsReader {
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_CHUNK)
             .write_buffer_size(0)
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
         WsReader {
-            ctx: WebSocketContext::new(Role::Client, Some(config)),
+            ctx: WebSocketContext::new(role, Some(config)),
             closing: false,
         }
     }
