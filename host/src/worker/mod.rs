@@ -514,7 +514,13 @@ fn start(
         plugin: worker.runner.plugin.label.clone(),
     });
     let _ = worker.ctl_buf.flush(&mut worker.ctl);
-    tracing::info!(listen = %spec.worker.listen, plugin = %worker.runner.plugin.path.display(), "worker ready");
+    tracing::info!(
+        listen = %spec.worker.listen,
+        plugin = %spec.worker.plugin.display(),
+        copy = %worker.runner.plugin.path.display(),
+        "worker ready ({})",
+        worker.runner.plugin.label
+    );
     if let Some(d) = &worker.static_dir {
         tracing::debug!(root = %d.root().display(), "serving static files");
     }
