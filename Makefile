@@ -43,3 +43,13 @@ fmt:
 clean:
 	$(CARGO) clean
 	rm -rf run
+
+.PHONY: bench
+
+## Benchmark suite: wm-host against a native mio baseline, written to bench/RESULTS.md
+## (under 10 minutes). Installs wrk when missing (Debian, as root).
+bench:
+	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	$(CARGO) build --release --workspace
+	target/release/wm-bench suite --out bench/RESULTS.md

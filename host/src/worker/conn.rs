@@ -50,6 +50,9 @@ pub struct Conn {
     pub pipe_from: Option<u64>,
     /// Paused by a pipe whose destination is full (not by the plugin).
     pub pipe_paused: bool,
+    /// While its input is dispatched, replies are gathered and written
+    /// with one syscall afterwards instead of one per message.
+    pub corked: bool,
 }
 
 impl Conn {
@@ -77,6 +80,7 @@ impl Conn {
             pipe_to: None,
             pipe_from: None,
             pipe_paused: false,
+            corked: false,
         }
     }
 
@@ -99,8 +103,8 @@ impl Conn {
     /// Returns true when all of it went out.
     pub fn write_parts(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
         let mut written = 0;
-        // While connecting, everything waits in the buffer.
-        if self.pending() == 0 && self.state != State::Connecting {
+        // While connecting or corked, everything waits in the buffer.
+        if self.pending() == 0 && self.state != State::Connecting && !self.corked {
             let slices: [IoSlice<'_>; 3] = [
                 IoSlice::new(parts.first().copied().unwrap_or_default()),
                 IoSlice::new(parts.get(1).copied().unwrap_or_default()),

@@ -42,6 +42,8 @@ const BUS: Token = Token(2);
 /// Shared by all connections of the worker: a connection keeps only the bytes
 /// of a message not yet complete.
 const READ_BUF: usize = 64 * 1024;
+/// Full reads one connection may do per wake-up before others get a turn.
+const READS_PER_WAKE: usize = 16;
 /// After a (non-graceful) stop, connections are still read and answered this
 /// long before they are closed, so a request already on its way when the
 /// stop came is answered rather than cut off.
@@ -352,6 +354,8 @@ struct Worker {
     max_connections: usize,
     stop: Option<Stop>,
     housekeeping: Housekeeping,
+    /// Connections with input left over after their turn.
+    again: Vec<u64>,
     /// When a stop closes the remaining connections.
     close_at: Option<Instant>,
     full_logged: bool,
@@ -504,6 +508,7 @@ fn start(
         scheme: spec.worker.listen.scheme,
         max_connections: spec.worker.max_connections,
         stop: None,
+        again: Vec::new(),
         housekeeping: Housekeeping::new(spec.worker.idle_timeout, spec.worker.ws_ping_interval),
         close_at: None,
         full_logged: false,
@@ -541,6 +546,7 @@ impl Worker {
                 .min()
                 .map(|t| t.saturating_duration_since(now));
             let timeout = match (self.core.timers.timeout(now), wake) {
+                _ if !self.again.is_empty() => Some(Duration::ZERO),
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -595,6 +601,10 @@ impl Worker {
         self.core.redials = keep;
         for (_, id) in due {
             self.core.redial(id);
+        }
+        for id in std::mem::take(&mut self.again) {
+            self.read(id);
+            self.runner.settle(&mut self.core);
         }
         while let Some(id) = self.core.resumed.pop() {
             // Messages already buffered first, then what waited in the kernel.
@@ -674,7 +684,7 @@ impl Worker {
     /// Reads all that is available, running `on_message` for each complete
     /// message as it is found.
     fn read(&mut self, id: u64) {
-        loop {
+        for _ in 0..READS_PER_WAKE {
             let Some(conn) = self.core.get(id) else {
                 return;
             };
@@ -690,7 +700,17 @@ impl Worker {
                 Ok(n) => {
                     conn.bytes_read += n as u64;
                     conn.last_active = Instant::now();
+                    conn.corked = true;
                     self.dispatch(id, n);
+                    if let Some(conn) = self.core.get(id) {
+                        conn.corked = false;
+                        self.core.flush(id);
+                    }
+                    // A short read emptied the socket: new data brings a new
+                    // edge, so there is no need to try again now.
+                    if n < self.read_buf.len() {
+                        return;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -701,6 +721,8 @@ impl Worker {
                 }
             }
         }
+        // Still more to read: come back after the others had their turn.
+        self.again.push(id);
     }
 
     /// Hands `read_buf[..n]` to the connection's protocol.

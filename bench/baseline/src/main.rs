@@ -1,0 +1,641 @@
+//! wm-baseline: what the hardware gives, for the benchmark suite.
+//!
+//! The same services the suite asks of wm-host — text, frame and websocket
+//! echo, and an HTTP hello — served by one bare single-threaded `mio` loop per
+//! process: no plugin, no ABI, no supervisor, no IPC. Built the way a careful
+//! hand-written server would be: input is read into one per-process buffer and
+//! a connection keeps only the bytes of an incomplete message; answers to one
+//! read go out in one write, and only what the socket refuses is kept.
+//!
+//!     wm-baseline --proto websocket --listen 127.0.0.1:9000 [--procs 2]
+//!
+//! `--procs N` runs N such processes on one port with `SO_REUSEPORT`.
+//! Websocket: RFC 6455 handshake and unfragmented frames (masked, as clients
+//! must send them), text checked for UTF-8, ping/pong and close; a fragmented
+//! message closes the connection with 1003 (no client of the suite sends one).
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::SystemTime;
+
+use clap::{Parser, ValueEnum};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Proto {
+    /// One message per line (`\n` or `\r\n`).
+    Text,
+    /// 4-byte big-endian length (header included), then the payload.
+    Frame,
+    /// RFC 6455 echo: text and binary messages are sent back as they came.
+    Websocket,
+    /// HTTP/1.1 keep-alive: `200 Hello, world!` for every request.
+    Http,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Native echo / HTTP hello servers on a bare mio loop")]
+struct Args {
+    #[arg(long, value_enum)]
+    proto: Proto,
+    /// Address to listen on, e.g. 127.0.0.1:9000.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Processes sharing the port with SO_REUSEPORT.
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
+    /// A larger message closes its connection (as wm-host's default).
+    #[arg(long, default_value_t = 10 << 20)]
+    max_package_size: usize,
+    /// Set on the children of `--procs N`.
+    #[arg(long, hide = true)]
+    reuseport: bool,
+}
+
+const LISTENER: Token = Token(usize::MAX);
+const READ_CHUNK: usize = 64 * 1024;
+/// The HTTP body; the same as the benchmark plugin's.
+const HELLO: &[u8] = b"Hello, world!";
+
+struct Conn {
+    sock: TcpStream,
+    /// Bytes of an incomplete message; unallocated while there are none.
+    input: Vec<u8>,
+    /// Bytes the socket did not take yet; unallocated while there are none.
+    output: Vec<u8>,
+    /// Websocket: the handshake is done.
+    open: bool,
+    /// Close once `output` is written.
+    closing: bool,
+}
+
+/// What one process shares between its connections.
+struct Shared {
+    proto: Proto,
+    max: usize,
+    read_buf: Vec<u8>,
+    out: Vec<u8>,
+    date: HttpDate,
+}
+
+/// The `Date` header value, formatted once per second.
+struct HttpDate {
+    secs: u64,
+    text: String,
+}
+
+impl HttpDate {
+    fn refresh(&mut self) {
+        let now = SystemTime::now();
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if secs != self.secs {
+            self.secs = secs;
+            self.text = httpdate::fmt_http_date(now);
+        }
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let result = if args.procs > 1 {
+        spawn_children(&args)
+    } else {
+        serve(&args)
+    };
+    if let Err(e) = result {
+        eprintln!("wm-baseline: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `--procs N`: N copies of this program on one port; waits for them all.
+fn spawn_children(args: &Args) -> io::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for _ in 0..args.procs {
+        children.push(
+            Command::new(&exe)
+                .arg("--proto")
+                .arg(format!("{:?}", args.proto).to_lowercase())
+                .arg("--listen")
+                .arg(args.listen.to_string())
+                .arg("--max-package-size")
+                .arg(args.max_package_size.to_string())
+                .arg("--reuseport")
+                .spawn()?,
+        );
+    }
+    for mut c in children {
+        c.wait()?;
+    }
+    Ok(())
+}
+
+fn bind(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if reuseport {
+        s.set_reuse_port(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    s.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(s.into()))
+}
+
+fn serve(args: &Args) -> io::Result<()> {
+    if args.reuseport {
+        // A child of `--procs N` ends with its parent.
+        // SAFETY: prctl with an integer argument.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+    }
+    let mut listener = bind(args.listen, args.reuseport)?;
+    let mut poll = Poll::new()?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    let mut conns: Slab<Conn> = Slab::new();
+    let mut events = Events::with_capacity(1024);
+    let mut sh = Shared {
+        proto: args.proto,
+        max: args.max_package_size,
+        read_buf: vec![0; READ_CHUNK],
+        out: Vec::with_capacity(2 * READ_CHUNK),
+        date: HttpDate {
+            secs: 0,
+            text: String::new(),
+        },
+    };
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if sh.proto == Proto::Http {
+            sh.date.refresh();
+        }
+        for ev in events.iter() {
+            if ev.token() == LISTENER {
+                accept_all(&listener, &poll, &mut conns);
+                continue;
+            }
+            let key = ev.token().0;
+            let Some(conn) = conns.get_mut(key) else {
+                continue;
+            };
+            if drive(conn, ev.is_readable(), ev.is_writable(), &mut sh) {
+                let mut conn = conns.remove(key);
+                let _ = poll.registry().deregister(&mut conn.sock);
+            }
+        }
+    }
+}
+
+fn accept_all(listener: &TcpListener, poll: &Poll, conns: &mut Slab<Conn>) {
+    loop {
+        match listener.accept() {
+            Ok((mut sock, _)) => {
+                let _ = sock.set_nodelay(true);
+                let entry = conns.vacant_entry();
+                let token = Token(entry.key());
+                if poll
+                    .registry()
+                    .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
+                    .is_ok()
+                {
+                    entry.insert(Conn {
+                        sock,
+                        input: Vec::new(),
+                        output: Vec::new(),
+                        open: false,
+                        closing: false,
+                    });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // EMFILE and friends: leave the rest queued for the next event.
+            Err(_) => return,
+        }
+    }
+}
+
+/// Handles one readiness event; true when the connection is finished.
+fn drive(conn: &mut Conn, readable: bool, writable: bool, sh: &mut Shared) -> bool {
+    if writable && !conn.output.is_empty() && flush(conn).is_err() {
+        return true;
+    }
+    if readable && !conn.closing {
+        loop {
+            let n = match conn.sock.read(&mut sh.read_buf) {
+                Ok(0) => return true,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return true,
+            };
+            sh.out.clear();
+            let close = if conn.input.is_empty() {
+                let (used, close) = process(sh, &mut conn.open, None, n);
+                if used < n && !close {
+                    conn.input.extend_from_slice(&sh.read_buf[used..n]);
+                }
+                close
+            } else {
+                conn.input.extend_from_slice(&sh.read_buf[..n]);
+                let input = std::mem::take(&mut conn.input);
+                let (used, close) = process(sh, &mut conn.open, Some(&input), input.len());
+                if used < input.len() && !close {
+                    conn.input = input[used..].to_vec();
+                }
+                close
+            };
+            if send(conn, &sh.out).is_err() {
+                return true;
+            }
+            if close {
+                conn.closing = true;
+                break;
+            }
+            // Edge-triggered epoll: a short read drained the socket, and data
+            // arriving later raises a new event. Saves one read per event.
+            if n < sh.read_buf.len() {
+                break;
+            }
+        }
+    }
+    conn.closing && conn.output.is_empty()
+}
+
+/// Writes `data` unless older bytes still wait; keeps what the socket refuses.
+fn send(conn: &mut Conn, data: &[u8]) -> io::Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    if !conn.output.is_empty() {
+        conn.output.extend_from_slice(data);
+        return Ok(());
+    }
+    let mut done = 0;
+    while done < data.len() {
+        match conn.sock.write(&data[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    conn.output.extend_from_slice(&data[done..]);
+    Ok(())
+}
+
+fn flush(conn: &mut Conn) -> io::Result<()> {
+    let mut done = 0;
+    while done < conn.output.len() {
+        match conn.sock.write(&conn.output[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    if done == conn.output.len() {
+        conn.output = Vec::new();
+    } else {
+        conn.output.drain(..done);
+    }
+    Ok(())
+}
+
+/// Answers every complete message at the start of the input (`input`, or the
+/// first `len` bytes of the read buffer) into `sh.out`. Returns the bytes
+/// consumed, and whether the connection must close once `sh.out` is written.
+fn process(sh: &mut Shared, open: &mut bool, input: Option<&[u8]>, len: usize) -> (usize, bool) {
+    let data = match input {
+        Some(d) => d,
+        None => &sh.read_buf[..len],
+    };
+    let out = &mut sh.out;
+    match sh.proto {
+        Proto::Text => text(data, out, sh.max),
+        Proto::Frame => frame(data, out, sh.max),
+        Proto::Websocket => {
+            let mut used = 0;
+            if !*open {
+                match ws_handshake(data, out) {
+                    Handshake::Done(n) => {
+                        *open = true;
+                        used = n;
+                    }
+                    Handshake::Partial => return (0, data.len() > 16 * 1024),
+                    Handshake::Refused => return (0, true),
+                }
+            }
+            let (n, close) = ws_frames(&data[used..], out, sh.max);
+            (used + n, close)
+        }
+        Proto::Http => http(data, out, &sh.date.text),
+    }
+}
+
+fn text(data: &[u8], out: &mut Vec<u8>, max: usize) -> (usize, bool) {
+    let mut pos = 0;
+    while let Some(i) = data[pos..].iter().position(|&b| b == b'\n') {
+        let mut line = &data[pos..pos + i];
+        if let [rest @ .., b'\r'] = line {
+            line = rest;
+        }
+        out.extend_from_slice(line);
+        out.push(b'\n');
+        pos += i + 1;
+    }
+    (pos, data.len() - pos > max)
+}
+
+fn frame(data: &[u8], out: &mut Vec<u8>, max: usize) -> (usize, bool) {
+    let mut pos = 0;
+    while data.len() - pos >= 4 {
+        let len = u32::from_be_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
+        if !(4..=max).contains(&len) {
+            return (pos, true);
+        }
+        if data.len() - pos < len {
+            break;
+        }
+        // The answer is the message itself: same length, same payload.
+        out.extend_from_slice(&data[pos..pos + len]);
+        pos += len;
+    }
+    (pos, false)
+}
+
+enum Handshake {
+    Done(usize),
+    Partial,
+    Refused,
+}
+
+fn ws_handshake(data: &[u8], out: &mut Vec<u8>) -> Handshake {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let n = match req.parse(data) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Handshake::Partial,
+        Err(_) => {
+            out.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            return Handshake::Refused;
+        }
+    };
+    let key = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-key"))
+        .map(|h| h.value);
+    let Some(key) = key else {
+        out.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        return Handshake::Refused;
+    };
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Accept: ",
+    );
+    out.extend_from_slice(tungstenite::handshake::derive_accept_key(key).as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    Handshake::Done(n)
+}
+
+fn ws_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
+    out.push(0x80 | opcode);
+    if len < 126 {
+        out.push(len as u8);
+    } else if len <= 0xffff {
+        out.push(126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+}
+
+fn ws_close(out: &mut Vec<u8>, code: u16) {
+    ws_header(out, 8, 2);
+    out.extend_from_slice(&code.to_be_bytes());
+}
+
+/// XORs `data` with the 4-byte `mask`, eight bytes at a time.
+fn unmask(data: &mut [u8], mask: [u8; 4]) {
+    let m8 = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = u64::from_ne_bytes((&*c).try_into().unwrap()) ^ m8;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i % 4];
+    }
+}
+
+fn ws_frames(data: &[u8], out: &mut Vec<u8>, max: usize) -> (usize, bool) {
+    let mut pos = 0;
+    loop {
+        let rest = &data[pos..];
+        if rest.len() < 2 {
+            return (pos, false);
+        }
+        let (b0, b1) = (rest[0], rest[1]);
+        let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0f);
+        if b1 & 0x80 == 0 || b0 & 0x70 != 0 {
+            ws_close(out, 1002);
+            return (pos, true);
+        }
+        let (len, head) = match b1 & 0x7f {
+            126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as u64, 4),
+            127 if rest.len() >= 10 => (u64::from_be_bytes(rest[2..10].try_into().unwrap()), 10),
+            126 | 127 => return (pos, false),
+            n => (n as u64, 2),
+        };
+        if len > max as u64 {
+            ws_close(out, 1009);
+            return (pos, true);
+        }
+        let len = len as usize;
+        let total = head + 4 + len;
+        if rest.len() < total {
+            return (pos, false);
+        }
+        let mask: [u8; 4] = rest[head..head + 4].try_into().unwrap();
+        let payload = &rest[head + 4..total];
+        pos += total;
+        if !fin || opcode == 0 {
+            ws_close(out, 1003);
+            return (pos, true);
+        }
+        match opcode {
+            1 | 2 | 9 => {
+                let start = out.len();
+                ws_header(out, if opcode == 9 { 10 } else { opcode }, len);
+                let body = out.len();
+                out.extend_from_slice(payload);
+                unmask(&mut out[body..], mask);
+                if opcode == 1 && std::str::from_utf8(&out[body..]).is_err() {
+                    out.truncate(start);
+                    ws_close(out, 1007);
+                    return (pos, true);
+                }
+            }
+            10 => {}
+            8 => {
+                let mut code = [0x03, 0xe8]; // 1000
+                if len >= 2 {
+                    code.copy_from_slice(&payload[..2]);
+                    unmask(&mut code, mask);
+                }
+                ws_close(out, u16::from_be_bytes(code));
+                return (pos, true);
+            }
+            _ => {
+                ws_close(out, 1002);
+                return (pos, true);
+            }
+        }
+    }
+}
+
+fn http(data: &[u8], out: &mut Vec<u8>, date: &str) -> (usize, bool) {
+    let mut pos = 0;
+    while pos < data.len() {
+        let rest = &data[pos..];
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        let head = match req.parse(rest) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if rest.len() > 64 * 1024 => {
+                out.extend_from_slice(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\
+                      Connection: close\r\n\r\n",
+                );
+                return (pos, true);
+            }
+            Ok(httparse::Status::Partial) => break,
+            Err(_) => {
+                out.extend_from_slice(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                return (pos, true);
+            }
+        };
+        let mut keep_alive = req.version == Some(1);
+        let mut body = 0usize;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("connection") {
+                let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+                if v.contains("close") {
+                    keep_alive = false;
+                } else if v.contains("keep-alive") {
+                    keep_alive = true;
+                }
+            } else if h.name.eq_ignore_ascii_case("content-length") {
+                body = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                out.extend_from_slice(
+                    b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                return (pos, true);
+            }
+        }
+        if rest.len() < head + body {
+            break;
+        }
+        pos += head + body;
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\nServer: wm-baseline\r\nDate: ");
+        out.extend_from_slice(date.as_bytes());
+        out.extend_from_slice(b"\r\nContent-Type: text/plain\r\nContent-Length: ");
+        out.extend_from_slice(HELLO.len().to_string().as_bytes());
+        out.extend_from_slice(if keep_alive {
+            b"\r\nConnection: keep-alive\r\n\r\n"
+        } else {
+            b"\r\nConnection: close\r\n\r\n"
+        });
+        out.extend_from_slice(HELLO);
+        if !keep_alive {
+            return (pos, true);
+        }
+    }
+    (pos, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1, 2, 3, 4];
+        let mut v = vec![0x80 | opcode];
+        assert!(payload.len() < 126);
+        v.push(0x80 | payload.len() as u8);
+        v.extend_from_slice(&mask);
+        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        v
+    }
+
+    #[test]
+    fn text_keeps_incomplete_line() {
+        let mut out = Vec::new();
+        assert_eq!(text(b"ab\r\ncd\nef", &mut out, 100), (7, false));
+        assert_eq!(out, b"ab\ncd\n");
+    }
+
+    #[test]
+    fn frame_echoes_and_rejects_short_lengths() {
+        let mut out = Vec::new();
+        assert_eq!(frame(b"\0\0\0\x09jhdxr\0\0", &mut out, 100), (9, false));
+        assert_eq!(out, b"\0\0\0\x09jhdxr");
+        assert!(frame(b"\0\0\0\x02", &mut out, 100).1);
+    }
+
+    #[test]
+    fn websocket_handshake_then_echo() {
+        let mut req = b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            .to_vec();
+        let head = req.len();
+        req.extend(masked(1, b"hello, websocket world"));
+        let mut out = Vec::new();
+        let Handshake::Done(n) = ws_handshake(&req, &mut out) else {
+            panic!("handshake")
+        };
+        assert_eq!(n, head);
+        assert!(String::from_utf8_lossy(&out).contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+        out.clear();
+        assert_eq!(ws_frames(&req[n..], &mut out, 100), (req.len() - n, false));
+        assert_eq!(&out[2..], b"hello, websocket world");
+        out.clear();
+        assert!(ws_frames(&masked(1, &[0xff, 0xfe]), &mut out, 100).1);
+        assert_eq!(out, [0x88, 2, 0x03, 0xef]); // 1007
+    }
+
+    #[test]
+    fn http_answers_pipelined_requests() {
+        let mut out = Vec::new();
+        let req = b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n";
+        assert_eq!(http(req, &mut out, "now"), (req.len(), true));
+        let s = String::from_utf8(out).unwrap();
+        assert_eq!(s.matches("Hello, world!").count(), 2);
+        assert!(s.ends_with("Connection: close\r\n\r\nHello, world!"));
+    }
+}

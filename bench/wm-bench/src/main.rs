@@ -1,0 +1,200 @@
+//! wm-bench: the load generator and benchmark runner for wm-host.
+//!
+//!     wm-bench echo --proto websocket --addr 127.0.0.1:7000 --conns 100 --inflight 16 --size 32
+//!     wm-bench idle --proto websocket --addr 127.0.0.1:7000 --conns 10000 --server-pid 1234
+//!     wm-bench suite --out bench/RESULTS.md     # what `make bench` runs
+//!
+//! Pin it away from the server (`taskset -c 1 wm-bench …`); `suite` pins itself.
+
+mod client;
+mod suite;
+mod sys;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use client::{EchoConfig, Proto};
+
+#[derive(Parser)]
+#[command(about = "Load generator and benchmark suite for wm-host")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo load: C connections with P messages of B bytes in flight each.
+    Echo {
+        #[arg(long, value_enum)]
+        proto: Proto,
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(short, long, default_value_t = 100)]
+        conns: usize,
+        #[arg(short = 'p', long, default_value_t = 16)]
+        inflight: usize,
+        #[arg(short, long, default_value_t = 32)]
+        size: usize,
+        /// Seconds measured.
+        #[arg(short, long, default_value_t = 5.0)]
+        duration: f64,
+        /// Seconds of load before measuring.
+        #[arg(short, long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Also report this process's CPU time (the server's) per message.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+    /// Opens C connections (handshake and one echo each), then reports the
+    /// server's RSS growth per connection.
+    Idle {
+        #[arg(long, value_enum)]
+        proto: Proto,
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(short, long, default_value_t = 10_000)]
+        conns: usize,
+        /// Source addresses 127.0.0.1..=127.0.0.N (0: enough for C).
+        #[arg(long, default_value_t = 0)]
+        sources: usize,
+        /// The serving process (a wm-host worker: `wm-host status`).
+        #[arg(long)]
+        server_pid: u32,
+    },
+    /// Every scenario against wm-host and the native baseline; writes Markdown.
+    Suite {
+        /// Markdown file to write (also printed).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Idle connection counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        idle: Vec<usize>,
+        #[arg(long, default_value_t = 0)]
+        server_cpu: usize,
+        #[arg(long, default_value_t = 1)]
+        client_cpu: usize,
+        /// Only scenarios whose name contains this text.
+        #[arg(long)]
+        only: Option<String>,
+        /// Runs per side of each load scenario (interleaved); the best counts.
+        #[arg(long, default_value_t = 2)]
+        repeat: usize,
+    },
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+fn main() {
+    let result = match Cli::parse().cmd {
+        Cmd::Echo {
+            proto,
+            addr,
+            conns,
+            inflight,
+            size,
+            duration,
+            warmup,
+            server_pid,
+        } => {
+            sys::raise_nofile(conns as u64 + 1024);
+            let cfg = EchoConfig {
+                proto,
+                addr,
+                conns,
+                inflight,
+                size,
+                warmup: secs(warmup),
+                duration: secs(duration),
+            };
+            let cpu = |pid: Option<u32>| pid.and_then(sys::cpu_seconds).unwrap_or(0.0);
+            let (mut c0, mut c1) = (0.0, 0.0);
+            client::run_echo(&cfg, || c0 = cpu(server_pid), || c1 = cpu(server_pid))
+                .map(|r| {
+                    println!(
+                        "{} echo: {conns} conns × {inflight} in flight × {size} B: {:.0} msgs/s \
+                         ({} in {:.2} s), p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs, {} errors, \
+                         {} wrong, {} open",
+                        proto.scheme(),
+                        r.rate(),
+                        r.msgs,
+                        r.secs,
+                        r.p50_us,
+                        r.p99_us,
+                        r.max_us,
+                        r.errors,
+                        r.wrong,
+                        r.open
+                    );
+                    if server_pid.is_some() && c1 > c0 {
+                        println!(
+                            "server CPU: {:.2} s, {:.0} msgs per CPU-second",
+                            c1 - c0,
+                            r.msgs as f64 / (c1 - c0)
+                        );
+                    }
+                })
+                .map_err(|e| e.to_string())
+        }
+        Cmd::Idle {
+            proto,
+            addr,
+            conns,
+            sources,
+            server_pid,
+        } => {
+            sys::raise_nofile(conns as u64 + 1024);
+            let sources = if sources == 0 {
+                suite::auto_sources(conns)
+            } else {
+                sources
+            };
+            suite::measure_idle(proto, addr, conns, sources, server_pid, &String::new).map(|f| {
+                println!(
+                    "idle {}: {} of {conns} open ({} errors, {} wrong echoes); server RSS \
+                     {:.1} → {:.1} MiB: {:.0} bytes per connection; {}",
+                    proto.scheme(),
+                    f.open,
+                    f.errors,
+                    f.wrong,
+                    f.rss_before as f64 / 1048576.0,
+                    f.rss_after as f64 / 1048576.0,
+                    f.rss_per_conn,
+                    f.note
+                )
+            })
+        }
+        Cmd::Suite {
+            out,
+            duration,
+            warmup,
+            idle,
+            server_cpu,
+            client_cpu,
+            only,
+            repeat,
+        } => suite::run(suite::SuiteOpts {
+            out,
+            warmup: secs(warmup),
+            duration: secs(duration),
+            idle,
+            server_cpu,
+            client_cpu,
+            only,
+            repeat,
+        }),
+    };
+    if let Err(e) = result {
+        eprintln!("wm-bench: {e}");
+        std::process::exit(1);
+    }
+}
