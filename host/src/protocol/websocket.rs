@@ -11,9 +11,10 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 use tungstenite::{Error, Message};
 
-/// Bytes tungstenite reads from the socket at a time, and what an idle
-/// connection keeps allocated for it (its default is 128 KiB).
-const READ_CHUNK: usize = 1024;
+/// Bytes tungstenite takes from our buffer at a time, and what an idle
+/// connection keeps allocated for it (its default is 128 KiB). Small, so an
+/// idle websocket costs under 1 KiB; a larger frame grows it as needed.
+const READ_CHUNK: usize = 256;
 
 /// Why a handshake was refused, as an HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -165,3 +165,4 @@ impl Conn {
         self.out_pos = 0;
     }
 }
+
