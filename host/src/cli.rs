@@ -119,10 +119,10 @@ pub fn daemon_master(path: &Path) -> Result<()> {
         let _ = std::fs::create_dir_all(dir);
     }
     logging::to_file(log).with_context(|| format!("cannot open log_file {}", log.display()))?;
-    // Workers inherit this and log to the same file. No threads exist yet.
-    std::env::set_var(logging::LOG_FILE_ENV, log);
+    // A second handle for the workers, passed to them open.
+    let for_workers = std::fs::OpenOptions::new().append(true).open(log)?;
     let master = match Master::new(cfg) {
-        Ok(m) => m,
+        Ok(m) => m.with_worker_log(for_workers),
         Err(e) => {
             tracing::error!("start failed: {e}");
             readiness.fail(&e.to_string());

@@ -127,6 +127,11 @@ pub struct WorkerConfig {
     pub idle_timeout: Option<Duration>,
     /// websocket:// only: ping every connection this often.
     pub ws_ping_interval: Option<Duration>,
+    /// Run the workers as this user (and group): uid, gid. The master keeps
+    /// its privileges, so listeners can be bound below 1024.
+    pub run_as: Option<(u32, u32)>,
+    /// The user's name, for the startup table.
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -187,6 +192,8 @@ struct RawWorker {
     watch_paths: Vec<String>,
     idle_timeout: Option<Dur>,
     ws_ping_interval: Option<Spanned<Dur>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
 }
 
 fn one() -> Spanned<u32> {
@@ -311,6 +318,42 @@ impl Config {
                 return Err(src.key_error(w.count.span(), "count", "must be at least 1"));
             }
             let mut options = BTreeMap::new();
+            let run_as = match &w.user {
+                None => {
+                    if let Some(g) = &w.group {
+                        return Err(src.key_error(g.span(), "group", "needs `user` too"));
+                    }
+                    None
+                }
+                Some(u) => {
+                    let user = nix::unistd::User::from_name(u.get_ref())
+                        .ok()
+                        .flatten()
+                        .ok_or_else(|| {
+                            src.key_error(
+                                u.span(),
+                                "user",
+                                format!("no such user {:?}", u.get_ref()),
+                            )
+                        })?;
+                    let gid = match &w.group {
+                        None => user.gid.as_raw(),
+                        Some(g) => nix::unistd::Group::from_name(g.get_ref())
+                            .ok()
+                            .flatten()
+                            .ok_or_else(|| {
+                                src.key_error(
+                                    g.span(),
+                                    "group",
+                                    format!("no such group {:?}", g.get_ref()),
+                                )
+                            })?
+                            .gid
+                            .as_raw(),
+                    };
+                    Some((user.uid.as_raw(), gid))
+                }
+            };
             let ws_ping_interval = match &w.ws_ping_interval {
                 Some(d) if listen.scheme != Scheme::Websocket => {
                     return Err(src.key_error(
@@ -379,6 +422,8 @@ impl Config {
                 watch: w.watch.unwrap_or(true),
                 idle_timeout: w.idle_timeout.map(|d| d.0).filter(|d| !d.is_zero()),
                 ws_ping_interval,
+                user: w.user.as_ref().map(|u| u.get_ref().clone()),
+                run_as,
                 watch_paths: w.watch_paths.iter().map(|p| rel(p)).collect(),
                 name,
             });

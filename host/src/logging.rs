@@ -2,13 +2,16 @@
 //! `log_file` when daemonized (workers learn which from the environment).
 
 use std::fs::OpenOptions;
+use std::os::fd::FromRawFd;
 use std::path::Path;
 use std::sync::Mutex;
 
 use tracing_subscriber::EnvFilter;
 
-/// Set for workers of a daemonized master: append logs to this file.
-pub const LOG_FILE_ENV: &str = "WM_LOG_FILE";
+/// Set for workers of a daemonized master: their log file is open at fd
+/// [`LOG_FD`] (they may run as a user who could not open it by path).
+pub const LOG_FD_ENV: &str = "WM_LOG_FD";
+pub const LOG_FD: i32 = 6;
 
 fn filter() -> EnvFilter {
     EnvFilter::try_from_env("WM_LOG").unwrap_or_else(|_| EnvFilter::new("info"))
@@ -23,20 +26,25 @@ pub fn to_stderr() {
 }
 
 pub fn to_file(path: &Path) -> std::io::Result<()> {
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    to_open_file(OpenOptions::new().create(true).append(true).open(path)?);
+    Ok(())
+}
+
+fn to_open_file(file: std::fs::File) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter())
         .with_target(false)
         .with_ansi(false)
         .with_writer(Mutex::new(file))
         .try_init();
-    Ok(())
 }
 
 /// Workers log where their master does.
 pub fn for_worker() {
-    match std::env::var_os(LOG_FILE_ENV) {
-        Some(p) if to_file(Path::new(&p)).is_ok() => {}
-        _ => to_stderr(),
+    if std::env::var_os(LOG_FD_ENV).is_some() {
+        // SAFETY: the master hands this descriptor over open, for us alone.
+        to_open_file(unsafe { std::fs::File::from_raw_fd(LOG_FD) });
+    } else {
+        to_stderr();
     }
 }

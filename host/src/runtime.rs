@@ -22,7 +22,9 @@ impl PidLock {
         let dir = &cfg.host.runtime_dir;
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            // Others may pass through (workers running as another user load
+            // their plugin copy from here) but not list it.
+            .mode(0o711)
             .create(dir)
             .map_err(|e| format!("cannot create runtime_dir {}: {e}", dir.display()))?;
         let path = cfg.pid_file();

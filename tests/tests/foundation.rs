@@ -473,3 +473,36 @@ fn plugin_built_against_incompatible_api_is_refused() {
         &["libabi_mismatch_plugin.so", "incompatible plugin-api"],
     );
 }
+
+#[test]
+fn workers_run_as_the_configured_user_and_still_log() {
+    let port = free_port();
+    let server = Server::new(&test_worker("t", port, 2, "user = \"nobody\""));
+    let out = server.start();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("nobody") && l.contains(&port.to_string())),
+        "{table}"
+    );
+    let mut c = TextClient::connect(port);
+    assert_eq!(c.call("unix-uid"), "65534", "the worker runs as nobody");
+    assert_eq!(c.call("still serving"), "still serving");
+    // Workers write to the daemon's log through the descriptor they inherit.
+    assert!(server.log().contains("worker ready"), "{}", server.log());
+    server.stop();
+    // Unknown users are config errors naming the key.
+    let bad = Server::new(&test_worker(
+        "t",
+        free_port(),
+        1,
+        "user = \"no-such-user-here\"",
+    ));
+    let out = bad.cli(&["start", "-d"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("user: no such user"),
+        "{:?}",
+        out
+    );
+}

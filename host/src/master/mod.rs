@@ -206,6 +206,8 @@ pub struct Master {
     /// Clients waiting for the roll's report.
     reload_waiters: Vec<usize>,
     watch: Option<Watch>,
+    /// The daemon's log file, handed to workers open.
+    worker_log: Option<File>,
     _lock: PidLock,
 }
 
@@ -279,8 +281,15 @@ impl Master {
             roll_deadline: None,
             reload_waiters: Vec::new(),
             watch,
+            worker_log: None,
             _lock: lock,
         })
+    }
+
+    /// Workers will log to this file (the daemon's log_file).
+    pub fn with_worker_log(mut self, file: File) -> Master {
+        self.worker_log = Some(file);
+        self
     }
 
     /// Starts all workers and supervises them until stopped. Returns an error
@@ -457,7 +466,14 @@ impl Master {
 
     fn spawn_with(&mut self, group: usize, id: u32, build: Build, role: Role) -> io::Result<usize> {
         let g = &self.groups[group];
-        let child = spawn::worker(&self.exe, &g.cfg, id, &build.copy, &g.sockets[id as usize])?;
+        let child = spawn::worker(
+            &self.exe,
+            &g.cfg,
+            id,
+            &build.copy,
+            &g.sockets[id as usize],
+            self.worker_log.as_ref(),
+        )?;
         let entry = self.workers.vacant_entry();
         let key = entry.key();
         let mut ctl = child.ctl;
@@ -1206,7 +1222,7 @@ impl Master {
             .map(|g| {
                 vec![
                     g.cfg.listen.scheme.name().to_string(),
-                    user.clone(),
+                    g.cfg.user.clone().unwrap_or_else(|| user.clone()),
                     g.cfg.name.clone(),
                     g.cfg.listen.text.clone(),
                     g.cfg.count.to_string(),

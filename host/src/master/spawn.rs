@@ -14,6 +14,7 @@ use mio::net::UnixStream;
 use nix::unistd::Pid;
 
 use crate::config::WorkerConfig;
+use crate::logging::{LOG_FD, LOG_FD_ENV};
 use crate::worker::{Spec, BUS_FD, CONTROL_FD, LISTEN_FD, SPEC_ENV};
 
 pub struct Child {
@@ -31,6 +32,7 @@ pub fn worker(
     id: u32,
     build: &Path,
     listener: &OwnedFd,
+    log: Option<&std::fs::File>,
 ) -> io::Result<Child> {
     let (ours, theirs) = StdUnixStream::pair()?;
     let (bus_ours, bus_theirs) = StdUnixStream::pair()?;
@@ -43,23 +45,42 @@ pub fn worker(
     let listen_fd = listener.as_raw_fd();
     let ctl_fd = theirs.as_raw_fd();
     let bus_fd = bus_theirs.as_raw_fd();
+    // The daemon's log file, handed over open: a worker running as another
+    // user could not open it by path.
+    let log_fd = log.map(|f| f.as_raw_fd()).unwrap_or(-1);
+    let run_as = cfg.run_as;
     let mut cmd = Command::new(exe);
     cmd.arg("worker").env(SPEC_ENV, spec).stdin(Stdio::null());
-    // SAFETY: only fcntl/dup2/close run in the child before exec; all are
-    // async-signal-safe. The fds are first copied above 10 so that moving one
-    // to 3, 4 or 5 cannot overwrite another, and dup2 onto a different number
-    // clears close-on-exec.
+    if log_fd >= 0 {
+        cmd.env(LOG_FD_ENV, LOG_FD.to_string());
+    }
+    // SAFETY: only fcntl/dup2/setgroups/setgid/setuid run in the child
+    // before exec; all are async-signal-safe syscalls. The fds are first
+    // copied above 10 so that moving one to 3..6 cannot overwrite another,
+    // and dup2 onto a different number clears close-on-exec.
     unsafe {
         cmd.pre_exec(move || {
-            let mut high = [0; 3];
-            for (h, from) in high.iter_mut().zip([listen_fd, ctl_fd, bus_fd]) {
-                *h = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 10);
+            let from = [listen_fd, ctl_fd, bus_fd, log_fd];
+            let to = [LISTEN_FD, CONTROL_FD, BUS_FD, LOG_FD];
+            let mut high = [-1; 4];
+            for (h, &f) in high.iter_mut().zip(&from) {
+                if f < 0 {
+                    continue;
+                }
+                *h = libc::fcntl(f, libc::F_DUPFD_CLOEXEC, 10);
                 if *h < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
-            for (h, to) in high.into_iter().zip([LISTEN_FD, CONTROL_FD, BUS_FD]) {
-                if libc::dup2(h, to) < 0 {
+            for (h, t) in high.into_iter().zip(to) {
+                if h >= 0 && libc::dup2(h, t) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some((uid, gid)) = run_as {
+                // Group first: once the user changes, it no longer may.
+                if libc::setgroups(1, &gid) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0
+                {
                     return Err(io::Error::last_os_error());
                 }
             }

@@ -165,4 +165,3 @@ impl Conn {
         self.out_pos = 0;
     }
 }
-

@@ -29,6 +29,7 @@
 //! `hello <method> <query>`, `/echo` answers the request body, `/bye` answers
 //! with `Connection: close`, anything else 404.
 //!
+//! | `unix-uid`       | the worker process's user id                   |
 //! | `reloads`        | how often `on_worker_reload` ran in this worker |
 //! | `flood <n> <size>` | sends n messages of size bytes at once (no reply) |
 //! | `events`         | `full=F drain=D dropped=X errors=E` for this connection |
@@ -218,6 +219,13 @@ impl Plugin for TestPlugin {
                         ctx.send(conn, format!("dial error: {e}"));
                     }
                 }
+            }
+            "unix-uid" => {
+                use std::os::unix::fs::MetadataExt;
+                let uid = std::fs::metadata("/proc/self")
+                    .map(|m| m.uid())
+                    .unwrap_or(u32::MAX);
+                ctx.send(conn, uid.to_string());
             }
             "reloads" => {
                 let n = self.reloads.to_string();
