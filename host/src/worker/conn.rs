@@ -84,6 +84,26 @@ impl Conn {
         }
     }
 
+    /// Lends the worker's reply buffer for one corked read, so gathering
+    /// replies allocates nothing in steady state.
+    /// Returns the buffer when this connection has one of its own.
+    pub fn lend_out(&mut self, buf: Vec<u8>) -> Option<Vec<u8>> {
+        if self.out.capacity() != 0 {
+            return Some(buf);
+        }
+        self.out = buf;
+        self.out_pos = 0;
+        None
+    }
+
+    /// The lent buffer back, once everything in it was written.
+    pub fn take_back_out(&mut self) -> Option<Vec<u8>> {
+        (self.pending() == 0 && self.out.capacity() > 0).then(|| {
+            self.out_pos = 0;
+            std::mem::take(&mut self.out)
+        })
+    }
+
     /// Puts bytes ahead of what is queued (a handshake before early sends).
     pub fn prepend_output(&mut self, bytes: &[u8]) {
         let rest = self.out.split_off(self.out_pos);
@@ -148,8 +168,13 @@ impl Conn {
             }
         }
         if self.pending() == 0 {
-            // Give the memory back: idle connections should cost little.
-            self.out = Vec::new();
+            if self.corked {
+                // The worker's lent buffer: it takes it back right after.
+                self.out.clear();
+            } else {
+                // Give the memory back: idle connections should cost little.
+                self.out = Vec::new();
+            }
             self.out_pos = 0;
             return Ok(true);
         }

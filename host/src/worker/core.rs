@@ -87,6 +87,8 @@ pub struct Core {
     pub connect_deadlines: Vec<(Instant, u64)>,
     /// Outbound connections waiting to reconnect, and when.
     pub redials: Vec<(Instant, u64)>,
+    /// The reply buffer lent to the connection being read (see `Conn::lend_out`).
+    pub spare_out: Vec<u8>,
 }
 
 /// Slab index of a connection id: the low 32 bits. The high 32 bits are a
@@ -127,6 +129,7 @@ impl Core {
             poll_registry: None,
             connect_deadlines: Vec::new(),
             redials: Vec::new(),
+            spare_out: Vec::new(),
         }
     }
 

@@ -701,10 +701,19 @@ impl Worker {
                     conn.bytes_read += n as u64;
                     conn.last_active = Instant::now();
                     conn.corked = true;
+                    let spare = std::mem::take(&mut self.core.spare_out);
+                    if let Some(unused) = self.core.get(id).and_then(|c| c.lend_out(spare)) {
+                        self.core.spare_out = unused;
+                    }
                     self.dispatch(id, n);
+                    if self.core.get(id).is_some() {
+                        self.core.flush(id);
+                    }
                     if let Some(conn) = self.core.get(id) {
                         conn.corked = false;
-                        self.core.flush(id);
+                        if let Some(buf) = conn.take_back_out() {
+                            self.core.spare_out = buf;
+                        }
                     }
                     // A short read emptied the socket: new data brings a new
                     // edge, so there is no need to try again now.
