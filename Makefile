@@ -46,10 +46,12 @@ clean:
 
 .PHONY: bench
 
-## Benchmark suite: wm-host against a native mio baseline, written to bench/RESULTS.md
+## Benchmark suite: wm-host against a native mio baseline, the plugin ABI against direct
+## calls (criterion), cold start and broadcast fan-out, written to bench/RESULTS.md
 ## (under 10 minutes). Installs wrk when missing (Debian, as root).
 bench:
 	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	$(CARGO) build --release --workspace
-	target/release/wm-bench suite --out bench/RESULTS.md
+	$(CARGO) bench -p plugin-api --bench abi --no-run
+	CARGO=$(CARGO) target/release/wm-bench suite --out bench/RESULTS.md

@@ -164,7 +164,7 @@ impl Payload {
 }
 
 /// XORs `data` with the 4-byte `mask`, eight bytes at a time.
-fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
+pub(crate) fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
     let m8 = u64::from_ne_bytes([
         mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
     ]);
@@ -211,7 +211,10 @@ fn encode(proto: Proto, id: u32, seq: u64, p: &mut Payload, out: &mut Vec<u8>) {
 }
 
 /// One complete reply at the start of `data`: (payload range, bytes used).
-fn decode(proto: Proto, data: &[u8]) -> Result<Option<(usize, usize, usize)>, &'static str> {
+pub(crate) fn decode(
+    proto: Proto,
+    data: &[u8],
+) -> Result<Option<(usize, usize, usize)>, &'static str> {
     match proto {
         Proto::Text => Ok(data.iter().position(|&b| b == b'\n').map(|i| {
             let end = if i > 0 && data[i - 1] == b'\r' {
@@ -433,7 +436,7 @@ impl Conn {
 }
 
 /// A non-blocking connect, from `src` (port chosen at connect time) if given.
-fn connect(addr: SocketAddr, src: Option<Ipv4Addr>) -> io::Result<TcpStream> {
+pub(crate) fn connect(addr: SocketAddr, src: Option<Ipv4Addr>) -> io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_nonblocking(true)?;

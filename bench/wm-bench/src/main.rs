@@ -7,6 +7,7 @@
 //! Pin it away from the server (`taskset -c 1 wm-bench …`); `suite` pins itself.
 
 mod client;
+mod fanout;
 mod suite;
 mod sys;
 
@@ -87,6 +88,15 @@ enum Cmd {
         /// Runs per side of each load scenario (interleaved); the best counts.
         #[arg(long, default_value_t = 2)]
         repeat: usize,
+        /// Connections in the broadcast fan-out group (0: skip it).
+        #[arg(long, default_value_t = 10_000)]
+        fanout_conns: usize,
+        /// Measured broadcasts (after one warm-up).
+        #[arg(long, default_value_t = 7)]
+        fanout_rounds: usize,
+        /// Cold starts per side.
+        #[arg(long, default_value_t = 5)]
+        cold_runs: usize,
     },
 }
 
@@ -182,6 +192,9 @@ fn main() {
             client_cpu,
             only,
             repeat,
+            fanout_conns,
+            fanout_rounds,
+            cold_runs,
         } => suite::run(suite::SuiteOpts {
             out,
             warmup: secs(warmup),
@@ -191,6 +204,9 @@ fn main() {
             client_cpu,
             only,
             repeat,
+            fanout_conns,
+            fanout_rounds,
+            cold_runs,
         }),
     };
     if let Err(e) = result {

@@ -7,13 +7,14 @@
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::client::{self, EchoConfig, EchoReport, Proto};
+use crate::fanout::{self, FanoutConfig};
 use crate::sys;
 
 pub struct SuiteOpts {
@@ -28,6 +29,12 @@ pub struct SuiteOpts {
     pub only: Option<String>,
     /// Runs per side of each load scenario, interleaved; the best is kept.
     pub repeat: usize,
+    /// Connections in the broadcast fan-out group (0: skip it).
+    pub fanout_conns: usize,
+    /// Measured broadcasts (after one warm-up broadcast).
+    pub fanout_rounds: usize,
+    /// Cold starts per side.
+    pub cold_runs: usize,
 }
 
 /// The release binaries next to this one.
@@ -36,6 +43,9 @@ struct Bins {
     baseline: PathBuf,
     echo_plugin: PathBuf,
     hello_plugin: PathBuf,
+    test_plugin: PathBuf,
+    /// The workspace (for `cargo bench`): two levels above `target/release`.
+    root: PathBuf,
 }
 
 impl Bins {
@@ -47,8 +57,20 @@ impl Bins {
             baseline: dir.join("wm-baseline"),
             echo_plugin: dir.join("libecho_plugin.so"),
             hello_plugin: dir.join("libbench_hello_plugin.so"),
+            test_plugin: dir.join("libtest_plugin.so"),
+            root: dir
+                .parent()
+                .and_then(|t| t.parent())
+                .map(PathBuf::from)
+                .unwrap_or_default(),
         };
-        for p in [&b.host, &b.baseline, &b.echo_plugin, &b.hello_plugin] {
+        for p in [
+            &b.host,
+            &b.baseline,
+            &b.echo_plugin,
+            &b.hello_plugin,
+            &b.test_plugin,
+        ] {
             if !p.exists() {
                 return Err(format!(
                     "{} is missing: run `cargo build --release --workspace` first",
@@ -94,6 +116,26 @@ enum Server {
     },
 }
 
+/// A fresh runtime folder with a `wm.toml` for one worker group.
+fn wm_config(
+    scheme: &str,
+    plugin: &Path,
+    count: usize,
+    port: u16,
+) -> Result<(PathBuf, PathBuf), String> {
+    let dir = std::env::temp_dir().join(format!("wm-bench-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let config = dir.join("wm.toml");
+    let text = format!(
+        "[host]\nruntime_dir = \"run\"\nstop_timeout = \"2s\"\n\n\
+         [[worker]]\nname = \"bench\"\nlisten = \"{scheme}://127.0.0.1:{port}\"\n\
+         count = {count}\nplugin = \"{}\"\n",
+        plugin.display()
+    );
+    std::fs::write(&config, text).map_err(|e| e.to_string())?;
+    Ok((dir, config))
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -112,50 +154,11 @@ impl Server {
         let cpu = cpu.to_string();
         match side {
             Side::Wm => {
-                let dir =
-                    std::env::temp_dir().join(format!("wm-bench-{}-{port}", std::process::id()));
-                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-                let config = dir.join("wm.toml");
                 let plugin = match svc {
                     Service::Echo(_) => &bins.echo_plugin,
                     Service::Hello => &bins.hello_plugin,
                 };
-                let text = format!(
-                    "[host]\nruntime_dir = \"run\"\nstop_timeout = \"2s\"\n\n\
-                     [[worker]]\nname = \"bench\"\nlisten = \"{}://127.0.0.1:{port}\"\n\
-                     count = 1\nplugin = \"{}\"\n",
-                    svc.scheme(),
-                    plugin.display()
-                );
-                std::fs::write(&config, text).map_err(|e| e.to_string())?;
-                let out = Command::new("taskset")
-                    .args(["-c", &cpu])
-                    .arg(&bins.host)
-                    .args(["start", "-d", "-c"])
-                    .arg(&config)
-                    .stdin(Stdio::null())
-                    .output()
-                    .map_err(|e| format!("taskset: {e}"))?;
-                let mut server = Server::Wm {
-                    host: bins.host.clone(),
-                    dir,
-                    config,
-                    pid: 0,
-                };
-                if !out.status.success() {
-                    return Err(format!(
-                        "wm-host start failed: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    ));
-                }
-                let pid = server
-                    .wm_status()
-                    .and_then(|s| s["workers"][0]["pid"].as_u64())
-                    .ok_or("wm-host status names no worker")?;
-                if let Server::Wm { pid: p, .. } = &mut server {
-                    *p = pid as u32;
-                }
-                Ok(server)
+                Server::start_wm(&bins.host, svc.scheme(), plugin, 1, port, &cpu)
             }
             Side::Base => {
                 let proto = match svc {
@@ -181,6 +184,48 @@ impl Server {
                 Ok(server)
             }
         }
+    }
+
+    /// Starts `wm-host start -d` (pinned to `cpu`) with `count` workers of
+    /// `plugin` listening on `scheme://127.0.0.1:port`; returns once it is
+    /// ready. `pid` is the first worker's.
+    fn start_wm(
+        host: &Path,
+        scheme: &str,
+        plugin: &Path,
+        count: usize,
+        port: u16,
+        cpu: &str,
+    ) -> Result<Server, String> {
+        let (dir, config) = wm_config(scheme, plugin, count, port)?;
+        let out = Command::new("taskset")
+            .args(["-c", cpu])
+            .arg(host)
+            .args(["start", "-d", "-c"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("taskset: {e}"))?;
+        let mut server = Server::Wm {
+            host: host.to_path_buf(),
+            dir,
+            config,
+            pid: 0,
+        };
+        if !out.status.success() {
+            return Err(format!(
+                "wm-host start failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let pid = server
+            .wm_status()
+            .and_then(|s| s["workers"][0]["pid"].as_u64())
+            .ok_or("wm-host status names no worker")?;
+        if let Server::Wm { pid: p, .. } = &mut server {
+            *p = pid as u32;
+        }
+        Ok(server)
     }
 
     /// The process doing the work: the worker, or the baseline itself.
@@ -244,6 +289,19 @@ enum Kind {
         proto: Proto,
         conns: usize,
     },
+    /// Criterion: a callback through the plugin ABI vs a direct call.
+    Abi,
+    /// Spawn to first echo, wm-host vs baseline.
+    ColdStart,
+    /// One broadcast to a group of `conns` connections over `workers`;
+    /// `pinned`: server on the server CPU, client on the client CPU, as
+    /// everywhere else; otherwise both may use every CPU.
+    Fanout {
+        proto: Proto,
+        conns: usize,
+        workers: usize,
+        pinned: bool,
+    },
 }
 
 struct Scenario {
@@ -251,7 +309,7 @@ struct Scenario {
     kind: Kind,
 }
 
-fn scenarios(idle: &[usize]) -> Vec<Scenario> {
+fn scenarios(idle: &[usize], fanout_conns: usize) -> Vec<Scenario> {
     let echo = |proto, conns, inflight, size: usize| {
         let size_s = if size >= 1024 {
             format!("{} KiB", size / 1024)
@@ -272,6 +330,14 @@ fn scenarios(idle: &[usize]) -> Vec<Scenario> {
         }
     };
     let mut v = vec![
+        Scenario {
+            name: "ABI overhead per callback".into(),
+            kind: Kind::Abi,
+        },
+        Scenario {
+            name: "cold start to first echo".into(),
+            kind: Kind::ColdStart,
+        },
         echo(Proto::Text, 100, 16, 32),
         echo(Proto::Text, 100, 1, 32),
         echo(Proto::Frame, 100, 16, 32),
@@ -284,6 +350,26 @@ fn scenarios(idle: &[usize]) -> Vec<Scenario> {
             kind: Kind::Http { conns: 100 },
         },
     ];
+    if fanout_conns > 0 {
+        for pinned in [true, false] {
+            let cpus = if pinned {
+                "server on one CPU"
+            } else {
+                "server and client unpinned"
+            };
+            v.push(Scenario {
+                name: format!(
+                    "broadcast to {fanout_conns} websocket connections over 4 workers, {cpus}"
+                ),
+                kind: Kind::Fanout {
+                    proto: Proto::Websocket,
+                    conns: fanout_conns,
+                    workers: 4,
+                    pinned,
+                },
+            });
+        }
+    }
     for &n in idle {
         for proto in [Proto::Websocket, Proto::Text] {
             v.push(Scenario {
@@ -327,6 +413,11 @@ pub struct Figures {
     pub rss_after: u64,
     pub open: usize,
     pub note: String,
+    /// Cold start and fan-out: the headline figure (ms) and every sample.
+    pub value: f64,
+    pub samples: Vec<f64>,
+    /// ABI: criterion estimates, (id, ns per call, low, high).
+    pub estimates: Vec<(String, f64, f64, f64)>,
 }
 
 impl Figures {
@@ -350,19 +441,36 @@ pub fn run(opts: SuiteOpts) -> Result<(), String> {
     let bins = Bins::find()?;
     let nproc = sys::online_cpus();
     let max_idle = opts.idle.iter().copied().max().unwrap_or(0) as u64;
-    let nofile = sys::raise_nofile(2 * max_idle + 4096);
+    let most = max_idle.max(opts.fanout_conns as u64);
+    let nofile = sys::raise_nofile(2 * most + 4096);
     sys::pin_to_cpu(opts.client_cpu)
         .map_err(|e| format!("pinning the client to CPU {}: {e}", opts.client_cpu))?;
     let wrk = has_wrk();
     let started = Instant::now();
     let mut outcomes = Vec::new();
-    for sc in scenarios(&opts.idle) {
+    for sc in scenarios(&opts.idle, opts.fanout_conns) {
         if let Some(only) = &opts.only {
             if !sc.name.contains(only.as_str()) {
                 continue;
             }
         }
         eprintln!("== {}", sc.name);
+        if matches!(sc.kind, Kind::Abi | Kind::ColdStart | Kind::Fanout { .. }) {
+            let (wm, base, client_cmd) = run_special(&sc, &bins, &opts, nofile);
+            for (side, r) in [("wm-host", &wm), ("baseline", &base)] {
+                match r {
+                    Ok(f) => eprintln!("   {side:8} {}; {}", summary(&sc.kind, f), f.note),
+                    Err(e) => eprintln!("   {side:8} {e}"),
+                }
+            }
+            outcomes.push(Outcome {
+                scenario: sc,
+                wm,
+                base,
+                client_cmd,
+            });
+            continue;
+        }
         if let Kind::Idle { conns, .. } = sc.kind {
             if conns as u64 + 1024 > nofile {
                 let e = format!(
@@ -474,6 +582,16 @@ fn summary(kind: &Kind, f: &Figures) -> String {
             f.rss_before as f64 / 1048576.0,
             f.rss_after as f64 / 1048576.0
         ),
+        Kind::Abi => f
+            .estimates
+            .iter()
+            .map(|(id, ns, lo, hi)| format!("{id} {ns:.2} ns [{lo:.2}, {hi:.2}]"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Kind::ColdStart | Kind::Fanout { .. } => {
+            let runs: Vec<String> = f.samples.iter().map(|v| format!("{v:.1}")).collect();
+            format!("median {:.1} ms of runs at {} ms", f.value, runs.join(", "))
+        }
         _ => format!(
             "{:.0}/s, p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs, {} errors, {} wrong, \
              server {:.2} CPU-s ({:.0}/CPU-s), others on its core {:.2} CPU-s",
@@ -501,6 +619,9 @@ fn run_one(
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     match sc.kind {
+        Kind::Abi | Kind::ColdStart | Kind::Fanout { .. } => {
+            Err("run by run_special, not as a load scenario".into())
+        }
         Kind::Echo {
             proto,
             conns,
@@ -605,6 +726,437 @@ fn run_one(
             Ok(f)
         }
     }
+}
+
+/// The median of `v` (0 when empty).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The scenarios that are not echo load: (wm-host, baseline, command).
+fn run_special(
+    sc: &Scenario,
+    bins: &Bins,
+    opts: &SuiteOpts,
+    nofile: u64,
+) -> (Result<Figures, String>, Result<Figures, String>, String) {
+    match sc.kind {
+        Kind::Abi => {
+            let cmd = format!(
+                "cargo bench -p plugin-api --bench abi -- {}",
+                ABI_ARGS.join(" ")
+            );
+            match run_abi(bins) {
+                Ok((abi, direct)) => (Ok(abi), Ok(direct), cmd),
+                Err(e) => (Err(e.clone()), Err(e), cmd),
+            }
+        }
+        Kind::ColdStart => {
+            let (mut wm, mut base) = (Vec::new(), Vec::new());
+            let mut cli = Vec::new();
+            let mut failed = (None, None);
+            for _ in 0..opts.cold_runs.max(1) {
+                match cold_start(Side::Wm, bins, opts.server_cpu) {
+                    Ok((ms, cli_ms)) => {
+                        wm.push(ms);
+                        cli.extend(cli_ms);
+                    }
+                    Err(e) => failed.0 = Some(e),
+                }
+                match cold_start(Side::Base, bins, opts.server_cpu) {
+                    Ok((ms, _)) => base.push(ms),
+                    Err(e) => failed.1 = Some(e),
+                }
+            }
+            let figures = |v: Vec<f64>, failed: Option<String>, note: String| {
+                if v.is_empty() {
+                    return Err(failed.unwrap_or_else(|| "no run".into()));
+                }
+                Ok(Figures {
+                    value: median(&v),
+                    samples: v,
+                    note: match failed {
+                        Some(e) => format!("{note}; a run failed: {e}"),
+                        None => note,
+                    },
+                    ..Figures::default()
+                })
+            };
+            let cli_note = format!(
+                "`wm-host start -d` itself returned after {:.1} ms (median)",
+                median(&cli)
+            );
+            (
+                figures(wm, failed.0, cli_note),
+                figures(base, failed.1, "the process was spawned directly".into()),
+                format!(
+                    "spawn `taskset -c {} wm-host start -d` (text echo, count = 1) or \
+                     `wm-baseline --proto text`, then connect + `ping\\n` until echoed; \
+                     {} runs per side, interleaved",
+                    opts.server_cpu,
+                    opts.cold_runs.max(1)
+                ),
+            )
+        }
+        Kind::Fanout {
+            proto,
+            conns,
+            workers,
+            pinned,
+        } => {
+            let cmd = format!(
+                "wm-host (`count = {workers}`, test plugin, `{}://`{}), {conns} connections from \
+                 {} source addresses, each `join g`; one sends `gsend g <32 B>`; 1 warm-up + {} \
+                 measured broadcasts",
+                proto.scheme(),
+                if pinned {
+                    format!(", `taskset -c {}`", opts.server_cpu)
+                } else {
+                    String::new()
+                },
+                auto_sources(conns),
+                opts.fanout_rounds
+            );
+            let wm = if conns as u64 + 256 > nofile {
+                Err(format!(
+                    "skipped: needs {} open files, RLIMIT_NOFILE is {nofile}",
+                    conns + 256
+                ))
+            } else {
+                run_fanout(proto, conns, workers, pinned, bins, opts)
+            };
+            (wm, Err("n/a: the baseline has no groups".into()), cmd)
+        }
+        _ => unreachable!("not a special scenario"),
+    }
+}
+
+/// Criterion's arguments when the suite runs the ABI bench.
+const ABI_ARGS: [&str; 4] = ["--warm-up-time", "1", "--measurement-time", "3"];
+
+/// Criterion benchmark ids: (through the ABI, its direct counterpart,
+/// the row's name, its target).
+const ABI_PAIRS: [(&str, &str, &str, &str); 4] = [
+    (
+        "on_message/abi",
+        "on_message/direct",
+        "ABI: `on_message` (trivial body) via the plugin vtable vs via `&mut dyn Plugin`: ns per call",
+        "≤ +5 ns",
+    ),
+    (
+        "echo/abi",
+        "echo/direct",
+        "ABI: echo `on_message` calling `ctx.send` via the vtable vs via `&mut dyn Plugin`: ns per call",
+        "≤ +5 ns",
+    ),
+    (
+        "echo/abi",
+        "echo/native",
+        "ABI: echo via the vtable (2 crossings) vs `&mut dyn` plugin and `&mut dyn` host, no ABI: ns per call",
+        "≤ +10 ns",
+    ),
+    (
+        "on_message_spilled/abi",
+        "on_message_spilled/direct",
+        "ABI: `on_message` (trivial body), message slice stored to memory just before each call: ns per call",
+        "≤ +5 ns",
+    ),
+];
+
+/// Runs `cargo bench -p plugin-api --bench abi` and reads criterion's
+/// estimates (ns per call): (the `abi` ids, the others).
+fn run_abi(bins: &Bins) -> Result<(Figures, Figures), String> {
+    let home = bins.root.join("target").join("criterion");
+    for group in ["on_message", "echo", "on_message_spilled"] {
+        let _ = std::fs::remove_dir_all(home.join(group));
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .current_dir(&bins.root)
+        .env("CRITERION_HOME", &home)
+        .args(["bench", "-p", "plugin-api", "--bench", "abi", "--"])
+        .args(ABI_ARGS)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cargo}: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        return Err(format!(
+            "cargo bench failed: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+        ));
+    }
+    let (mut abi, mut direct) = (Figures::default(), Figures::default());
+    let mut seen = std::collections::HashSet::new();
+    for (a, d, ..) in ABI_PAIRS {
+        for (id, into) in [(a, &mut abi), (d, &mut direct)] {
+            if seen.insert(id) {
+                let (ns, lo, hi) = criterion_estimate(&home, id)?;
+                into.estimates.push((id.to_string(), ns, lo, hi));
+            }
+        }
+    }
+    Ok((abi, direct))
+}
+
+/// ns per iteration from `<home>/<id>/new/estimates.json`: the slope when
+/// criterion fitted one, else the mean; with its 95% interval.
+fn criterion_estimate(home: &Path, id: &str) -> Result<(f64, f64, f64), String> {
+    let path = home.join(id).join("new").join("estimates.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let est = if v["slope"].is_object() {
+        &v["slope"]
+    } else {
+        &v["mean"]
+    };
+    let get = |x: &Value| x.as_f64().ok_or(format!("{}: no estimate", path.display()));
+    Ok((
+        get(&est["point_estimate"])?,
+        get(&est["confidence_interval"]["lower_bound"])?,
+        get(&est["confidence_interval"]["upper_bound"])?,
+    ))
+}
+
+/// The ns per call of criterion id `id` in `f`.
+fn estimate(f: &Figures, id: &str) -> Option<f64> {
+    f.estimates.iter().find(|e| e.0 == id).map(|e| e.1)
+}
+
+/// Connects and has `ping` echoed, again and again, until it works or
+/// `deadline` passes; returns when it first worked.
+fn first_echo(addr: SocketAddr, deadline: Instant) -> Result<Instant, String> {
+    use std::io::{Read, Write};
+    let mut last_err = String::from("never connected");
+    while Instant::now() < deadline {
+        let mut s = match TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                last_err = e.to_string();
+                std::hint::spin_loop();
+                continue;
+            }
+        };
+        let _ = s.set_nodelay(true);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        if let Err(e) = s.write_all(b"ping\n") {
+            last_err = e.to_string();
+            continue;
+        }
+        let mut buf = [0u8; 64];
+        let mut got = 0;
+        loop {
+            match s.read(&mut buf[got..]) {
+                Ok(0) => {
+                    last_err = "closed before the echo".into();
+                    break;
+                }
+                Ok(n) => {
+                    got += n;
+                    if buf[..got].contains(&b'\n') {
+                        if &buf[..got] == b"ping\n" {
+                            return Ok(Instant::now());
+                        }
+                        return Err(format!(
+                            "wrong echo: {:?}",
+                            String::from_utf8_lossy(&buf[..got])
+                        ));
+                    }
+                    if got == buf.len() {
+                        return Err("echo too long".into());
+                    }
+                }
+                Err(e) => {
+                    last_err = e.to_string();
+                    break;
+                }
+            }
+        }
+    }
+    Err(format!("no echo within 10 s: {last_err}"))
+}
+
+/// One cold start: ms from spawning the server until a first echo, and for
+/// wm-host the ms until `wm-host start -d` returned.
+fn cold_start(side: Side, bins: &Bins, cpu: usize) -> Result<(f64, Option<f64>), String> {
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let cpu = cpu.to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    match side {
+        Side::Wm => {
+            let (dir, config) = wm_config("text", &bins.echo_plugin, 1, port)?;
+            let t0 = Instant::now();
+            let mut child = Command::new("taskset")
+                .args(["-c", &cpu])
+                .arg(&bins.host)
+                .args(["start", "-d", "-c"])
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("taskset: {e}"))?;
+            // Stops the server on every way out.
+            let _server = Server::Wm {
+                host: bins.host.clone(),
+                dir,
+                config,
+                pid: 0,
+            };
+            let waiter = std::thread::spawn(move || {
+                let out = child.wait();
+                (Instant::now(), out)
+            });
+            let echoed = first_echo(addr, deadline);
+            let (returned, status) = waiter.join().map_err(|_| "waiter panicked")?;
+            let echoed = echoed?;
+            let cli = status
+                .ok()
+                .filter(|s| s.success())
+                .map(|_| (returned - t0).as_secs_f64() * 1e3);
+            Ok(((echoed - t0).as_secs_f64() * 1e3, cli))
+        }
+        Side::Base => {
+            let t0 = Instant::now();
+            let child = Command::new("taskset")
+                .args(["-c", &cpu])
+                .arg(&bins.baseline)
+                .args(["--proto", "text", "--listen"])
+                .arg(addr.to_string())
+                .stdin(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("taskset: {e}"))?;
+            let _server = Server::Base { child };
+            let echoed = first_echo(addr, deadline)?;
+            Ok(((echoed - t0).as_secs_f64() * 1e3, None))
+        }
+    }
+}
+
+/// Starts wm-host with the test plugin and `workers` workers and measures
+/// broadcasts to a group of `conns` connections.
+fn run_fanout(
+    proto: Proto,
+    conns: usize,
+    workers: usize,
+    pinned: bool,
+    bins: &Bins,
+    opts: &SuiteOpts,
+) -> Result<Figures, String> {
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let all = format!("0-{}", sys::online_cpus().saturating_sub(1));
+    let cpus = if pinned {
+        opts.server_cpu.to_string()
+    } else {
+        all
+    };
+    if !pinned {
+        sys::unpin().map_err(|e| format!("unpinning the client: {e}"))?;
+    }
+    let result = fanout_on(proto, conns, workers, addr, &cpus, bins, opts);
+    if !pinned {
+        sys::pin_to_cpu(opts.client_cpu)
+            .map_err(|e| format!("pinning the client to CPU {}: {e}", opts.client_cpu))?;
+    }
+    result
+}
+
+fn fanout_on(
+    proto: Proto,
+    conns: usize,
+    workers: usize,
+    addr: SocketAddr,
+    cpus: &str,
+    bins: &Bins,
+    opts: &SuiteOpts,
+) -> Result<Figures, String> {
+    let server = Server::start_wm(
+        &bins.host,
+        proto.scheme(),
+        &bins.test_plugin,
+        workers,
+        addr.port(),
+        cpus,
+    )?;
+    let cfg = FanoutConfig {
+        proto,
+        addr,
+        conns,
+        sources: auto_sources(conns),
+        rounds: opts.fanout_rounds.max(1),
+        warmup_rounds: 1,
+        size: 32,
+        round_timeout: Duration::from_secs(5),
+    };
+    // Once every member is visible: how the connections are spread, and the
+    // server processes (master and workers) whose CPU time is counted.
+    let mut spread = String::new();
+    let mut pids: Vec<u32> = Vec::new();
+    let mut cpu0 = 0.0;
+    let report = fanout::run(&cfg, &mut || {
+        if let Some(st) = server.wm_status() {
+            let ws = st["workers"].as_array().cloned().unwrap_or_default();
+            spread = ws
+                .iter()
+                .map(|w| w["stats"]["connections"].to_string())
+                .collect::<Vec<_>>()
+                .join(" / ");
+            pids = ws
+                .iter()
+                .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
+                .collect();
+            if let Some(m) = st["master_pid"].as_u64() {
+                pids.push(m as u32);
+            }
+        }
+        cpu0 = pids.iter().filter_map(|&p| sys::cpu_seconds(p)).sum();
+    })
+    .map_err(|e| e.to_string())?;
+    let cpu1: f64 = pids.iter().filter_map(|&p| sys::cpu_seconds(p)).sum();
+    drop(server);
+    let broadcasts = (cfg.warmup_rounds + cfg.rounds) as f64;
+    let cpu_ms = (cpu1 - cpu0).max(0.0) * 1e3 / broadcasts;
+    let last: Vec<f64> = report.rounds.iter().map(|r| r.last_ms).collect();
+    let first: Vec<f64> = report.rounds.iter().map(|r| r.first_ms).collect();
+    let p50: Vec<f64> = report.rounds.iter().map(|r| r.p50_ms).collect();
+    let short = report
+        .rounds
+        .iter()
+        .filter(|r| r.received < report.joined)
+        .count();
+    Ok(Figures {
+        value: median(&last),
+        samples: last,
+        open: report.joined,
+        errors: report.errors,
+        wrong: report.wrong,
+        note: format!(
+            "first client had it after {:.1} ms, half of them after {:.1} ms (medians); \
+             {} joined, {} errors, {} wrong; {} of {} rounds missed someone within 5 s; \
+             connections per worker {spread}; server CPU (workers and master) \
+             {cpu_ms:.0} ms per broadcast (clock ticks of 10 ms); joining took {:.1} s, and `count g` showed \
+             every member {:.0} ms after the last join was answered",
+            median(&first),
+            median(&p50),
+            report.joined,
+            report.errors,
+            report.wrong,
+            short,
+            report.rounds.len(),
+            report.setup.as_secs_f64(),
+            report.visible_after.as_secs_f64() * 1e3
+        ),
+        ..Figures::default()
+    })
 }
 
 /// (CPU-seconds of `pid`, busy seconds of core `core`).
@@ -763,6 +1315,75 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// The table rows of the ABI, cold start and fan-out scenarios; false for
+/// the others.
+fn special_rows(md: &mut String, o: &Outcome, opts: &SuiteOpts) -> bool {
+    let name = &o.scenario.name;
+    let fail = |r: &Result<Figures, String>| match r {
+        Ok(_) => "ok".to_string(),
+        Err(e) if e.starts_with("skipped") || e.starts_with("n/a") => e.clone(),
+        Err(e) => format!("failed: {}", e.lines().next().unwrap_or("")),
+    };
+    match o.scenario.kind {
+        Kind::Abi => {
+            let (Ok(abi), Ok(direct)) = (&o.wm, &o.base) else {
+                let _ = writeln!(md, "| {name} | {} | {} | – | |", fail(&o.wm), fail(&o.base));
+                return true;
+            };
+            for (a, d, label, target) in ABI_PAIRS {
+                let (Some(x), Some(y)) = (estimate(abi, a), estimate(direct, d)) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    md,
+                    "| {label} | {x:.2} ns | {y:.2} ns | {:+.2} ns | {target} |",
+                    x - y
+                );
+            }
+        }
+        Kind::ColdStart => {
+            let row = format!(
+                "cold start: spawn to first echo, median of {}",
+                opts.cold_runs.max(1)
+            );
+            match (&o.wm, &o.base) {
+                (Ok(w), Ok(b)) => {
+                    let _ = writeln!(
+                        md,
+                        "| {row} | {:.1} ms | {:.1} ms | {} | |",
+                        w.value,
+                        b.value,
+                        ratio(w.value, b.value)
+                    );
+                }
+                (w, b) => {
+                    let _ = writeln!(md, "| {row} | {} | {} | – | |", fail(w), fail(b));
+                }
+            }
+        }
+        Kind::Fanout { .. } => {
+            let row = format!(
+                "{name}: last client has it, median of {}",
+                opts.fanout_rounds.max(1)
+            );
+            match &o.wm {
+                Ok(w) => {
+                    let _ = writeln!(md, "| {row} | {:.1} ms | n/a | – | < 50 ms |", w.value);
+                }
+                Err(e) => {
+                    let _ = writeln!(
+                        md,
+                        "| {row} | {} | n/a | – | < 50 ms |",
+                        fail(&Err(e.clone()))
+                    );
+                }
+            }
+        }
+        _ => return false,
+    }
+    true
+}
+
 fn report(
     opts: &SuiteOpts,
     outcomes: &[Outcome],
@@ -832,11 +1453,12 @@ fn report(
         "```sh\nmake bench\n# which is:\n\
          command -v wrk || apt-get install -y wrk\n\
          cargo build --release --workspace\n\
+         cargo bench -p plugin-api --bench abi --no-run\n\
          target/release/wm-bench suite --out bench/RESULTS.md\n```\n"
     );
     let _ = writeln!(
         md,
-        "Each scenario starts a fresh wm-host (`taskset -c {s} wm-host start -d`, one worker, \
+        "Each echo, HTTP and idle scenario starts a fresh wm-host (`taskset -c {s} wm-host start -d`, one worker, \
          `count = 1`, the echo plugin, or `bench-hello-plugin` for HTTP) and then a fresh \
          `taskset -c {s} wm-baseline --proto P --listen 127.0.0.1:PORT`, and drives both with \
          the same client on CPU {c}:\n",
@@ -844,18 +1466,33 @@ fn report(
         c = opts.client_cpu
     );
     for o in outcomes.iter().filter(|o| !o.client_cmd.is_empty()) {
-        let _ = writeln!(md, "- {}: `{}`", o.scenario.name, o.client_cmd);
+        match o.scenario.kind {
+            Kind::Abi => {
+                let _ = writeln!(md, "- {}: `{}`", o.scenario.name, o.client_cmd);
+            }
+            Kind::ColdStart | Kind::Fanout { .. } => {
+                let _ = writeln!(md, "- {}: {}", o.scenario.name, o.client_cmd);
+            }
+            _ => {
+                let _ = writeln!(md, "- {}: `{}`", o.scenario.name, o.client_cmd);
+            }
+        }
     }
     let _ = writeln!(md, "\n## Results\n");
     let _ = writeln!(
         md,
         "Ratio = wm-host ÷ baseline, both measured in this run. Throughput and per-CPU-second \
-         ratios want to be high, latency and memory ratios low.\n"
+         ratios want to be high, latency and memory ratios low. In the ABI rows the wm-host \
+         column is the call through the plugin's FFI vtable, the baseline column the direct \
+         call, and the ratio column their difference.\n"
     );
     let _ = writeln!(md, "| scenario | wm-host | baseline | ratio | target |");
     let _ = writeln!(md, "|---|---:|---:|---:|---|");
     for o in outcomes {
         let name = &o.scenario.name;
+        if special_rows(&mut md, o, opts) {
+            continue;
+        }
         let (wm, base) = match (&o.wm, &o.base) {
             (Ok(w), Ok(b)) => (w, b),
             (w, b) => {
@@ -921,7 +1558,7 @@ fn report(
             let text = match r {
                 Ok(f) => {
                     let mut s = summary(&o.scenario.kind, f);
-                    if !matches!(o.scenario.kind, Kind::Idle { .. } | Kind::Http { .. }) {
+                    if matches!(o.scenario.kind, Kind::Echo { .. }) {
                         let _ = write!(s, ", {} connections open at the end", f.open);
                     }
                     if f.runs.len() > 1 {
@@ -933,7 +1570,7 @@ fn report(
                     }
                     s
                 }
-                Err(e) if e.starts_with("skipped") => e.clone(),
+                Err(e) if e.starts_with("skipped") || e.starts_with("n/a") => e.clone(),
                 Err(e) => format!("failed: {}", e.replace('\n', " ")),
             };
             let _ = writeln!(md, "| {} | {side} | {text} |", o.scenario.name);
@@ -960,6 +1597,40 @@ fn report(
          source addresses (bind before connect, `IP_BIND_ADDRESS_NO_PORT`), each completing the \
          websocket handshake and one 8-byte echo, and left idle; RSS is read again after \
          0.5 s. RSS per connection = growth ÷ N. Kernel socket buffers are not in RSS.\n\
+         - ABI overhead: criterion (`plugin-api/benches/abi.rs`, warm-up 1 s, 3 s measured \
+         per benchmark, run by the suite on the client's CPU). A plugin object is built by \
+         `plugin_api::adapter::create` (what `export_plugin!` runs; in-process, no dlopen) and \
+         `on_message` is called through its FFI vtable as the host calls it, with a `HostCtx` \
+         over a minimal host table (`send` counts bytes, the rest do nothing); the direct \
+         counterpart calls the same `Plugin::on_message` through a `&mut dyn Plugin`. Each timed \
+         round is 16 calls over 16 different slices of one buffer, as a read holding several \
+         messages is handled; figures are ns per call (criterion's slope estimate; 95% \
+         intervals in Details). `echo` calls `ctx.send` once: through the vtable that is two \
+         boundary crossings; its `direct` form still calls `send` through the host table (a \
+         `Context` has no other way), and `native` is the same logic with a `&mut dyn` plugin \
+         calling a `&mut dyn` host. `on_message_spilled` passes each slice through \
+         `black_box`, so it is stored to memory just before the call: the worst case for the \
+         16-byte `RSlice`, which goes on the stack as the callback's last argument.\n\
+         - Cold start: the time from spawning `taskset -c S wm-host start -d` (a fresh runtime \
+         folder, text echo plugin, `count = 1`; the master forks, binds, starts the worker, \
+         which copies and loads the plugin) until a client, connecting and sending `ping\\n` \
+         in a tight loop (a refused connect is retried at once; an accepted one waits for its \
+         echo), first gets the echo; against spawning `wm-baseline --proto text` the same way. \
+         Binaries and plugin are in the page cache (not a cold disk). Median of the runs, \
+         sides interleaved; the Details also give when `start -d` itself returned.\n\
+         - Broadcast fan-out: wm-host with `count = 4` workers and the test plugin \
+         (`target/release/libtest_plugin.so`) on `websocket://`, all pinned to the server \
+         CPU; the client (one `mio` loop) opens the connections from several 127.0.0.x \
+         source addresses, each completes the handshake and sends `join g` (answered `ok`); \
+         then one connection asks `count g` until it shows every member, because joins reach \
+         the other workers through the master. One member then sends `gsend g <32 B payload>` \
+         (delivered to every member, the sender included): the time runs from just before \
+         that write until the last connection has the payload, where a message's arrival is \
+         when `poll` returned with its socket readable (one clock reading per batch of \
+         events, before they are read), so the client's own reading of earlier sockets can \
+         only delay it. One warm-up broadcast, then the measured ones, 100 ms apart; the \
+         figure is the median over broadcasts of the last arrival. There is no baseline: \
+         wm-baseline has no groups.\n\
          - wm-baseline: one bare `mio` loop per process, no plugin, ABI, supervisor or IPC; \
          reads into one per-process buffer, keeps only incomplete messages per connection, \
          answers one read with one write; websocket frames by a small parser (UTF-8 checked \
@@ -1002,7 +1673,7 @@ Transfer/sec:     12.00MB
 
     #[test]
     fn every_scenario_has_a_distinct_name() {
-        let s = scenarios(&[10_000]);
+        let s = scenarios(&[10_000], 10_000);
         let names: std::collections::HashSet<_> = s.iter().map(|s| &s.name).collect();
         assert_eq!(names.len(), s.len());
     }
