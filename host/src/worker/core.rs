@@ -70,7 +70,8 @@ pub struct Core {
     /// Group and uid membership across all workers.
     pub registry: Registry,
     /// Frames for the master to relay to the other workers.
-    pub bus_out: Vec<u8>,
+    pub bus: Option<mio::net::UnixStream>,
+    pub bus_buf: bus::BusBuf,
     /// The framing of the message `on_message` is handling.
     pub current_kind: Kind,
     /// Connections resumed by the plugin: read what waited in the kernel.
@@ -120,7 +121,8 @@ impl Core {
             send_fail: 0,
             node: std::process::id(),
             registry: Registry::default(),
-            bus_out: Vec::new(),
+            bus: None,
+            bus_buf: bus::BusBuf::default(),
             current_kind: Kind::Default,
             resumed: Vec::new(),
             lingering: Vec::new(),
@@ -458,7 +460,10 @@ impl Core {
     }
 
     fn publish_bus(&mut self, msg: &BusMsg) {
-        bus::encode(msg, &mut self.bus_out);
+        bus::encode(msg, &mut self.bus_buf.outbuf);
+        // Written at once, not after the callback: other workers start
+        // delivering while this one still writes to its own members.
+        self.flush_bus();
     }
 
     fn member_op(&mut self, conn: u64, msg: BusMsg) -> bool {
@@ -513,24 +518,26 @@ impl Core {
         }
     }
 
+    /// Writes queued bus frames to the master, as far as it takes them.
+    pub fn flush_bus(&mut self) {
+        if let Some(sock) = self.bus.as_mut() {
+            if let Err(e) = self.bus_buf.flush(sock) {
+                tracing::debug!("bus write failed: {e}");
+            }
+        }
+    }
+
     pub fn send_to_group(&mut self, group: &str, data: &[u8], kind: Kind, exclude: Option<u64>) {
         let exclude = exclude.map(|c| self.gid(c));
-        self.deliver(
-            &BusMsg::ToGroup {
-                group: group.to_string(),
-                kind: kind_code(kind),
-                exclude,
-                data: Vec::new(),
-            },
-            data,
-        );
         let msg = BusMsg::ToGroup {
             group: group.to_string(),
             kind: kind_code(kind),
             exclude,
             data: data.to_vec(),
         };
+        // The other workers first: they work in parallel with us.
         self.publish_bus(&msg);
+        self.deliver(&msg, data);
     }
 
     pub fn send_to_all(&mut self, data: &[u8], kind: Kind, exclude: Option<u64>) {

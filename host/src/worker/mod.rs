@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 
 use self::conn::{Conn, State};
 use self::core::{slot, Core, Deferred, FIRST_CONN};
-use crate::bus::BusBuf;
 use crate::config::WorkerConfig;
 use crate::ipc::{FromWorker, LineBuf, ToWorker};
 use crate::plugin::{CustomProtocol, LoadedPlugin};
@@ -346,8 +345,7 @@ struct Worker {
     listener: Option<TcpListener>,
     ctl: UnixStream,
     ctl_buf: LineBuf,
-    bus: UnixStream,
-    bus_buf: BusBuf,
+
     read_buf: Box<[u8]>,
     static_dir: Option<StaticDir>,
     scheme: crate::config::Scheme,
@@ -495,14 +493,14 @@ fn start(
         Ok(v) => v,
         Err(e) => return Err((ctl_std, format!("worker setup failed: {e}"))),
     };
+    core.bus = Some(bus);
     let mut worker = Worker {
         poll,
         core,
         listener: Some(listener),
         ctl,
         ctl_buf: LineBuf::default(),
-        bus,
-        bus_buf: BusBuf::default(),
+
         read_buf: vec![0u8; READ_BUF].into_boxed_slice(),
         static_dir,
         scheme: spec.worker.listen.scheme,
@@ -1065,7 +1063,10 @@ impl Worker {
     }
 
     fn bus_in(&mut self) {
-        let (frames, closed) = self.bus_buf.read_frames(&mut self.bus);
+        let Some(sock) = self.core.bus.as_mut() else {
+            return;
+        };
+        let (frames, closed) = self.core.bus_buf.read_frames(sock);
         for f in frames {
             self.core.on_bus_frame(&f);
             self.runner.settle(&mut self.core);
@@ -1077,12 +1078,7 @@ impl Worker {
     }
 
     fn flush_bus(&mut self) {
-        if !self.core.bus_out.is_empty() {
-            self.bus_buf.outbuf.append(&mut self.core.bus_out);
-        }
-        if let Err(e) = self.bus_buf.flush(&mut self.bus) {
-            tracing::debug!("bus write failed: {e}");
-        }
+        self.core.flush_bus();
     }
 
     fn control(&mut self) {
