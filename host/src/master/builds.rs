@@ -5,9 +5,10 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
@@ -26,6 +27,32 @@ impl Build {
     }
 }
 
+/// Numbers temporary copies apart within one process.
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Copies `from` to `to`, returning the SHA-256 of the bytes written.
+fn copy_hashing(from: &Path, to: &Path) -> io::Result<String> {
+    let mut src = fs::File::open(from)?;
+    let mut dst = fs::File::create(to)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        dst.write_all(&buf[..n])?;
+    }
+    // No fsync: copies live only while their master runs, and a starting
+    // master clears what an earlier one left (see `prune`).
+    Ok(hex(&h.finalize()))
+}
+
 pub fn hash_file(path: &Path) -> io::Result<String> {
     let mut f = fs::File::open(path)?;
     let mut h = Sha256::new();
@@ -37,7 +64,7 @@ pub fn hash_file(path: &Path) -> io::Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&h.finalize()))
 }
 
 fn dir(runtime_dir: &Path) -> PathBuf {
@@ -50,33 +77,38 @@ pub fn install(runtime_dir: &Path, source: &Path) -> Result<Build, String> {
     if !source.exists() {
         return Err(format!("plugin {shown}: file not found"));
     }
-    let hash = hash_file(source).map_err(|e| format!("plugin {shown}: cannot read: {e}"))?;
     let d = dir(runtime_dir);
     fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
-    let copy = d.join(format!("{hash}.so"));
-    if !copy.exists() {
-        // Copy under a temporary name, then rename: a copy either is complete
-        // or does not exist.
-        let tmp = d.join(format!(".{hash}.{}.tmp", std::process::id()));
-        let result = fs::copy(source, &tmp)
-            .and_then(|_| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444)))
-            .and_then(|_| fs::rename(&tmp, &copy));
-        if let Err(e) = result {
+    // One pass: the bytes are hashed as they are copied, so the copy is named
+    // by exactly what it holds even if the source changes meanwhile. Written
+    // under a temporary name, then renamed: a copy is complete or absent.
+    let tmp = d.join(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let hashed = copy_hashing(source, &tmp);
+    let hash = match hashed {
+        Ok(h) => h,
+        Err(e) => {
             let _ = fs::remove_file(&tmp);
             return Err(format!(
                 "plugin {shown}: cannot copy to {}: {e}",
-                copy.display()
+                d.display()
             ));
         }
-        // The source may have changed while we copied it: check what we have.
-        let copied =
-            hash_file(&copy).map_err(|e| format!("cannot read {}: {e}", copy.display()))?;
-        if copied != hash {
-            let _ = fs::remove_file(&copy);
-            return Err(format!(
-                "plugin {shown} changed while being copied; try again"
-            ));
-        }
+    };
+    let copy = d.join(format!("{hash}.so"));
+    if copy.exists() {
+        let _ = fs::remove_file(&tmp);
+    } else if let Err(e) = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
+        .and_then(|_| fs::rename(&tmp, &copy))
+    {
+        let _ = fs::remove_file(&tmp);
+        return Err(format!(
+            "plugin {shown}: cannot copy to {}: {e}",
+            copy.display()
+        ));
     }
     Ok(Build { hash, copy })
 }

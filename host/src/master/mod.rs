@@ -215,6 +215,9 @@ impl Master {
     /// Takes the runtime dir, binds every listener and the control socket.
     pub fn new(cfg: Config) -> Result<Master, StartError> {
         let lock = PidLock::acquire(&cfg).map_err(StartError::Lock)?;
+        // Copies an earlier master left (perhaps cut short by a crash) are
+        // not trusted: each start copies afresh.
+        builds::prune(&cfg.host.runtime_dir, &HashSet::new());
         let mut groups = Vec::new();
         for w in &cfg.workers {
             let build =
