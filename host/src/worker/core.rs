@@ -324,6 +324,14 @@ impl Core {
         }
     }
 
+    /// The peer's address for log lines ("" when unknown).
+    pub fn peer(&mut self, id: u64) -> String {
+        self.get(id)
+            .and_then(|c| c.remote)
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    }
+
     pub fn conn_info(&mut self, id: u64) -> RawConnInfo {
         let none = plugin_api::to_raw_addr(None);
         match self.get(id) {
@@ -529,28 +537,17 @@ impl Core {
 
     pub fn send_to_group(&mut self, group: &str, data: &[u8], kind: Kind, exclude: Option<u64>) {
         let exclude = exclude.map(|c| self.gid(c));
-        let msg = BusMsg::ToGroup {
+        self.route(BusMsg::ToGroup {
             group: group.to_string(),
             kind: kind_code(kind),
             exclude,
             data: data.to_vec(),
-        };
-        // The other workers first: they work in parallel with us.
-        self.publish_bus(&msg);
-        self.deliver(&msg, data);
+        });
     }
 
     pub fn send_to_all(&mut self, data: &[u8], kind: Kind, exclude: Option<u64>) {
         let exclude = exclude.map(|c| self.gid(c));
-        self.deliver(
-            &BusMsg::ToAll {
-                kind: kind_code(kind),
-                exclude,
-                data: Vec::new(),
-            },
-            data,
-        );
-        self.publish_bus(&BusMsg::ToAll {
+        self.route(BusMsg::ToAll {
             kind: kind_code(kind),
             exclude,
             data: data.to_vec(),
@@ -558,19 +555,18 @@ impl Core {
     }
 
     pub fn send_to_uid(&mut self, uid: &str, data: &[u8], kind: Kind) {
-        self.deliver(
-            &BusMsg::ToUid {
-                uid: uid.to_string(),
-                kind: kind_code(kind),
-                data: Vec::new(),
-            },
-            data,
-        );
-        self.publish_bus(&BusMsg::ToUid {
+        self.route(BusMsg::ToUid {
             uid: uid.to_string(),
             kind: kind_code(kind),
             data: data.to_vec(),
         });
+    }
+
+    /// Sends a routed message: to the other workers first (they deliver in
+    /// parallel with us), then to this worker's own connections.
+    fn route(&mut self, msg: BusMsg) {
+        self.publish_bus(&msg);
+        self.deliver(&msg);
     }
 
     pub fn publish(&mut self, topic: &str, data: &[u8]) {
@@ -583,15 +579,14 @@ impl Core {
     }
 
     /// Sends a routed message to this worker's connections it targets.
-    /// `data` is passed apart so local sends need not copy it into the message.
-    pub fn deliver(&mut self, msg: &BusMsg, data: &[u8]) {
+    pub fn deliver(&mut self, msg: &BusMsg) {
         let node = self.node;
-        let (targets, kind): (Vec<u64>, u8) = match msg {
+        let (targets, kind, data): (Vec<u64>, u8, &[u8]) = match msg {
             BusMsg::ToGroup {
                 group,
                 kind,
                 exclude,
-                ..
+                data,
             } => (
                 self.registry
                     .members(group)
@@ -599,16 +594,22 @@ impl Core {
                     .map(|g| g.1)
                     .collect(),
                 *kind,
+                data,
             ),
-            BusMsg::ToUid { uid, kind, .. } => (
+            BusMsg::ToUid { uid, kind, data } => (
                 self.registry
                     .uid_conns(uid)
                     .filter(|g| g.0 == node)
                     .map(|g| g.1)
                     .collect(),
                 *kind,
+                data,
             ),
-            BusMsg::ToAll { kind, exclude, .. } => (
+            BusMsg::ToAll {
+                kind,
+                exclude,
+                data,
+            } => (
                 self.conns
                     .iter()
                     .filter(|(_, c)| c.state == State::Open && c.codec.established())
@@ -616,6 +617,7 @@ impl Core {
                     .filter(|id| Some((node, *id)) != *exclude)
                     .collect(),
                 *kind,
+                data,
             ),
             _ => return,
         };
@@ -640,9 +642,9 @@ impl Core {
             }
         };
         match &msg {
-            BusMsg::ToGroup { data, .. }
-            | BusMsg::ToUid { data, .. }
-            | BusMsg::ToAll { data, .. } => self.deliver(&msg, data),
+            BusMsg::ToGroup { .. } | BusMsg::ToUid { .. } | BusMsg::ToAll { .. } => {
+                self.deliver(&msg)
+            }
             BusMsg::Publish { topic, data } => self
                 .deferred
                 .push_back(Deferred::Publish(topic.clone(), data.clone())),

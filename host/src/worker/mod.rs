@@ -861,12 +861,7 @@ impl Worker {
     }
 
     fn refuse(&mut self, id: u64, status: u16, reason: &str) {
-        let peer = self
-            .core
-            .get(id)
-            .and_then(|c| c.remote)
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let peer = self.core.peer(id);
         tracing::warn!(conn = id, %peer, "refusing websocket handshake: {status} {reason}");
         let mut resp = http::error_response(status);
         if status == 426 {
@@ -915,12 +910,7 @@ impl Worker {
                     self.core.close(id, None);
                 }
                 websocket::Event::Failed { code, reason } => {
-                    let peer = self
-                        .core
-                        .get(id)
-                        .and_then(|c| c.remote)
-                        .map(|a| a.to_string())
-                        .unwrap_or_default();
+                    let peer = self.core.peer(id);
                     tracing::warn!(conn = id, %peer, "closing websocket ({code}): {reason}");
                     self.core.close(id, None);
                 }
