@@ -164,6 +164,21 @@ impl Payload {
 }
 
 /// XORs `data` with the 4-byte `mask`, eight bytes at a time.
+/// Writes `buf[*pos..]` to a non-blocking socket, advancing `pos`; true
+/// once all of it is written.
+pub(crate) fn write_out(sock: &mut impl Write, buf: &[u8], pos: &mut usize) -> io::Result<bool> {
+    while *pos < buf.len() {
+        match sock.write(&buf[*pos..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => *pos += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
 pub(crate) fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
     let m8 = u64::from_ne_bytes([
         mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
@@ -416,14 +431,8 @@ impl Conn {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        while self.wpos < self.wbuf.len() {
-            match self.sock.write(&self.wbuf[self.wpos..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.wpos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
+        if !write_out(&mut self.sock, &self.wbuf, &mut self.wpos)? {
+            return Ok(());
         }
         self.wbuf.clear();
         self.wpos = 0;

@@ -136,14 +136,8 @@ impl Conn {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        while self.wpos < self.wbuf.len() {
-            match self.sock.write(&self.wbuf[self.wpos..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.wpos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
+        if !client::write_out(&mut self.sock, &self.wbuf, &mut self.wpos)? {
+            return Ok(());
         }
         self.wbuf.clear();
         self.wpos = 0;
