@@ -25,7 +25,8 @@ use self::core::{slot, Core, Deferred, FIRST_CONN};
 use crate::config::WorkerConfig;
 use crate::ipc::{FromWorker, LineBuf, ToWorker};
 use crate::plugin::{CustomProtocol, LoadedPlugin};
-use crate::protocol::{http, websocket, Codec, Kind, Message, Pending};
+use crate::protocol::websocket::{self, Decoded};
+use crate::protocol::{http, Codec, Kind, Message, Pending};
 use crate::static_files::StaticDir;
 
 /// File descriptors a worker inherits, by number.
@@ -137,6 +138,70 @@ fn custom_decode(
             input.len()
         )),
         None => Ok(None),
+    }
+}
+
+/// Runs the websocket frames at the start of `input` through the
+/// connection's reader, calling `on_message` for each message. Returns the
+/// bytes used; the rest is an incomplete frame, or waits for `resume_recv`.
+fn ws_input(core: &mut Core, runner: &mut Runner, id: u64, input: &mut [u8]) -> usize {
+    let mut pos = 0;
+    // Control replies; allocated only when there is one.
+    let mut out = Vec::new();
+    loop {
+        let Some(conn) = core.get(id) else {
+            return input.len();
+        };
+        if conn.state != State::Open || conn.paused {
+            return pos;
+        }
+        let (Codec::Websocket(Some(reader)) | Codec::WsClient(Some(reader))) = &mut conn.codec
+        else {
+            return pos;
+        };
+        let step = reader.decode(&mut input[pos..], &mut out);
+        let assembled =
+            matches!(step, Some(Decoded::Assembled { .. })).then(|| reader.take_assembled());
+        if !out.is_empty() {
+            core.send_raw(id, &out);
+            out.clear();
+        }
+        let (binary, msg) = match step {
+            None => return pos,
+            Some(Decoded::Message {
+                binary,
+                start,
+                end,
+                consumed,
+            }) => {
+                let msg = pos + start..pos + end;
+                pos += consumed;
+                (binary, &input[msg])
+            }
+            Some(Decoded::Assembled { binary, consumed }) => {
+                pos += consumed;
+                (binary, assembled.as_deref().unwrap_or_default())
+            }
+            Some(Decoded::Skipped { consumed }) => {
+                pos += consumed;
+                continue;
+            }
+            Some(Decoded::Closed { .. }) => {
+                core.close(id, None);
+                return input.len();
+            }
+            Some(Decoded::Failed { code, reason }) => {
+                let peer = core.peer(id);
+                tracing::warn!(conn = id, %peer, "closing websocket ({code}): {reason}");
+                core.close(id, None);
+                return input.len();
+            }
+        };
+        core.total_messages += 1;
+        core.current_kind = if binary { Kind::Binary } else { Kind::Text };
+        runner.call(core, Call::Message(id, msg));
+        core.current_kind = Kind::Default;
+        runner.settle(core);
     }
 }
 
@@ -808,9 +873,7 @@ impl Worker {
         self.runner.call(&mut self.core, Call::Connect(id));
         self.runner.settle(&mut self.core);
         // Frames the client sent right behind its handshake.
-        if used < buf.len() {
-            self.feed_ws(id, &buf[used..]);
-        }
+        self.feed_ws(id, buf, used);
     }
 
     /// Reads the server's answer to our websocket handshake.
@@ -855,9 +918,7 @@ impl Worker {
         conn.codec = Codec::WsClient(Some(Box::new(websocket::WsReader::client(max))));
         self.runner.call(&mut self.core, Call::Connect(id));
         self.runner.settle(&mut self.core);
-        if used < buf.len() {
-            self.feed_ws(id, &buf[used..]);
-        }
+        self.feed_ws(id, buf, used);
     }
 
     fn refuse(&mut self, id: u64, status: u16, reason: &str) {
@@ -874,48 +935,37 @@ impl Worker {
         self.core.close(id, None);
     }
 
+    /// Frames `read_buf[..n]` (after any partial frame kept from before),
+    /// decoding straight from the shared read buffer when nothing is kept.
     fn dispatch_ws(&mut self, id: u64, n: usize) {
-        let input = std::mem::take(&mut self.read_buf);
-        self.feed_ws(id, &input[..n]);
-        self.read_buf = input;
-    }
-
-    fn feed_ws(&mut self, id: u64, input: &[u8]) {
         let Some(conn) = self.core.get(id) else {
             return;
         };
-        let (Codec::Websocket(Some(reader)) | Codec::WsClient(Some(reader))) = &mut conn.codec
-        else {
-            return;
-        };
-        let mut out = Vec::new();
-        let mut events = Vec::new();
-        reader.feed(input, &mut out, &mut events);
-        if !out.is_empty() {
-            self.core.send_raw(id, &out);
-        }
-        for ev in events {
-            match ev {
-                websocket::Event::Message { binary, data } => {
-                    if self.core.get(id).is_none_or(|c| c.state != State::Open) {
-                        return;
-                    }
-                    self.core.total_messages += 1;
-                    self.core.current_kind = if binary { Kind::Binary } else { Kind::Text };
-                    self.runner.call(&mut self.core, Call::Message(id, &data));
-                    self.core.current_kind = Kind::Default;
-                    self.runner.settle(&mut self.core);
-                }
-                websocket::Event::Closed => {
-                    self.core.close(id, None);
-                }
-                websocket::Event::Failed { code, reason } => {
-                    let peer = self.core.peer(id);
-                    tracing::warn!(conn = id, %peer, "closing websocket ({code}): {reason}");
-                    self.core.close(id, None);
+        let mut kept = std::mem::take(&mut conn.inbuf);
+        if kept.is_empty() {
+            let Worker {
+                core,
+                runner,
+                read_buf,
+                ..
+            } = self;
+            let used = ws_input(core, runner, id, &mut read_buf[..n]);
+            if let Some(conn) = core.get(id) {
+                if used < n {
+                    conn.inbuf = read_buf[used..n].to_vec();
                 }
             }
+        } else {
+            kept.extend_from_slice(&self.read_buf[..n]);
+            let used = ws_input(&mut self.core, &mut self.runner, id, &mut kept);
+            self.keep(id, kept, used);
         }
+    }
+
+    /// Frames the client sent right behind a handshake.
+    fn feed_ws(&mut self, id: u64, mut buf: Vec<u8>, from: usize) {
+        let used = ws_input(&mut self.core, &mut self.runner, id, &mut buf[from..]);
+        self.keep(id, buf, from + used);
     }
 
     /// HTTP requests, answered in order. Static files are served here;

@@ -293,17 +293,12 @@ impl Core {
 
 /// A masked client frame (clients must mask, with an unpredictable key).
 pub fn client_frame(data: &[u8], binary: bool, out: &mut Vec<u8>) {
-    let (h, n) = websocket::frame_header(data.len(), binary);
-    out.extend_from_slice(&h[..n]);
-    out[1] |= 0x80;
-    let mut mask = [0u8; 4];
-    if getrandom::fill(&mut mask).is_err() {
-        // No entropy source at all is not a state to keep running in quietly.
-        tracing::error!("getrandom failed; using a time-derived mask");
-        mask = (Instant::now().elapsed().subsec_nanos() ^ 0x9e37_79b9).to_be_bytes();
-    }
-    out.extend_from_slice(&mask);
-    out.extend(data.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let opcode = if binary {
+        websocket::OP_BINARY
+    } else {
+        websocket::OP_TEXT
+    };
+    websocket::write_frame(out, opcode, data, Some(websocket::random_mask()));
 }
 
 #[cfg(test)]
