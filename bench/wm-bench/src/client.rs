@@ -581,20 +581,24 @@ pub struct IdleSet {
     pub open: usize,
     pub errors: u64,
     pub wrong: u64,
-    pub took: Duration,
 }
 
-/// Opens `n` connections (from `sources` addresses 127.0.0.1..), each doing
-/// the handshake (websocket) and one 8-byte echo, then left idle.
+/// Opens `n` connections, each doing the handshake (websocket) and one 8-byte
+/// echo, then left idle. They come from `sources` addresses 127.0.0.F,
+/// 127.0.0.F+1, … (F = `first_source`), or from whatever the kernel picks
+/// when that is just 127.0.0.1.
 pub fn open_idle(
     proto: Proto,
     addr: SocketAddr,
     n: usize,
     sources: usize,
+    first_source: u8,
     timeout: Duration,
 ) -> io::Result<IdleSet> {
     const PENDING: usize = 256;
-    let sources = sources.clamp(1, 250);
+    let first_source = first_source.max(1);
+    let sources = sources.clamp(1, 255 - first_source as usize);
+    let bind = sources > 1 || first_source > 1;
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(4096);
     let mut cx = Cx {
@@ -614,9 +618,8 @@ pub fn open_idle(
     while settled < n && start.elapsed() < timeout {
         while pending < PENDING && conns.len() < n {
             let id = conns.len();
-            let src = Ipv4Addr::new(127, 0, 0, 1 + (id % sources) as u8);
-            let src = (sources > 1).then_some(src);
-            match new_conn(&poll, addr, src, id) {
+            let src = Ipv4Addr::new(127, 0, 0, first_source + (id % sources) as u8);
+            match new_conn(&poll, addr, bind.then_some(src), id) {
                 Ok(c) => {
                     conns.push(c);
                     pending += 1;
@@ -652,7 +655,6 @@ pub fn open_idle(
         open,
         errors: (n - open) as u64,
         wrong: cx.stats.wrong,
-        took: start.elapsed(),
     })
 }
 

@@ -2,12 +2,14 @@
 //!
 //!     wm-bench echo --proto websocket --addr 127.0.0.1:7000 --conns 100 --inflight 16 --size 32
 //!     wm-bench idle --proto websocket --addr 127.0.0.1:7000 --conns 10000 --server-pid 1234
+//!     wm-bench idle --proto websocket --addr 127.0.0.1:7000 --conns 100000 --server-pid 1,2,…
 //!     wm-bench suite --out bench/RESULTS.md     # what `make bench` runs
 //!
 //! Pin it away from the server (`taskset -c 1 wm-bench …`); `suite` pins itself.
 
 mod client;
 mod fanout;
+mod idle;
 mod suite;
 mod sys;
 
@@ -51,7 +53,7 @@ enum Cmd {
         server_pid: Option<u32>,
     },
     /// Opens C connections (handshake and one echo each), then reports the
-    /// server's RSS growth per connection.
+    /// server processes' RSS growth per connection.
     Idle {
         #[arg(long, value_enum)]
         proto: Proto,
@@ -59,12 +61,33 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(short, long, default_value_t = 10_000)]
         conns: usize,
-        /// Source addresses 127.0.0.1..=127.0.0.N (0: enough for C).
+        /// Client processes (`idle-hold`), each from its own source
+        /// addresses; 1: this process (0: one per 15000 connections).
+        #[arg(long, default_value_t = 0)]
+        clients: usize,
+        /// Source addresses per client process (0: enough for its share).
         #[arg(long, default_value_t = 0)]
         sources: usize,
-        /// The serving process (a wm-host worker: `wm-host status`).
+        /// The serving processes, comma-separated (wm-host workers:
+        /// `wm-host status`); their RSS is summed.
+        #[arg(long, value_delimiter = ',', required = true)]
+        server_pid: Vec<u32>,
+    },
+    /// A client process of `idle`: opens C idle connections from source
+    /// addresses 127.0.0.F.., prints `open N errors E wrong W`, and holds
+    /// them until stdin says `finish` or closes.
+    #[command(hide = true)]
+    IdleHold {
+        #[arg(long, value_enum)]
+        proto: Proto,
         #[arg(long)]
-        server_pid: u32,
+        addr: SocketAddr,
+        #[arg(long)]
+        conns: usize,
+        #[arg(long, default_value_t = 1)]
+        first_source: u8,
+        #[arg(long, default_value_t = 1)]
+        sources: usize,
     },
     /// Every scenario against wm-host and the native baseline; writes Markdown.
     Suite {
@@ -75,7 +98,10 @@ enum Cmd {
         duration: f64,
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
-        /// Idle connection counts to measure, comma-separated.
+        /// Idle connection counts to measure, comma-separated: websocket at
+        /// each, text too where one process serves them. Above 12500 the
+        /// servers run one process per 12500 connections and the client
+        /// one per 15000 (RLIMIT_NOFILE is per process).
         #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
         idle: Vec<usize>,
         #[arg(long, default_value_t = 0)]
@@ -159,16 +185,27 @@ fn main() {
             proto,
             addr,
             conns,
+            clients,
             sources,
             server_pid,
         } => {
-            sys::raise_nofile(conns as u64 + 1024);
-            let sources = if sources == 0 {
-                suite::auto_sources(conns)
+            let clients = if clients == 0 {
+                idle::client_procs(conns)
             } else {
-                sources
+                clients
             };
-            suite::measure_idle(proto, addr, conns, sources, server_pid, &String::new).map(|f| {
+            if clients == 1 {
+                sys::raise_nofile(conns as u64 + 1024);
+            }
+            let cfg = idle::IdleConfig {
+                proto,
+                addr,
+                conns,
+                clients,
+                sources,
+                pids: server_pid,
+            };
+            idle::measure(&cfg, &|_| Ok(String::new())).map(|f| {
                 println!(
                     "idle {}: {} of {conns} open ({} errors, {} wrong echoes); server RSS \
                      {:.1} → {:.1} MiB: {:.0} bytes per connection; {}",
@@ -183,6 +220,13 @@ fn main() {
                 )
             })
         }
+        Cmd::IdleHold {
+            proto,
+            addr,
+            conns,
+            first_source,
+            sources,
+        } => idle::hold(proto, addr, conns, sources, first_source),
         Cmd::Suite {
             out,
             duration,

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::client::{self, EchoConfig, EchoReport, Proto};
 use crate::fanout::{self, FanoutConfig};
+use crate::idle::{self, IdleConfig};
 use crate::sys;
 
 pub struct SuiteOpts {
@@ -109,10 +110,13 @@ enum Server {
         host: PathBuf,
         dir: PathBuf,
         config: PathBuf,
-        pid: u32,
+        /// The workers' pids, from `wm-host status`.
+        pids: Vec<u32>,
     },
     Base {
         child: Child,
+        /// `--procs N`: the children serving, not the waiting parent.
+        children: Vec<u32>,
     },
 }
 
@@ -144,12 +148,15 @@ fn free_port() -> u16 {
 }
 
 impl Server {
+    /// Starts `procs` server processes: wm-host workers (`count`) or
+    /// `wm-baseline --procs`.
     fn start(
         side: Side,
         svc: Service,
         port: u16,
         bins: &Bins,
         cpu: usize,
+        procs: usize,
     ) -> Result<Server, String> {
         let cpu = cpu.to_string();
         match side {
@@ -158,23 +165,53 @@ impl Server {
                     Service::Echo(_) => &bins.echo_plugin,
                     Service::Hello => &bins.hello_plugin,
                 };
-                Server::start_wm(&bins.host, svc.scheme(), plugin, 1, port, &cpu)
+                Server::start_wm(&bins.host, svc.scheme(), plugin, procs, port, &cpu)
             }
             Side::Base => {
                 let proto = match svc {
                     Service::Echo(p) => p.scheme(),
                     Service::Hello => "http",
                 };
-                let child = Command::new("taskset")
-                    .args(["-c", &cpu])
+                let mut cmd = Command::new("taskset");
+                cmd.args(["-c", &cpu])
                     .arg(&bins.baseline)
                     .args(["--proto", proto, "--listen"])
-                    .arg(format!("127.0.0.1:{port}"))
+                    .arg(format!("127.0.0.1:{port}"));
+                if procs > 1 {
+                    cmd.arg("--procs").arg(procs.to_string());
+                }
+                let child = cmd
                     .stdin(Stdio::null())
                     .spawn()
                     .map_err(|e| format!("taskset: {e}"))?;
-                let server = Server::Base { child };
+                let mut server = Server::Base {
+                    child,
+                    children: Vec::new(),
+                };
                 let end = Instant::now() + Duration::from_secs(10);
+                if procs > 1 {
+                    // Every child must listen before connections come, or
+                    // SO_REUSEPORT spreads them over the early ones only.
+                    while sys::listeners_on(port) < procs {
+                        if Instant::now() > end {
+                            return Err(format!(
+                                "wm-baseline --procs {procs}: {} of {procs} listening after 10 s",
+                                sys::listeners_on(port)
+                            ));
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    let Server::Base { child, children } = &mut server else {
+                        unreachable!()
+                    };
+                    *children = sys::children_of(child.id());
+                    if children.len() != procs {
+                        return Err(format!(
+                            "wm-baseline --procs {procs} has {} children",
+                            children.len()
+                        ));
+                    }
+                }
                 while TcpStream::connect(("127.0.0.1", port)).is_err() {
                     if Instant::now() > end {
                         return Err("wm-baseline did not listen within 10 s".into());
@@ -188,7 +225,7 @@ impl Server {
 
     /// Starts `wm-host start -d` (pinned to `cpu`) with `count` workers of
     /// `plugin` listening on `scheme://127.0.0.1:port`; returns once it is
-    /// ready. `pid` is the first worker's.
+    /// ready.
     fn start_wm(
         host: &Path,
         scheme: &str,
@@ -210,7 +247,7 @@ impl Server {
             host: host.to_path_buf(),
             dir,
             config,
-            pid: 0,
+            pids: Vec::new(),
         };
         if !out.status.success() {
             return Err(format!(
@@ -218,21 +255,40 @@ impl Server {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        let pid = server
+        let found: Vec<u32> = server
             .wm_status()
-            .and_then(|s| s["workers"][0]["pid"].as_u64())
-            .ok_or("wm-host status names no worker")?;
-        if let Server::Wm { pid: p, .. } = &mut server {
-            *p = pid as u32;
+            .and_then(|s| {
+                s["workers"]
+                    .as_array()?
+                    .iter()
+                    .map(|w| w["pid"].as_u64().map(|p| p as u32))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if found.len() != count {
+            return Err(format!(
+                "wm-host status names {} workers, {count} configured",
+                found.len()
+            ));
+        }
+        if let Server::Wm { pids, .. } = &mut server {
+            *pids = found;
         }
         Ok(server)
     }
 
-    /// The process doing the work: the worker, or the baseline itself.
+    /// The process doing the work: the (first) worker, or the baseline.
     fn pid(&self) -> u32 {
+        self.pids()[0]
+    }
+
+    /// Every process doing the work: the workers, not the master; the
+    /// baseline's children under `--procs N`, else the baseline itself.
+    fn pids(&self) -> Vec<u32> {
         match self {
-            Server::Wm { pid, .. } => *pid,
-            Server::Base { child } => child.id(),
+            Server::Wm { pids, .. } => pids.clone(),
+            Server::Base { child, children } if children.is_empty() => vec![child.id()],
+            Server::Base { children, .. } => children.clone(),
         }
     }
 
@@ -265,7 +321,7 @@ impl Drop for Server {
                     .output();
                 let _ = std::fs::remove_dir_all(&*dir);
             }
-            Server::Base { child } => {
+            Server::Base { child, .. } => {
                 // SAFETY: signals our own child by its pid.
                 unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
                 let _ = child.wait();
@@ -285,9 +341,11 @@ enum Kind {
     Http {
         conns: usize,
     },
+    /// `procs` server processes (wm-host `count`, `wm-baseline --procs`).
     Idle {
         proto: Proto,
         conns: usize,
+        procs: usize,
     },
     /// Criterion: a callback through the plugin ABI vs a direct call.
     Abi,
@@ -371,10 +429,22 @@ fn scenarios(idle: &[usize], fanout_conns: usize) -> Vec<Scenario> {
         }
     }
     for &n in idle {
-        for proto in [Proto::Websocket, Proto::Text] {
+        let procs = idle::server_procs(n);
+        // Text only where one process serves them: the issue's target for
+        // many processes is websocket, and each such run takes a while.
+        let protos: &[Proto] = if procs == 1 {
+            &[Proto::Websocket, Proto::Text]
+        } else {
+            &[Proto::Websocket]
+        };
+        for &proto in protos {
             v.push(Scenario {
                 name: format!("idle {} connections × {n}", proto_name(proto)),
-                kind: Kind::Idle { proto, conns: n },
+                kind: Kind::Idle {
+                    proto,
+                    conns: n,
+                    procs,
+                },
             });
         }
     }
@@ -440,7 +510,17 @@ struct Outcome {
 pub fn run(opts: SuiteOpts) -> Result<(), String> {
     let bins = Bins::find()?;
     let nproc = sys::online_cpus();
-    let max_idle = opts.idle.iter().copied().max().unwrap_or(0) as u64;
+    // The most connections one process holds: an idle client or server
+    // process, or the fan-out client.
+    let max_idle = opts
+        .idle
+        .iter()
+        .map(|&n| {
+            n.div_ceil(idle::client_procs(n))
+                .max(n.div_ceil(idle::server_procs(n)))
+        })
+        .max()
+        .unwrap_or(0) as u64;
     let most = max_idle.max(opts.fanout_conns as u64);
     let nofile = sys::raise_nofile(2 * most + 4096);
     sys::pin_to_cpu(opts.client_cpu)
@@ -471,12 +551,16 @@ pub fn run(opts: SuiteOpts) -> Result<(), String> {
             });
             continue;
         }
-        if let Kind::Idle { conns, .. } = sc.kind {
-            if conns as u64 + 1024 > nofile {
+        if let Kind::Idle { conns, procs, .. } = sc.kind {
+            // Per process: a server's share with room for an uneven
+            // SO_REUSEPORT spread, or a client's share.
+            let share =
+                (conns.div_ceil(procs) * 5 / 4).max(conns.div_ceil(idle::client_procs(conns)));
+            if share as u64 + 1024 > nofile {
                 let e = format!(
                     "skipped: needs {} open files per process, RLIMIT_NOFILE is {nofile} \
                      (raising the hard limit needs CAP_SYS_RESOURCE)",
-                    conns + 1024
+                    share + 1024
                 );
                 eprintln!("   {e}");
                 outcomes.push(Outcome {
@@ -628,7 +712,7 @@ fn run_one(
             inflight,
             size,
         } => {
-            let server = Server::start(side, Service::Echo(proto), port, bins, opts.server_cpu)?;
+            let server = Server::start(side, Service::Echo(proto), port, bins, opts.server_cpu, 1)?;
             let pid = server.pid();
             let cfg = EchoConfig {
                 proto,
@@ -663,7 +747,7 @@ fn run_one(
             if !wrk {
                 return Err("wrk is not installed (apt-get install wrk)".into());
             }
-            let server = Server::start(side, Service::Hello, port, bins, opts.server_cpu)?;
+            let server = Server::start(side, Service::Hello, port, bins, opts.server_cpu, 1)?;
             let pid = server.pid();
             let url = format!("http://127.0.0.1:{port}/");
             let cpu = opts.client_cpu.to_string();
@@ -702,30 +786,88 @@ fn run_one(
             f.other_cpu_s = ((c1.1 - c0.1) - f.cpu_s).max(0.0);
             Ok(f)
         }
-        Kind::Idle { proto, conns } => {
-            let server = Server::start(side, Service::Echo(proto), port, bins, opts.server_cpu)?;
-            let pid = server.pid();
-            let sources = auto_sources(conns);
-            *client_cmd = format!(
-                "wm-bench idle --proto {} --addr 127.0.0.1:PORT --conns {conns} --sources {sources} --server-pid PID",
-                proto.scheme()
-            );
-            let probe = || match server.wm_status() {
-                Some(st) => {
-                    let w = &st["workers"][0];
-                    format!(
-                        "wm-host status meanwhile: {} connections, rss_bytes {:.1} MiB",
-                        w["stats"]["connections"],
-                        w["rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
-                    )
-                }
-                None => String::new(),
+        Kind::Idle {
+            proto,
+            conns,
+            procs,
+        } => {
+            let server = Server::start(
+                side,
+                Service::Echo(proto),
+                port,
+                bins,
+                opts.server_cpu,
+                procs,
+            )?;
+            let cfg = IdleConfig {
+                proto,
+                addr,
+                conns,
+                clients: idle::client_procs(conns),
+                sources: 0,
+                pids: server.pids(),
             };
-            let f = measure_idle(proto, addr, conns, sources, pid, &probe)?;
+            *client_cmd = idle_command(&cfg, procs, opts.server_cpu);
+            // wm-host must count every connection the clients hold.
+            let probe = |held: usize| -> Result<String, String> {
+                if side == Side::Base {
+                    return Ok(String::new());
+                }
+                let st = server.wm_status().ok_or("wm-host status failed")?;
+                let ws = st["workers"].as_array().cloned().unwrap_or_default();
+                let per: Vec<u64> = ws
+                    .iter()
+                    .map(|w| w["stats"]["connections"].as_u64().unwrap_or(0))
+                    .collect();
+                let total: u64 = per.iter().sum();
+                let rss: f64 = ws.iter().filter_map(|w| w["rss_bytes"].as_f64()).sum();
+                let text = format!(
+                    "wm-host status meanwhile: {total} connections{}, rss_bytes {:.1} MiB",
+                    if per.len() > 1 {
+                        let p: Vec<String> = per.iter().map(u64::to_string).collect();
+                        format!(" ({} per worker)", p.join(" / "))
+                    } else {
+                        String::new()
+                    },
+                    rss / 1048576.0
+                );
+                if total != held as u64 {
+                    return Err(format!("the clients hold {held} connections but {text}"));
+                }
+                Ok(text)
+            };
+            let f = idle::measure(&cfg, &probe)?;
             drop(server);
             Ok(f)
         }
     }
+}
+
+/// How an idle scenario is run, for the report.
+fn idle_command(cfg: &IdleConfig, procs: usize, server_cpu: usize) -> String {
+    let mut client = format!(
+        "wm-bench idle --proto {} --addr 127.0.0.1:PORT --conns {}",
+        cfg.proto.scheme(),
+        cfg.conns
+    );
+    if cfg.clients > 1 {
+        let _ = write!(client, " --clients {}", cfg.clients);
+    } else {
+        let _ = write!(client, " --sources {}", auto_sources(cfg.conns));
+    }
+    if procs == 1 {
+        return format!("`{client} --server-pid PID`");
+    }
+    format!(
+        "`taskset -c {server_cpu} wm-host start -d` with `count = {procs}` (the RSS of its \
+         {procs} workers, not the master's), then `taskset -c {server_cpu} wm-baseline --proto {p} --listen 127.0.0.1:PORT --procs \
+         {procs}` (the RSS of its {procs} children); client: `{client} --server-pid PID1,…,PID{procs}` \
+         ({} `wm-bench idle-hold` processes of ≤ {} connections, {} source addresses each)",
+        cfg.clients,
+        cfg.conns.div_ceil(cfg.clients),
+        auto_sources(cfg.conns.div_ceil(cfg.clients)),
+        p = cfg.proto.scheme()
+    )
 }
 
 /// The median of `v` (0 when empty).
@@ -1010,7 +1152,7 @@ fn cold_start(side: Side, bins: &Bins, cpu: usize) -> Result<(f64, Option<f64>),
                 host: bins.host.clone(),
                 dir,
                 config,
-                pid: 0,
+                pids: Vec::new(),
             };
             let waiter = std::thread::spawn(move || {
                 let out = child.wait();
@@ -1035,7 +1177,10 @@ fn cold_start(side: Side, bins: &Bins, cpu: usize) -> Result<(f64, Option<f64>),
                 .stdin(Stdio::null())
                 .spawn()
                 .map_err(|e| format!("taskset: {e}"))?;
-            let _server = Server::Base { child };
+            let _server = Server::Base {
+                child,
+                children: Vec::new(),
+            };
             let echoed = first_echo(addr, deadline)?;
             Ok(((echoed - t0).as_secs_f64() * 1e3, None))
         }
@@ -1171,43 +1316,6 @@ fn cpu_snapshot(pid: u32, core: usize) -> (f64, f64) {
 /// that none runs out of ephemeral ports.
 pub fn auto_sources(conns: usize) -> usize {
     conns.div_ceil(16_000).max(4)
-}
-
-/// Opens one warm connection, reads RSS, opens `conns` more, reads it again.
-pub fn measure_idle(
-    proto: Proto,
-    addr: SocketAddr,
-    conns: usize,
-    sources: usize,
-    pid: u32,
-    probe: &dyn Fn() -> String,
-) -> Result<Figures, String> {
-    let warm =
-        client::open_idle(proto, addr, 1, 1, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-    std::thread::sleep(Duration::from_millis(300));
-    let before = sys::rss_bytes(pid).ok_or("server is gone")?;
-    let set = client::open_idle(proto, addr, conns, sources, Duration::from_secs(120))
-        .map_err(|e| e.to_string())?;
-    std::thread::sleep(Duration::from_millis(500));
-    let after = sys::rss_bytes(pid).ok_or("server is gone")?;
-    let probed = probe();
-    let f = Figures {
-        rss_per_conn: after.saturating_sub(before) as f64 / set.open.max(1) as f64,
-        rss_before: before,
-        rss_after: after,
-        open: set.open,
-        errors: set.errors + warm.errors,
-        wrong: set.wrong + warm.wrong,
-        note: if probed.is_empty() {
-            format!("opened in {:.1} s", set.took.as_secs_f64())
-        } else {
-            format!("opened in {:.1} s; {probed}", set.took.as_secs_f64())
-        },
-        ..Figures::default()
-    };
-    drop(set);
-    drop(warm);
-    Ok(f)
 }
 
 fn echo_figures(r: &EchoReport, cpu_s: f64) -> Figures {
@@ -1459,7 +1567,7 @@ fn report(
     let _ = writeln!(
         md,
         "Each echo, HTTP and idle scenario starts a fresh wm-host (`taskset -c {s} wm-host start -d`, one worker, \
-         `count = 1`, the echo plugin, or `bench-hello-plugin` for HTTP) and then a fresh \
+         `count = 1` unless the scenario says otherwise, the echo plugin, or `bench-hello-plugin` for HTTP) and then a fresh \
          `taskset -c {s} wm-baseline --proto P --listen 127.0.0.1:PORT`, and drives both with \
          the same client on CPU {c}:\n",
         s = opts.server_cpu,
@@ -1470,7 +1578,8 @@ fn report(
             Kind::Abi => {
                 let _ = writeln!(md, "- {}: `{}`", o.scenario.name, o.client_cmd);
             }
-            Kind::ColdStart | Kind::Fanout { .. } => {
+            // These describe themselves, with their own code spans.
+            Kind::ColdStart | Kind::Fanout { .. } | Kind::Idle { .. } => {
                 let _ = writeln!(md, "- {}: {}", o.scenario.name, o.client_cmd);
             }
             _ => {
@@ -1592,11 +1701,19 @@ fn report(
          disturbed the run (this machine is shared).\n\
          - HTTP: `wrk -t1 -c100` against `GET /` answered with `200 Hello, world!` \
          (`bench-hello-plugin` on wm-host); `wrong` counts non-2xx answers.\n\
-         - Idle memory: one connection is opened and used, then the server's RSS \
-         (`/proc/PID/statm`) is read; then N connections are opened from several 127.0.0.x \
-         source addresses (bind before connect, `IP_BIND_ADDRESS_NO_PORT`), each completing the \
-         websocket handshake and one 8-byte echo, and left idle; RSS is read again after \
-         0.5 s. RSS per connection = growth ÷ N. Kernel socket buffers are not in RSS.\n\
+         - Idle memory: warm-up connections are opened and used (one; with several server \
+         processes 16 per process, until each holds one, seen in `/proc/PID/fd`), then the \
+         server's RSS (`/proc/PID/statm`, summed over its serving processes) is read; then N \
+         connections are opened from several 127.0.0.x source addresses (bind before connect, \
+         `IP_BIND_ADDRESS_NO_PORT`), each completing the websocket handshake and one 8-byte \
+         echo, and left idle; RSS is read again after 0.5 s. RSS per connection = growth ÷ N. \
+         Kernel socket buffers are not in RSS. RLIMIT_NOFILE is per process, so counts above \
+         12500 run one server process per 12500 (wm-host `count`, the workers' RSS, not the \
+         master's; `wm-baseline --procs`, its children's) sharing the port by SO_REUSEPORT, and \
+         one client process (`wm-bench idle-hold`) per 15000, each from its own source \
+         addresses. A run counts only if every connection opened, the server processes hold \
+         that many more descriptors, and for wm-host `status` counts every connection; \
+         otherwise the row is an error.\n\
          - ABI overhead: criterion (`plugin-api/benches/abi.rs`, warm-up 1 s, 3 s measured \
          per benchmark, run by the suite on the client's CPU). A plugin object is built by \
          `plugin_api::adapter::create` (what `export_plugin!` runs; in-process, no dlopen) and \

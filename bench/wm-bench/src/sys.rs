@@ -1,4 +1,5 @@
-//! Process facts from the kernel: file limits, CPU pinning, CPU time, RSS.
+//! Process facts from the kernel: file limits, CPU pinning, CPU time, RSS,
+//! file descriptors, children, listening sockets.
 
 use std::io;
 
@@ -107,6 +108,65 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(pages * page)
 }
 
+/// Open file descriptors of `pid` (entries of /proc/<pid>/fd).
+pub fn fd_count(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// The processes whose parent is `pid`, from /proc/<n>/stat.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut v: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&n| {
+            std::fs::read_to_string(format!("/proc/{n}/stat"))
+                .ok()
+                .and_then(|s| {
+                    // Fields after "(comm)": state, then the parent's pid.
+                    s.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()
+                })
+                == Some(pid)
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// IPv4 TCP sockets listening on `port` in this network namespace (one per
+/// process when they share it with SO_REUSEPORT), from /proc/net/tcp.
+pub fn listeners_on(port: u16) -> usize {
+    let Ok(tcp) = std::fs::read_to_string("/proc/net/tcp") else {
+        return 0;
+    };
+    let want = format!(":{port:04X}");
+    tcp.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+        })
+        .count()
+}
+
+/// The "TCP:" line of /proc/net/sockstat (sockets in use, TIME_WAIT, and
+/// `mem`, the pages counted against net.ipv4.tcp_mem).
+pub fn tcp_sockstat() -> String {
+    std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("TCP: ").map(str::to_string))
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +178,20 @@ mod tests {
         assert!(rss_bytes(me).unwrap() > 0);
         assert!(online_cpus() >= 1);
         assert!(core_busy_seconds(0).unwrap() > 0.0);
+        assert!(fd_count(me).unwrap() >= 3);
+        assert!(tcp_sockstat().contains("inuse"));
+    }
+
+    #[test]
+    fn finds_a_listener_and_a_child() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(listeners_on(l.local_addr().unwrap().port()), 1);
+        let mut c = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert!(children_of(std::process::id()).contains(&c.id()));
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
