@@ -100,6 +100,11 @@ impl LoadedPlugin {
     ) -> Outcome {
         f(self.vt, self.state, ctx)
     }
+
+    /// What the last `Failed` or `Panicked` outcome was about.
+    pub fn failure(&self) -> String {
+        (self.vt.take_failure())().into_string()
+    }
 }
 
 impl Drop for LoadedPlugin {

@@ -19,15 +19,19 @@ use abi_stable::{
     StableAbi,
 };
 
-/// What a plugin callback reports back to the host.
+/// What a plugin callback reports back to the host. Four bytes, so it comes
+/// back in a register and every callback's arguments fit in registers too
+/// (a larger return value takes a hidden pointer argument, which pushed the
+/// message slice of `on_message` onto the stack). The text of a failure or
+/// panic is fetched separately, with `PluginVTable::take_failure`.
 #[repr(u8)]
-#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
     /// The callback returned an error (only `on_worker_start` can).
-    Failed(RString),
+    Failed,
     /// The callback panicked; the panic was caught inside the plugin.
-    Panicked(RString),
+    Panicked,
     /// `on_websocket_connect` refused the handshake with this HTTP status.
     Refused(u16),
 }
@@ -243,6 +247,8 @@ pub struct PluginVTable {
     /// Appends the bytes for an outgoing message; false if the encoder failed.
     pub protocol_encode:
         extern "C" fn(proto: *mut c_void, data: RSlice<'_, u8>, out: &mut RVec<u8>) -> bool,
+    /// What the last `Failed` or `Panicked` outcome was about.
+    pub take_failure: extern "C" fn() -> RString,
 }
 
 /// One plugin object and its callbacks.

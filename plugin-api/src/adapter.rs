@@ -26,6 +26,17 @@ use crate::{ConnId, Context, Plugin, Protocol, Request, TimerId};
 thread_local! {
     // Where the panic hook leaves "message at file:line" for the wrapper to report.
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    // The text of the last `Failed` or `Panicked`, until the host takes it.
+    static FAILURE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+extern "C" fn take_failure() -> RString {
+    FAILURE.with(|f| RString::from(std::mem::take(&mut *f.borrow_mut())))
+}
+
+fn failed(outcome: Outcome, text: String) -> Outcome {
+    FAILURE.with(|f| *f.borrow_mut() = text);
+    outcome
 }
 
 fn install_panic_hook() {
@@ -57,14 +68,14 @@ fn payload_text(payload: &(dyn Any + Send)) -> String {
 fn guard(f: impl FnOnce() -> Result<(), String>) -> Outcome {
     match panic::catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => Outcome::Ok,
-        Ok(Err(e)) => Outcome::Failed(RString::from(e)),
+        Ok(Err(e)) => failed(Outcome::Failed, e),
         Err(payload) => {
             let text = LAST_PANIC
                 .with(|p| p.borrow_mut().take())
                 .unwrap_or_else(|| payload_text(&*payload));
             // Dropping a payload could itself panic; forget it to stay on this side.
             std::mem::forget(payload);
-            Outcome::Panicked(RString::from(text))
+            failed(Outcome::Panicked, text)
         }
     }
 }
@@ -314,6 +325,7 @@ pub fn create<P: Plugin>(ctor: fn() -> P) -> ROption<PluginInstance> {
         protocol_input,
         protocol_decode,
         protocol_encode,
+        take_failure,
     };
     let mut object = object;
     let protocol = match panic::catch_unwind(AssertUnwindSafe(|| object.protocol())) {

@@ -318,7 +318,8 @@ impl Runner {
                 (vt.on_publish())(st, ctx, RStr::from_str(t), RSlice::from_slice(d))
             }
         });
-        if let Outcome::Panicked(msg) = &outcome {
+        if outcome == Outcome::Panicked {
+            let msg = self.plugin.failure();
             match call.conn() {
                 Some(conn) => {
                     tracing::error!(
@@ -527,8 +528,14 @@ fn start(
     }
     match runner.call(&mut core, Call::WorkerStart) {
         Outcome::Ok | Outcome::Refused(_) => {}
-        Outcome::Failed(e) => return Err((ctl_std, format!("on_worker_start failed: {e}"))),
-        Outcome::Panicked(e) => return Err((ctl_std, format!("on_worker_start panicked: {e}"))),
+        Outcome::Failed => {
+            let e = runner.plugin.failure();
+            return Err((ctl_std, format!("on_worker_start failed: {e}")));
+        }
+        Outcome::Panicked => {
+            let e = runner.plugin.failure();
+            return Err((ctl_std, format!("on_worker_start panicked: {e}")));
+        }
     }
     let setup = |poll: Poll| -> io::Result<(Poll, TcpListener, UnixStream, UnixStream)> {
         let std_listener = std::net::TcpListener::from(listen_fd);
