@@ -10,6 +10,10 @@
 //!     wm-baseline --proto websocket --listen 127.0.0.1:9000 [--procs 2]
 //!
 //! `--procs N` runs N such processes on one port with `SO_REUSEPORT`.
+//! `--proto ws-group` is the floor for broadcast fan-out: one process, the
+//! test plugin's `join g` / `count g` / `gsend g <text>` commands over
+//! websocket text messages, and a broadcast written to every member socket in
+//! one pass (one frame built once, one `write` per socket).
 //! Websocket: RFC 6455 handshake and unfragmented frames (masked, as clients
 //! must send them), text checked for UTF-8, ping/pong and close; a fragmented
 //! message closes the connection with 1003 (no client of the suite sends one).
@@ -34,6 +38,9 @@ enum Proto {
     Websocket,
     /// HTTP/1.1 keep-alive: `200 Hello, world!` for every request.
     Http,
+    /// Websocket with one group: `join g` (answered `ok`), `count g`,
+    /// `gsend g <text>` (text to every member, the sender included).
+    WsGroup,
 }
 
 #[derive(Parser, Debug)]
@@ -70,6 +77,8 @@ struct Conn {
     open: bool,
     /// Close once `output` is written.
     closing: bool,
+    /// `ws-group`: joined the group.
+    member: bool,
 }
 
 /// What one process shares between its connections.
@@ -79,6 +88,9 @@ struct Shared {
     read_buf: Vec<u8>,
     out: Vec<u8>,
     date: HttpDate,
+    /// `ws-group`: members, and a broadcast waiting to go out.
+    members: usize,
+    fanout: Option<Vec<u8>>,
 }
 
 /// The `Date` header value, formatted once per second.
@@ -122,7 +134,12 @@ fn spawn_children(args: &Args) -> io::Result<()> {
         children.push(
             Command::new(&exe)
                 .arg("--proto")
-                .arg(format!("{:?}", args.proto).to_lowercase())
+                .arg(
+                    args.proto
+                        .to_possible_value()
+                        .expect("no skipped variants")
+                        .get_name(),
+                )
                 .arg("--listen")
                 .arg(args.listen.to_string())
                 .arg("--max-package-size")
@@ -171,6 +188,8 @@ fn serve(args: &Args) -> io::Result<()> {
             secs: 0,
             text: String::new(),
         },
+        members: 0,
+        fanout: None,
     };
     loop {
         if let Err(e) = poll.poll(&mut events, None) {
@@ -193,7 +212,11 @@ fn serve(args: &Args) -> io::Result<()> {
             };
             if drive(conn, ev.is_readable(), ev.is_writable(), &mut sh) {
                 let mut conn = conns.remove(key);
+                sh.members -= usize::from(conn.member);
                 let _ = poll.registry().deregister(&mut conn.sock);
+            }
+            if let Some(text) = sh.fanout.take() {
+                broadcast(&mut conns, &text);
             }
         }
     }
@@ -217,6 +240,7 @@ fn accept_all(listener: &TcpListener, poll: &Poll, conns: &mut Slab<Conn>) {
                         output: Vec::new(),
                         open: false,
                         closing: false,
+                        member: false,
                     });
                 }
             }
@@ -244,7 +268,7 @@ fn drive(conn: &mut Conn, readable: bool, writable: bool, sh: &mut Shared) -> bo
             };
             sh.out.clear();
             let close = if conn.input.is_empty() {
-                let (used, close) = process(sh, &mut conn.open, None, n);
+                let (used, close) = process(sh, conn, None, n);
                 if used < n && !close {
                     conn.input.extend_from_slice(&sh.read_buf[used..n]);
                 }
@@ -252,7 +276,7 @@ fn drive(conn: &mut Conn, readable: bool, writable: bool, sh: &mut Shared) -> bo
             } else {
                 conn.input.extend_from_slice(&sh.read_buf[..n]);
                 let input = std::mem::take(&mut conn.input);
-                let (used, close) = process(sh, &mut conn.open, Some(&input), input.len());
+                let (used, close) = process(sh, conn, Some(&input), input.len());
                 if used < input.len() && !close {
                     conn.input = input[used..].to_vec();
                 }
@@ -320,7 +344,7 @@ fn flush(conn: &mut Conn) -> io::Result<()> {
 /// Answers every complete message at the start of the input (`input`, or the
 /// first `len` bytes of the read buffer) into `sh.out`. Returns the bytes
 /// consumed, and whether the connection must close once `sh.out` is written.
-fn process(sh: &mut Shared, open: &mut bool, input: Option<&[u8]>, len: usize) -> (usize, bool) {
+fn process(sh: &mut Shared, conn: &mut Conn, input: Option<&[u8]>, len: usize) -> (usize, bool) {
     let data = match input {
         Some(d) => d,
         None => &sh.read_buf[..len],
@@ -329,19 +353,24 @@ fn process(sh: &mut Shared, open: &mut bool, input: Option<&[u8]>, len: usize) -
     match sh.proto {
         Proto::Text => text(data, out, sh.max),
         Proto::Frame => frame(data, out, sh.max),
-        Proto::Websocket => {
+        Proto::Websocket | Proto::WsGroup => {
             let mut used = 0;
-            if !*open {
+            if !conn.open {
                 match ws_handshake(data, out) {
                     Handshake::Done(n) => {
-                        *open = true;
+                        conn.open = true;
                         used = n;
                     }
                     Handshake::Partial => return (0, data.len() > 16 * 1024),
                     Handshake::Refused => return (0, true),
                 }
             }
-            let (n, close) = ws_frames(&data[used..], out, sh.max);
+            let mut group = (sh.proto == Proto::WsGroup).then_some(Group {
+                member: &mut conn.member,
+                members: &mut sh.members,
+                fanout: &mut sh.fanout,
+            });
+            let (n, close) = ws_frames(&data[used..], out, sh.max, group.as_mut());
             (used + n, close)
         }
         Proto::Http => http(data, out, &sh.date.text),
@@ -447,7 +476,54 @@ fn unmask(data: &mut [u8], mask: [u8; 4]) {
     }
 }
 
-fn ws_frames(data: &[u8], out: &mut Vec<u8>, max: usize) -> (usize, bool) {
+/// `ws-group`: one connection's view of the group.
+struct Group<'a> {
+    member: &'a mut bool,
+    members: &'a mut usize,
+    fanout: &'a mut Option<Vec<u8>>,
+}
+
+impl Group<'_> {
+    /// Runs a command; the answer, if any, goes to `out`.
+    fn command(&mut self, msg: &[u8], out: &mut Vec<u8>) {
+        let answer = |out: &mut Vec<u8>, text: &[u8]| {
+            ws_header(out, 1, text.len());
+            out.extend_from_slice(text);
+        };
+        if msg == b"join g" {
+            if !*self.member {
+                *self.member = true;
+                *self.members += 1;
+            }
+            answer(out, b"ok");
+        } else if msg == b"count g" {
+            answer(out, self.members.to_string().as_bytes());
+        } else if let Some(text) = msg.strip_prefix(b"gsend g ") {
+            *self.fanout = Some(text.to_vec());
+        } else {
+            answer(out, b"unknown command");
+        }
+    }
+}
+
+/// Writes one text frame of `text` to every member.
+fn broadcast(conns: &mut Slab<Conn>, text: &[u8]) {
+    let mut frame = Vec::with_capacity(text.len() + 10);
+    ws_header(&mut frame, 1, text.len());
+    frame.extend_from_slice(text);
+    for (_, c) in conns.iter_mut() {
+        if c.member && !c.closing && send(c, &frame).is_err() {
+            c.closing = true;
+        }
+    }
+}
+
+fn ws_frames(
+    data: &[u8],
+    out: &mut Vec<u8>,
+    max: usize,
+    mut group: Option<&mut Group<'_>>,
+) -> (usize, bool) {
     let mut pos = 0;
     loop {
         let rest = &data[pos..];
@@ -493,6 +569,11 @@ fn ws_frames(data: &[u8], out: &mut Vec<u8>, max: usize) -> (usize, bool) {
                     out.truncate(start);
                     ws_close(out, 1007);
                     return (pos, true);
+                }
+                if let Some(g) = group.as_mut().filter(|_| opcode == 1) {
+                    let msg = out.split_off(body);
+                    out.truncate(start);
+                    g.command(&msg, out);
                 }
             }
             10 => {}
@@ -622,10 +703,13 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert_eq!(n, head);
         assert!(String::from_utf8_lossy(&out).contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
         out.clear();
-        assert_eq!(ws_frames(&req[n..], &mut out, 100), (req.len() - n, false));
+        assert_eq!(
+            ws_frames(&req[n..], &mut out, 100, None),
+            (req.len() - n, false)
+        );
         assert_eq!(&out[2..], b"hello, websocket world");
         out.clear();
-        assert!(ws_frames(&masked(1, &[0xff, 0xfe]), &mut out, 100).1);
+        assert!(ws_frames(&masked(1, &[0xff, 0xfe]), &mut out, 100, None).1);
         assert_eq!(out, [0x88, 2, 0x03, 0xef]); // 1007
     }
 
@@ -637,5 +721,29 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         let s = String::from_utf8(out).unwrap();
         assert_eq!(s.matches("Hello, world!").count(), 2);
         assert!(s.ends_with("Connection: close\r\n\r\nHello, world!"));
+    }
+
+    #[test]
+    fn group_commands_and_broadcast_frame() {
+        let (mut member, mut members, mut fanout) = (false, 0, None);
+        let mut g = Group {
+            member: &mut member,
+            members: &mut members,
+            fanout: &mut fanout,
+        };
+        let mut wire = masked(1, b"join g");
+        wire.extend(masked(1, b"join g"));
+        wire.extend(masked(1, b"count g"));
+        wire.extend(masked(1, b"gsend g hi"));
+        let mut out = Vec::new();
+        assert_eq!(
+            ws_frames(&wire, &mut out, 100, Some(&mut g)),
+            (wire.len(), false)
+        );
+        assert_eq!(
+            out,
+            [&[0x81, 2][..], b"ok", &[0x81, 2], b"ok", &[0x81, 1], b"1"].concat()
+        );
+        assert_eq!((member, members, fanout), (true, 1, Some(b"hi".to_vec())));
     }
 }
