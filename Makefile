@@ -48,10 +48,13 @@ clean:
 
 ## Benchmark suite: wm-host against a native mio baseline, the plugin ABI against direct
 ## calls (criterion), cold start and broadcast fan-out, written to bench/RESULTS.md
-## (under 10 minutes). Installs wrk when missing (Debian, as root).
+## (under 10 minutes). Installs wrk and valgrind (heap allocations per message,
+## by dhat) when missing (Debian, as root).
 bench:
 	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	@command -v valgrind >/dev/null 2>&1 || { echo "installing valgrind"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
 	$(CARGO) build --release --workspace
 	$(CARGO) bench -p plugin-api --bench abi --no-run
 	CARGO=$(CARGO) target/release/wm-bench suite --out bench/RESULTS.md

@@ -129,13 +129,13 @@ enum Step {
 
 /// Payloads: message `seq` on connection `id` is `"{id}.{seq}."` followed by
 /// a fixed ASCII pattern, cut to the message size (no line breaks).
-struct Payload {
+pub(crate) struct Payload {
     template: Vec<u8>,
     head: Vec<u8>,
 }
 
 impl Payload {
-    fn new(size: usize) -> Payload {
+    pub(crate) fn new(size: usize) -> Payload {
         Payload {
             template: (0..size).map(|i| b'a' + (i % 26) as u8).collect(),
             head: Vec::with_capacity(32),
@@ -155,7 +155,7 @@ impl Payload {
         out.extend_from_slice(&self.template[h..]);
     }
 
-    fn matches(&mut self, id: u32, seq: u64, got: &[u8]) -> bool {
+    pub(crate) fn matches(&mut self, id: u32, seq: u64, got: &[u8]) -> bool {
         let h = self.head(id, seq);
         got.len() == self.template.len()
             && got[..h] == self.head[..h]
@@ -194,7 +194,7 @@ pub(crate) fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
 }
 
 /// Appends message `seq` of connection `id`, framed for `proto`.
-fn encode(proto: Proto, id: u32, seq: u64, p: &mut Payload, out: &mut Vec<u8>) {
+pub(crate) fn encode(proto: Proto, id: u32, seq: u64, p: &mut Payload, out: &mut Vec<u8>) {
     let len = p.template.len();
     match proto {
         Proto::Text => {

@@ -3,10 +3,12 @@
 //!     wm-bench echo --proto websocket --addr 127.0.0.1:7000 --conns 100 --inflight 16 --size 32
 //!     wm-bench idle --proto websocket --addr 127.0.0.1:7000 --conns 10000 --server-pid 1234
 //!     wm-bench idle --proto websocket --addr 127.0.0.1:7000 --conns 100000 --server-pid 1,2,…
+//!     wm-bench allocs --proto websocket -n 2000          # needs valgrind
 //!     wm-bench suite --out bench/RESULTS.md     # what `make bench` runs
 //!
 //! Pin it away from the server (`taskset -c 1 wm-bench …`); `suite` pins itself.
 
+mod allocs;
 mod client;
 mod fanout;
 mod idle;
@@ -89,6 +91,21 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         sources: usize,
     },
+    /// Heap allocations per echoed message in the wm-host worker (or the
+    /// baseline), by `valgrind --tool=dhat`: runs of N and 2N messages.
+    Allocs {
+        #[arg(long, value_enum)]
+        proto: allocs::Service,
+        /// N: messages in the first run (the second has 2N).
+        #[arg(short = 'n', long, default_value_t = 2000)]
+        messages: usize,
+        /// Measure wm-baseline instead of wm-host.
+        #[arg(long)]
+        baseline: bool,
+        /// CPU the server is pinned to.
+        #[arg(long, default_value_t = 0)]
+        server_cpu: usize,
+    },
     /// Every scenario against wm-host and the native baseline; writes Markdown.
     Suite {
         /// Markdown file to write (also printed).
@@ -123,11 +140,42 @@ enum Cmd {
         /// Cold starts per side.
         #[arg(long, default_value_t = 5)]
         cold_runs: usize,
+        /// N of the allocation count (runs of N and 2N messages under
+        /// valgrind; 0: skip it).
+        #[arg(long, default_value_t = 2000)]
+        allocs_messages: usize,
     },
 }
 
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
+}
+
+/// `wm-bench allocs`: both dhat runs, then what one message costs.
+fn count_allocs(
+    proto: allocs::Service,
+    messages: usize,
+    baseline: bool,
+    server_cpu: usize,
+) -> Result<(), String> {
+    let bins = suite::Bins::find()?;
+    let r = allocs::measure(proto, messages, baseline, &bins, server_cpu)?;
+    println!(
+        "{} {}: {:.2} allocations and {:.1} bytes per message (serving process: {})",
+        if baseline {
+            "wm-baseline"
+        } else {
+            "wm-host worker"
+        },
+        proto.scheme(),
+        r.blocks_per_msg,
+        r.bytes_per_msg,
+        r.totals_text()
+    );
+    if !r.sites.is_empty() {
+        println!("per message: {}", r.sites_text(usize::MAX));
+    }
+    Ok(())
 }
 
 fn main() {
@@ -227,6 +275,12 @@ fn main() {
             first_source,
             sources,
         } => idle::hold(proto, addr, conns, sources, first_source),
+        Cmd::Allocs {
+            proto,
+            messages,
+            baseline,
+            server_cpu,
+        } => count_allocs(proto, messages, baseline, server_cpu),
         Cmd::Suite {
             out,
             duration,
@@ -239,6 +293,7 @@ fn main() {
             fanout_conns,
             fanout_rounds,
             cold_runs,
+            allocs_messages,
         } => suite::run(suite::SuiteOpts {
             out,
             warmup: secs(warmup),
@@ -251,6 +306,7 @@ fn main() {
             fanout_conns,
             fanout_rounds,
             cold_runs,
+            allocs_messages,
         }),
     };
     if let Err(e) = result {

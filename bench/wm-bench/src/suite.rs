@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::allocs;
 use crate::client::{self, EchoConfig, EchoReport, Proto};
 use crate::fanout::{self, FanoutConfig};
 use crate::idle::{self, IdleConfig};
@@ -36,21 +37,23 @@ pub struct SuiteOpts {
     pub fanout_rounds: usize,
     /// Cold starts per side.
     pub cold_runs: usize,
+    /// N of the allocation count: runs of N and 2N messages (0: skip).
+    pub allocs_messages: usize,
 }
 
 /// The release binaries next to this one.
-struct Bins {
-    host: PathBuf,
-    baseline: PathBuf,
-    echo_plugin: PathBuf,
-    hello_plugin: PathBuf,
-    test_plugin: PathBuf,
+pub(crate) struct Bins {
+    pub(crate) host: PathBuf,
+    pub(crate) baseline: PathBuf,
+    pub(crate) echo_plugin: PathBuf,
+    pub(crate) hello_plugin: PathBuf,
+    pub(crate) test_plugin: PathBuf,
     /// The workspace (for `cargo bench`): two levels above `target/release`.
-    root: PathBuf,
+    pub(crate) root: PathBuf,
 }
 
 impl Bins {
-    fn find() -> Result<Bins, String> {
+    pub(crate) fn find() -> Result<Bins, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let dir = exe.parent().ok_or("no folder for this binary")?;
         let b = Bins {
@@ -140,7 +143,7 @@ fn wm_config(
     Ok((dir, config))
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -351,6 +354,10 @@ enum Kind {
     Abi,
     /// Spawn to first echo, wm-host vs baseline.
     ColdStart,
+    /// Heap allocations per message under valgrind's dhat.
+    Allocs {
+        service: allocs::Service,
+    },
     /// One broadcast to a group of `conns` connections over `workers`;
     /// `pinned`: server on the server CPU, client on the client CPU, as
     /// everywhere else; otherwise both may use every CPU.
@@ -367,7 +374,7 @@ struct Scenario {
     kind: Kind,
 }
 
-fn scenarios(idle: &[usize], fanout_conns: usize) -> Vec<Scenario> {
+fn scenarios(idle: &[usize], fanout_conns: usize, allocs_messages: usize) -> Vec<Scenario> {
     let echo = |proto, conns, inflight, size: usize| {
         let size_s = if size >= 1024 {
             format!("{} KiB", size / 1024)
@@ -408,6 +415,28 @@ fn scenarios(idle: &[usize], fanout_conns: usize) -> Vec<Scenario> {
             kind: Kind::Http { conns: 100 },
         },
     ];
+    if allocs_messages > 0 {
+        for (service, what) in [
+            (
+                allocs::Service::Text,
+                "text echo 1 conn × 1 in flight × 32 B",
+            ),
+            (
+                allocs::Service::Frame,
+                "frame echo 1 conn × 1 in flight × 32 B",
+            ),
+            (
+                allocs::Service::Websocket,
+                "websocket echo 1 conn × 1 in flight × 32 B",
+            ),
+            (allocs::Service::Http, "HTTP hello keep-alive GETs, 1 conn"),
+        ] {
+            v.push(Scenario {
+                name: format!("heap allocations, {what}"),
+                kind: Kind::Allocs { service },
+            });
+        }
+    }
     if fanout_conns > 0 {
         for pinned in [true, false] {
             let cpus = if pinned {
@@ -488,6 +517,9 @@ pub struct Figures {
     pub samples: Vec<f64>,
     /// ABI: criterion estimates, (id, ns per call, low, high).
     pub estimates: Vec<(String, f64, f64, f64)>,
+    /// Heap allocations and bytes allocated per message (dhat).
+    pub allocs_per_msg: f64,
+    pub alloc_bytes_per_msg: f64,
 }
 
 impl Figures {
@@ -528,14 +560,17 @@ pub fn run(opts: SuiteOpts) -> Result<(), String> {
     let wrk = has_wrk();
     let started = Instant::now();
     let mut outcomes = Vec::new();
-    for sc in scenarios(&opts.idle, opts.fanout_conns) {
+    for sc in scenarios(&opts.idle, opts.fanout_conns, opts.allocs_messages) {
         if let Some(only) = &opts.only {
             if !sc.name.contains(only.as_str()) {
                 continue;
             }
         }
         eprintln!("== {}", sc.name);
-        if matches!(sc.kind, Kind::Abi | Kind::ColdStart | Kind::Fanout { .. }) {
+        if matches!(
+            sc.kind,
+            Kind::Abi | Kind::ColdStart | Kind::Fanout { .. } | Kind::Allocs { .. }
+        ) {
             let (wm, base, client_cmd) = run_special(&sc, &bins, &opts, nofile);
             for (side, r) in [("wm-host", &wm), ("baseline", &base)] {
                 match r {
@@ -672,6 +707,10 @@ fn summary(kind: &Kind, f: &Figures) -> String {
             .map(|(id, ns, lo, hi)| format!("{id} {ns:.2} ns [{lo:.2}, {hi:.2}]"))
             .collect::<Vec<_>>()
             .join(", "),
+        Kind::Allocs { .. } => format!(
+            "{:.2} allocations, {:.1} B per message",
+            f.allocs_per_msg, f.alloc_bytes_per_msg
+        ),
         Kind::ColdStart | Kind::Fanout { .. } => {
             let runs: Vec<String> = f.samples.iter().map(|v| format!("{v:.1}")).collect();
             format!("median {:.1} ms of runs at {} ms", f.value, runs.join(", "))
@@ -703,7 +742,7 @@ fn run_one(
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     match sc.kind {
-        Kind::Abi | Kind::ColdStart | Kind::Fanout { .. } => {
+        Kind::Abi | Kind::ColdStart | Kind::Fanout { .. } | Kind::Allocs { .. } => {
             Err("run by run_special, not as a load scenario".into())
         }
         Kind::Echo {
@@ -975,8 +1014,47 @@ fn run_special(
             };
             (wm, Err("n/a: the baseline has no groups".into()), cmd)
         }
+        Kind::Allocs { service } => {
+            let n = opts.allocs_messages;
+            let cmd = allocs_command(service, n, opts.server_cpu);
+            let side = |baseline: bool| {
+                allocs::measure(service, n, baseline, bins, opts.server_cpu).map(|r| Figures {
+                    allocs_per_msg: r.blocks_per_msg,
+                    alloc_bytes_per_msg: r.bytes_per_msg,
+                    note: if r.sites.is_empty() {
+                        format!("serving process: {}", r.totals_text())
+                    } else {
+                        format!(
+                            "serving process: {}; per message at: {}",
+                            r.totals_text(),
+                            r.sites_text(8)
+                        )
+                    },
+                    ..Figures::default()
+                })
+            };
+            (side(false), side(true), cmd)
+        }
         _ => unreachable!("not a special scenario"),
     }
+}
+
+/// How an allocation count is run, for the report.
+fn allocs_command(service: allocs::Service, n: usize, server_cpu: usize) -> String {
+    let (plugin, what) = match service {
+        allocs::Service::Http => ("bench-hello-plugin", "keep-alive `GET /` requests"),
+        _ => ("echo plugin", "32 B messages"),
+    };
+    format!(
+        "`taskset -c {server_cpu} valgrind --tool=dhat --trace-children=yes \
+         --dhat-out-file=DIR/dhat.%p wm-host start -c wm.toml` (`{s}://`, {plugin}, \
+         `count = 1`), one connection sends {n}, then in a second run {}, {what} one at a time, \
+         then `wm-host stop`; the baseline: `taskset -c {server_cpu} valgrind --tool=dhat \
+         wm-baseline --proto {s} …`, stopped by SIGTERM; as one command: `wm-bench allocs \
+         --proto {s} -n {n} [--baseline]`",
+        2 * n,
+        s = service.scheme()
+    )
 }
 
 /// Criterion's arguments when the suite runs the ABI bench.
@@ -1469,6 +1547,18 @@ fn special_rows(md: &mut String, o: &Outcome, opts: &SuiteOpts) -> bool {
                 }
             }
         }
+        Kind::Allocs { .. } => {
+            let cell = |r: &Result<Figures, String>| match r {
+                Ok(f) => format!("{:.2} ({:.0} B)", f.allocs_per_msg, f.alloc_bytes_per_msg),
+                Err(_) => fail(r),
+            };
+            let _ = writeln!(
+                md,
+                "| {name}: allocations (bytes) per message | {} | {} | – | 0 |",
+                cell(&o.wm),
+                cell(&o.base)
+            );
+        }
         Kind::Fanout { .. } => {
             let row = format!(
                 "{name}: last client has it, median of {}",
@@ -1560,6 +1650,7 @@ fn report(
         md,
         "```sh\nmake bench\n# which is:\n\
          command -v wrk || apt-get install -y wrk\n\
+         command -v valgrind || apt-get install -y valgrind\n\
          cargo build --release --workspace\n\
          cargo bench -p plugin-api --bench abi --no-run\n\
          target/release/wm-bench suite --out bench/RESULTS.md\n```\n"
@@ -1579,7 +1670,7 @@ fn report(
                 let _ = writeln!(md, "- {}: `{}`", o.scenario.name, o.client_cmd);
             }
             // These describe themselves, with their own code spans.
-            Kind::ColdStart | Kind::Fanout { .. } | Kind::Idle { .. } => {
+            Kind::ColdStart | Kind::Fanout { .. } | Kind::Idle { .. } | Kind::Allocs { .. } => {
                 let _ = writeln!(md, "- {}: {}", o.scenario.name, o.client_cmd);
             }
             _ => {
@@ -1735,6 +1826,19 @@ fn report(
          echo), first gets the echo; against spawning `wm-baseline --proto text` the same way. \
          Binaries and plugin are in the page cache (not a cold disk). Median of the runs, \
          sides interleaved; the Details also give when `start -d` itself returned.\n\
+         - Heap allocations per message: the server runs under `valgrind --tool=dhat` \
+         (wm-host with `--trace-children=yes`, which follows the workers the master \
+         fork+execs; dhat writes one file per process, and the worker's is the one whose \
+         command is `wm-host worker`; plugin code is counted with the worker's). One \
+         connection (after the websocket handshake) sends N messages one at a time, each \
+         answer checked, and the server is stopped with the connection still open \
+         (`wm-host stop`; SIGTERM for the baseline); then the same with 2N. Per message = \
+         (blocks allocated by the serving process in the 2N run − in the N run) ÷ N, summing \
+         dhat's `tbk` (total blocks) over program points, and the same with `tb` (total \
+         bytes); start-up, first-message buffers and shutdown cancel out. The Details name \
+         the allocation sites that grew by at least one block per two messages, each by the \
+         first frame on its stack that is a function of wm-host, plugin-api, a plugin or \
+         the baseline.\n\
          - Broadcast fan-out: wm-host with `count = 4` workers and the test plugin \
          (`target/release/libtest_plugin.so`) on `websocket://`, all pinned to the server \
          CPU; the client (one `mio` loop) opens the connections from several 127.0.0.x \
@@ -1790,7 +1894,7 @@ Transfer/sec:     12.00MB
 
     #[test]
     fn every_scenario_has_a_distinct_name() {
-        let s = scenarios(&[10_000], 10_000);
+        let s = scenarios(&[10_000, 100_000], 10_000, 2000);
         let names: std::collections::HashSet<_> = s.iter().map(|s| &s.name).collect();
         assert_eq!(names.len(), s.len());
     }
