@@ -123,6 +123,17 @@ enum Server {
     },
 }
 
+/// Polls until the baseline on `port` accepts a connection, or `end`.
+fn wait_accepting(port: u16, end: Instant) -> Result<(), String> {
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > end {
+            return Err("wm-baseline did not listen within 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 /// A fresh runtime folder with a `wm.toml` for one worker group.
 fn wm_config(
     scheme: &str,
@@ -215,15 +226,29 @@ impl Server {
                         ));
                     }
                 }
-                while TcpStream::connect(("127.0.0.1", port)).is_err() {
-                    if Instant::now() > end {
-                        return Err("wm-baseline did not listen within 10 s".into());
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                wait_accepting(port, end)?;
                 Ok(server)
             }
         }
+    }
+
+    /// Starts `wm-baseline --proto ws-group` on `cpus`; returns once it
+    /// accepts connections.
+    fn start_base_group(baseline: &Path, port: u16, cpus: &str) -> Result<Server, String> {
+        let child = Command::new("taskset")
+            .args(["-c", cpus])
+            .arg(baseline)
+            .args(["--proto", "ws-group", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("taskset: {e}"))?;
+        let server = Server::Base {
+            child,
+            children: Vec::new(),
+        };
+        wait_accepting(port, Instant::now() + Duration::from_secs(10))?;
+        Ok(server)
     }
 
     /// Starts `wm-host start -d` (pinned to `cpu`) with `count` workers of
@@ -1010,9 +1035,22 @@ fn run_special(
                     conns + 256
                 ))
             } else {
-                run_fanout(proto, conns, workers, pinned, bins, opts)
+                run_fanout(Side::Wm, proto, conns, workers, pinned, bins, opts)
             };
-            (wm, Err("n/a: the baseline has no groups".into()), cmd)
+            let base = if wm.as_ref().is_err_and(|e| e.starts_with("skipped")) {
+                Err("skipped".to_string())
+            } else {
+                run_fanout(Side::Base, proto, conns, workers, pinned, bins, opts)
+            };
+            let cmd = format!(
+                "{cmd}; baseline: `wm-baseline --proto ws-group` (one process{})",
+                if pinned {
+                    format!(", `taskset -c {}`", opts.server_cpu)
+                } else {
+                    String::new()
+                }
+            );
+            (wm, base, cmd)
         }
         Kind::Allocs { service } => {
             let n = opts.allocs_messages;
@@ -1268,6 +1306,7 @@ fn cold_start(side: Side, bins: &Bins, cpu: usize) -> Result<(f64, Option<f64>),
 /// Starts wm-host with the test plugin and `workers` workers and measures
 /// broadcasts to a group of `conns` connections.
 fn run_fanout(
+    side: Side,
     proto: Proto,
     conns: usize,
     workers: usize,
@@ -1285,7 +1324,7 @@ fn run_fanout(
     if !pinned {
         sys::unpin().map_err(|e| format!("unpinning the client: {e}"))?;
     }
-    let result = fanout_on(proto, conns, workers, addr, &cpus, bins, opts);
+    let result = fanout_on(side, proto, conns, workers, addr, &cpus, bins, opts);
     if !pinned {
         sys::pin_to_cpu(opts.client_cpu)
             .map_err(|e| format!("pinning the client to CPU {}: {e}", opts.client_cpu))?;
@@ -1293,7 +1332,9 @@ fn run_fanout(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn fanout_on(
+    side: Side,
     proto: Proto,
     conns: usize,
     workers: usize,
@@ -1302,14 +1343,17 @@ fn fanout_on(
     bins: &Bins,
     opts: &SuiteOpts,
 ) -> Result<Figures, String> {
-    let server = Server::start_wm(
-        &bins.host,
-        proto.scheme(),
-        &bins.test_plugin,
-        workers,
-        addr.port(),
-        cpus,
-    )?;
+    let server = match side {
+        Side::Wm => Server::start_wm(
+            &bins.host,
+            proto.scheme(),
+            &bins.test_plugin,
+            workers,
+            addr.port(),
+            cpus,
+        )?,
+        Side::Base => Server::start_base_group(&bins.baseline, addr.port(), cpus)?,
+    };
     let cfg = FanoutConfig {
         proto,
         addr,
@@ -1340,6 +1384,9 @@ fn fanout_on(
             if let Some(m) = st["master_pid"].as_u64() {
                 pids.push(m as u32);
             }
+        } else {
+            spread = "1 (one process)".into();
+            pids = server.pids();
         }
         cpu0 = pids.iter().filter_map(|&p| sys::cpu_seconds(p)).sum();
     })
@@ -1365,7 +1412,7 @@ fn fanout_on(
         note: format!(
             "first client had it after {:.1} ms, half of them after {:.1} ms (medians); \
              {} joined, {} errors, {} wrong; {} of {} rounds missed someone within 5 s; \
-             connections per worker {spread}; server CPU (workers and master) \
+             connections per process {spread}; server CPU (all its processes) \
              {cpu_ms:.0} ms per broadcast (clock ticks of 10 ms); joining took {:.1} s, and `count g` showed \
              every member {:.0} ms after the last join was answered",
             median(&first),
@@ -1564,18 +1611,20 @@ fn special_rows(md: &mut String, o: &Outcome, opts: &SuiteOpts) -> bool {
                 "{name}: last client has it, median of {}",
                 opts.fanout_rounds.max(1)
             );
-            match &o.wm {
-                Ok(w) => {
-                    let _ = writeln!(md, "| {row} | {:.1} ms | n/a | – | < 50 ms |", w.value);
-                }
-                Err(e) => {
-                    let _ = writeln!(
-                        md,
-                        "| {row} | {} | n/a | – | < 50 ms |",
-                        fail(&Err(e.clone()))
-                    );
-                }
-            }
+            let cell = |r: &Result<Figures, String>| match r {
+                Ok(f) => format!("{:.1} ms", f.value),
+                Err(_) => fail(r),
+            };
+            let ratio = match (&o.wm, &o.base) {
+                (Ok(w), Ok(b)) => ratio(w.value, b.value),
+                _ => "–".into(),
+            };
+            let _ = writeln!(
+                md,
+                "| {row} | {} | {} | {ratio} | < 50 ms |",
+                cell(&o.wm),
+                cell(&o.base)
+            );
         }
         _ => return false,
     }
@@ -1850,8 +1899,11 @@ fn report(
          when `poll` returned with its socket readable (one clock reading per batch of \
          events, before they are read), so the client's own reading of earlier sockets can \
          only delay it. One warm-up broadcast, then the measured ones, 100 ms apart; the \
-         figure is the median over broadcasts of the last arrival. There is no baseline: \
-         wm-baseline has no groups.\n\
+         figure is the median over broadcasts of the last arrival. The baseline is \
+         `wm-baseline --proto ws-group` on the same CPUs: one process holding every \
+         connection, answering `join g`/`count g` itself and writing the broadcast to each \
+         member in one pass (one frame built once, one `write` per socket): the floor of \
+         10,000 loopback writes on this machine, with no workers, bus or plugin.\n\
          - wm-baseline: one bare `mio` loop per process, no plugin, ABI, supervisor or IPC; \
          reads into one per-process buffer, keeps only incomplete messages per connection, \
          answers one read with one write; websocket frames by a small parser (UTF-8 checked \
