@@ -646,7 +646,8 @@ fn http(data: &[u8], out: &mut Vec<u8>, date: &str) -> (usize, bool) {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\nServer: wm-baseline\r\nDate: ");
         out.extend_from_slice(date.as_bytes());
         out.extend_from_slice(b"\r\nContent-Type: text/plain\r\nContent-Length: ");
-        out.extend_from_slice(HELLO.len().to_string().as_bytes());
+        // Formatted in place: a String here would be the only allocation.
+        let _ = write!(out, "{}", HELLO.len());
         out.extend_from_slice(if keep_alive {
             b"\r\nConnection: keep-alive\r\n\r\n"
         } else {

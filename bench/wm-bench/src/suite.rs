@@ -1866,8 +1866,9 @@ fn report(
          boundary crossings; its `direct` form still calls `send` through the host table (a \
          `Context` has no other way), and `native` is the same logic with a `&mut dyn` plugin \
          calling a `&mut dyn` host. `on_message_spilled` passes each slice through \
-         `black_box`, so it is stored to memory just before the call: the worst case for the \
-         16-byte `RSlice`, which goes on the stack as the callback's last argument.\n\
+         `black_box`, so it is stored to memory just before the call: had the 16-byte \
+         `RSlice` gone on the stack (as it did while `Outcome` was returned through a hidden \
+         pointer), reloading it would stall store-to-load forwarding.\n\
          - Cold start: the time from spawning `taskset -c S wm-host start -d` (a fresh runtime \
          folder, text echo plugin, `count = 1`; the master forks, binds, starts the worker, \
          which copies and loads the plugin) until a client, connecting and sending `ping\\n` \
