@@ -6,7 +6,7 @@
 //! bytes of the whole request (head and body), and until then the caller keeps
 //! passing the same input, grown by what it has read since.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::mem;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -556,18 +556,14 @@ impl Response {
         }
     }
 
+    #[cfg(test)]
     pub fn header(&self, name: &str) -> Option<&str> {
         header(&self.headers, name)
     }
 
-    /// Whether the response itself says `Connection: close`. `encode_response`
-    /// writes its own Connection header, so the caller folds this into
-    /// `keep_alive`.
-    pub fn asks_close(&self) -> bool {
-        self.headers.iter().any(|(k, v)| {
-            k.eq_ignore_ascii_case("connection")
-                && v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))
-        })
+    /// The header fields as string pairs, for [`encode_head`].
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &str)> + Clone {
+        self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 }
 
@@ -618,10 +614,8 @@ pub fn error_response(status: u16) -> Response {
     resp
 }
 
-/// Serializes `resp`, adding what the caller left out: `Server`, `Date` and
-/// `Content-Length` unless given, and always `Connection` per `keep_alive`
-/// (one given in `resp` is replaced). `head_only` (a HEAD request) keeps the
-/// real Content-Length but drops the body.
+/// Serializes `resp`, adding what the caller left out: see [`encode_head`].
+/// `head_only` (a HEAD request) keeps the real Content-Length but drops the body.
 pub fn encode_response(resp: &Response, keep_alive: bool, head_only: bool, out: &mut Vec<u8>) {
     encode_response_at(resp, keep_alive, head_only, SystemTime::now(), out)
 }
@@ -634,17 +628,59 @@ pub fn encode_response_at(
     now: SystemTime,
     out: &mut Vec<u8>,
 ) {
+    let mut date = DateCache::default();
+    let head = ResponseHead {
+        status: resp.status,
+        body_len: resp.body.len(),
+        keep_alive,
+        head_only,
+    };
+    if encode_head(&head, resp.fields(), date.at(now), out) {
+        out.extend_from_slice(&resp.body);
+    }
+}
+
+/// What [`encode_head`] needs to know besides the header fields.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub body_len: usize,
+    /// Written as the Connection header (one in the fields is replaced).
+    pub keep_alive: bool,
+    /// A HEAD request: the real Content-Length, but no body.
+    pub head_only: bool,
+}
+
+/// Appends a response head to `out`, adding what the caller left out:
+/// `Server`, `Date` (`date`) and `Content-Length` unless given, and always
+/// `Connection`. `fields` are iterated twice, so they are borrowed however the
+/// caller holds them, without collecting. Returns whether the body follows.
+pub fn encode_head<'h, F>(head: &ResponseHead, fields: F, date: &str, out: &mut Vec<u8>) -> bool
+where
+    F: IntoIterator<Item = (&'h str, &'h str)>,
+    F::IntoIter: Clone,
+{
+    let fields = fields.into_iter();
     // 1xx, 204 and 304 never have a body, nor a length (RFC 9110 §8.6).
-    let bodiless = matches!(resp.status, 100..=199 | 204 | 304);
-    let mut head = String::with_capacity(160 + 32 * resp.headers.len());
-    let _ = write!(head, "HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
-    if resp.header("server").is_none() {
-        head.push_str("Server: wm-host\r\n");
+    let bodiless = matches!(head.status, 100..=199 | 204 | 304);
+    let (mut server, mut dated, mut framed) = (false, false, false);
+    for (k, _) in fields.clone() {
+        server |= k.eq_ignore_ascii_case("server");
+        dated |= k.eq_ignore_ascii_case("date");
+        framed |=
+            k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding");
     }
-    if resp.header("date").is_none() {
-        let _ = write!(head, "Date: {}\r\n", http_date(now));
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "HTTP/1.1 {} {}\r\n", head.status, reason(head.status));
+    if !server {
+        out.extend_from_slice(b"Server: wm-host\r\n");
     }
-    for (k, v) in &resp.headers {
+    if !dated {
+        out.extend_from_slice(b"Date: ");
+        out.extend_from_slice(date.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (k, v) in fields {
         // A CR or LF from a plugin would let it forge headers or responses.
         let bad = |s: &str| s.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0));
         if k.is_empty() || bad(k) || bad(v) {
@@ -654,32 +690,71 @@ pub fn encode_response_at(
         if k.eq_ignore_ascii_case("connection") {
             continue;
         }
-        let _ = write!(head, "{k}: {v}\r\n");
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
-    let framed =
-        resp.header("content-length").is_some() || resp.header("transfer-encoding").is_some();
     if !bodiless && !framed {
-        let _ = write!(head, "Content-Length: {}\r\n", resp.body.len());
+        let _ = write!(out, "Content-Length: {}\r\n", head.body_len);
     }
-    head.push_str(if keep_alive {
-        "Connection: keep-alive\r\n\r\n"
+    out.extend_from_slice(if head.keep_alive {
+        b"Connection: keep-alive\r\n\r\n"
     } else {
-        "Connection: close\r\n\r\n"
+        b"Connection: close\r\n\r\n"
     });
-    out.extend_from_slice(head.as_bytes());
-    if !head_only && !bodiless {
-        out.extend_from_slice(&resp.body);
-    }
+    !head.head_only && !bodiless
 }
 
-/// IMF-fixdate; httpdate panics outside 1970..=9999, so clamp into it.
-pub fn http_date(t: SystemTime) -> String {
+/// Whether header fields say `Connection: close`. [`encode_head`] writes its
+/// own Connection header, so the caller folds this into `keep_alive`.
+pub fn asks_close<'h>(fields: impl IntoIterator<Item = (&'h str, &'h str)>) -> bool {
+    fields.into_iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("connection")
+            && v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))
+    })
+}
+
+/// httpdate panics outside 1970..=9999, so clamp into it.
+fn clamp_to_http_dates(t: SystemTime) -> SystemTime {
     const YEAR_10000: u64 = 253_402_300_800;
     let secs = t
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
         .min(YEAR_10000 - 1);
-    httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs))
+    UNIX_EPOCH + std::time::Duration::from_secs(secs)
+}
+
+/// IMF-fixdate, e.g. `Thu, 01 Jan 2015 00:00:00 GMT`.
+pub fn http_date(t: SystemTime) -> String {
+    httpdate::fmt_http_date(clamp_to_http_dates(t))
+}
+
+/// The `Date` value, formatted when the second changes rather than for every
+/// response.
+#[derive(Debug, Default)]
+pub struct DateCache {
+    /// The second `text` is for, once formatted.
+    secs: Option<u64>,
+    /// An IMF-fixdate is always 29 bytes (the year has four digits).
+    text: [u8; 29],
+}
+
+impl DateCache {
+    pub fn at(&mut self, now: SystemTime) -> &str {
+        let now = clamp_to_http_dates(now);
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if self.secs != Some(secs) {
+            // Cannot fail: the text fits exactly.
+            let _ = write!(&mut self.text[..], "{}", httpdate::HttpDate::from(now));
+            self.secs = Some(secs);
+        }
+        std::str::from_utf8(&self.text).unwrap_or_default()
+    }
+
+    pub fn now(&mut self) -> &str {
+        self.at(SystemTime::now())
+    }
 }
 
 #[cfg(test)]
@@ -1104,7 +1179,7 @@ Content-Length: 0\r\nConnection: close\r\n\r\n"
         ] {
             resp.headers.push((k.into(), v.into()));
         }
-        assert!(resp.asks_close());
+        assert!(asks_close(resp.fields()));
         assert_eq!(
             encoded(&resp, false, false),
             "HTTP/1.1 200 OK\r\nserver: other\r\ndate: x\r\ncontent-length: 3\r\nConnection: close\r\n\r\nabc"
@@ -1150,6 +1225,19 @@ Content-Length: 0\r\nConnection: close\r\n\r\n"
         assert_eq!(r.body, b"431 Request Header Fields Too Large");
         assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
         assert_eq!(error_response(599).body, b"599");
+    }
+
+    #[test]
+    fn date_cache_follows_the_clock_by_the_second() {
+        let second = std::time::Duration::from_secs(1);
+        let mut c = DateCache::default();
+        assert_eq!(c.at(fixed_now()), "Thu, 01 Jan 2015 00:00:00 GMT");
+        let later = fixed_now() + std::time::Duration::from_millis(999);
+        assert_eq!(c.at(later), "Thu, 01 Jan 2015 00:00:00 GMT");
+        assert_eq!(c.at(fixed_now() + second), "Thu, 01 Jan 2015 00:00:01 GMT");
+        assert_eq!(c.at(UNIX_EPOCH - second), "Thu, 01 Jan 1970 00:00:00 GMT");
+        let far = UNIX_EPOCH + std::time::Duration::from_secs(300_000_000_000);
+        assert_eq!(c.at(far), http_date(far));
     }
 
     #[test]

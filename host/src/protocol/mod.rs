@@ -124,7 +124,7 @@ impl Codec {
             trailer: b"",
         };
         match self {
-            // HTTP answers are whole responses, built by `http::encode_response`.
+            // HTTP answers are whole responses, built by `http::encode_head`.
             // Custom framing is encoded by the plugin's protocol object.
             // Client frames are masked, so built whole by the sender.
             Codec::Tcp | Codec::Http(_) | Codec::Custom | Codec::WsClient(_) => {}

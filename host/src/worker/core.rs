@@ -90,6 +90,9 @@ pub struct Core {
     pub redials: Vec<(Instant, u64)>,
     /// The reply buffer lent to the connection being read (see `Conn::lend_out`).
     pub spare_out: Vec<u8>,
+    /// Where `respond` encodes a response head, reused.
+    head_buf: Vec<u8>,
+    date: http::DateCache,
 }
 
 /// Slab index of a connection id: the low 32 bits. The high 32 bits are a
@@ -132,6 +135,8 @@ impl Core {
             connect_deadlines: Vec::new(),
             redials: Vec::new(),
             spare_out: Vec::new(),
+            head_buf: Vec::new(),
+            date: http::DateCache::default(),
         }
     }
 
@@ -202,7 +207,7 @@ impl Core {
         }
         // On http:// a plain send is a 200 answer with that body (as in Workerman).
         if let Codec::Http(_) = conn.codec {
-            return self.respond(id, 200, &[], data);
+            return self.respond(id, 200, [], data);
         }
         let encoded;
         let env;
@@ -410,25 +415,13 @@ impl Core {
 
 /// HTTP answers, matched in order to the requests still pending.
 impl Core {
-    pub fn respond(
-        &mut self,
-        id: u64,
-        status: u16,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> RawSendStatus {
-        let resp = http::Response {
-            status,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            body: body.to_vec(),
-        };
-        self.respond_with(id, &resp)
-    }
-
-    pub fn respond_with(&mut self, id: u64, resp: &http::Response) -> RawSendStatus {
+    /// Answers the oldest request waiting on `id`. The head is encoded into
+    /// a buffer kept for that, so an answer allocates nothing in steady state.
+    pub fn respond<'h, F>(&mut self, id: u64, status: u16, fields: F, body: &[u8]) -> RawSendStatus
+    where
+        F: IntoIterator<Item = (&'h str, &'h str)>,
+        F::IntoIter: Clone,
+    {
         let Some(conn) = lookup(&mut self.conns, id) else {
             self.send_failed(id, "client closed");
             return RawSendStatus::Closed;
@@ -441,10 +434,17 @@ impl Core {
             self.send_failed(id, "no request waiting for an answer");
             return RawSendStatus::Dropped;
         };
-        let keep_alive = req.keep_alive && !resp.asks_close();
-        let mut out = Vec::with_capacity(resp.body.len() + 256);
-        http::encode_response(resp, keep_alive, req.head, &mut out);
-        let status = match conn.write_parts(&[&out]) {
+        let fields = fields.into_iter();
+        let head = http::ResponseHead {
+            status,
+            body_len: body.len(),
+            keep_alive: req.keep_alive && !http::asks_close(fields.clone()),
+            head_only: req.head,
+        };
+        self.head_buf.clear();
+        let with_body = http::encode_head(&head, fields, self.date.now(), &mut self.head_buf);
+        let body = if with_body { body } else { &[] };
+        let status = match conn.write_parts(&[&self.head_buf, body]) {
             Ok(true) => RawSendStatus::Sent,
             Ok(false) => RawSendStatus::Queued,
             Err(e) => {
@@ -453,10 +453,14 @@ impl Core {
                 return RawSendStatus::Closed;
             }
         };
-        if !keep_alive {
+        if !head.keep_alive {
             self.close(id, None);
         }
         status
+    }
+
+    pub fn respond_with(&mut self, id: u64, resp: &http::Response) -> RawSendStatus {
+        self.respond(id, resp.status, resp.fields(), &resp.body)
     }
 }
 

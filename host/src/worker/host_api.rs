@@ -74,11 +74,8 @@ extern "C" fn respond(
     headers: RSlice<'_, Tuple2<RStr<'_>, RStr<'_>>>,
     body: RSlice<'_, u8>,
 ) -> RawSendStatus {
-    let headers: Vec<(&str, &str)> = headers
-        .iter()
-        .map(|t| (t.0.as_str(), t.1.as_str()))
-        .collect();
-    core(state).respond(conn, status, &headers, body.as_slice())
+    let fields = headers.iter().map(|t| (t.0.as_str(), t.1.as_str()));
+    core(state).respond(conn, status, fields, body.as_slice())
 }
 
 extern "C" fn join_group(state: *mut c_void, conn: u64, group: RStr<'_>) -> bool {
