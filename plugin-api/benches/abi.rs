@@ -25,11 +25,11 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use abi_stable::prefix_type::PrefixTypeTrait;
-use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec, Tuple2};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use criterion::{criterion_group, criterion_main, Criterion};
 use plugin_api::abi::{
-    HostCtx, HostVTable, Outcome, PluginInstance, RawAddr, RawConnInfo, RawKind, RawLevel,
-    RawSendStatus, RawWorkerInfo,
+    HostCtx, HostVTable, Outcome, PluginInstance, RawAddr, RawConnInfo, RawFields, RawKind,
+    RawLevel, RawSendStatus, RawWorkerInfo,
 };
 use plugin_api::{adapter, ConnId, Context, Plugin, SendStatus};
 
@@ -65,7 +65,7 @@ extern "C" fn respond(
     _: *mut c_void,
     _: u64,
     _: u16,
-    _: RSlice<'_, Tuple2<RStr<'_>, RStr<'_>>>,
+    _: RawFields<'_>,
     _: RSlice<'_, u8>,
 ) -> RawSendStatus {
     RawSendStatus::Sent

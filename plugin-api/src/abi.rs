@@ -9,6 +9,7 @@
 //! at the end without breaking plugins built earlier.
 
 use std::ffi::c_void;
+use std::marker::PhantomData;
 
 use abi_stable::{
     declare_root_module_statics,
@@ -57,6 +58,45 @@ pub struct RawRequest<'a> {
     pub version: u8,
     pub headers: RSlice<'a, Tuple2<RStr<'a>, RStr<'a>>>,
     pub body: RSlice<'a, u8>,
+}
+
+/// The header fields of an answer, read in place from the plugin's
+/// `&[(&str, &str)]`. A Rust tuple has no stable layout, so the plugin passes
+/// with the slice a function, compiled with the plugin, that reads one entry.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct RawFields<'a> {
+    data: *const c_void,
+    len: usize,
+    get: extern "C" fn(data: *const c_void, i: usize) -> Tuple2<RStr<'a>, RStr<'a>>,
+    _fields: PhantomData<&'a ()>,
+}
+
+impl<'a> RawFields<'a> {
+    /// Called on the plugin's side of the boundary.
+    pub fn from_slice(fields: &'a [(&'a str, &'a str)]) -> RawFields<'a> {
+        extern "C" fn get<'a>(data: *const c_void, i: usize) -> Tuple2<RStr<'a>, RStr<'a>> {
+            // SAFETY: `data` is the slice given to `from_slice`, and `iter`
+            // asks only for entries below its length.
+            let (k, v) = unsafe { *(data as *const (&'a str, &'a str)).add(i) };
+            Tuple2(RStr::from_str(k), RStr::from_str(v))
+        }
+        RawFields {
+            data: fields.as_ptr() as *const c_void,
+            len: fields.len(),
+            get,
+            _fields: PhantomData,
+        }
+    }
+
+    /// The fields as name/value pairs; what the host reads.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a str)> + Clone {
+        let RawFields { data, get, .. } = *self;
+        (0..self.len).map(move |i| {
+            let f = get(data, i);
+            (f.0.as_str(), f.1.as_str())
+        })
+    }
 }
 
 /// What happened to data handed to `send`.
@@ -143,7 +183,7 @@ pub struct HostVTable {
         state: *mut c_void,
         conn: u64,
         status: u16,
-        headers: RSlice<'_, Tuple2<RStr<'_>, RStr<'_>>>,
+        headers: RawFields<'_>,
         body: RSlice<'_, u8>,
     ) -> RawSendStatus,
     pub join_group: extern "C" fn(state: *mut c_void, conn: u64, group: RStr<'_>) -> bool,
@@ -282,4 +322,17 @@ impl RootModule for PluginModRef {
     // Compatibility is judged on plugin-api's own version: a different minor
     // (0.x) or major version is refused at load time with a clear error.
     const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_read_in_place() {
+        let fields = [("Content-Type", "text/plain"), ("X-Empty", "")];
+        let raw = RawFields::from_slice(&fields);
+        assert!(raw.iter().eq(fields));
+        assert_eq!(RawFields::from_slice(&[]).iter().count(), 0);
+    }
 }

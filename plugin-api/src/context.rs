@@ -5,9 +5,9 @@ use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use abi_stable::std_types::{ROption, RResult, RSlice, RStr, Tuple2};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr};
 
-use crate::abi::{HostCtx, RawAddr, RawKind, RawLevel, RawSendStatus};
+use crate::abi::{HostCtx, RawAddr, RawFields, RawKind, RawLevel, RawSendStatus};
 
 /// A connection of this worker. Ids are not reused within a worker process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -192,16 +192,12 @@ impl Context<'_> {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> SendStatus {
-        let headers: Vec<Tuple2<RStr<'_>, RStr<'_>>> = headers
-            .iter()
-            .map(|(k, v)| Tuple2(RStr::from_str(k), RStr::from_str(v)))
-            .collect();
         let respond = self.raw.vt.respond();
         send_status(respond(
             self.raw.state,
             conn.0,
             status,
-            RSlice::from_slice(&headers),
+            RawFields::from_slice(headers),
             RSlice::from_slice(body),
         ))
     }

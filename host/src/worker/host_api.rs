@@ -5,9 +5,9 @@ use std::ffi::c_void;
 use std::time::{Duration, Instant};
 
 use abi_stable::prefix_type::PrefixTypeTrait;
-use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec, Tuple2};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use plugin_api::abi::{
-    HostVTable, HostVTableRef, RawAddr, RawConnInfo, RawKind, RawLevel, RawSendStatus,
+    HostVTable, HostVTableRef, RawAddr, RawConnInfo, RawFields, RawKind, RawLevel, RawSendStatus,
     RawWorkerInfo,
 };
 
@@ -71,11 +71,10 @@ extern "C" fn respond(
     state: *mut c_void,
     conn: u64,
     status: u16,
-    headers: RSlice<'_, Tuple2<RStr<'_>, RStr<'_>>>,
+    headers: RawFields<'_>,
     body: RSlice<'_, u8>,
 ) -> RawSendStatus {
-    let fields = headers.iter().map(|t| (t.0.as_str(), t.1.as_str()));
-    core(state).respond(conn, status, fields, body.as_slice())
+    core(state).respond(conn, status, headers.iter(), body.as_slice())
 }
 
 extern "C" fn join_group(state: *mut c_void, conn: u64, group: RStr<'_>) -> bool {
