@@ -10,6 +10,8 @@ use std::io::Write as _;
 use std::mem;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use abi_stable::std_types::{RStr, Tuple2};
+
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// More header fields than this is answered like an oversize head (431).
 const MAX_HEADERS: usize = 128;
@@ -40,40 +42,75 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub method: String,
+/// A header field as plugins receive it (the ABI's pair of strings), so a
+/// request reaches `on_request` without being copied.
+pub type Field<'a> = Tuple2<RStr<'a>, RStr<'a>>;
+
+const NO_FIELD: Field<'static> = Tuple2(RStr::from_str(""), RStr::from_str(""));
+
+/// A request, borrowed from the input it was decoded from and from the
+/// [`Scratch`] given to the decoder.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Request<'a> {
+    pub method: &'a str,
     /// The request target up to `?`, still percent-encoded. An absolute-form
     /// target (`http://host/p`) is reduced to its path.
-    pub path: String,
+    pub path: &'a str,
     /// What follows `?`, without it; empty when there is none.
-    pub query: String,
+    pub query: &'a str,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
+    /// Values without surrounding whitespace; one that was not UTF-8 has
+    /// U+FFFD in place of the bad bytes.
+    pub headers: &'a [Field<'a>],
+    /// Decoded: the chunks joined when chunked.
+    pub body: &'a [u8],
     /// Whether the connection may carry another request after this one.
     pub keep_alive: bool,
 }
 
-impl Request {
+impl<'a> Request<'a> {
     /// The first value of header `name`, compared case-insensitively.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        header(&self.headers, name)
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        self.headers
+            .iter()
+            .find(|f| f.0.as_str().eq_ignore_ascii_case(name))
+            .map(|f| f.1.as_str())
     }
 }
 
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+/// What a decoded [`Request`] borrows besides its input: the header fields,
+/// header values that had to be made UTF-8, and a chunked body. Meant to be
+/// made afresh for each request, on the stack: only those last two allocate.
+pub struct Scratch<'a> {
+    fields: [Field<'a>; MAX_HEADERS],
+    lossy: Vec<String>,
+    body: Vec<u8>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+impl Scratch<'_> {
+    pub fn new() -> Self {
+        Scratch {
+            fields: [NO_FIELD; MAX_HEADERS],
+            lossy: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+}
+
+impl Default for Scratch<'_> {
+    fn default() -> Self {
+        Scratch::new()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event<'a> {
     /// A complete request; `consumed` bytes of input were used.
-    Request { request: Request, consumed: usize },
+    Request {
+        request: Request<'a>,
+        consumed: usize,
+    },
     /// The request asked for `Expect: 100-continue` and its body is not all
     /// here: write `HTTP/1.1 100 Continue\r\n\r\n` now. Consumes nothing;
     /// reported at most once per request.
@@ -142,7 +179,7 @@ enum State {
     Head {
         scanned: usize,
     },
-    Body(Box<Pending>),
+    Body(Pending),
 }
 
 impl Default for State {
@@ -151,10 +188,11 @@ impl Default for State {
     }
 }
 
-/// A request whose head is parsed and whose body is still arriving.
+/// A request whose head is checked and whose body is still arriving. Only
+/// how its body is framed is kept, not the head: the input still holds it.
 #[derive(Debug)]
 struct Pending {
-    request: Request,
+    head_len: usize,
     body: Body,
     /// `Expect: 100-continue` not yet answered.
     owe_continue: bool,
@@ -162,13 +200,14 @@ struct Pending {
 
 #[derive(Debug)]
 enum Body {
-    /// `len` bytes right after a head of `head_len` bytes.
-    Fixed { head_len: usize, len: usize },
-    /// `pos`: input bytes already taken into the body or skipped.
+    /// `len` bytes right after the head.
+    Fixed { len: usize },
+    /// `pos`: input bytes already taken into `data` or skipped.
     Chunked {
         pos: usize,
         step: Step,
         trailer_bytes: usize,
+        data: Vec<u8>,
     },
 }
 
@@ -187,33 +226,62 @@ impl HttpDecoder {
 
     /// Looks for the next request at the start of `input`. `Ok(None)` means
     /// more bytes are needed; the caller must then pass the same input again,
-    /// with more appended.
-    pub fn decode(&mut self, input: &[u8], limits: &Limits) -> Result<Option<Event>, HttpError> {
-        if let State::Head { scanned } = &mut self.state {
-            let Some(head_len) = find_head_end(input, scanned, limits.max_header_bytes)? else {
-                return Ok(None);
-            };
-            let pending = parse_head(&input[..head_len], limits)?;
-            self.state = State::Body(Box::new(pending));
-        }
-        let State::Body(p) = &mut self.state else {
-            return Ok(None);
-        };
-        match p.read_body(input, limits)? {
-            Some(consumed) => {
-                let State::Body(p) = mem::take(&mut self.state) else {
+    /// with more appended. A request borrows `input` and `scratch`.
+    pub fn decode<'a>(
+        &mut self,
+        input: &'a [u8],
+        limits: &Limits,
+        scratch: &'a mut Scratch<'a>,
+    ) -> Result<Option<Event<'a>>, HttpError> {
+        let Scratch {
+            fields,
+            lossy,
+            body,
+        } = scratch;
+        let (mut request, consumed) = match &mut self.state {
+            State::Head { scanned } => {
+                let max = limits.max_header_bytes;
+                let Some(head_len) = find_head_end(input, scanned, max)? else {
                     return Ok(None);
                 };
-                Ok(Some(Event::Request {
-                    request: p.request,
-                    consumed,
-                }))
+                let (request, mut pending) = parse_head(&input[..head_len], limits, fields, lossy)?;
+                let done = pending.read_body(input, limits)?;
+                self.state = State::Body(pending);
+                match done {
+                    Some(consumed) => (request, consumed),
+                    None => return Ok(self.wait_for_body()),
+                }
             }
-            None if p.owe_continue => {
+            State::Body(pending) => match pending.read_body(input, limits)? {
+                // The head was checked when it arrived; it is parsed again
+                // for the view only now that the request is whole.
+                Some(consumed) => {
+                    let head = &input[..pending.head_len];
+                    (parse_head(head, limits, fields, lossy)?.0, consumed)
+                }
+                None => return Ok(self.wait_for_body()),
+            },
+        };
+        let State::Body(pending) = mem::take(&mut self.state) else {
+            return Ok(None);
+        };
+        request.body = match pending.body {
+            Body::Fixed { len } => &input[pending.head_len..pending.head_len + len],
+            Body::Chunked { data, .. } => {
+                *body = data;
+                body
+            }
+        };
+        Ok(Some(Event::Request { request, consumed }))
+    }
+
+    fn wait_for_body<'a>(&mut self) -> Option<Event<'a>> {
+        match &mut self.state {
+            State::Body(p) if p.owe_continue => {
                 p.owe_continue = false;
-                Ok(Some(Event::Continue))
+                Some(Event::Continue)
             }
-            None => Ok(None),
+            _ => None,
         }
     }
 }
@@ -260,7 +328,14 @@ fn find_head_end(
     }
 }
 
-fn parse_head(head: &[u8], limits: &Limits) -> Result<Pending, HttpError> {
+/// Parses and checks a complete head; the request's header fields go into
+/// `fields`, and values that are not UTF-8 are made so in `lossy`.
+fn parse_head<'a>(
+    head: &'a [u8],
+    limits: &Limits,
+    fields: &'a mut [Field<'a>; MAX_HEADERS],
+    lossy: &'a mut Vec<String>,
+) -> Result<(Request<'a>, Pending), HttpError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut slots);
     match parsed.parse(head) {
@@ -278,19 +353,33 @@ fn parse_head(head: &[u8], limits: &Limits) -> Result<Pending, HttpError> {
     else {
         return Err(HttpError::Malformed("incomplete request line".into()));
     };
-    let headers: Vec<(String, String)> = parsed
-        .headers
-        .iter()
-        .map(|h| {
-            let v = String::from_utf8_lossy(h.value);
-            (h.name.to_owned(), v.trim_matches([' ', '\t']).to_owned())
-        })
-        .collect();
+    let n = parsed.headers.len();
+    for (field, h) in fields.iter_mut().zip(parsed.headers.iter()) {
+        let value = match std::str::from_utf8(trim_ows(h.value)) {
+            Ok(v) => v,
+            Err(_) => {
+                lossy.push(String::from_utf8_lossy(trim_ows(h.value)).into_owned());
+                ""
+            }
+        };
+        *field = Tuple2(RStr::from_str(h.name), RStr::from_str(value));
+    }
+    if !lossy.is_empty() {
+        // Rare: filled in once `lossy` is complete, as it may have moved.
+        let lossy: &'a Vec<String> = lossy;
+        let mut texts = lossy.iter();
+        for (field, h) in fields.iter_mut().zip(parsed.headers.iter()) {
+            if std::str::from_utf8(trim_ows(h.value)).is_err() {
+                field.1 = RStr::from_str(texts.next().map_or("", String::as_str));
+            }
+        }
+    }
+    let headers: &'a [Field<'a>] = &fields[..n];
     let values = |name: &'static str| {
         headers
             .iter()
-            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .filter(move |f| f.0.as_str().eq_ignore_ascii_case(name))
+            .map(|f| f.1.as_str())
     };
     // Comma-separated list elements across all fields of that name.
     let tokens = |name: &'static str| {
@@ -360,26 +449,36 @@ fn parse_head(head: &[u8], limits: &Limits) -> Result<Pending, HttpError> {
             pos: head.len(),
             step: Step::Size,
             trailer_bytes: 0,
+            data: Vec::new(),
         }
     } else {
         Body::Fixed {
-            head_len: head.len(),
             len: length as usize,
         }
     };
-    Ok(Pending {
-        request: Request {
-            method: method.to_owned(),
-            path: path.to_owned(),
-            query: query.to_owned(),
-            version,
-            headers,
-            body: Vec::new(),
-            keep_alive,
-        },
+    let request = Request {
+        method,
+        path,
+        query,
+        version,
+        headers,
+        body: &[],
+        keep_alive,
+    };
+    let pending = Pending {
+        head_len: head.len(),
         body,
         owe_continue,
-    })
+    };
+    Ok((request, pending))
+}
+
+/// Without the spaces and tabs around a field value.
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = v.iter().position(|b| !ows(b)).unwrap_or(v.len());
+    let end = v.iter().rposition(|b| !ows(b)).map_or(start, |i| i + 1);
+    &v[start..end]
 }
 
 /// Splits a request target into path and query, reducing the absolute form
@@ -411,26 +510,16 @@ impl Pending {
     /// once the body is complete.
     fn read_body(&mut self, input: &[u8], limits: &Limits) -> Result<Option<usize>, HttpError> {
         match &mut self.body {
-            Body::Fixed { head_len, len } => {
-                let end = *head_len + *len;
-                if input.len() < end {
-                    return Ok(None);
-                }
-                self.request.body = input[*head_len..end].to_vec();
-                Ok(Some(end))
+            Body::Fixed { len } => {
+                let end = self.head_len + *len;
+                Ok((input.len() >= end).then_some(end))
             }
             Body::Chunked {
                 pos,
                 step,
                 trailer_bytes,
-            } => read_chunks(
-                input,
-                pos,
-                step,
-                trailer_bytes,
-                &mut self.request.body,
-                limits,
-            ),
+                data,
+            } => read_chunks(input, pos, step, trailer_bytes, data, limits),
         }
     }
 }
@@ -558,7 +647,9 @@ impl Response {
 
     #[cfg(test)]
     pub fn header(&self, name: &str) -> Option<&str> {
-        header(&self.headers, name)
+        self.fields()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
     }
 
     /// The header fields as string pairs, for [`encode_head`].
@@ -768,21 +859,59 @@ mod tests {
         }
     }
 
+    /// A request copied out of the input, to outlive it.
+    #[derive(Debug, PartialEq)]
+    struct Owned {
+        method: String,
+        path: String,
+        query: String,
+        version: u8,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        keep_alive: bool,
+    }
+
+    impl Owned {
+        fn new(r: &Request<'_>) -> Owned {
+            Owned {
+                method: r.method.into(),
+                path: r.path.into(),
+                query: r.query.into(),
+                version: r.version,
+                headers: (r.headers.iter())
+                    .map(|f| (f.0.as_str().into(), f.1.as_str().into()))
+                    .collect(),
+                body: r.body.into(),
+                keep_alive: r.keep_alive,
+            }
+        }
+
+        fn header(&self, name: &str) -> Option<&str> {
+            let (_, v) = self
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))?;
+            Some(v)
+        }
+    }
+
     /// Feeds `chunks` one at a time as reads would, answering Continue like a
     /// worker; returns the requests and how many Continues were asked for.
-    fn feed(chunks: &[&[u8]], limits: &Limits) -> Result<(Vec<Request>, usize), HttpError> {
+    fn feed(chunks: &[&[u8]], limits: &Limits) -> Result<(Vec<Owned>, usize), HttpError> {
         let mut d = HttpDecoder::new();
         let mut buf = Vec::new();
         let (mut reqs, mut continues) = (Vec::new(), 0);
         for chunk in chunks {
             buf.extend_from_slice(chunk);
-            while let Some(ev) = d.decode(&buf, limits)? {
-                match ev {
-                    Event::Request { request, consumed } => {
-                        reqs.push(request);
+            loop {
+                let mut scratch = Scratch::new();
+                match d.decode(&buf, limits, &mut scratch)? {
+                    Some(Event::Request { request, consumed }) => {
+                        reqs.push(Owned::new(&request));
                         buf.drain(..consumed);
                     }
-                    Event::Continue => continues += 1,
+                    Some(Event::Continue) => continues += 1,
+                    None => break,
                 }
             }
         }
@@ -794,7 +923,7 @@ mod tests {
         Ok((reqs, continues))
     }
 
-    fn one(input: &[u8]) -> Result<Request, HttpError> {
+    fn one(input: &[u8]) -> Result<Owned, HttpError> {
         let (mut reqs, _) = feed(&[input], &limits())?;
         assert_eq!(reqs.len(), 1);
         Ok(reqs.remove(0))
@@ -803,7 +932,7 @@ mod tests {
     fn err(input: &[u8]) -> HttpError {
         let mut d = HttpDecoder::new();
         loop {
-            match d.decode(input, &limits()) {
+            match d.decode(input, &limits(), &mut Scratch::new()) {
                 Err(e) => return e,
                 Ok(Some(Event::Continue)) => continue,
                 Ok(other) => panic!("expected an error, got {other:?}"),
@@ -812,7 +941,7 @@ mod tests {
     }
 
     /// Every way of cutting `input` in two must decode like the whole.
-    fn assert_split_everywhere(input: &[u8]) -> Vec<Request> {
+    fn assert_split_everywhere(input: &[u8]) -> Vec<Owned> {
         let (whole, _) = feed(&[input], &limits()).unwrap();
         for i in 0..=input.len() {
             let (parts, _) = feed(&[&input[..i], &input[i..]], &limits()).unwrap();
@@ -840,11 +969,25 @@ mod tests {
     }
 
     #[test]
+    fn values_are_trimmed_and_made_utf8() {
+        let input = b"POST / HTTP/1.1\r\nHost: h\r\nX-A: \t a b\t \r\nX-Latin: caf\xe9 \r\n\
+X-B: \xff\r\nX-C: \xc3\xa9\r\nContent-Length: 2\r\n\r\nok";
+        let reqs = assert_split_everywhere(input);
+        let r = &reqs[0];
+        assert_eq!(r.header("x-a"), Some("a b"));
+        assert_eq!(r.header("x-latin"), Some("caf\u{fffd}"));
+        assert_eq!(r.header("x-b"), Some("\u{fffd}"));
+        assert_eq!(r.header("x-c"), Some("\u{e9}"));
+        assert_eq!(r.body, b"ok");
+    }
+
+    #[test]
     fn consumed_is_the_whole_request() {
         let mut input = GET.to_vec();
         input.extend_from_slice(b"GET /next");
-        let ev = HttpDecoder::new().decode(&input, &limits()).unwrap();
-        assert!(matches!(ev, Some(Event::Request { consumed, .. }) if consumed == GET.len()));
+        let mut scratch = Scratch::new();
+        let ev = HttpDecoder::new().decode(&input, &limits(), &mut scratch);
+        assert!(matches!(ev, Ok(Some(Event::Request { consumed, .. })) if consumed == GET.len()));
     }
 
     #[test]
@@ -930,12 +1073,15 @@ A\r\n0123456789\r\n\
             b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n";
         let mut d = HttpDecoder::new();
         let mut buf = head.to_vec();
-        assert_eq!(d.decode(&buf, &limits()), Ok(Some(Event::Continue)));
-        assert_eq!(d.decode(&buf, &limits()), Ok(None));
+        assert_eq!(
+            d.decode(&buf, &limits(), &mut Scratch::new()),
+            Ok(Some(Event::Continue))
+        );
+        assert_eq!(d.decode(&buf, &limits(), &mut Scratch::new()), Ok(None));
         buf.extend_from_slice(b"da");
-        assert_eq!(d.decode(&buf, &limits()), Ok(None));
+        assert_eq!(d.decode(&buf, &limits(), &mut Scratch::new()), Ok(None));
         buf.extend_from_slice(b"ta");
-        match d.decode(&buf, &limits()) {
+        match d.decode(&buf, &limits(), &mut Scratch::new()) {
             Ok(Some(Event::Request { request, consumed })) => {
                 assert_eq!(request.body, b"data");
                 assert_eq!(consumed, buf.len());
@@ -987,7 +1133,10 @@ A\r\n0123456789\r\n\
         assert_eq!(err(&input).status(), 431);
         // Incomplete but still under the limit: wait.
         let mut d = HttpDecoder::new();
-        assert_eq!(d.decode(&input[..1000], &limits()), Ok(None));
+        assert_eq!(
+            d.decode(&input[..1000], &limits(), &mut Scratch::new()),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -1012,7 +1161,9 @@ A\r\n0123456789\r\n\
             max_header_bytes: 1 << 20,
             max_body_bytes: 0,
         };
-        let e = HttpDecoder::new().decode(&input, &big).unwrap_err();
+        let e = HttpDecoder::new()
+            .decode(&input, &big, &mut Scratch::new())
+            .unwrap_err();
         assert_eq!((e.clone(), e.status()), (HttpError::TooManyHeaders, 431));
     }
 

@@ -205,22 +205,16 @@ fn ws_input(core: &mut Core, runner: &mut Runner, id: u64, input: &mut [u8]) -> 
     }
 }
 
-/// Builds the FFI view of a request for the length of one call.
-fn with_raw_request<R>(req: &http::Request, f: impl FnOnce(&RawRequest<'_>) -> R) -> R {
-    let headers: Vec<Tuple2<RStr<'_>, RStr<'_>>> = req
-        .headers
-        .iter()
-        .map(|(k, v)| Tuple2(RStr::from_str(k), RStr::from_str(v)))
-        .collect();
-    let raw = RawRequest {
-        method: RStr::from_str(&req.method),
-        path: RStr::from_str(&req.path),
-        query: RStr::from_str(&req.query),
+/// The FFI view of a request: the same borrowed parts.
+fn raw_request<'a>(req: &http::Request<'a>) -> RawRequest<'a> {
+    RawRequest {
+        method: RStr::from_str(req.method),
+        path: RStr::from_str(req.path),
+        query: RStr::from_str(req.query),
         version: req.version,
-        headers: RSlice::from_slice(&headers),
-        body: RSlice::from_slice(&req.body),
-    };
-    f(&raw)
+        headers: RSlice::from_slice(req.headers),
+        body: RSlice::from_slice(req.body),
+    }
 }
 
 /// What the master tells a worker it is.
@@ -848,7 +842,8 @@ impl Worker {
         };
         let limits = http::Limits::new(0);
         let mut decoder = http::HttpDecoder::new();
-        let req = match decoder.decode(&buf, &limits) {
+        let mut scratch = http::Scratch::new();
+        let req = match decoder.decode(&buf, &limits, &mut scratch) {
             Ok(Some(http::Event::Request { request, consumed })) => (request, consumed),
             Ok(Some(http::Event::Continue)) | Ok(None) => {
                 return self.keep(id, buf, 0);
@@ -856,14 +851,14 @@ impl Worker {
             Err(e) => return self.refuse(id, e.status(), &e.to_string()),
         };
         let (req, used) = req;
-        let accept = match websocket::accept_key(&req.method, req.version, |h| req.header(h)) {
+        let accept = match websocket::accept_key(req.method, req.version, |h| req.header(h)) {
             Ok(a) => a,
             Err(r) => return self.refuse(id, r.status, r.reason),
         };
-        let outcome = with_raw_request(&req, |raw| {
-            self.runner
-                .call(&mut self.core, Call::WebsocketConnect(id, raw))
-        });
+        let raw = raw_request(&req);
+        let outcome = self
+            .runner
+            .call(&mut self.core, Call::WebsocketConnect(id, &raw));
         match outcome {
             Outcome::Ok => {}
             Outcome::Refused(status) => return self.refuse(id, status, "refused by the plugin"),
@@ -996,7 +991,8 @@ impl Worker {
             let Codec::Http(h) = &mut conn.codec else {
                 return;
             };
-            match h.decoder.decode(&buf[pos..], &limits) {
+            let mut scratch = http::Scratch::new();
+            match h.decoder.decode(&buf[pos..], &limits, &mut scratch) {
                 Ok(Some(http::Event::Continue)) => {
                     self.core.send_raw(id, b"HTTP/1.1 100 Continue\r\n\r\n");
                 }
@@ -1026,7 +1022,7 @@ impl Worker {
         self.keep(id, buf, pos);
     }
 
-    fn request(&mut self, id: u64, req: http::Request) {
+    fn request(&mut self, id: u64, req: http::Request<'_>) {
         let head = req.method == "HEAD";
         if let Some(Codec::Http(h)) = self.core.get(id).map(|c| &mut c.codec) {
             h.pending.push_back(Pending {
@@ -1036,15 +1032,14 @@ impl Worker {
         }
         if let Some(dir) = &self.static_dir {
             if req.method == "GET" || head {
-                if let Some(resp) = dir.serve(&req.path, req.header("if-modified-since")) {
+                if let Some(resp) = dir.serve(req.path, req.header("if-modified-since")) {
                     self.core.respond_with(id, &resp);
                     return self.runner.settle(&mut self.core);
                 }
             }
         }
-        with_raw_request(&req, |raw| {
-            self.runner.call(&mut self.core, Call::Request(id, raw))
-        });
+        self.runner
+            .call(&mut self.core, Call::Request(id, &raw_request(&req)));
         self.runner.settle(&mut self.core);
     }
 
