@@ -205,6 +205,58 @@ fn ws_input(core: &mut Core, runner: &mut Runner, id: u64, input: &mut [u8]) -> 
     }
 }
 
+/// What a connection kept from earlier reads, with this read appended; empty
+/// when it kept nothing: the read is then decoded where it lies in the shared
+/// read buffer, without a copy.
+fn gather_kept(conn: &mut Conn, read: &[u8]) -> Vec<u8> {
+    let mut kept = std::mem::take(&mut conn.inbuf);
+    if !kept.is_empty() {
+        kept.extend_from_slice(read);
+    }
+    kept
+}
+
+/// Keeps the input from `pos` on (an incomplete message) for the next read:
+/// `kept` when that was the input, else a copy of the rest of `read`.
+fn keep_rest(conn: &mut Conn, mut kept: Vec<u8>, read: &[u8], pos: usize) {
+    if kept.is_empty() {
+        if pos < read.len() {
+            conn.inbuf = read[pos..].to_vec();
+        }
+    } else if pos < kept.len() {
+        kept.drain(..pos);
+        conn.inbuf = kept;
+    }
+}
+
+/// Answers one request: with a file from `static_dir` when one matches, else
+/// by the plugin's `on_request`.
+fn serve_request(
+    core: &mut Core,
+    runner: &Runner,
+    static_dir: Option<&StaticDir>,
+    id: u64,
+    req: &http::Request<'_>,
+) {
+    let head = req.method == "HEAD";
+    if let Some(Codec::Http(h)) = core.get(id).map(|c| &mut c.codec) {
+        h.pending.push_back(Pending {
+            keep_alive: req.keep_alive,
+            head,
+        });
+    }
+    if let Some(dir) = static_dir {
+        if req.method == "GET" || head {
+            if let Some(resp) = dir.serve(req.path, req.header("if-modified-since")) {
+                core.respond_with(id, &resp);
+                return runner.settle(core);
+            }
+        }
+    }
+    runner.call(core, Call::Request(id, &raw_request(req)));
+    runner.settle(core);
+}
+
 /// The FFI view of a request: the same borrowed parts.
 fn raw_request<'a>(req: &http::Request<'a>) -> RawRequest<'a> {
     RawRequest {
@@ -970,18 +1022,24 @@ impl Worker {
         self.keep(id, buf, from + used);
     }
 
-    /// HTTP requests, answered in order. Static files are served here;
-    /// everything else goes to the plugin's `on_request`.
+    /// HTTP requests, answered in order (see `serve_request`), decoded like
+    /// other framings straight from the shared read buffer.
     fn dispatch_http(&mut self, id: u64, n: usize) {
-        let Some(buf) = self.gather(id, n) else {
-            return;
-        };
-        let limits = http::Limits::new(self.core.max_package_size);
+        let Worker {
+            core,
+            runner,
+            read_buf,
+            static_dir,
+            ..
+        } = self;
+        let read = &read_buf[..n];
+        let Some(conn) = core.get(id) else { return };
+        let kept = gather_kept(conn, read);
+        let input: &[u8] = if kept.is_empty() { read } else { &kept };
+        let limits = http::Limits::new(core.max_package_size);
         let mut pos = 0;
         loop {
-            let Some(conn) = self.core.get(id) else {
-                return;
-            };
+            let Some(conn) = core.get(id) else { return };
             if conn.state != State::Open {
                 return;
             }
@@ -992,14 +1050,14 @@ impl Worker {
                 return;
             };
             let mut scratch = http::Scratch::new();
-            match h.decoder.decode(&buf[pos..], &limits, &mut scratch) {
+            match h.decoder.decode(&input[pos..], &limits, &mut scratch) {
                 Ok(Some(http::Event::Continue)) => {
-                    self.core.send_raw(id, b"HTTP/1.1 100 Continue\r\n\r\n");
+                    core.send_raw(id, b"HTTP/1.1 100 Continue\r\n\r\n");
                 }
                 Ok(Some(http::Event::Request { request, consumed })) => {
                     pos += consumed;
-                    self.core.total_messages += 1;
-                    self.request(id, request);
+                    core.total_messages += 1;
+                    serve_request(core, runner, static_dir.as_ref(), id, &request);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -1013,34 +1071,15 @@ impl Worker {
                         false,
                         &mut out,
                     );
-                    self.core.send_raw(id, &out);
-                    self.core.close(id, None);
+                    core.send_raw(id, &out);
+                    core.close(id, None);
                     return;
                 }
             }
         }
-        self.keep(id, buf, pos);
-    }
-
-    fn request(&mut self, id: u64, req: http::Request<'_>) {
-        let head = req.method == "HEAD";
-        if let Some(Codec::Http(h)) = self.core.get(id).map(|c| &mut c.codec) {
-            h.pending.push_back(Pending {
-                keep_alive: req.keep_alive,
-                head,
-            });
+        if let Some(conn) = core.get(id) {
+            keep_rest(conn, kept, read, pos);
         }
-        if let Some(dir) = &self.static_dir {
-            if req.method == "GET" || head {
-                if let Some(resp) = dir.serve(req.path, req.header("if-modified-since")) {
-                    self.core.respond_with(id, &resp);
-                    return self.runner.settle(&mut self.core);
-                }
-            }
-        }
-        self.runner
-            .call(&mut self.core, Call::Request(id, &raw_request(&req)));
-        self.runner.settle(&mut self.core);
     }
 
     /// Frames `read_buf[..n]` (after any partial message kept from before).
@@ -1052,14 +1091,10 @@ impl Worker {
             read_buf,
             ..
         } = self;
+        let read = &read_buf[..n];
         let Some(conn) = core.get(id) else { return };
-        // Decode straight from the shared read buffer when nothing is pending.
-        let mut kept = std::mem::take(&mut conn.inbuf);
-        let direct = kept.is_empty();
-        if !direct {
-            kept.extend_from_slice(&read_buf[..n]);
-        }
-        let input: &[u8] = if direct { &read_buf[..n] } else { &kept };
+        let kept = gather_kept(conn, read);
+        let input: &[u8] = if kept.is_empty() { read } else { &kept };
         let mut pos = 0;
         let max = core.max_package_size;
         loop {
@@ -1093,14 +1128,8 @@ impl Worker {
                 }
             }
         }
-        let Some(conn) = core.get(id) else { return };
-        if pos < input.len() {
-            conn.inbuf = if direct {
-                input[pos..].to_vec()
-            } else {
-                kept.drain(..pos);
-                kept
-            };
+        if let Some(conn) = core.get(id) {
+            keep_rest(conn, kept, read, pos);
         }
     }
 
