@@ -129,7 +129,7 @@ enum Cmd {
         #[arg(long)]
         only: Option<String>,
         /// Runs per side of each load scenario (interleaved); the best counts.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 3)]
         repeat: usize,
         /// Connections in the broadcast fan-out group (0: skip it).
         #[arg(long, default_value_t = 10_000)]
