@@ -144,7 +144,7 @@ fn custom_decode(
 /// Runs the websocket frames at the start of `input` through the
 /// connection's reader, calling `on_message` for each message. Returns the
 /// bytes used; the rest is an incomplete frame, or waits for `resume_recv`.
-fn ws_input(core: &mut Core, runner: &mut Runner, id: u64, input: &mut [u8]) -> usize {
+fn ws_input(core: &mut Core, runner: &Runner, id: u64, input: &mut [u8]) -> usize {
     let mut pos = 0;
     // Control replies; allocated only when there is one.
     let mut out = Vec::new();
@@ -992,33 +992,28 @@ impl Worker {
     /// Frames `read_buf[..n]` (after any partial frame kept from before),
     /// decoding straight from the shared read buffer when nothing is kept.
     fn dispatch_ws(&mut self, id: u64, n: usize) {
-        let Some(conn) = self.core.get(id) else {
-            return;
-        };
-        let mut kept = std::mem::take(&mut conn.inbuf);
-        if kept.is_empty() {
-            let Worker {
-                core,
-                runner,
-                read_buf,
-                ..
-            } = self;
-            let used = ws_input(core, runner, id, &mut read_buf[..n]);
-            if let Some(conn) = core.get(id) {
-                if used < n {
-                    conn.inbuf = read_buf[used..n].to_vec();
-                }
-            }
+        let Worker {
+            core,
+            runner,
+            read_buf,
+            ..
+        } = self;
+        let read = &mut read_buf[..n];
+        let Some(conn) = core.get(id) else { return };
+        let mut kept = gather_kept(conn, read);
+        let used = if kept.is_empty() {
+            ws_input(core, runner, id, read)
         } else {
-            kept.extend_from_slice(&self.read_buf[..n]);
-            let used = ws_input(&mut self.core, &mut self.runner, id, &mut kept);
-            self.keep(id, kept, used);
+            ws_input(core, runner, id, &mut kept)
+        };
+        if let Some(conn) = core.get(id) {
+            keep_rest(conn, kept, read, used);
         }
     }
 
     /// Frames the client sent right behind a handshake.
     fn feed_ws(&mut self, id: u64, mut buf: Vec<u8>, from: usize) {
-        let used = ws_input(&mut self.core, &mut self.runner, id, &mut buf[from..]);
+        let used = ws_input(&mut self.core, &self.runner, id, &mut buf[from..]);
         self.keep(id, buf, from + used);
     }
 
