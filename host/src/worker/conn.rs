@@ -122,7 +122,7 @@ impl Conn {
     }
 
     /// Writes `parts` as one message: straight to the socket when nothing is
-    /// queued (one vectored write, no copy), the rest into the send buffer.
+    /// queued (one syscall), the rest into the send buffer.
     /// Returns true when all of it went out.
     pub fn write_parts(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
         let mut written = 0;
@@ -130,35 +130,24 @@ impl Conn {
         if self.pending() == 0 && self.state != State::Connecting && !self.corked {
             debug_assert!(parts.len() <= 3);
             let total: usize = parts.iter().map(|p| p.len()).sum();
-            // A small message is joined on the stack and sent with one plain
-            // `send`: cheaper in the kernel than `writev` over its pieces,
-            // which shows when one message goes to thousands of sockets.
-            let mut small = [0u8; SMALL_SEND];
-            let joined = total <= SMALL_SEND && parts.len() > 1;
-            if joined {
+            written = if total <= SMALL_SEND && parts.len() > 1 {
+                // Joined on the stack and sent with one plain `send`: cheaper
+                // in the kernel than `writev` over the pieces, which shows
+                // when one message goes to thousands of sockets.
+                let mut small = [0u8; SMALL_SEND];
                 let mut at = 0;
                 for p in parts {
                     small[at..at + p.len()].copy_from_slice(p);
                     at += p.len();
                 }
-            }
-            let slices: [IoSlice<'_>; 3] = [
-                IoSlice::new(parts.first().copied().unwrap_or_default()),
-                IoSlice::new(parts.get(1).copied().unwrap_or_default()),
-                IoSlice::new(parts.get(2).copied().unwrap_or_default()),
-            ];
-            written = loop {
-                let r = if joined {
-                    self.sock.write(&small[..total])
-                } else {
-                    self.sock.write_vectored(&slices)
-                };
-                match r {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                }
+                write_now(|| self.sock.write(&small[..total]))?
+            } else {
+                let slices: [IoSlice<'_>; 3] = [
+                    IoSlice::new(parts.first().copied().unwrap_or_default()),
+                    IoSlice::new(parts.get(1).copied().unwrap_or_default()),
+                    IoSlice::new(parts.get(2).copied().unwrap_or_default()),
+                ];
+                write_now(|| self.sock.write_vectored(&slices))?
             };
             self.bytes_written += written as u64;
         }
@@ -209,5 +198,17 @@ impl Conn {
     pub fn discard_output(&mut self) {
         self.out = Vec::new();
         self.out_pos = 0;
+    }
+}
+
+/// One non-blocking write: the bytes taken, 0 when the socket is full.
+fn write_now(mut write: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
+    loop {
+        match write() {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
 }
