@@ -730,9 +730,17 @@ impl Worker {
         }
         let now = Instant::now();
         let core = &mut self.core;
-        let (done, keep): (Vec<_>, Vec<_>) = core.lingering.drain(..).partition(|(t, _)| *t <= now);
-        core.lingering = keep;
-        core.closing.extend(done.into_iter().map(|(_, id)| id));
+        // In place: this runs on every turn of the loop.
+        let Core {
+            lingering, closing, ..
+        } = core;
+        lingering.retain(|&(t, id)| {
+            let done = t <= now;
+            if done {
+                closing.push(id);
+            }
+            !done
+        });
         for id in self.housekeeping.due(&mut self.core, now) {
             self.core.close(id, None);
         }
