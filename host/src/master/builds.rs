@@ -36,8 +36,18 @@ fn hex(digest: &[u8]) -> String {
 
 /// Copies `from` to `to`, returning the SHA-256 of the bytes written.
 fn copy_hashing(from: &Path, to: &Path) -> io::Result<String> {
-    let mut src = fs::File::open(from)?;
-    let mut dst = fs::File::create(to)?;
+    // No fsync: copies live only while their master runs, and a starting
+    // master clears what an earlier one left (see `prune`).
+    hash_through(fs::File::open(from)?, fs::File::create(to)?)
+}
+
+pub fn hash_file(path: &Path) -> io::Result<String> {
+    hash_through(fs::File::open(path)?, io::sink())
+}
+
+/// Reads `src` to its end, writing every byte to `sink`, and returns the
+/// SHA-256 of what was read: one pass, whether copying or only hashing.
+fn hash_through(mut src: impl Read, mut sink: impl Write) -> io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -46,23 +56,7 @@ fn copy_hashing(from: &Path, to: &Path) -> io::Result<String> {
             break;
         }
         h.update(&buf[..n]);
-        dst.write_all(&buf[..n])?;
-    }
-    // No fsync: copies live only while their master runs, and a starting
-    // master clears what an earlier one left (see `prune`).
-    Ok(hex(&h.finalize()))
-}
-
-pub fn hash_file(path: &Path) -> io::Result<String> {
-    let mut f = fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
+        sink.write_all(&buf[..n])?;
     }
     Ok(hex(&h.finalize()))
 }
