@@ -16,7 +16,6 @@ mod suite;
 mod sys;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -45,11 +44,11 @@ enum Cmd {
         #[arg(short, long, default_value_t = 32)]
         size: usize,
         /// Seconds measured.
-        #[arg(short, long, default_value_t = 5.0)]
-        duration: f64,
+        #[arg(short, long, default_value = "5", value_parser = parse_secs)]
+        duration: Duration,
         /// Seconds of load before measuring.
-        #[arg(short, long, default_value_t = 1.0)]
-        warmup: f64,
+        #[arg(short, long, default_value = "1", value_parser = parse_secs)]
+        warmup: Duration,
         /// Also report this process's CPU time (the server's) per message.
         #[arg(long)]
         server_pid: Option<u32>,
@@ -107,48 +106,13 @@ enum Cmd {
         server_cpu: usize,
     },
     /// Every scenario against wm-host and the native baseline; writes Markdown.
-    Suite {
-        /// Markdown file to write (also printed).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        #[arg(long, default_value_t = 5.0)]
-        duration: f64,
-        #[arg(long, default_value_t = 1.0)]
-        warmup: f64,
-        /// Idle connection counts to measure, comma-separated: websocket at
-        /// each, text too where one process serves them. Above 12500 the
-        /// servers run one process per 12500 connections and the client
-        /// one per 15000 (RLIMIT_NOFILE is per process).
-        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
-        idle: Vec<usize>,
-        #[arg(long, default_value_t = 0)]
-        server_cpu: usize,
-        #[arg(long, default_value_t = 1)]
-        client_cpu: usize,
-        /// Only scenarios whose name contains this text.
-        #[arg(long)]
-        only: Option<String>,
-        /// Runs per side of each load scenario (interleaved); the best counts.
-        #[arg(long, default_value_t = 3)]
-        repeat: usize,
-        /// Connections in the broadcast fan-out group (0: skip it).
-        #[arg(long, default_value_t = 10_000)]
-        fanout_conns: usize,
-        /// Measured broadcasts (after one warm-up).
-        #[arg(long, default_value_t = 7)]
-        fanout_rounds: usize,
-        /// Cold starts per side.
-        #[arg(long, default_value_t = 5)]
-        cold_runs: usize,
-        /// N of the allocation count (runs of N and 2N messages under
-        /// valgrind; 0: skip it).
-        #[arg(long, default_value_t = 2000)]
-        allocs_messages: usize,
-    },
+    Suite(suite::SuiteOpts),
 }
 
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
+/// A duration given in (fractional) seconds on the command line.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s}: {e}"))?;
+    Duration::try_from_secs_f64(v).map_err(|e| format!("{s}: {e}"))
 }
 
 /// `wm-bench allocs`: both dhat runs, then what one message costs.
@@ -197,8 +161,8 @@ fn main() {
                 conns,
                 inflight,
                 size,
-                warmup: secs(warmup),
-                duration: secs(duration),
+                warmup,
+                duration,
             };
             let cpu = |pid: Option<u32>| pid.and_then(sys::cpu_seconds).unwrap_or(0.0);
             let (mut c0, mut c1) = (0.0, 0.0);
@@ -281,33 +245,7 @@ fn main() {
             baseline,
             server_cpu,
         } => count_allocs(proto, messages, baseline, server_cpu),
-        Cmd::Suite {
-            out,
-            duration,
-            warmup,
-            idle,
-            server_cpu,
-            client_cpu,
-            only,
-            repeat,
-            fanout_conns,
-            fanout_rounds,
-            cold_runs,
-            allocs_messages,
-        } => suite::run(suite::SuiteOpts {
-            out,
-            warmup: secs(warmup),
-            duration: secs(duration),
-            idle,
-            server_cpu,
-            client_cpu,
-            only,
-            repeat,
-            fanout_conns,
-            fanout_rounds,
-            cold_runs,
-            allocs_messages,
-        }),
+        Cmd::Suite(opts) => suite::run(opts),
     };
     if let Err(e) = result {
         eprintln!("wm-bench: {e}");

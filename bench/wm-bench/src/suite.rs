@@ -19,25 +19,46 @@ use crate::fanout::{self, FanoutConfig};
 use crate::idle::{self, IdleConfig};
 use crate::sys;
 
+/// `wm-bench suite`'s options.
+#[derive(clap::Args, Debug)]
 pub struct SuiteOpts {
+    /// Markdown file to write (also printed).
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Seconds of warm-up before each measured run.
+    #[arg(long, default_value = "1", value_parser = crate::parse_secs)]
     pub warmup: Duration,
+    /// Seconds measured per run.
+    #[arg(long, default_value = "5", value_parser = crate::parse_secs)]
     pub duration: Duration,
-    /// Idle websocket (and text) connection counts to measure.
+    /// Idle connection counts to measure, comma-separated: websocket at
+    /// each, text too where one process serves them. Above 12500 the
+    /// servers run one process per 12500 connections and the client
+    /// one per 15000 (RLIMIT_NOFILE is per process).
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
     pub idle: Vec<usize>,
+    #[arg(long, default_value_t = 0)]
     pub server_cpu: usize,
+    #[arg(long, default_value_t = 1)]
     pub client_cpu: usize,
-    /// Run only the scenarios whose name contains this.
+    /// Only scenarios whose name contains this text.
+    #[arg(long)]
     pub only: Option<String>,
-    /// Runs per side of each load scenario, interleaved; the best is kept.
+    /// Runs per side of each load scenario (interleaved); the best counts.
+    #[arg(long, default_value_t = 3)]
     pub repeat: usize,
     /// Connections in the broadcast fan-out group (0: skip it).
+    #[arg(long, default_value_t = 10_000)]
     pub fanout_conns: usize,
-    /// Measured broadcasts (after one warm-up broadcast).
+    /// Measured broadcasts (after one warm-up).
+    #[arg(long, default_value_t = 7)]
     pub fanout_rounds: usize,
     /// Cold starts per side.
+    #[arg(long, default_value_t = 5)]
     pub cold_runs: usize,
-    /// N of the allocation count: runs of N and 2N messages (0: skip).
+    /// N of the allocation count (runs of N and 2N messages under
+    /// valgrind; 0: skip it).
+    #[arg(long, default_value_t = 2000)]
     pub allocs_messages: usize,
 }
 
