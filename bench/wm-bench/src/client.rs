@@ -179,6 +179,44 @@ pub(crate) fn write_out(sock: &mut impl Write, buf: &[u8], pos: &mut usize) -> i
     Ok(true)
 }
 
+/// Whether a non-blocking connect has finished; its error if it failed.
+pub(crate) fn connect_finished(sock: &TcpStream) -> io::Result<bool> {
+    if let Some(e) = sock.take_error()? {
+        return Err(e);
+    }
+    match sock.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Queues a websocket handshake request.
+pub(crate) fn ws_request(sock: &TcpStream, wbuf: &mut Vec<u8>) -> io::Result<()> {
+    let _ = write!(
+        wbuf,
+        "GET / HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        sock.peer_addr()?
+    );
+    Ok(())
+}
+
+/// The length of the server's `101` answer at the start of `data`, or
+/// `None` while it is incomplete.
+pub(crate) fn ws_answer(data: &[u8]) -> io::Result<Option<usize>> {
+    let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
+        if data.len() > 8192 {
+            return Err(err("handshake answer too long"));
+        }
+        return Ok(None);
+    };
+    if !data.starts_with(b"HTTP/1.1 101") {
+        return Err(err("handshake refused"));
+    }
+    Ok(Some(end + 4))
+}
+
 pub(crate) fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
     let m8 = u64::from_ne_bytes([
         mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
@@ -308,21 +346,11 @@ impl Conn {
         cx: &mut Cx,
     ) -> io::Result<Step> {
         if self.state == State::Connecting {
-            if let Some(e) = self.sock.take_error()? {
-                return Err(e);
-            }
-            match self.sock.peer_addr() {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(Step::Nothing),
-                Err(e) => return Err(e),
+            if !connect_finished(&self.sock)? {
+                return Ok(Step::Nothing);
             }
             if cx.proto == Proto::Websocket {
-                let _ = write!(
-                    self.wbuf,
-                    "GET / HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                    self.sock.peer_addr()?
-                );
+                ws_request(&self.sock, &mut self.wbuf)?;
                 self.state = State::Handshake;
             } else {
                 self.opened(cx);
@@ -384,16 +412,10 @@ impl Conn {
     fn consume(&mut self, data: &[u8], cx: &mut Cx) -> io::Result<(usize, bool)> {
         let mut pos = 0;
         if self.state == State::Handshake {
-            let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
-                if data.len() > 8192 {
-                    return Err(err("handshake answer too long"));
-                }
+            let Some(end) = ws_answer(data)? else {
                 return Ok((0, false));
             };
-            if !data.starts_with(b"HTTP/1.1 101") {
-                return Err(err("handshake refused"));
-            }
-            pos = end + 4;
+            pos = end;
             self.opened(cx);
         }
         while self.state == State::Open {

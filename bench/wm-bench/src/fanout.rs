@@ -8,7 +8,7 @@
 //! events, before any of them is read), counted from just before the
 //! `gsend` was written.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -167,21 +167,11 @@ impl Conn {
         d: &mut Driver,
     ) -> io::Result<()> {
         if self.st == St::Connecting {
-            if let Some(e) = self.sock.take_error()? {
-                return Err(e);
-            }
-            match self.sock.peer_addr() {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()),
-                Err(e) => return Err(e),
+            if !client::connect_finished(&self.sock)? {
+                return Ok(());
             }
             if d.proto == Proto::Websocket {
-                let _ = write!(
-                    self.wbuf,
-                    "GET / HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                    self.sock.peer_addr()?
-                );
+                client::ws_request(&self.sock, &mut self.wbuf)?;
                 self.st = St::Handshake;
             } else {
                 frame(d.proto, b"join g", &mut self.wbuf);
@@ -221,16 +211,10 @@ impl Conn {
     fn consume(&mut self, idx: usize, data: &[u8], d: &mut Driver) -> io::Result<usize> {
         let mut pos = 0;
         if self.st == St::Handshake {
-            let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
-                if data.len() > 8192 {
-                    return Err(err("handshake answer too long"));
-                }
+            let Some(end) = client::ws_answer(data)? else {
                 return Ok(0);
             };
-            if !data.starts_with(b"HTTP/1.1 101") {
-                return Err(err("handshake refused"));
-            }
-            pos = end + 4;
+            pos = end;
             frame(d.proto, b"join g", &mut self.wbuf);
             self.st = St::Joining;
         }
