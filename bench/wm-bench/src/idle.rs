@@ -67,6 +67,21 @@ fn rss_sum(pids: &[u32]) -> Result<u64, String> {
         .sum()
 }
 
+/// The servers' RSS once it has stopped moving: the first of two readings
+/// 50 ms apart that agree, or the last one after 3 s.
+fn settled_rss(pids: &[u32]) -> Result<u64, String> {
+    let end = Instant::now() + Duration::from_secs(3);
+    let mut last = rss_sum(pids)?;
+    loop {
+        std::thread::sleep(Duration::from_millis(50)); // the sampling interval
+        let now = rss_sum(pids)?;
+        if now == last || Instant::now() > end {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
 fn fds(pids: &[u32]) -> Vec<usize> {
     pids.iter()
         .map(|&p| sys::fd_count(p).unwrap_or(0))
@@ -242,8 +257,7 @@ pub fn measure(
     let warm = warm_up(cfg)?;
     let warm_open: usize = warm.iter().map(|w| w.open).sum();
     let warm_errors: u64 = warm.iter().map(|w| w.errors).sum();
-    std::thread::sleep(Duration::from_millis(300));
-    let before = rss_sum(&cfg.pids)?;
+    let before = settled_rss(&cfg.pids)?;
     let fd_before: usize = fds(&cfg.pids).iter().sum();
     let t0 = Instant::now();
     let (sources, shares) = shares(cfg);
@@ -265,8 +279,7 @@ pub fn measure(
         (Err(h), o, e, w)
     };
     let took = t0.elapsed();
-    std::thread::sleep(Duration::from_millis(500));
-    let after = rss_sum(&cfg.pids)?;
+    let after = settled_rss(&cfg.pids)?;
     let fd_after: usize = fds(&cfg.pids).iter().sum();
     let sockstat = sys::tcp_sockstat();
     let probed = probe(warm_open + open);

@@ -1864,10 +1864,11 @@ fn report(
          (`bench-hello-plugin` on wm-host); `wrong` counts non-2xx answers.\n\
          - Idle memory: warm-up connections are opened and used (one; with several server \
          processes 16 per process, until each holds one, seen in `/proc/PID/fd`), then the \
-         server's RSS (`/proc/PID/statm`, summed over its serving processes) is read; then N \
+         server's RSS (`/proc/PID/statm`, summed over its serving processes) is read once two \
+         readings 50 ms apart agree; then N \
          connections are opened from several 127.0.0.x source addresses (bind before connect, \
          `IP_BIND_ADDRESS_NO_PORT`), each completing the websocket handshake and one 8-byte \
-         echo, and left idle; RSS is read again after 0.5 s. RSS per connection = growth ÷ N. \
+         echo, and left idle; RSS is read again the same way. RSS per connection = growth ÷ N. \
          Kernel socket buffers are not in RSS. RLIMIT_NOFILE is per process, so counts above \
          12500 run one server process per 12500 (wm-host `count`, the workers' RSS, not the \
          master's; `wm-baseline --procs`, its children's) sharing the port by SO_REUSEPORT, and \
