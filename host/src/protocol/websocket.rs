@@ -100,9 +100,12 @@ pub enum Decoded {
         end: usize,
         consumed: usize,
     },
-    /// A final fragment completed a message: take it with
-    /// [`WsReader::take_assembled`].
-    Assembled { binary: bool, consumed: usize },
+    /// A final fragment completed a message, joined from its fragments.
+    Assembled {
+        binary: bool,
+        data: Vec<u8>,
+        consumed: usize,
+    },
     /// A frame with nothing for the plugin: a fragment kept, a ping
     /// answered, a pong.
     Skipped { consumed: usize },
@@ -123,8 +126,6 @@ pub struct WsReader {
     max: usize,
     /// A fragmented message being joined: whether binary, bytes so far.
     partial: Option<(bool, Vec<u8>)>,
-    /// The joined message, between `Assembled` and `take_assembled`.
-    assembled: Vec<u8>,
     /// A close frame was sent (in reply or on error): read and send no more.
     closing: bool,
 }
@@ -153,18 +154,12 @@ impl WsReader {
             role,
             max,
             partial: None,
-            assembled: Vec::new(),
             closing: false,
         }
     }
 
     pub fn closing(&self) -> bool {
         self.closing
-    }
-
-    /// The message an `Assembled` step completed.
-    pub fn take_assembled(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.assembled)
     }
 
     /// Decodes the frame at the start of `input`, unmasking its payload in
@@ -263,8 +258,11 @@ impl WsReader {
                 if !binary && std::str::from_utf8(&data).is_err() {
                     return Some(self.fail(out, 1007, "text message is not valid UTF-8".into()));
                 }
-                self.assembled = data;
-                Some(Decoded::Assembled { binary, consumed })
+                Some(Decoded::Assembled {
+                    binary,
+                    data,
+                    consumed,
+                })
             }
             OP_PING => {
                 write_frame(out, OP_PONG, payload, self.mask());
@@ -411,8 +409,12 @@ mod tests {
                         ev.push(Ev::Msg(binary, buf[pos + start..pos + end].to_vec()));
                         pos += consumed;
                     }
-                    Decoded::Assembled { binary, consumed } => {
-                        ev.push(Ev::Msg(binary, r.take_assembled()));
+                    Decoded::Assembled {
+                        binary,
+                        data,
+                        consumed,
+                    } => {
+                        ev.push(Ev::Msg(binary, data));
                         pos += consumed;
                     }
                     Decoded::Skipped { consumed } => pos += consumed,

@@ -160,12 +160,11 @@ fn ws_input(core: &mut Core, runner: &Runner, id: u64, input: &mut [u8]) -> usiz
             return pos;
         };
         let step = reader.decode(&mut input[pos..], &mut out);
-        let assembled =
-            matches!(step, Some(Decoded::Assembled { .. })).then(|| reader.take_assembled());
         if !out.is_empty() {
             core.send_raw(id, &out);
             out.clear();
         }
+        let assembled: Vec<u8>;
         let (binary, msg) = match step {
             None => return pos,
             Some(Decoded::Message {
@@ -178,9 +177,14 @@ fn ws_input(core: &mut Core, runner: &Runner, id: u64, input: &mut [u8]) -> usiz
                 pos += consumed;
                 (binary, &input[msg])
             }
-            Some(Decoded::Assembled { binary, consumed }) => {
+            Some(Decoded::Assembled {
+                binary,
+                data,
+                consumed,
+            }) => {
                 pos += consumed;
-                (binary, assembled.as_deref().unwrap_or_default())
+                assembled = data;
+                (binary, &assembled[..])
             }
             Some(Decoded::Skipped { consumed }) => {
                 pos += consumed;
