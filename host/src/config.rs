@@ -32,43 +32,7 @@ pub enum LoadError {
     Invalid(#[from] ConfigError),
 }
 
-/// Application protocols a listener can speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scheme {
-    Tcp,
-    Text,
-    Frame,
-    Websocket,
-    Http,
-    /// Framing supplied by the plugin (`Plugin::protocol`).
-    Custom,
-}
-
-impl Scheme {
-    fn parse(s: &str) -> Option<Scheme> {
-        Some(match s {
-            "tcp" => Scheme::Tcp,
-            "text" => Scheme::Text,
-            "frame" => Scheme::Frame,
-            "websocket" | "ws" => Scheme::Websocket,
-            "http" => Scheme::Http,
-            "custom" => Scheme::Custom,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Scheme::Tcp => "tcp",
-            Scheme::Text => "text",
-            Scheme::Frame => "frame",
-            Scheme::Websocket => "websocket",
-            Scheme::Http => "http",
-            Scheme::Custom => "custom",
-        }
-    }
-}
+pub use wm_proto::Scheme;
 
 /// A parsed `listen = "scheme://host:port"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

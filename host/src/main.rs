@@ -1,22 +1,11 @@
-//! wm-host: Workerman's process model for Rust plugins.
-
-mod bus;
-mod cli;
-mod config;
-mod ipc;
-mod logging;
-mod master;
-mod plugin;
-mod protocol;
-mod runtime;
-mod static_files;
-mod table;
-mod worker;
+//! wm-host's command line: parses arguments and hands each command to
+//! [`wm_host::cli`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use wm_host::cli;
 
 #[derive(Parser)]
 #[command(
@@ -30,7 +19,7 @@ struct Cli {
 }
 
 #[derive(clap::Args, Clone)]
-pub struct ConfigArg {
+struct ConfigArg {
     /// The config file.
     #[arg(short, long, default_value = "wm.toml")]
     config: PathBuf,

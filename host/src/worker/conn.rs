@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use crate::protocol::Codec;
+use wm_proto::Codec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {

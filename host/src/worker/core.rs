@@ -18,7 +18,7 @@ use super::timers::Timers;
 use crate::bus::{self, BusMsg, Gid, Registry};
 use crate::ipc::WorkerStats;
 use crate::plugin::CustomProtocol;
-use crate::protocol::{http, websocket, Codec, Kind};
+use wm_proto::{http, websocket, Codec, Kind};
 
 /// How long a connection half-closed by `end()` may linger (Workerman: 1 s).
 pub const LINGER: Duration = Duration::from_secs(1);

@@ -12,7 +12,7 @@ use plugin_api::abi::{
 };
 
 use super::core::Core;
-use crate::protocol::Kind;
+use wm_proto::Kind;
 
 /// # Safety
 /// Only called from host functions, with the pointer the worker passed in the

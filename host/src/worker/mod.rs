@@ -25,9 +25,9 @@ use self::core::{slot, Core, Deferred, FIRST_CONN};
 use crate::config::WorkerConfig;
 use crate::ipc::{FromWorker, LineBuf, ToWorker};
 use crate::plugin::{CustomProtocol, LoadedPlugin};
-use crate::protocol::websocket::{self, Decoded};
-use crate::protocol::{http, Codec, Kind, Message, Pending};
-use crate::static_files::StaticDir;
+use wm_proto::static_files::StaticDir;
+use wm_proto::websocket::{self, Decoded};
+use wm_proto::{http, Codec, Kind, Message, Pending};
 
 /// File descriptors a worker inherits, by number.
 pub const LISTEN_FD: i32 = 3;

@@ -13,7 +13,7 @@ use plugin_api::error_code;
 use super::conn::{Conn, State};
 use super::core::{Core, Deferred, FIRST_CONN};
 use crate::config::Scheme;
-use crate::protocol::{websocket, Codec};
+use wm_proto::{websocket, Codec};
 
 /// Where an outbound connection goes, kept for reconnects.
 pub struct Outbound {

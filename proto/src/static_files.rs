@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use percent_encoding::percent_decode_str;
 
-use crate::protocol::http::{http_date, Response};
+use crate::http::{http_date, Response};
 
 #[derive(Debug, Clone)]
 pub struct StaticDir {

@@ -41,7 +41,7 @@ pub fn header(payload: usize) -> Result<[u8; 4], ProtocolError> {
 mod tests {
     use super::super::{tests::feed, Codec, ProtocolError};
     use super::*;
-    use crate::config::Scheme;
+    use crate::Scheme;
 
     fn framed(p: &[u8]) -> Vec<u8> {
         let mut v = header(p.len()).unwrap().to_vec();

@@ -2,12 +2,14 @@
 //! sockets inside. The worker owns buffers and IO; a codec only says where the
 //! next message is, and what to put around an outgoing one.
 
-use crate::config::Scheme;
-
 mod frame;
 pub mod http;
+mod scheme;
+pub mod static_files;
 mod text;
 pub mod websocket;
+
+pub use scheme::Scheme;
 
 /// Where one complete message sits in the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -50,7 +50,7 @@ impl TextDecoder {
 #[cfg(test)]
 mod tests {
     use super::super::{tests::feed, Codec, ProtocolError};
-    use crate::config::Scheme;
+    use crate::Scheme;
 
     fn text() -> Codec {
         Codec::new(Scheme::Text)

@@ -1,0 +1,17 @@
+//! wm-host: Workerman's process model for Rust plugins, as a library.
+//!
+//! The binary (`main.rs`) only parses the command line; everything else
+//! lives here so tests can drive parts of it in-process. Layers, each
+//! importing only the ones after it: [`cli`] → [`master`] → [`worker`] →
+//! protocol codecs (the `wm-proto` crate) → [`config`].
+
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod ipc;
+pub mod logging;
+pub mod master;
+pub mod plugin;
+pub mod runtime;
+pub mod table;
+pub mod worker;
