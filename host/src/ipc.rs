@@ -80,8 +80,33 @@ pub enum Response {
     Stopped,
     Status(StatusReport),
     Connections(ConnectionsReport),
-    Reloaded(crate::master::roll::ReloadReport),
+    Reloaded(ReloadReport),
     Error { message: String },
+}
+
+/// What `wm-host reload` prints, per group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupReport {
+    pub name: String,
+    pub old: String,
+    pub new: String,
+    pub rolled: u32,
+    pub count: u32,
+    pub millis: u64,
+    /// `reloadable = false`: workers kept, `on_worker_reload` run.
+    pub kept: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub groups: Vec<GroupReport>,
+}
+
+impl ReloadReport {
+    pub fn ok(&self) -> bool {
+        self.groups.iter().all(|g| g.error.is_none())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ mod logging;
 mod master;
 mod plugin;
 mod protocol;
+mod report;
 mod runtime;
 mod static_files;
 mod table;

@@ -669,7 +669,7 @@ impl Master {
         let mut roll = Roll::new(plans, kept, graceful);
         for (name, old, count, error) in errors {
             tracing::error!("reload of {name} refused: {error}");
-            roll.report.groups.push(roll::GroupReport {
+            roll.report.groups.push(crate::ipc::GroupReport {
                 name,
                 new: old.clone(),
                 old,
@@ -1115,13 +1115,13 @@ impl Master {
             (Sink::Client(c), Gathered::Connections(r)) => self.reply(c, &Response::Connections(r)),
             (Sink::Log, Gathered::Status(r)) => {
                 tracing::info!("SIGIOT: status");
-                for line in crate::cli::render_status(&r).lines() {
+                for line in crate::report::render_status(&r).lines() {
                     tracing::info!("status: {line}");
                 }
             }
             (Sink::Log, Gathered::Connections(r)) => {
                 tracing::info!("SIGIO: {} connections", r.connections.len());
-                for line in crate::cli::render_connections(&r).lines() {
+                for line in crate::report::render_connections(&r).lines() {
                     tracing::info!("connections: {line}");
                 }
             }

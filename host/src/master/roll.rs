@@ -9,9 +9,8 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
 use super::builds::Build;
+use crate::ipc::{GroupReport, ReloadReport};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -21,31 +20,6 @@ pub enum Action {
     Retire { group: usize, id: u32 },
     /// Nothing left to do.
     Finished,
-}
-
-/// What `wm-host reload` prints, per group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupReport {
-    pub name: String,
-    pub old: String,
-    pub new: String,
-    pub rolled: u32,
-    pub count: u32,
-    pub millis: u64,
-    /// `reloadable = false`: workers kept, `on_worker_reload` run.
-    pub kept: bool,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReloadReport {
-    pub groups: Vec<GroupReport>,
-}
-
-impl ReloadReport {
-    pub fn ok(&self) -> bool {
-        self.groups.iter().all(|g| g.error.is_none())
-    }
 }
 
 #[derive(Debug)]
