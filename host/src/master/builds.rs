@@ -125,6 +125,17 @@ pub fn prune(runtime_dir: &Path, keep: &HashSet<PathBuf>) {
     }
 }
 
+/// Removes everything an earlier master left: copies, and the temporary
+/// files of installs it did not finish (a stop does not wait for them).
+pub fn clear(runtime_dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir(runtime_dir)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let _ = fs::remove_file(e.path());
+    }
+}
+
 /// What an install thread sends back: the group and its build or why not.
 pub type Installed = (usize, Result<Build, String>);
 
@@ -205,6 +216,12 @@ mod tests {
         );
         prune(rt.path(), &HashSet::from([b.copy.clone()]));
         assert!(!a.copy.exists() && b.copy.exists());
+        let leftover = dir(rt.path()).join(".1.0.tmp");
+        fs::write(&leftover, b"half").unwrap();
+        prune(rt.path(), &HashSet::new());
+        assert!(leftover.exists(), "an install may be writing it");
+        clear(rt.path());
+        assert_eq!(fs::read_dir(dir(rt.path())).unwrap().count(), 0);
         assert!(install(rt.path(), &src).unwrap_err().contains("not found"));
     }
 

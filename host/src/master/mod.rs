@@ -118,7 +118,7 @@ impl Master {
         let lock = PidLock::acquire(&cfg).map_err(StartError::Lock)?;
         // Copies an earlier master left (perhaps cut short by a crash) are
         // not trusted: each start copies afresh.
-        builds::prune(&cfg.host.runtime_dir, &HashSet::new());
+        builds::clear(&cfg.host.runtime_dir);
         let mut groups = Vec::new();
         let mut sockets = Vec::new();
         for w in &cfg.workers {

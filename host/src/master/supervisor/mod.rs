@@ -410,14 +410,10 @@ impl Supervisor {
         &self.groups[group].spec.name
     }
 
-    fn alloc(&mut self) -> WorkerId {
-        let id = WorkerId(self.next_worker);
+    /// Records a worker about to be spawned, under a new id.
+    fn add_worker(&mut self, group: usize, id: u32, role: Role, now: Instant) -> WorkerId {
+        let worker = WorkerId(self.next_worker);
         self.next_worker += 1;
-        id
-    }
-
-    fn spawn_serving(&mut self, group: usize, id: u32, now: Instant) {
-        let worker = self.alloc();
         self.workers.insert(
             worker,
             Worker {
@@ -427,9 +423,14 @@ impl Supervisor {
                 started: now,
                 ready: false,
                 failure: None,
-                role: Role::Serving,
+                role,
             },
         );
+        worker
+    }
+
+    fn spawn_serving(&mut self, group: usize, id: u32, now: Instant) {
+        let worker = self.add_worker(group, id, Role::Serving, now);
         let build = self.groups[group].slots[id as usize].build.clone();
         self.out.push(Action::Spawn {
             worker,
@@ -914,19 +915,7 @@ impl Supervisor {
                     self.name(group),
                     build.short()
                 );
-                let worker = self.alloc();
-                self.workers.insert(
-                    worker,
-                    Worker {
-                        group,
-                        id,
-                        pid: None,
-                        started: now,
-                        ready: false,
-                        failure: None,
-                        role: Role::Replacement,
-                    },
-                );
+                let worker = self.add_worker(group, id, Role::Replacement, now);
                 self.groups[group].slots[id as usize].replacement = Some(Replacement {
                     worker,
                     build: build.clone(),
