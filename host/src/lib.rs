@@ -14,4 +14,5 @@ pub mod master;
 pub mod plugin;
 pub mod runtime;
 pub mod table;
+pub mod trust;
 pub mod worker;
