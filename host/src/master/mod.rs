@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -240,7 +239,7 @@ impl Master {
                 e,
             )
         })?;
-        std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
+        crate::runtime::chmod_nofollow(&sock_path, 0o600)
             .map_err(|e| io_err("chmod control socket", e))?;
         let poll = Poll::new().map_err(|e| io_err("epoll", e))?;
         let mut signals = Signals::new([
