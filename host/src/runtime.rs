@@ -1,6 +1,10 @@
 //! The runtime dir: the pid file, locked for the master's whole life so a
 //! second master for the same dir is refused, and found by the CLI.
 //!
+//! The lock is the truth about whether a master runs: a master killed with
+//! SIGKILL leaves its pid file behind, and the pid in it may by now belong to
+//! any process, but the kernel drops its lock the moment it dies.
+//!
 //! Before anything is written there, the runtime dir is made and checked as
 //! sshd's StrictModes would (see [`crate::trust`]): root writes the pid file
 //! and runs the plugin copies kept in `plugins/`, so no other user may be
@@ -11,6 +15,7 @@ use std::io::{self, ErrorKind};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
@@ -22,6 +27,10 @@ use crate::trust;
 /// through (workers running as another user load their plugin copy from
 /// here) but not list it.
 const RUNTIME_DIR_MODE: u32 = 0o711;
+
+/// How long a starting master retries a lock held for an instant by a CLI
+/// probing whether a master runs (see [`running_master`]).
+const LOCK_RETRY: Duration = Duration::from_millis(500);
 
 pub struct PidLock {
     path: PathBuf,
@@ -61,7 +70,7 @@ impl PidLock {
         }
         // Whatever the umask: the pid is for everyone to read, not to change.
         let _ = file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
-        if !try_lock(&file).map_err(|e| format!("cannot lock pid file: {e}"))? {
+        if !lock(&file)? {
             return Err(format!(
                 "wm-host is already running for {} (master pid {})",
                 dir.display(),
@@ -228,6 +237,19 @@ fn refusal(path: &Path, what: &str, e: io::Error) -> String {
     }
 }
 
+/// Takes the lock, retrying for a moment in case a CLI is only probing it.
+fn lock(file: &File) -> Result<bool, String> {
+    let end = Instant::now() + LOCK_RETRY;
+    loop {
+        match try_lock(file) {
+            Ok(true) => return Ok(true),
+            Ok(false) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
+            Ok(false) => return Ok(false),
+            Err(e) => return Err(format!("cannot lock pid file: {e}")),
+        }
+    }
+}
+
 fn try_lock(file: &File) -> io::Result<bool> {
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -249,11 +271,34 @@ fn read_pid(file: &File) -> Option<Pid> {
     (pid > 0).then(|| Pid::from_raw(pid))
 }
 
-/// The master's pid, if its pid file names a live process.
+/// The master's pid, if a master holds the lock on the pid file. Probes the
+/// lock (taking and dropping it at once when free) rather than trusting the
+/// pid written in the file.
 pub fn running_master(cfg: &Config) -> Option<Pid> {
-    let text = std::fs::read_to_string(cfg.pid_file()).ok()?;
-    let pid = Pid::from_raw(text.trim().parse().ok()?);
-    alive(pid).then_some(pid)
+    let file = open_nofollow(OpenOptions::new().read(true), &cfg.pid_file()).ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    match try_lock(&file) {
+        Ok(true) => {
+            // SAFETY: flock on a descriptor we own.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+            return None;
+        }
+        Ok(false) => {}
+        Err(_) => return None,
+    }
+    // Held. A master writes its pid right after taking the lock.
+    let end = Instant::now() + LOCK_RETRY;
+    loop {
+        if let Some(pid) = read_pid(&file) {
+            return Some(pid);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 pub fn alive(pid: Pid) -> bool {
