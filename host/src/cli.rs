@@ -38,6 +38,7 @@ pub fn worker() -> i32 {
 
 pub fn start(path: &Path, daemon: bool) -> Result<()> {
     let cfg = Config::load(path)?;
+    crate::runtime::prepare(&cfg).map_err(anyhow::Error::msg)?;
     if let Some(pid) = running_master(&cfg) {
         bail!(
             "wm-host is already running for {} (master pid {pid})",

@@ -105,6 +105,9 @@ pub struct HostConfig {
     pub start_timeout: Duration,
     pub stdout_file: PathBuf,
     pub log_file: PathBuf,
+    /// sshd's StrictModes: refuse to start when the runtime dir, a plugin
+    /// file or a folder above them could be changed by another user.
+    pub strict_modes: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,6 +137,7 @@ struct RawHost {
     start_timeout: Option<Dur>,
     stdout_file: Option<String>,
     log_file: Option<String>,
+    strict_modes: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -253,6 +257,7 @@ impl Config {
                 .log_file
                 .as_deref()
                 .map_or_else(|| runtime_dir.join("wm-host.log"), rel),
+            strict_modes: raw.host.strict_modes.unwrap_or(true),
             runtime_dir,
         };
 
@@ -465,6 +470,7 @@ mod tests {
         assert_eq!(w.listen.scheme, Scheme::Text);
         assert_eq!(w.listen.addr, "127.0.0.1:2347".parse().unwrap());
         assert_eq!(w.max_package_size, DEFAULT_MAX_PACKAGE);
+        assert!(c.host.strict_modes, "StrictModes are on unless turned off");
     }
 
     #[test]
@@ -475,6 +481,8 @@ mod tests {
         let c = parse(text).unwrap();
         assert_eq!(c.host.stop_timeout, Duration::from_millis(500));
         assert_eq!(c.host.log_file, Path::new("/srv/app/l.log"));
+        let dev = parse(&format!("[host]\nstrict_modes = false\n{MINIMAL}")).unwrap();
+        assert!(!dev.host.strict_modes);
         let w = &c.workers[0];
         assert_eq!((w.count, w.reloadable), (4, false));
         assert_eq!(w.options["greeting"], "hi");

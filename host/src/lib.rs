@@ -15,4 +15,5 @@ pub mod plugin;
 pub mod report;
 pub mod runtime;
 pub mod table;
+pub mod trust;
 pub mod worker;

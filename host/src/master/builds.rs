@@ -75,6 +75,7 @@ pub fn install(runtime_dir: &Path, source: &Path) -> Result<Build, String> {
     if !source.exists() {
         return Err(format!("plugin {shown}: file not found"));
     }
+    crate::trust::check_plugin(source)?;
     let d = dir(runtime_dir);
     fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
     // One pass: the bytes are hashed as they are copied, so the copy is named

@@ -16,7 +16,6 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -142,7 +141,7 @@ impl Master {
                 e,
             )
         })?;
-        std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
+        crate::runtime::chmod_nofollow(&sock_path, 0o600)
             .map_err(|e| io_err("chmod control socket", e))?;
         let mut control = Control::new(listener);
         let poll = Poll::new().map_err(|e| io_err("epoll", e))?;
