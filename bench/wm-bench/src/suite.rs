@@ -2029,7 +2029,8 @@ fn report(
          to every answer, so the baseline does too). Before the load, two pipelined requests \
          to each server check the answers: the response row compares them byte for byte with \
          the `Date` value masked (the Details show them). wrk's latency is per batch of 16. \
-         Requests per server CPU-second is the figure that holds on a shared machine.\n\
+         Requests per server CPU-second is the figure that holds on a shared machine. \
+         Where the gap comes from: `bench/PROFILE.md`.\n\
          - Idle memory: warm-up connections are opened and used (one; with several server \
          processes 16 per process, until each holds one, seen in `/proc/PID/fd`), then the \
          server's RSS (`/proc/PID/statm`, summed over its serving processes) is read once two \
