@@ -537,6 +537,7 @@ impl Master {
                 worker,
                 how: exit.how,
                 clean: exit.clean,
+                by_itself: exit.by_itself,
             });
         }
     }

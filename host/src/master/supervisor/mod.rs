@@ -75,11 +75,14 @@ pub enum Event {
     Failed { worker: WorkerId, error: String },
     /// A `Spawn` action could not start the process.
     SpawnFailed { worker: WorkerId, error: String },
-    /// The process is gone (reaped). `clean`: exit code 0.
+    /// The process is gone (reaped). `clean`: exit code 0. `by_itself`: an
+    /// exit code or a crash signal (SIGSEGV, SIGABRT…), not a signal sent
+    /// from outside (SIGKILL, SIGTERM…).
     Exited {
         worker: WorkerId,
         how: String,
         clean: bool,
+        by_itself: bool,
     },
     /// Time passed: deadlines are checked.
     Tick,
@@ -159,9 +162,11 @@ struct Worker {
     id: u32,
     /// For log lines only.
     pid: Option<u32>,
-    /// When it was spawned: how long it lived decides the backoff.
+    /// When it was spawned, for log lines.
     started: Instant,
     ready: bool,
+    /// When it became ready: how long it served decides the backoff.
+    ready_at: Option<Instant>,
     /// What it said before dying, when it could not start.
     failure: Option<String>,
     role: Role,
@@ -286,7 +291,12 @@ impl Supervisor {
             Event::Ready { worker } => self.ready(worker, now),
             Event::Failed { worker, error } => self.failed(worker, error, now),
             Event::SpawnFailed { worker, error } => self.spawn_failed(worker, error, now),
-            Event::Exited { worker, how, clean } => self.exited(worker, how, clean, now),
+            Event::Exited {
+                worker,
+                how,
+                clean,
+                by_itself,
+            } => self.exited(worker, how, clean, by_itself, now),
             Event::Tick => self.tick(now),
             Event::Reload {
                 graceful,
@@ -422,6 +432,7 @@ impl Supervisor {
                 pid: None,
                 started: now,
                 ready: false,
+                ready_at: None,
                 failure: None,
                 role,
             },
@@ -445,6 +456,7 @@ impl Supervisor {
             return;
         };
         w.ready = true;
+        w.ready_at.get_or_insert(now);
         let (group, id) = (w.group, w.id);
         if !matches!(w.role, Role::Replacement) {
             return;
@@ -523,14 +535,21 @@ impl Supervisor {
                     w.id
                 );
                 let slot = &mut self.groups[w.group].slots[w.id as usize];
-                let delay = slot.backoff.on_death(Duration::ZERO);
+                let delay = slot.backoff.failure();
                 slot.respawn_at = Some(now + delay);
             }
             _ => {}
         }
     }
 
-    fn exited(&mut self, worker: WorkerId, how: String, clean: bool, now: Instant) {
+    fn exited(
+        &mut self,
+        worker: WorkerId,
+        how: String,
+        clean: bool,
+        by_itself: bool,
+        now: Instant,
+    ) {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
@@ -576,13 +595,27 @@ impl Supervisor {
                 Phase::Running => {
                     let lived = now.saturating_duration_since(w.started);
                     let slot = &mut self.groups[w.group].slots[w.id as usize];
-                    let delay = slot.backoff.on_death(lived);
+                    // A crash loop backs off; a worker that was serving and
+                    // was killed from outside is replaced at once, however
+                    // often (see `backoff`).
+                    let served = w.ready_at.map(|t| now.saturating_duration_since(t));
+                    let delay = match served {
+                        None => slot.backoff.failure(),
+                        Some(d) if by_itself && d < backoff::QUICK_DEATH => slot.backoff.failure(),
+                        Some(_) => slot.backoff.reset(),
+                    };
+                    // What it said before dying, when it could not start.
+                    let said = w.failure.map(|f| format!(": {f}")).unwrap_or_default();
+                    let when = if delay.is_zero() {
+                        "at once".to_string()
+                    } else {
+                        format!("in {delay:?}")
+                    };
                     tracing::warn!(
                         pid,
-                        "worker {name}#{} exited ({how}) after {:.1}s; restarting in {:?}",
+                        "worker {name}#{} exited ({how}) after {:.1}s{said}; restarting {when}",
                         w.id,
                         lived.as_secs_f64(),
-                        delay
                     );
                     slot.respawn_at = Some(now + delay);
                 }

@@ -85,6 +85,10 @@ impl H {
             worker,
             how: how.into(),
             clean: how == "exit code 0",
+            by_itself: how.starts_with("exit code")
+                || ["SIGSEGV", "SIGABRT", "SIGBUS"]
+                    .iter()
+                    .any(|s| how.ends_with(s)),
         })
     }
 
@@ -330,6 +334,71 @@ fn a_crash_loop_backs_off_and_a_long_life_is_forgiven() {
         ]
     );
     assert_eq!(h.sup.processes(0), 1);
+}
+
+/// Takes the respawn of the last death: due at `h.now + delay`; returns it ready.
+fn respawn_after(h: &mut H, delay: Duration) -> WorkerId {
+    assert_eq!(h.sup.next_deadline(), Some(h.now + delay));
+    h.later(delay);
+    let s = spawned(&h.ev(Event::Tick));
+    assert_eq!(s.len(), 1, "respawned once");
+    h.ev(Event::Ready { worker: s[0].0 });
+    s[0].0
+}
+
+#[test]
+fn a_worker_killed_from_outside_while_serving_is_replaced_at_once_every_time() {
+    let (mut h, w) = H::running(&[("t", 1, true)]);
+    let mut worker = w[0];
+    // Killed again each time it is back, soon after it is ready.
+    for _ in 0..6 {
+        h.later(100 * MS);
+        let a = h.exited(worker, "signal SIGKILL");
+        assert!(a.is_empty(), "{a:?}");
+        worker = respawn_after(&mut h, Duration::ZERO);
+    }
+    // SIGTERM from outside is no crash either.
+    h.later(100 * MS);
+    h.exited(worker, "signal SIGTERM");
+    worker = respawn_after(&mut h, Duration::ZERO);
+    // Killed before it was ready: it never served, so that is a failure.
+    h.later(100 * MS);
+    h.exited(worker, "signal SIGKILL");
+    h.later(MS);
+    let s = spawned(&h.ev(Event::Tick));
+    h.exited(s[0].0, "signal SIGKILL");
+    assert_eq!(h.sup.next_deadline(), Some(h.now + 100 * MS));
+    assert_eq!(
+        h.exits(),
+        [
+            ("t".into(), "signal SIGKILL".into(), 8),
+            ("t".into(), "signal SIGTERM".into(), 1)
+        ]
+    );
+}
+
+#[test]
+fn a_worker_that_dies_by_itself_right_after_ready_backs_off() {
+    let (mut h, w) = H::running(&[("t", 1, true)]);
+    // An exit code within QUICK_DEATH of being ready: a crash loop.
+    h.later(500 * MS);
+    h.exited(w[0], "exit code 1");
+    let r = respawn_after(&mut h, 100 * MS);
+    h.later(500 * MS);
+    h.exited(r, "exit code 1");
+    let r = respawn_after(&mut h, 200 * MS);
+    // So does a crash signal it raised itself.
+    h.later(10 * MS);
+    h.exited(r, "signal SIGABRT");
+    let r = respawn_after(&mut h, 400 * MS);
+    // Once it served past QUICK_DEATH, a death by itself is forgiven…
+    h.later(backoff::QUICK_DEATH);
+    h.exited(r, "exit code 1");
+    let r = respawn_after(&mut h, Duration::ZERO);
+    // …and the next quick one starts from the shortest delay again.
+    h.later(10 * MS);
+    h.exited(r, "signal SIGSEGV");
+    respawn_after(&mut h, 100 * MS);
 }
 
 #[test]
