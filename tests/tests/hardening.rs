@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use wm_e2e::*;
 
+const SEC: Duration = Duration::from_secs(1);
+
 fn test_worker(name: &str, port: u16, count: u32, extra: &str) -> String {
     worker_table(
         name,
@@ -55,5 +57,144 @@ fn a_worker_killed_from_outside_each_time_it_is_back_is_respawned_at_once() {
         "{}",
         server.log()
     );
+    server.stop();
+}
+
+fn pid_of(c: &mut TextClient) -> u32 {
+    let who = c.call("whoami");
+    who.split_whitespace()
+        .find_map(|f| f.strip_prefix("pid="))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// One client per worker process of a `count`-worker listener, by pid.
+fn one_client_per_worker(port: u16, count: usize) -> Vec<(u32, TextClient)> {
+    let mut by_pid = std::collections::BTreeMap::new();
+    for _ in 0..500 {
+        let mut c = TextClient::connect(port);
+        by_pid.entry(pid_of(&mut c)).or_insert(c);
+        if by_pid.len() == count {
+            return by_pid.into_iter().collect();
+        }
+    }
+    panic!("connections never reached all {count} workers");
+}
+
+/// `wait_for` with a deadline of its own.
+fn wait_long<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Resident memory of a process, in bytes.
+fn vm_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+#[test]
+fn a_stopped_worker_cannot_grow_the_master_and_is_replaced_after_stuck_timeout() {
+    let port = free_port();
+    // Long enough for the flood to reach the bound first on a slow machine
+    // (debug workers parse and encode a few MB/s when the cores are shared).
+    let server = Server::new(&test_worker("t", port, 2, "stuck_timeout = \"20s\""));
+    server.start();
+    let master = server.master_pid().unwrap();
+    let mut clients = one_client_per_worker(port, 2);
+    for (_, c) in clients.iter_mut() {
+        assert_eq!(c.call("join room"), "ok");
+    }
+    let (victim, _victim_client) = clients.remove(0);
+    let (_, mut sender) = clients.remove(0);
+    wait_for("both members known to the sender's worker", || {
+        (sender.call("count room") == "2").then_some(())
+    });
+    let victim_id = server
+        .worker_pids("t")
+        .iter()
+        .find(|w| w.1 == victim)
+        .unwrap()
+        .0;
+    let before = vm_rss(master);
+    unsafe { libc::kill(victim as i32, libc::SIGSTOP) };
+    // 150 MiB of group messages that the stopped worker should relay to its member.
+    let line = format!("gsendx room {}", "x".repeat(64 << 10));
+    let mut peak = before;
+    for i in 0..2400 {
+        sender.send(&line);
+        if i % 50 == 0 {
+            peak = peak.max(vm_rss(master));
+        }
+    }
+    // Everything sent was read by the master: the sender's worker answers.
+    assert_eq!(sender.call("echo done"), "echo done");
+    peak = peak.max(vm_rss(master));
+    let growth = peak.saturating_sub(before);
+    eprintln!(
+        "master RSS {} MiB before, {} MiB at the peak of the flood",
+        before >> 20,
+        peak >> 20
+    );
+    assert!(
+        growth < 100 << 20,
+        "master grew by {} MiB behind a stopped worker",
+        growth >> 20
+    );
+    // The drops are counted where `status` shows them.
+    let s = server.status();
+    let group = &s["groups"][0];
+    assert!(group["bus_dropped"].as_u64().unwrap() > 0, "{s:#}");
+    assert!(
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["bus_dropped"].is_u64()),
+        "{s:#}"
+    );
+    let out = server.cli(&["status"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("bus_dropped"), "{table}");
+    // Stuck past stuck_timeout: killed and replaced under the same id.
+    let replacement = wait_long("the stopped worker to be replaced", 60 * SEC, || {
+        let (pid, ready) = slot(&server.try_status()?, "t", victim_id)?;
+        (pid != victim && ready && !pid_alive(victim)).then_some(pid)
+    });
+    eprintln!(
+        "master RSS {} MiB once the stuck worker is replaced",
+        vm_rss(master) >> 20
+    );
+    let log = server.log();
+    assert!(log.contains("is stuck"), "{log}");
+    assert!(log.contains("restarting at once"), "{log}");
+    let s = server.status();
+    assert_eq!(s["groups"][0]["restarts"]["stuck"], 1, "{s:#}");
+    // Its member is gone, and the group works again.
+    wait_for("the stopped worker's member to be gone", || {
+        (sender.call("count room") == "1").then_some(())
+    });
+    let mut fresh = TextClient::connect(port);
+    while pid_of(&mut fresh) != replacement {
+        fresh = TextClient::connect(port);
+    }
+    assert_eq!(fresh.call("join room"), "ok");
+    wait_for("the newcomer to be known", || {
+        (sender.call("count room") == "2").then_some(())
+    });
+    sender.send("gsendx room hello again");
+    assert_eq!(fresh.recv().unwrap(), "hello again");
     server.stop();
 }

@@ -29,7 +29,7 @@ use signal_hook_mio::v1_0::Signals;
 
 use self::builds::Installer;
 use self::control::{ClientId, Control, Gathered, Sink};
-use self::relay::Relay;
+use self::relay::{Attach, Relay};
 use self::supervisor::{Action, Event, GroupSpec, StartFailure, Supervisor, Timeouts, WorkerId};
 use self::watch::Watch;
 use crate::config::Config;
@@ -204,6 +204,7 @@ impl Master {
             let timeout = [
                 self.sup.next_deadline(),
                 self.control.next_deadline(),
+                self.relay.next_deadline(),
                 self.watch.as_ref().and_then(Watch::due),
             ]
             .into_iter()
@@ -224,7 +225,11 @@ impl Master {
                 let Token(t) = ev.token();
                 match (t & 3, t >> 2) {
                     (KIND_WORKER, id) => self.on_worker_io(WorkerId(id as u64)),
-                    (KIND_BUS, id) => self.relay.on_event(WorkerId(id as u64)),
+                    (KIND_BUS, id) => self.relay.on_event(
+                        WorkerId(id as u64),
+                        self.poll.registry(),
+                        Instant::now(),
+                    ),
                     (KIND_CLIENT, id) => self.on_client(ClientId(id as u64)),
                     _ => match ev.token() {
                         SIGNALS => self.on_signals(),
@@ -348,13 +353,15 @@ impl Master {
                 Interest::READABLE | Interest::WRITABLE,
             )
             .and_then(|()| {
-                self.relay.add(
+                let bus = Attach {
                     worker,
-                    pid.as_raw() as u32,
-                    child.bus,
-                    self.poll.registry(),
-                    bus_token(worker),
-                )
+                    group,
+                    pid: pid.as_raw() as u32,
+                    stream: child.bus,
+                    token: bus_token(worker),
+                    stuck_timeout: cfg.stuck_timeout,
+                };
+                self.relay.add(bus, self.poll.registry(), Instant::now())
             });
         if let Err(e) = registered {
             // Not watched, it could not be supervised: gone before it starts.
@@ -380,6 +387,9 @@ impl Master {
     fn on_time(&mut self) {
         self.dispatch(Event::Tick);
         let now = Instant::now();
+        for (worker, reason) in self.relay.stuck(now) {
+            self.dispatch(Event::Stuck { worker, reason });
+        }
         if self.sup.is_running() {
             if let Some(watch) = self.watch.as_mut() {
                 let triggers = watch.take(now);
@@ -438,6 +448,7 @@ impl Master {
                         w.plugin = plugin;
                         w.loaded_at = SystemTime::now();
                     }
+                    self.relay.ready(worker, Instant::now());
                     self.dispatch(Event::Ready { worker });
                 }
                 Ok(FromWorker::Failed { error }) => self.dispatch(Event::Failed { worker, error }),
@@ -531,7 +542,8 @@ impl Master {
             if let Some(mut w) = self.workers.remove(&worker) {
                 let _ = self.poll.registry().deregister(&mut w.ctl);
             }
-            self.relay.remove(worker, self.poll.registry());
+            self.relay
+                .remove(worker, self.poll.registry(), Instant::now());
             self.control.worker_gone(worker, exit.pid.as_raw() as u32);
             self.dispatch(Event::Exited {
                 worker,
@@ -579,6 +591,7 @@ impl Master {
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_secs(),
+                bus_dropped: self.relay.dropped(k),
                 stats: None,
                 qps: None,
                 // Until it answers; still so at the deadline means busy.
@@ -600,6 +613,13 @@ impl Master {
                 listen: g.listen.text.clone(),
                 count: g.count,
                 processes: self.sup.processes(gi),
+                bus_dropped: self.relay.group_dropped(gi),
+                restarts: self
+                    .sup
+                    .restarts()
+                    .filter(|(group, ..)| *group == g.name)
+                    .map(|(_, cause, n)| (cause.name().to_string(), n))
+                    .collect(),
             })
             .collect();
         let exits = self

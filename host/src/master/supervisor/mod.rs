@@ -103,6 +103,33 @@ pub enum Event {
     },
     /// A control client went away: nothing is owed to it any more.
     ClientGone(ClientId),
+    /// The worker has taken nothing of its bus backlog for its
+    /// `stuck_timeout` (stopped, or a plugin stuck in a loop).
+    Stuck { worker: WorkerId, reason: String },
+}
+
+/// Why a worker was replaced, as `status` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cause {
+    /// It died without being asked (exit statistics say how).
+    Died,
+    /// Killed: it did not read its bus for `stuck_timeout`.
+    Stuck,
+    /// Recycled past `max_requests`.
+    MaxRequests,
+    /// Recycled past `max_memory`.
+    MaxMemory,
+}
+
+impl Cause {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cause::Died => "died",
+            Cause::Stuck => "stuck",
+            Cause::MaxRequests => "max_requests",
+            Cause::MaxMemory => "max_memory",
+        }
+    }
 }
 
 /// What the event loop must do.
@@ -169,6 +196,8 @@ struct Worker {
     ready_at: Option<Instant>,
     /// What it said before dying, when it could not start.
     failure: Option<String>,
+    /// Why the supervisor killed it (stuck), for its exit line.
+    killed_for: Option<String>,
     role: Role,
 }
 
@@ -236,6 +265,8 @@ pub struct Supervisor {
     /// (group, "exit code N" | "signal S") -> deaths of workers that died
     /// unexpectedly or were killed, since start.
     exits: BTreeMap<(String, String), u64>,
+    /// (group, cause) -> workers replaced since start.
+    restarts: BTreeMap<(String, Cause), u64>,
     reload: Option<Reload>,
     /// Clients waiting for the stop to finish.
     stop_waiters: Vec<ClientId>,
@@ -270,6 +301,7 @@ impl Supervisor {
             },
             start_error: None,
             exits: BTreeMap::new(),
+            restarts: BTreeMap::new(),
             reload: None,
             stop_waiters: Vec::new(),
             out: Vec::new(),
@@ -311,6 +343,7 @@ impl Supervisor {
                     r.waiters.retain(|&c| c != client);
                 }
             }
+            Event::Stuck { worker, reason } => self.stuck(worker, reason),
         }
         std::mem::take(&mut self.out)
     }
@@ -371,6 +404,16 @@ impl Supervisor {
         self.exits
             .iter()
             .map(|((g, s), &n)| (g.as_str(), s.as_str(), n))
+    }
+
+    /// (group, cause, count) of workers replaced since start.
+    pub fn restarts(&self) -> impl Iterator<Item = (&str, Cause, u64)> {
+        self.restarts.iter().map(|((g, c), &n)| (g.as_str(), *c, n))
+    }
+
+    fn count_restart(&mut self, group: usize, cause: Cause) {
+        let name = self.name(group).to_string();
+        *self.restarts.entry((name, cause)).or_default() += 1;
     }
 
     /// The earliest time a `Tick` has something to do.
@@ -434,6 +477,7 @@ impl Supervisor {
                 ready: false,
                 ready_at: None,
                 failure: None,
+                killed_for: None,
                 role,
             },
         );
@@ -596,16 +640,26 @@ impl Supervisor {
                     let lived = now.saturating_duration_since(w.started);
                     let slot = &mut self.groups[w.group].slots[w.id as usize];
                     // A crash loop backs off; a worker that was serving and
-                    // was killed from outside is replaced at once, however
-                    // often (see `backoff`).
+                    // was killed from outside (or by us, stuck) is replaced
+                    // at once, however often (see `backoff`).
                     let served = w.ready_at.map(|t| now.saturating_duration_since(t));
                     let delay = match served {
+                        _ if w.killed_for.is_some() => slot.backoff.reset(),
                         None => slot.backoff.failure(),
                         Some(d) if by_itself && d < backoff::QUICK_DEATH => slot.backoff.failure(),
                         Some(_) => slot.backoff.reset(),
                     };
-                    // What it said before dying, when it could not start.
-                    let said = w.failure.map(|f| format!(": {f}")).unwrap_or_default();
+                    // What it said before dying, or why we killed it.
+                    let said = match (w.failure, &w.killed_for) {
+                        (Some(f), _) => format!(": {f}"),
+                        (None, Some(k)) => format!(": killed, {k}"),
+                        (None, None) => String::new(),
+                    };
+                    let cause = if w.killed_for.is_some() {
+                        Cause::Stuck
+                    } else {
+                        Cause::Died
+                    };
                     let when = if delay.is_zero() {
                         "at once".to_string()
                     } else {
@@ -618,9 +672,40 @@ impl Supervisor {
                         lived.as_secs_f64(),
                     );
                     slot.respawn_at = Some(now + delay);
+                    self.count_restart(w.group, cause);
                 }
             },
         }
+    }
+
+    /// A ready worker does not read its bus: it serves nobody and would
+    /// hold the master's memory, so it is killed and respawned at once.
+    /// While starting or stopping, the start and stop timeouts decide.
+    fn stuck(&mut self, worker: WorkerId, reason: String) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let name = &self.groups[w.group].spec.name;
+        let pid = w.pid.unwrap_or(0);
+        match &mut w.role {
+            Role::Serving if w.ready && w.killed_for.is_none() => {
+                tracing::warn!(pid, "worker {name}#{} is stuck: {reason}; killing it", w.id);
+                w.killed_for = Some(format!("stuck: {reason}"));
+            }
+            Role::Retiring { killed, .. } if !*killed => {
+                tracing::warn!(
+                    pid,
+                    "replaced worker {name}#{} is stuck: {reason}; killing it",
+                    w.id
+                );
+                *killed = true;
+            }
+            _ => return,
+        }
+        self.out.push(Action::Kill { worker });
     }
 
     fn tick(&mut self, now: Instant) {

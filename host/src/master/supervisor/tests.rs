@@ -715,3 +715,53 @@ fn watched_changes_roll_only_groups_whose_content_changed() {
     let s = spawned(&h.installed(0, Ok(build("b"))));
     assert_eq!((s[0].1, s[0].3.as_str()), (0, "b"));
 }
+
+fn restarts(h: &H) -> Vec<(String, &'static str, u64)> {
+    h.sup
+        .restarts()
+        .map(|(g, c, n)| (g.to_string(), c.name(), n))
+        .collect()
+}
+
+#[test]
+fn a_stuck_worker_is_killed_once_and_replaced_at_once() {
+    let (mut h, w) = H::running(&[("t", 2, true)]);
+    let stuck = |h: &mut H, worker| {
+        h.ev(Event::Stuck {
+            worker,
+            reason: "its bus took nothing for 10s".into(),
+        })
+    };
+    h.later(Duration::from_secs(30));
+    assert_eq!(killed(&stuck(&mut h, w[1])), [w[1]]);
+    assert!(stuck(&mut h, w[1]).is_empty(), "killed once");
+    h.later(MS);
+    assert!(h.exited(w[1], "signal SIGKILL").is_empty());
+    let r = respawn_after(&mut h, Duration::ZERO);
+    assert_eq!(h.sup.worker(r).unwrap().id, 1, "same slot");
+    assert_eq!(restarts(&h), [("t".into(), "stuck", 1)]);
+    assert_eq!(h.exits(), [("t".into(), "signal SIGKILL".into(), 1)]);
+    // Not before it is ready: start_timeout covers a worker that starts.
+    h.exited(r, "signal SIGKILL");
+    let s = spawned(&h.ev(Event::Tick));
+    assert!(stuck(&mut h, s[0].0).is_empty());
+    assert_eq!(
+        restarts(&h),
+        [("t".into(), "died", 1), ("t".into(), "stuck", 1)]
+    );
+    // A retiring worker is killed once too; while stopping, stop_timeout decides.
+    h.reload(None);
+    let a = h.installed(0, Ok(build("b")));
+    let (_, a) = roll_through(&mut h, a, 1);
+    let old = stopped(&a)[0];
+    assert_eq!(killed(&stuck(&mut h, old)), [old]);
+    assert!(
+        h.ev(Event::Tick).is_empty(),
+        "not killed again at stop_timeout"
+    );
+    h.ev(Event::Stop {
+        graceful: false,
+        client: None,
+    });
+    assert!(stuck(&mut h, w[0]).is_empty());
+}
