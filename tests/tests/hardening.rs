@@ -198,3 +198,46 @@ fn a_stopped_worker_cannot_grow_the_master_and_is_replaced_after_stuck_timeout()
     assert_eq!(fresh.recv().unwrap(), "hello again");
     server.stop();
 }
+
+#[test]
+fn a_worker_past_max_requests_is_replaced_without_a_failed_request() {
+    let port = free_port();
+    let server = Server::new(&test_worker("t", port, 2, "max_requests = 50"));
+    server.start();
+    let before = server.worker_pids("t");
+    // One request per connection, as short-lived clients do; every one must
+    // be answered while workers are recycled behind the listener.
+    let mut served_by = std::collections::BTreeSet::new();
+    let mut i = 0;
+    let after = wait_long("both workers to be recycled", 60 * SEC, || {
+        for _ in 0..20 {
+            let mut c = TextClient::connect(port);
+            let msg = format!("ping {i}");
+            assert_eq!(c.call(&msg), msg, "request {i}");
+            served_by.insert(pid_of(&mut c));
+            i += 1;
+        }
+        let now = server.worker_pids("t");
+        let fresh = now
+            .iter()
+            .zip(&before)
+            .all(|(n, b)| n.0 == b.0 && n.1 != b.1);
+        (fresh && now.len() == 2).then_some(now)
+    });
+    eprintln!("{i} requests, served by {} processes", served_by.len());
+    assert!(i >= 50);
+    let s = server.status();
+    let recycled = s["groups"][0]["restarts"]["max_requests"].as_u64().unwrap();
+    assert!(recycled >= 2, "{s:#}");
+    assert!(
+        s["exits"].as_array().unwrap().is_empty(),
+        "told to stop, not died: {s:#}"
+    );
+    let log = server.log();
+    assert!(log.contains("max_requests = 50"), "{log}");
+    assert!(
+        before.iter().all(|b| !after.iter().any(|a| a.1 == b.1)),
+        "{before:?} -> {after:?}"
+    );
+    server.stop();
+}

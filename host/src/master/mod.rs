@@ -19,7 +19,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token};
@@ -48,6 +48,10 @@ const KIND_CLIENT: usize = 3;
 const SIGNALS: Token = Token(KIND_FIXED);
 const CONTROL: Token = Token(1 << 2 | KIND_FIXED);
 const WAKER: Token = Token(2 << 2 | KIND_FIXED);
+
+/// How often workers of groups with `max_requests` or `max_memory` are
+/// asked for their request count and have their memory read.
+const USAGE_POLL: Duration = Duration::from_secs(1);
 
 fn worker_token(w: WorkerId) -> Token {
     Token((w.0 as usize) << 2 | KIND_WORKER)
@@ -109,6 +113,8 @@ pub struct Master {
     readiness: Readiness,
     /// The daemon's log file, handed to workers open.
     worker_log: Option<File>,
+    /// When workers' usage is next checked (groups with recycling limits).
+    usage_due: Option<Instant>,
     _lock: PidLock,
 }
 
@@ -130,6 +136,8 @@ impl Master {
                 count: w.count,
                 reloadable: w.reloadable,
                 plugin: w.plugin.clone(),
+                max_requests: w.max_requests,
+                max_memory: w.max_memory,
             };
             groups.push((spec, build));
         }
@@ -167,6 +175,10 @@ impl Master {
             start: cfg.host.start_timeout,
             stop: cfg.host.stop_timeout,
         };
+        let recycling = cfg
+            .workers
+            .iter()
+            .any(|w| w.max_requests.is_some() || w.max_memory.is_some());
         Ok(Master {
             sup: Supervisor::new(groups, timeouts, Instant::now()),
             installer: Installer::new(cfg.host.runtime_dir.clone(), waker),
@@ -182,6 +194,7 @@ impl Master {
             started_at: SystemTime::now(),
             readiness: Readiness::Terminal,
             worker_log: None,
+            usage_due: recycling.then(Instant::now),
             _lock: lock,
         })
     }
@@ -205,6 +218,7 @@ impl Master {
                 self.sup.next_deadline(),
                 self.control.next_deadline(),
                 self.relay.next_deadline(),
+                self.usage_due,
                 self.watch.as_ref().and_then(Watch::due),
             ]
             .into_iter()
@@ -390,6 +404,10 @@ impl Master {
         for (worker, reason) in self.relay.stuck(now) {
             self.dispatch(Event::Stuck { worker, reason });
         }
+        if self.usage_due.is_some_and(|t| t <= now) {
+            self.usage_due = Some(now + USAGE_POLL);
+            self.poll_usage();
+        }
         if self.sup.is_running() {
             if let Some(watch) = self.watch.as_mut() {
                 let triggers = watch.take(now);
@@ -409,6 +427,40 @@ impl Master {
         self.control.deliver_due(now, self.poll.registry());
         for client in self.control.take_gone() {
             self.dispatch(Event::ClientGone(client));
+        }
+    }
+
+    /// Recycling: asks serving workers of groups with `max_requests` for
+    /// their counters (the answer comes back as `Stats`), and reads the
+    /// memory of those with `max_memory`.
+    fn poll_usage(&mut self) {
+        if !self.sup.is_running() {
+            return;
+        }
+        let req = self.control.next_req();
+        let mut memory = Vec::new();
+        for (&k, w) in &mut self.workers {
+            let Some(v) = self.sup.worker(k) else {
+                continue;
+            };
+            if !(v.ready && v.serving) {
+                continue;
+            }
+            let g = &self.cfg.workers[v.group];
+            if g.max_requests.is_some() {
+                w.buf.queue(&ToWorker::Stats { req });
+                let _ = w.buf.flush(&mut w.ctl);
+            }
+            if g.max_memory.is_some() {
+                memory.push((k, process::rss_bytes(w.pid)));
+            }
+        }
+        for (worker, bytes) in memory {
+            self.dispatch(Event::Usage {
+                worker,
+                requests: None,
+                memory: Some(bytes),
+            });
         }
     }
 
@@ -453,6 +505,20 @@ impl Master {
                 }
                 Ok(FromWorker::Failed { error }) => self.dispatch(Event::Failed { worker, error }),
                 Ok(msg @ (FromWorker::Stats { .. } | FromWorker::Connections { .. })) => {
+                    if let FromWorker::Stats { stats, .. } = &msg {
+                        // Any answer (to `status` or to our poll) tells the requests served.
+                        let limited = self
+                            .sup
+                            .worker(worker)
+                            .is_some_and(|v| self.cfg.workers[v.group].max_requests.is_some());
+                        if limited {
+                            self.dispatch(Event::Usage {
+                                worker,
+                                requests: Some(stats.total_messages),
+                                memory: None,
+                            });
+                        }
+                    }
                     self.control.answered(worker, pid.as_raw() as u32, msg)
                 }
                 Err(e) => tracing::warn!(pid = pid.as_raw(), "bad message from worker: {e}"),

@@ -10,13 +10,19 @@
 //! runs and a respawn gets, and, during a roll, the replacement starting on
 //! the new build. Each worker is in exactly one role (serving its slot, a
 //! replacement, retiring, or a failed replacement being killed).
+//!
+//! Recycling (`max_requests`, `max_memory`) replaces one worker the way a
+//! roll does, on the same build: its replacement starts first and the old
+//! worker is told to stop once the new one is ready. One recycle runs at a
+//! time, and none while a reload is in progress; a roll that reaches a slot
+//! whose recycle is starting takes it over.
 
 mod backoff;
 pub mod roll;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -39,7 +45,15 @@ pub struct GroupSpec {
     pub reloadable: bool,
     /// The plugin file a reload installs.
     pub plugin: PathBuf,
+    /// Recycle a worker once it served this many requests…
+    pub max_requests: Option<u64>,
+    /// …or once its resident memory is over this many bytes.
+    pub max_memory: Option<u64>,
 }
+
+/// After a recycle's replacement failed, the slot is not recycled again
+/// before this much time: the old worker keeps serving meanwhile.
+pub const RECYCLE_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -106,6 +120,13 @@ pub enum Event {
     /// The worker has taken nothing of its bus backlog for its
     /// `stuck_timeout` (stopped, or a plugin stuck in a loop).
     Stuck { worker: WorkerId, reason: String },
+    /// What the worker has used so far: requests served (its stats) or
+    /// resident bytes; checked against `max_requests` / `max_memory`.
+    Usage {
+        worker: WorkerId,
+        requests: Option<u64>,
+        memory: Option<u64>,
+    },
 }
 
 /// Why a worker was replaced, as `status` counts it.
@@ -207,16 +228,27 @@ struct Slot {
     build: Build,
     backoff: Backoff,
     respawn_at: Option<Instant>,
-    /// The roll's replacement for this id, while it starts.
+    /// The replacement for this id (a roll's or a recycle's), while it starts.
     replacement: Option<Replacement>,
+    /// A recycle's replacement failed: not recycled again before then.
+    recycle_retry_at: Option<Instant>,
 }
 
 #[derive(Debug)]
 struct Replacement {
     worker: WorkerId,
     build: Build,
-    /// Ready by then, or the roll fails.
+    /// Ready by then, or the roll (or recycle) fails.
     deadline: Instant,
+    /// Started to recycle the slot's worker, not by a roll.
+    recycle: Option<Recycle>,
+}
+
+#[derive(Debug, Clone)]
+struct Recycle {
+    cause: Cause,
+    /// For log lines: what went over which limit.
+    reason: String,
 }
 
 struct Group {
@@ -252,6 +284,8 @@ pub struct WorkerView<'a> {
     pub group: usize,
     pub id: u32,
     pub ready: bool,
+    /// Serves its slot (not a replacement still starting, nor retiring).
+    pub serving: bool,
     pub build: &'a Build,
 }
 
@@ -268,6 +302,8 @@ pub struct Supervisor {
     /// (group, cause) -> workers replaced since start.
     restarts: BTreeMap<(String, Cause), u64>,
     reload: Option<Reload>,
+    /// Workers over a limit, waiting for their turn to be recycled.
+    recycles: VecDeque<(WorkerId, Recycle)>,
     /// Clients waiting for the stop to finish.
     stop_waiters: Vec<ClientId>,
     /// Actions of the event being handled.
@@ -286,6 +322,7 @@ impl Supervisor {
                         backoff: Backoff::default(),
                         respawn_at: None,
                         replacement: None,
+                        recycle_retry_at: None,
                     })
                     .collect(),
                 spec,
@@ -303,6 +340,7 @@ impl Supervisor {
             exits: BTreeMap::new(),
             restarts: BTreeMap::new(),
             reload: None,
+            recycles: VecDeque::new(),
             stop_waiters: Vec::new(),
             out: Vec::new(),
         }
@@ -344,7 +382,14 @@ impl Supervisor {
                 }
             }
             Event::Stuck { worker, reason } => self.stuck(worker, reason),
+            Event::Usage {
+                worker,
+                requests,
+                memory,
+            } => self.usage(worker, requests, memory),
         }
+        // Whatever the event, a recycle waiting for its turn may start now.
+        self.drive_recycle(now);
         std::mem::take(&mut self.out)
     }
 
@@ -390,6 +435,7 @@ impl Supervisor {
             group: w.group,
             id: w.id,
             ready: w.ready,
+            serving: matches!(w.role, Role::Serving),
             build: self.build_of(worker, w),
         })
     }
@@ -505,6 +551,24 @@ impl Supervisor {
         if !matches!(w.role, Role::Replacement) {
             return;
         }
+        let slot = &mut self.groups[group].slots[id as usize];
+        if slot
+            .replacement
+            .as_ref()
+            .is_some_and(|r| r.worker == worker && r.recycle.is_some())
+        {
+            let rep = slot.replacement.take().expect("checked");
+            let recycle = rep.recycle.expect("checked");
+            tracing::info!(
+                pid = self.workers[&worker].pid.unwrap_or(0),
+                "{}#{id} recycled ({}): its replacement is ready",
+                self.name(group),
+                recycle.reason
+            );
+            self.count_restart(group, recycle.cause);
+            self.promote(worker, group, id, rep.build, false, now);
+            return;
+        }
         let Some(Reload {
             graceful,
             stage: Stage::Rolling(roll),
@@ -521,7 +585,23 @@ impl Supervisor {
         let Some(rep) = slot.replacement.take() else {
             return;
         };
-        let old = std::mem::replace(&mut slot.build, rep.build);
+        self.promote(worker, group, id, rep.build, graceful, now);
+        self.drive_roll(now);
+    }
+
+    /// The replacement `worker` on `build` is ready: it serves the slot, and
+    /// the worker it replaces is told to stop.
+    fn promote(
+        &mut self,
+        worker: WorkerId,
+        group: usize,
+        id: u32,
+        build: Build,
+        graceful: bool,
+        now: Instant,
+    ) {
+        let slot = &mut self.groups[group].slots[id as usize];
+        let old = std::mem::replace(&mut slot.build, build);
         // The replacement fills the slot, even if its old worker died meanwhile.
         slot.respawn_at = None;
         for (&k, w) in &mut self.workers {
@@ -540,7 +620,6 @@ impl Supervisor {
                 });
             }
         }
-        self.drive_roll(now);
     }
 
     fn failed(&mut self, worker: WorkerId, error: String, now: Instant) {
@@ -563,7 +642,7 @@ impl Supervisor {
             return;
         };
         match (w.role, self.phase) {
-            (Role::Replacement, _) => self.fail_roll_step(
+            (Role::Replacement, _) => self.fail_replacement(
                 w.group,
                 w.id,
                 format!("cannot start a worker: {error}"),
@@ -616,7 +695,7 @@ impl Supervisor {
                     let error = w
                         .failure
                         .unwrap_or_else(|| format!("exited before it was ready ({how})"));
-                    self.fail_roll_step(w.group, w.id, error, now);
+                    self.fail_replacement(w.group, w.id, error, now);
                 }
             }
             Role::Serving => match self.phase {
@@ -775,7 +854,7 @@ impl Supervisor {
         });
         if let Some((g, id)) = late {
             let t = self.timeouts.start;
-            self.fail_roll_step(
+            self.fail_replacement(
                 g,
                 id,
                 format!("not ready within start_timeout ({t:?})"),
@@ -815,6 +894,7 @@ impl Supervisor {
                 });
             }
         }
+        self.recycles.clear();
         for slot in self.groups.iter_mut().flat_map(|g| &mut g.slots) {
             slot.respawn_at = None;
             if let Some(rep) = slot.replacement.take() {
@@ -1028,6 +1108,17 @@ impl Supervisor {
         };
         match roll.next(now) {
             Step::Spawn { group, id, build } => {
+                // A recycle starting for this id: the roll replaces it anyway.
+                if let Some(rep) = self.groups[group].slots[id as usize].replacement.take() {
+                    tracing::info!(
+                        "reload: recycling of {}#{id} left to the reload",
+                        self.name(group)
+                    );
+                    if let Some(w) = self.workers.get_mut(&rep.worker) {
+                        w.role = Role::Discarded { build: rep.build };
+                        self.out.push(Action::Kill { worker: rep.worker });
+                    }
+                }
                 tracing::info!(
                     "reload: starting {}#{id} on build {}",
                     self.name(group),
@@ -1038,6 +1129,7 @@ impl Supervisor {
                     worker,
                     build: build.clone(),
                     deadline: now + self.timeouts.start,
+                    recycle: None,
                 });
                 self.out.push(Action::Spawn {
                     worker,
@@ -1048,6 +1140,130 @@ impl Supervisor {
             }
             Step::Finished => self.finish_roll(),
         }
+    }
+
+    /// The replacement for (group, id) failed (could not start, died or
+    /// was not ready in time).
+    fn fail_replacement(&mut self, group: usize, id: u32, error: String, now: Instant) {
+        let slot = &mut self.groups[group].slots[id as usize];
+        if slot
+            .replacement
+            .as_ref()
+            .is_none_or(|r| r.recycle.is_none())
+        {
+            return self.fail_roll_step(group, id, error, now);
+        }
+        let rep = slot.replacement.take().expect("checked");
+        // The old worker keeps serving; it is not tried again at once.
+        slot.recycle_retry_at = Some(now + RECYCLE_RETRY);
+        tracing::error!(
+            "recycling {}#{id} failed: {error}; the running worker keeps serving, retried in {:?} at the earliest",
+            self.name(group),
+            RECYCLE_RETRY
+        );
+        if let Some(w) = self.workers.get_mut(&rep.worker) {
+            w.role = Role::Discarded { build: rep.build };
+            self.out.push(Action::Kill { worker: rep.worker });
+        }
+    }
+
+    /// A ready, serving worker reported its usage: over a limit of its
+    /// group, it waits for its turn to be recycled.
+    fn usage(&mut self, worker: WorkerId, requests: Option<u64>, memory: Option<u64>) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let Some(w) = self.workers.get(&worker) else {
+            return;
+        };
+        if !w.ready || w.killed_for.is_some() || !matches!(w.role, Role::Serving) {
+            return;
+        }
+        let spec = &self.groups[w.group].spec;
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        let recycle = match (requests, spec.max_requests, memory, spec.max_memory) {
+            (Some(n), Some(max), ..) if n >= max => Recycle {
+                cause: Cause::MaxRequests,
+                reason: format!("{n} requests served, max_requests = {max}"),
+            },
+            (.., Some(b), Some(max)) if b > max => Recycle {
+                cause: Cause::MaxMemory,
+                reason: format!(
+                    "{:.1} MiB resident, max_memory = {:.1} MiB",
+                    mib(b),
+                    mib(max)
+                ),
+            },
+            _ => return,
+        };
+        let slot = &self.groups[w.group].slots[w.id as usize];
+        if slot.replacement.is_some() || self.recycles.iter().any(|r| r.0 == worker) {
+            return;
+        }
+        // After a failed recycle, `drive_recycle` skips it until then.
+        tracing::debug!(
+            pid = w.pid.unwrap_or(0),
+            "{}#{} is due for recycling: {}",
+            spec.name,
+            w.id,
+            recycle.reason
+        );
+        self.recycles.push_back((worker, recycle));
+    }
+
+    /// Starts the next recycle, unless one is starting, a reload is in
+    /// progress, or the master is not running.
+    fn drive_recycle(&mut self, now: Instant) {
+        if self.phase != Phase::Running || self.reload.is_some() {
+            return;
+        }
+        let slots = || self.groups.iter().flat_map(|g| &g.slots);
+        if slots().any(|s| s.replacement.as_ref().is_some_and(|r| r.recycle.is_some())) {
+            return;
+        }
+        let mut later = VecDeque::new();
+        while let Some((old, recycle)) = self.recycles.pop_front() {
+            let Some(w) = self.workers.get(&old) else {
+                continue;
+            };
+            if !matches!(w.role, Role::Serving) || w.killed_for.is_some() {
+                continue;
+            }
+            let (group, id, pid) = (w.group, w.id, w.pid.unwrap_or(0));
+            let slot = &self.groups[group].slots[id as usize];
+            if slot.replacement.is_some() {
+                continue;
+            }
+            if slot.recycle_retry_at.is_some_and(|t| t > now) {
+                // Its last replacement failed: it waits its turn until then.
+                later.push_back((old, recycle));
+                continue;
+            }
+            let build = slot.build.clone();
+            tracing::info!(
+                pid,
+                "recycling {}#{id} ({}): starting its replacement",
+                self.name(group),
+                recycle.reason
+            );
+            let worker = self.add_worker(group, id, Role::Replacement, now);
+            let slot = &mut self.groups[group].slots[id as usize];
+            slot.recycle_retry_at = None;
+            slot.replacement = Some(Replacement {
+                worker,
+                build: build.clone(),
+                deadline: now + self.timeouts.start,
+                recycle: Some(recycle),
+            });
+            self.out.push(Action::Spawn {
+                worker,
+                group,
+                id,
+                build,
+            });
+            break;
+        }
+        self.recycles.extend(later);
     }
 
     /// The replacement for (group, id) failed: the roll stops there.
