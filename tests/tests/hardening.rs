@@ -241,3 +241,31 @@ fn a_worker_past_max_requests_is_replaced_without_a_failed_request() {
     );
     server.stop();
 }
+
+#[test]
+fn a_retiring_worker_killed_at_stop_timeout_is_logged_once() {
+    let port = free_port();
+    // stop_timeout is 3 s in the harness; graceful reload keeps connections.
+    let server = Server::new(&test_worker("t", port, 2, ""));
+    server.start();
+    let clients = one_client_per_worker(port, 2);
+    let out = server.cli(&["reload", "-g"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let warning = "did not stop within stop_timeout; killing it";
+    wait_long(
+        "both retiring workers to be killed and reaped",
+        30 * SEC,
+        || {
+            let log = server.log();
+            let gone = clients.iter().all(|(pid, _)| !pid_alive(*pid));
+            (gone && log.matches("replaced worker t#").count() == 2).then_some(())
+        },
+    );
+    let log = server.log();
+    assert_eq!(log.matches(warning).count(), 2, "once per worker:\n{log}");
+    server.stop();
+}
