@@ -269,3 +269,40 @@ fn a_retiring_worker_killed_at_stop_timeout_is_logged_once() {
     assert_eq!(log.matches(warning).count(), 2, "once per worker:\n{log}");
     server.stop();
 }
+
+#[test]
+fn a_respawn_that_fails_to_start_is_logged_with_what_it_reported() {
+    let port = free_port();
+    let flag = tempfile::NamedTempFile::new().unwrap();
+    let server = Server::new(&test_worker(
+        "t",
+        port,
+        1,
+        &format!(
+            "[worker.options]\nfail_start_file = \"{}\"",
+            flag.path().display()
+        ),
+    ));
+    // The flag file exists only after the start: the respawn panics.
+    let path = flag.path().to_path_buf();
+    drop(flag);
+    server.start();
+    std::fs::write(&path, "").unwrap();
+    let (_, pid) = server.worker_pids("t")[0];
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let line = wait_for("the failed respawn's exit line", || {
+        server
+            .log()
+            .lines()
+            .find(|l| l.contains("exited (exit code 2)"))
+            .map(str::to_string)
+    });
+    assert!(line.contains("on_worker_start panicked"), "{line}");
+    // Once it can start again, it serves.
+    std::fs::remove_file(&path).unwrap();
+    wait_for("the worker to be back", || {
+        slot(&server.try_status()?, "t", 0)?.1.then_some(())
+    });
+    assert_eq!(TextClient::connect(port).call("hi"), "hi");
+    server.stop();
+}
