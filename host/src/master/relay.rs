@@ -186,9 +186,8 @@ impl Relay {
         let Some(mut peer) = self.peers.remove(&worker) else {
             return;
         };
-        if !peer.closed {
-            let _ = registry.deregister(&mut peer.stream);
-        }
+        // Already deregistered if its bus was closed for an oversize frame.
+        let _ = registry.deregister(&mut peer.stream);
         let msg = BusMsg::NodeGone { node: peer.pid };
         self.registry.apply(&msg);
         let mut frame = Vec::new();
