@@ -1,6 +1,7 @@
 //! Messages between the CLI, the master and the workers: one JSON object per
 //! line over unix stream sockets.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -134,6 +135,14 @@ pub struct GroupRow {
     pub count: u32,
     /// Processes alive now (more than `count` while a reload rolls).
     pub processes: u32,
+    /// Bus messages dropped for this group's workers since start (a worker
+    /// that did not read its bus; see `WorkerRow::bus_dropped`).
+    #[serde(default)]
+    pub bus_dropped: u64,
+    /// Workers replaced since start, by cause: `died`, `stuck`,
+    /// `max_requests`, `max_memory`.
+    #[serde(default)]
+    pub restarts: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -182,6 +191,10 @@ pub struct WorkerRow {
     pub build: String,
     /// Unix seconds when it finished loading the plugin.
     pub loaded_at: u64,
+    /// Bus messages (group sends, broadcasts, publishes) dropped for it
+    /// because it did not read them and the master's bound was reached.
+    #[serde(default)]
+    pub bus_dropped: u64,
     /// Absent when the worker did not answer in time.
     pub stats: Option<WorkerStats>,
     /// Messages per second since the previous `status` (absent with `stats`).

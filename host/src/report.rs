@@ -33,6 +33,7 @@ pub fn render_status(r: &StatusReport) -> String {
         r.workers.len(),
     );
     // One row per group and exit status; `-  0` for a group without deaths.
+    // Bus drops and restarts by cause go on the group's first row.
     let mut group_rows = Vec::new();
     for g in &r.groups {
         let exits: Vec<_> = r.exits.iter().filter(|e| e.group == g.name).collect();
@@ -42,9 +43,17 @@ pub fn render_status(r: &StatusReport) -> String {
             g.count.to_string(),
             g.processes.to_string(),
         ];
+        let restarts = if g.restarts.is_empty() {
+            "-".to_string()
+        } else {
+            let each: Vec<String> = g.restarts.iter().map(|(c, n)| format!("{c}={n}")).collect();
+            each.join(",")
+        };
+        let tail = [g.bus_dropped.to_string(), restarts];
         if exits.is_empty() {
             let mut row = first;
             row.extend(["-".to_string(), "0".to_string()]);
+            row.extend(tail);
             group_rows.push(row);
             continue;
         }
@@ -55,6 +64,9 @@ pub fn render_status(r: &StatusReport) -> String {
                 vec![String::new(); 4]
             };
             row.extend([e.status.clone(), e.count.to_string()]);
+            if i == 0 {
+                row.extend(tail.clone());
+            }
             group_rows.push(row);
         }
     }
@@ -66,6 +78,8 @@ pub fn render_status(r: &StatusReport) -> String {
             "processes",
             "exit_status",
             "exit_count",
+            "bus_dropped",
+            "restarts",
         ],
         &group_rows,
     ));
@@ -88,6 +102,7 @@ pub fn render_status(r: &StatusReport) -> String {
                 mib(w.rss_bytes),
                 stat(|s| s.connections),
                 stat(|s| s.send_fail),
+                w.bus_dropped.to_string(),
                 stat(|s| s.timers),
                 stat(|s| s.total_messages),
                 w.qps.map_or_else(dash, |q| format!("{q:.1}")),
@@ -119,6 +134,11 @@ pub fn render_status(r: &StatusReport) -> String {
         mib(r.workers.iter().map(|w| w.rss_bytes).sum()),
         sum(|s| s.connections),
         sum(|s| s.send_fail),
+        r.workers
+            .iter()
+            .map(|w| w.bus_dropped)
+            .sum::<u64>()
+            .to_string(),
         sum(|s| s.timers),
         sum(|s| s.total_messages),
         format!("{:.1}", r.workers.iter().filter_map(|w| w.qps).sum::<f64>()),
@@ -133,6 +153,7 @@ pub fn render_status(r: &StatusReport) -> String {
             "memory",
             "connections",
             "send_fail",
+            "bus_dropped",
             "timers",
             "total_request",
             "qps",

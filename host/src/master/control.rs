@@ -400,6 +400,7 @@ mod tests {
             plugin: String::new(),
             build: String::new(),
             loaded_at: 0,
+            bus_dropped: 0,
             stats: None,
             qps: None,
             state: WorkerState::Busy,

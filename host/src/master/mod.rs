@@ -18,7 +18,7 @@ use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token};
@@ -28,7 +28,7 @@ use signal_hook_mio::v1_0::Signals;
 
 use self::builds::Installer;
 use self::control::{ClientId, Control, Gathered, Sink};
-use self::relay::Relay;
+use self::relay::{Attach, Relay};
 use self::supervisor::{Action, Event, GroupSpec, StartFailure, Supervisor, Timeouts, WorkerId};
 use self::watch::Watch;
 use crate::config::Config;
@@ -47,6 +47,10 @@ const KIND_CLIENT: usize = 3;
 const SIGNALS: Token = Token(KIND_FIXED);
 const CONTROL: Token = Token(1 << 2 | KIND_FIXED);
 const WAKER: Token = Token(2 << 2 | KIND_FIXED);
+
+/// How often workers of groups with `max_requests` or `max_memory` are
+/// asked for their request count and have their memory read.
+const USAGE_POLL: Duration = Duration::from_secs(1);
 
 fn worker_token(w: WorkerId) -> Token {
     Token((w.0 as usize) << 2 | KIND_WORKER)
@@ -108,6 +112,8 @@ pub struct Master {
     readiness: Readiness,
     /// The daemon's log file, handed to workers open.
     worker_log: Option<File>,
+    /// When workers' usage is next checked (groups with recycling limits).
+    usage_due: Option<Instant>,
     _lock: PidLock,
 }
 
@@ -129,6 +135,8 @@ impl Master {
                 count: w.count,
                 reloadable: w.reloadable,
                 plugin: w.plugin.clone(),
+                max_requests: w.max_requests,
+                max_memory: w.max_memory,
             };
             groups.push((spec, build));
         }
@@ -166,6 +174,10 @@ impl Master {
             start: cfg.host.start_timeout,
             stop: cfg.host.stop_timeout,
         };
+        let recycling = cfg
+            .workers
+            .iter()
+            .any(|w| w.max_requests.is_some() || w.max_memory.is_some());
         Ok(Master {
             sup: Supervisor::new(groups, timeouts, Instant::now()),
             installer: Installer::new(cfg.host.runtime_dir.clone(), waker),
@@ -181,6 +193,7 @@ impl Master {
             started_at: SystemTime::now(),
             readiness: Readiness::Terminal,
             worker_log: None,
+            usage_due: recycling.then(Instant::now),
             _lock: lock,
         })
     }
@@ -203,6 +216,8 @@ impl Master {
             let timeout = [
                 self.sup.next_deadline(),
                 self.control.next_deadline(),
+                self.relay.next_deadline(),
+                self.usage_due,
                 self.watch.as_ref().and_then(Watch::due),
             ]
             .into_iter()
@@ -223,7 +238,11 @@ impl Master {
                 let Token(t) = ev.token();
                 match (t & 3, t >> 2) {
                     (KIND_WORKER, id) => self.on_worker_io(WorkerId(id as u64)),
-                    (KIND_BUS, id) => self.relay.on_event(WorkerId(id as u64)),
+                    (KIND_BUS, id) => self.relay.on_event(
+                        WorkerId(id as u64),
+                        self.poll.registry(),
+                        Instant::now(),
+                    ),
                     (KIND_CLIENT, id) => self.on_client(ClientId(id as u64)),
                     _ => match ev.token() {
                         SIGNALS => self.on_signals(),
@@ -347,13 +366,15 @@ impl Master {
                 Interest::READABLE | Interest::WRITABLE,
             )
             .and_then(|()| {
-                self.relay.add(
+                let bus = Attach {
                     worker,
-                    pid.as_raw() as u32,
-                    child.bus,
-                    self.poll.registry(),
-                    bus_token(worker),
-                )
+                    group,
+                    pid: pid.as_raw() as u32,
+                    stream: child.bus,
+                    token: bus_token(worker),
+                    stuck_timeout: cfg.stuck_timeout,
+                };
+                self.relay.add(bus, self.poll.registry(), Instant::now())
             });
         if let Err(e) = registered {
             // Not watched, it could not be supervised: gone before it starts.
@@ -379,6 +400,13 @@ impl Master {
     fn on_time(&mut self) {
         self.dispatch(Event::Tick);
         let now = Instant::now();
+        for (worker, reason) in self.relay.stuck(now) {
+            self.dispatch(Event::Stuck { worker, reason });
+        }
+        if self.usage_due.is_some_and(|t| t <= now) {
+            self.usage_due = Some(now + USAGE_POLL);
+            self.poll_usage();
+        }
         if self.sup.is_running() {
             if let Some(watch) = self.watch.as_mut() {
                 let triggers = watch.take(now);
@@ -398,6 +426,40 @@ impl Master {
         self.control.deliver_due(now, self.poll.registry());
         for client in self.control.take_gone() {
             self.dispatch(Event::ClientGone(client));
+        }
+    }
+
+    /// Recycling: asks serving workers of groups with `max_requests` for
+    /// their counters (the answer comes back as `Stats`), and reads the
+    /// memory of those with `max_memory`.
+    fn poll_usage(&mut self) {
+        if !self.sup.is_running() {
+            return;
+        }
+        let req = self.control.next_req();
+        let mut memory = Vec::new();
+        for (&k, w) in &mut self.workers {
+            let Some(v) = self.sup.worker(k) else {
+                continue;
+            };
+            if !(v.ready && v.serving) {
+                continue;
+            }
+            let g = &self.cfg.workers[v.group];
+            if g.max_requests.is_some() {
+                w.buf.queue(&ToWorker::Stats { req });
+                let _ = w.buf.flush(&mut w.ctl);
+            }
+            if g.max_memory.is_some() {
+                memory.push((k, process::rss_bytes(w.pid)));
+            }
+        }
+        for (worker, bytes) in memory {
+            self.dispatch(Event::Usage {
+                worker,
+                requests: None,
+                memory: Some(bytes),
+            });
         }
     }
 
@@ -437,10 +499,25 @@ impl Master {
                         w.plugin = plugin;
                         w.loaded_at = SystemTime::now();
                     }
+                    self.relay.ready(worker, Instant::now());
                     self.dispatch(Event::Ready { worker });
                 }
                 Ok(FromWorker::Failed { error }) => self.dispatch(Event::Failed { worker, error }),
                 Ok(msg @ (FromWorker::Stats { .. } | FromWorker::Connections { .. })) => {
+                    if let FromWorker::Stats { stats, .. } = &msg {
+                        // Any answer (to `status` or to our poll) tells the requests served.
+                        let limited = self
+                            .sup
+                            .worker(worker)
+                            .is_some_and(|v| self.cfg.workers[v.group].max_requests.is_some());
+                        if limited {
+                            self.dispatch(Event::Usage {
+                                worker,
+                                requests: Some(stats.total_messages),
+                                memory: None,
+                            });
+                        }
+                    }
                     self.control.answered(worker, pid.as_raw() as u32, msg)
                 }
                 Err(e) => tracing::warn!(pid = pid.as_raw(), "bad message from worker: {e}"),
@@ -530,12 +607,14 @@ impl Master {
             if let Some(mut w) = self.workers.remove(&worker) {
                 let _ = self.poll.registry().deregister(&mut w.ctl);
             }
-            self.relay.remove(worker, self.poll.registry());
+            self.relay
+                .remove(worker, self.poll.registry(), Instant::now());
             self.control.worker_gone(worker, exit.pid.as_raw() as u32);
             self.dispatch(Event::Exited {
                 worker,
                 how: exit.how,
                 clean: exit.clean,
+                by_itself: exit.by_itself,
             });
         }
     }
@@ -577,6 +656,7 @@ impl Master {
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_secs(),
+                bus_dropped: self.relay.dropped(k),
                 stats: None,
                 qps: None,
                 // Until it answers; still so at the deadline means busy.
@@ -598,6 +678,13 @@ impl Master {
                 listen: g.listen.text.clone(),
                 count: g.count,
                 processes: self.sup.processes(gi),
+                bus_dropped: self.relay.group_dropped(gi),
+                restarts: self
+                    .sup
+                    .restarts()
+                    .filter(|(group, ..)| *group == g.name)
+                    .map(|(_, cause, n)| (cause.name().to_string(), n))
+                    .collect(),
             })
             .collect();
         let exits = self

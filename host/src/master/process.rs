@@ -111,6 +111,24 @@ pub struct Exit {
     pub how: String,
     /// Exit code 0.
     pub clean: bool,
+    /// It ended by itself: an exit code, or a signal a process raises
+    /// against itself (a crash). False for signals sent from outside.
+    pub by_itself: bool,
+}
+
+/// Signals a process gets from its own faults or calls (a crash, `abort`),
+/// as opposed to one sent by someone else (SIGKILL, SIGTERM…).
+fn self_inflicted(sig: Signal) -> bool {
+    matches!(
+        sig,
+        Signal::SIGSEGV
+            | Signal::SIGBUS
+            | Signal::SIGABRT
+            | Signal::SIGILL
+            | Signal::SIGFPE
+            | Signal::SIGSYS
+            | Signal::SIGTRAP
+    )
 }
 
 /// Every child that has exited since the last call (after SIGCHLD).
@@ -126,11 +144,13 @@ pub fn reap() -> Vec<Exit> {
                 pid,
                 how: format!("exit code {code}"),
                 clean: code == 0,
+                by_itself: true,
             }),
             WaitStatus::Signaled(pid, sig, _) => out.push(Exit {
                 pid,
                 how: format!("signal {sig}"),
                 clean: false,
+                by_itself: self_inflicted(sig),
             }),
             _ => {}
         }

@@ -1,48 +1,55 @@
-//! When to respawn a worker that died: at once after a long life, with a
-//! doubling delay while it keeps dying soon after starting.
+//! When to respawn a worker that died: at once, unless it keeps failing by
+//! itself soon after starting (a crash loop), then with a doubling delay.
+//!
+//! Which deaths count is the supervisor's call (see `Supervisor::exited`):
+//! a worker that never became ready, or that died by itself (an exit code,
+//! or a signal a process raises against itself such as SIGSEGV or SIGABRT)
+//! within `QUICK_DEATH` of being ready. A worker that was serving and was
+//! killed by a signal from outside (SIGKILL, SIGTERM…) is no crash loop: it
+//! is respawned at once, however often that happens.
 
 use std::time::Duration;
 
+/// A worker that dies by itself within this time after being ready is
+/// failing, not serving: its death counts towards the backoff.
+pub const QUICK_DEATH: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct Backoff {
-    /// Delay after the first quick death.
+    /// Delay after the first failure.
     pub min: Duration,
     pub max: Duration,
-    /// A worker that lived this long is healthy: its next death is forgiven.
-    pub stable_after: Duration,
-    quick_deaths: u32,
+    failures: u32,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff::new(
-            Duration::from_millis(100),
-            Duration::from_secs(10),
-            Duration::from_secs(5),
-        )
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(10))
     }
 }
 
 impl Backoff {
-    pub fn new(min: Duration, max: Duration, stable_after: Duration) -> Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
         Backoff {
             min,
             max,
-            stable_after,
-            quick_deaths: 0,
+            failures: 0,
         }
     }
 
-    /// A worker that had been up for `lived` died: how long to wait before
-    /// starting its replacement.
-    pub fn on_death(&mut self, lived: Duration) -> Duration {
-        if lived >= self.stable_after {
-            self.quick_deaths = 0;
-            return Duration::ZERO;
-        }
-        self.quick_deaths += 1;
-        let doublings = (self.quick_deaths - 1).min(20);
+    /// The worker failed (see the module doc): how long to wait before
+    /// starting its replacement; doubles with each failure in a row.
+    pub fn failure(&mut self) -> Duration {
+        self.failures += 1;
+        let doublings = (self.failures - 1).min(20);
         self.min.saturating_mul(1 << doublings).min(self.max)
+    }
+
+    /// The worker had been serving: the next one starts at once, and a
+    /// later failure starts from the shortest delay again.
+    pub fn reset(&mut self) -> Duration {
+        self.failures = 0;
+        Duration::ZERO
     }
 }
 
@@ -54,26 +61,20 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
-    fn healthy_worker_is_respawned_at_once() {
+    fn failures_double_up_to_the_cap() {
         let mut b = Backoff::default();
-        assert_eq!(b.on_death(60 * S), Duration::ZERO);
-        assert_eq!(b.on_death(60 * S), Duration::ZERO);
-    }
-
-    #[test]
-    fn crash_loop_doubles_up_to_the_cap() {
-        let mut b = Backoff::default();
-        let delays: Vec<Duration> = (0..9).map(|_| b.on_death(10 * MS)).collect();
+        let delays: Vec<Duration> = (0..9).map(|_| b.failure()).collect();
         assert_eq!(&delays[..4], &[100 * MS, 200 * MS, 400 * MS, 800 * MS]);
         assert_eq!(delays[8], 10 * S);
     }
 
     #[test]
-    fn a_long_life_resets_the_count() {
+    fn a_reset_starts_over() {
         let mut b = Backoff::default();
-        b.on_death(MS);
-        b.on_death(MS);
-        assert_eq!(b.on_death(6 * S), Duration::ZERO);
-        assert_eq!(b.on_death(MS), 100 * MS);
+        b.failure();
+        b.failure();
+        assert_eq!(b.reset(), Duration::ZERO);
+        assert_eq!(b.reset(), Duration::ZERO);
+        assert_eq!(b.failure(), 100 * MS);
     }
 }

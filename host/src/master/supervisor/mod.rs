@@ -10,13 +10,19 @@
 //! runs and a respawn gets, and, during a roll, the replacement starting on
 //! the new build. Each worker is in exactly one role (serving its slot, a
 //! replacement, retiring, or a failed replacement being killed).
+//!
+//! Recycling (`max_requests`, `max_memory`) replaces one worker the way a
+//! roll does, on the same build: its replacement starts first and the old
+//! worker is told to stop once the new one is ready. One recycle runs at a
+//! time, and none while a reload is in progress; a roll that reaches a slot
+//! whose recycle is starting takes it over.
 
 mod backoff;
 pub mod roll;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -39,7 +45,15 @@ pub struct GroupSpec {
     pub reloadable: bool,
     /// The plugin file a reload installs.
     pub plugin: PathBuf,
+    /// Recycle a worker once it served this many requests…
+    pub max_requests: Option<u64>,
+    /// …or once its resident memory is over this many bytes.
+    pub max_memory: Option<u64>,
 }
+
+/// After a recycle's replacement failed, the slot is not recycled again
+/// before this much time: the old worker keeps serving meanwhile.
+pub const RECYCLE_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -75,11 +89,14 @@ pub enum Event {
     Failed { worker: WorkerId, error: String },
     /// A `Spawn` action could not start the process.
     SpawnFailed { worker: WorkerId, error: String },
-    /// The process is gone (reaped). `clean`: exit code 0.
+    /// The process is gone (reaped). `clean`: exit code 0. `by_itself`: an
+    /// exit code or a crash signal (SIGSEGV, SIGABRT…), not a signal sent
+    /// from outside (SIGKILL, SIGTERM…).
     Exited {
         worker: WorkerId,
         how: String,
         clean: bool,
+        by_itself: bool,
     },
     /// Time passed: deadlines are checked.
     Tick,
@@ -100,6 +117,40 @@ pub enum Event {
     },
     /// A control client went away: nothing is owed to it any more.
     ClientGone(ClientId),
+    /// The worker has taken nothing of its bus backlog for its
+    /// `stuck_timeout` (stopped, or a plugin stuck in a loop).
+    Stuck { worker: WorkerId, reason: String },
+    /// What the worker has used so far: requests served (its stats) or
+    /// resident bytes; checked against `max_requests` / `max_memory`.
+    Usage {
+        worker: WorkerId,
+        requests: Option<u64>,
+        memory: Option<u64>,
+    },
+}
+
+/// Why a worker was replaced, as `status` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cause {
+    /// It died without being asked (exit statistics say how).
+    Died,
+    /// Killed: it did not read its bus for `stuck_timeout`.
+    Stuck,
+    /// Recycled past `max_requests`.
+    MaxRequests,
+    /// Recycled past `max_memory`.
+    MaxMemory,
+}
+
+impl Cause {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cause::Died => "died",
+            Cause::Stuck => "stuck",
+            Cause::MaxRequests => "max_requests",
+            Cause::MaxMemory => "max_memory",
+        }
+    }
 }
 
 /// What the event loop must do.
@@ -159,11 +210,15 @@ struct Worker {
     id: u32,
     /// For log lines only.
     pid: Option<u32>,
-    /// When it was spawned: how long it lived decides the backoff.
+    /// When it was spawned, for log lines.
     started: Instant,
     ready: bool,
+    /// When it became ready: how long it served decides the backoff.
+    ready_at: Option<Instant>,
     /// What it said before dying, when it could not start.
     failure: Option<String>,
+    /// Why the supervisor killed it (stuck), for its exit line.
+    killed_for: Option<String>,
     role: Role,
 }
 
@@ -173,16 +228,27 @@ struct Slot {
     build: Build,
     backoff: Backoff,
     respawn_at: Option<Instant>,
-    /// The roll's replacement for this id, while it starts.
+    /// The replacement for this id (a roll's or a recycle's), while it starts.
     replacement: Option<Replacement>,
+    /// A recycle's replacement failed: not recycled again before then.
+    recycle_retry_at: Option<Instant>,
 }
 
 #[derive(Debug)]
 struct Replacement {
     worker: WorkerId,
     build: Build,
-    /// Ready by then, or the roll fails.
+    /// Ready by then, or the roll (or recycle) fails.
     deadline: Instant,
+    /// Started to recycle the slot's worker, not by a roll.
+    recycle: Option<Recycle>,
+}
+
+#[derive(Debug, Clone)]
+struct Recycle {
+    cause: Cause,
+    /// For log lines: what went over which limit.
+    reason: String,
 }
 
 struct Group {
@@ -218,6 +284,8 @@ pub struct WorkerView<'a> {
     pub group: usize,
     pub id: u32,
     pub ready: bool,
+    /// Serves its slot (not a replacement still starting, nor retiring).
+    pub serving: bool,
     pub build: &'a Build,
 }
 
@@ -231,7 +299,11 @@ pub struct Supervisor {
     /// (group, "exit code N" | "signal S") -> deaths of workers that died
     /// unexpectedly or were killed, since start.
     exits: BTreeMap<(String, String), u64>,
+    /// (group, cause) -> workers replaced since start.
+    restarts: BTreeMap<(String, Cause), u64>,
     reload: Option<Reload>,
+    /// Workers over a limit, waiting for their turn to be recycled.
+    recycles: VecDeque<(WorkerId, Recycle)>,
     /// Clients waiting for the stop to finish.
     stop_waiters: Vec<ClientId>,
     /// Actions of the event being handled.
@@ -250,6 +322,7 @@ impl Supervisor {
                         backoff: Backoff::default(),
                         respawn_at: None,
                         replacement: None,
+                        recycle_retry_at: None,
                     })
                     .collect(),
                 spec,
@@ -265,7 +338,9 @@ impl Supervisor {
             },
             start_error: None,
             exits: BTreeMap::new(),
+            restarts: BTreeMap::new(),
             reload: None,
+            recycles: VecDeque::new(),
             stop_waiters: Vec::new(),
             out: Vec::new(),
         }
@@ -286,7 +361,12 @@ impl Supervisor {
             Event::Ready { worker } => self.ready(worker, now),
             Event::Failed { worker, error } => self.failed(worker, error, now),
             Event::SpawnFailed { worker, error } => self.spawn_failed(worker, error, now),
-            Event::Exited { worker, how, clean } => self.exited(worker, how, clean, now),
+            Event::Exited {
+                worker,
+                how,
+                clean,
+                by_itself,
+            } => self.exited(worker, how, clean, by_itself, now),
             Event::Tick => self.tick(now),
             Event::Reload {
                 graceful,
@@ -301,7 +381,15 @@ impl Supervisor {
                     r.waiters.retain(|&c| c != client);
                 }
             }
+            Event::Stuck { worker, reason } => self.stuck(worker, reason),
+            Event::Usage {
+                worker,
+                requests,
+                memory,
+            } => self.usage(worker, requests, memory),
         }
+        // Whatever the event, a recycle waiting for its turn may start now.
+        self.drive_recycle(now);
         std::mem::take(&mut self.out)
     }
 
@@ -347,6 +435,7 @@ impl Supervisor {
             group: w.group,
             id: w.id,
             ready: w.ready,
+            serving: matches!(w.role, Role::Serving),
             build: self.build_of(worker, w),
         })
     }
@@ -361,6 +450,16 @@ impl Supervisor {
         self.exits
             .iter()
             .map(|((g, s), &n)| (g.as_str(), s.as_str(), n))
+    }
+
+    /// (group, cause, count) of workers replaced since start.
+    pub fn restarts(&self) -> impl Iterator<Item = (&str, Cause, u64)> {
+        self.restarts.iter().map(|((g, c), &n)| (g.as_str(), *c, n))
+    }
+
+    fn count_restart(&mut self, group: usize, cause: Cause) {
+        let name = self.name(group).to_string();
+        *self.restarts.entry((name, cause)).or_default() += 1;
     }
 
     /// The earliest time a `Tick` has something to do.
@@ -422,7 +521,9 @@ impl Supervisor {
                 pid: None,
                 started: now,
                 ready: false,
+                ready_at: None,
                 failure: None,
+                killed_for: None,
                 role,
             },
         );
@@ -445,8 +546,27 @@ impl Supervisor {
             return;
         };
         w.ready = true;
+        w.ready_at.get_or_insert(now);
         let (group, id) = (w.group, w.id);
         if !matches!(w.role, Role::Replacement) {
+            return;
+        }
+        let slot = &mut self.groups[group].slots[id as usize];
+        if slot
+            .replacement
+            .as_ref()
+            .is_some_and(|r| r.worker == worker && r.recycle.is_some())
+        {
+            let rep = slot.replacement.take().expect("checked");
+            let recycle = rep.recycle.expect("checked");
+            tracing::info!(
+                pid = self.workers[&worker].pid.unwrap_or(0),
+                "{}#{id} recycled ({}): its replacement is ready",
+                self.name(group),
+                recycle.reason
+            );
+            self.count_restart(group, recycle.cause);
+            self.promote(worker, group, id, rep.build, false, now);
             return;
         }
         let Some(Reload {
@@ -465,7 +585,23 @@ impl Supervisor {
         let Some(rep) = slot.replacement.take() else {
             return;
         };
-        let old = std::mem::replace(&mut slot.build, rep.build);
+        self.promote(worker, group, id, rep.build, graceful, now);
+        self.drive_roll(now);
+    }
+
+    /// The replacement `worker` on `build` is ready: it serves the slot, and
+    /// the worker it replaces is told to stop.
+    fn promote(
+        &mut self,
+        worker: WorkerId,
+        group: usize,
+        id: u32,
+        build: Build,
+        graceful: bool,
+        now: Instant,
+    ) {
+        let slot = &mut self.groups[group].slots[id as usize];
+        let old = std::mem::replace(&mut slot.build, build);
         // The replacement fills the slot, even if its old worker died meanwhile.
         slot.respawn_at = None;
         for (&k, w) in &mut self.workers {
@@ -484,7 +620,6 @@ impl Supervisor {
                 });
             }
         }
-        self.drive_roll(now);
     }
 
     fn failed(&mut self, worker: WorkerId, error: String, now: Instant) {
@@ -507,7 +642,7 @@ impl Supervisor {
             return;
         };
         match (w.role, self.phase) {
-            (Role::Replacement, _) => self.fail_roll_step(
+            (Role::Replacement, _) => self.fail_replacement(
                 w.group,
                 w.id,
                 format!("cannot start a worker: {error}"),
@@ -523,14 +658,21 @@ impl Supervisor {
                     w.id
                 );
                 let slot = &mut self.groups[w.group].slots[w.id as usize];
-                let delay = slot.backoff.on_death(Duration::ZERO);
+                let delay = slot.backoff.failure();
                 slot.respawn_at = Some(now + delay);
             }
             _ => {}
         }
     }
 
-    fn exited(&mut self, worker: WorkerId, how: String, clean: bool, now: Instant) {
+    fn exited(
+        &mut self,
+        worker: WorkerId,
+        how: String,
+        clean: bool,
+        by_itself: bool,
+        now: Instant,
+    ) {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
@@ -553,7 +695,7 @@ impl Supervisor {
                     let error = w
                         .failure
                         .unwrap_or_else(|| format!("exited before it was ready ({how})"));
-                    self.fail_roll_step(w.group, w.id, error, now);
+                    self.fail_replacement(w.group, w.id, error, now);
                 }
             }
             Role::Serving => match self.phase {
@@ -576,18 +718,73 @@ impl Supervisor {
                 Phase::Running => {
                     let lived = now.saturating_duration_since(w.started);
                     let slot = &mut self.groups[w.group].slots[w.id as usize];
-                    let delay = slot.backoff.on_death(lived);
+                    // A crash loop backs off; a worker that was serving and
+                    // was killed from outside (or by us, stuck) is replaced
+                    // at once, however often (see `backoff`).
+                    let served = w.ready_at.map(|t| now.saturating_duration_since(t));
+                    let delay = match served {
+                        _ if w.killed_for.is_some() => slot.backoff.reset(),
+                        None => slot.backoff.failure(),
+                        Some(d) if by_itself && d < backoff::QUICK_DEATH => slot.backoff.failure(),
+                        Some(_) => slot.backoff.reset(),
+                    };
+                    // What it said before dying, or why we killed it.
+                    let said = match (w.failure, &w.killed_for) {
+                        (Some(f), _) => format!(": {f}"),
+                        (None, Some(k)) => format!(": killed, {k}"),
+                        (None, None) => String::new(),
+                    };
+                    let cause = if w.killed_for.is_some() {
+                        Cause::Stuck
+                    } else {
+                        Cause::Died
+                    };
+                    let when = if delay.is_zero() {
+                        "at once".to_string()
+                    } else {
+                        format!("in {delay:?}")
+                    };
                     tracing::warn!(
                         pid,
-                        "worker {name}#{} exited ({how}) after {:.1}s; restarting in {:?}",
+                        "worker {name}#{} exited ({how}) after {:.1}s{said}; restarting {when}",
                         w.id,
                         lived.as_secs_f64(),
-                        delay
                     );
                     slot.respawn_at = Some(now + delay);
+                    self.count_restart(w.group, cause);
                 }
             },
         }
+    }
+
+    /// A ready worker does not read its bus: it serves nobody and would
+    /// hold the master's memory, so it is killed and respawned at once.
+    /// While starting or stopping, the start and stop timeouts decide.
+    fn stuck(&mut self, worker: WorkerId, reason: String) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let name = &self.groups[w.group].spec.name;
+        let pid = w.pid.unwrap_or(0);
+        match &mut w.role {
+            Role::Serving if w.ready && w.killed_for.is_none() => {
+                tracing::warn!(pid, "worker {name}#{} is stuck: {reason}; killing it", w.id);
+                w.killed_for = Some(format!("stuck: {reason}"));
+            }
+            Role::Retiring { killed, .. } if !*killed => {
+                tracing::warn!(
+                    pid,
+                    "replaced worker {name}#{} is stuck: {reason}; killing it",
+                    w.id
+                );
+                *killed = true;
+            }
+            _ => return,
+        }
+        self.out.push(Action::Kill { worker });
     }
 
     fn tick(&mut self, now: Instant) {
@@ -657,7 +854,7 @@ impl Supervisor {
         });
         if let Some((g, id)) = late {
             let t = self.timeouts.start;
-            self.fail_roll_step(
+            self.fail_replacement(
                 g,
                 id,
                 format!("not ready within start_timeout ({t:?})"),
@@ -697,6 +894,7 @@ impl Supervisor {
                 });
             }
         }
+        self.recycles.clear();
         for slot in self.groups.iter_mut().flat_map(|g| &mut g.slots) {
             slot.respawn_at = None;
             if let Some(rep) = slot.replacement.take() {
@@ -910,6 +1108,17 @@ impl Supervisor {
         };
         match roll.next(now) {
             Step::Spawn { group, id, build } => {
+                // A recycle starting for this id: the roll replaces it anyway.
+                if let Some(rep) = self.groups[group].slots[id as usize].replacement.take() {
+                    tracing::info!(
+                        "reload: recycling of {}#{id} left to the reload",
+                        self.name(group)
+                    );
+                    if let Some(w) = self.workers.get_mut(&rep.worker) {
+                        w.role = Role::Discarded { build: rep.build };
+                        self.out.push(Action::Kill { worker: rep.worker });
+                    }
+                }
                 tracing::info!(
                     "reload: starting {}#{id} on build {}",
                     self.name(group),
@@ -920,6 +1129,7 @@ impl Supervisor {
                     worker,
                     build: build.clone(),
                     deadline: now + self.timeouts.start,
+                    recycle: None,
                 });
                 self.out.push(Action::Spawn {
                     worker,
@@ -930,6 +1140,130 @@ impl Supervisor {
             }
             Step::Finished => self.finish_roll(),
         }
+    }
+
+    /// The replacement for (group, id) failed (could not start, died or
+    /// was not ready in time).
+    fn fail_replacement(&mut self, group: usize, id: u32, error: String, now: Instant) {
+        let slot = &mut self.groups[group].slots[id as usize];
+        if slot
+            .replacement
+            .as_ref()
+            .is_none_or(|r| r.recycle.is_none())
+        {
+            return self.fail_roll_step(group, id, error, now);
+        }
+        let rep = slot.replacement.take().expect("checked");
+        // The old worker keeps serving; it is not tried again at once.
+        slot.recycle_retry_at = Some(now + RECYCLE_RETRY);
+        tracing::error!(
+            "recycling {}#{id} failed: {error}; the running worker keeps serving, retried in {:?} at the earliest",
+            self.name(group),
+            RECYCLE_RETRY
+        );
+        if let Some(w) = self.workers.get_mut(&rep.worker) {
+            w.role = Role::Discarded { build: rep.build };
+            self.out.push(Action::Kill { worker: rep.worker });
+        }
+    }
+
+    /// A ready, serving worker reported its usage: over a limit of its
+    /// group, it waits for its turn to be recycled.
+    fn usage(&mut self, worker: WorkerId, requests: Option<u64>, memory: Option<u64>) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let Some(w) = self.workers.get(&worker) else {
+            return;
+        };
+        if !w.ready || w.killed_for.is_some() || !matches!(w.role, Role::Serving) {
+            return;
+        }
+        let spec = &self.groups[w.group].spec;
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        let recycle = match (requests, spec.max_requests, memory, spec.max_memory) {
+            (Some(n), Some(max), ..) if n >= max => Recycle {
+                cause: Cause::MaxRequests,
+                reason: format!("{n} requests served, max_requests = {max}"),
+            },
+            (.., Some(b), Some(max)) if b > max => Recycle {
+                cause: Cause::MaxMemory,
+                reason: format!(
+                    "{:.1} MiB resident, max_memory = {:.1} MiB",
+                    mib(b),
+                    mib(max)
+                ),
+            },
+            _ => return,
+        };
+        let slot = &self.groups[w.group].slots[w.id as usize];
+        if slot.replacement.is_some() || self.recycles.iter().any(|r| r.0 == worker) {
+            return;
+        }
+        // After a failed recycle, `drive_recycle` skips it until then.
+        tracing::debug!(
+            pid = w.pid.unwrap_or(0),
+            "{}#{} is due for recycling: {}",
+            spec.name,
+            w.id,
+            recycle.reason
+        );
+        self.recycles.push_back((worker, recycle));
+    }
+
+    /// Starts the next recycle, unless one is starting, a reload is in
+    /// progress, or the master is not running.
+    fn drive_recycle(&mut self, now: Instant) {
+        if self.phase != Phase::Running || self.reload.is_some() {
+            return;
+        }
+        let slots = || self.groups.iter().flat_map(|g| &g.slots);
+        if slots().any(|s| s.replacement.as_ref().is_some_and(|r| r.recycle.is_some())) {
+            return;
+        }
+        let mut later = VecDeque::new();
+        while let Some((old, recycle)) = self.recycles.pop_front() {
+            let Some(w) = self.workers.get(&old) else {
+                continue;
+            };
+            if !matches!(w.role, Role::Serving) || w.killed_for.is_some() {
+                continue;
+            }
+            let (group, id, pid) = (w.group, w.id, w.pid.unwrap_or(0));
+            let slot = &self.groups[group].slots[id as usize];
+            if slot.replacement.is_some() {
+                continue;
+            }
+            if slot.recycle_retry_at.is_some_and(|t| t > now) {
+                // Its last replacement failed: it waits its turn until then.
+                later.push_back((old, recycle));
+                continue;
+            }
+            let build = slot.build.clone();
+            tracing::info!(
+                pid,
+                "recycling {}#{id} ({}): starting its replacement",
+                self.name(group),
+                recycle.reason
+            );
+            let worker = self.add_worker(group, id, Role::Replacement, now);
+            let slot = &mut self.groups[group].slots[id as usize];
+            slot.recycle_retry_at = None;
+            slot.replacement = Some(Replacement {
+                worker,
+                build: build.clone(),
+                deadline: now + self.timeouts.start,
+                recycle: Some(recycle),
+            });
+            self.out.push(Action::Spawn {
+                worker,
+                group,
+                id,
+                build,
+            });
+            break;
+        }
+        self.recycles.extend(later);
     }
 
     /// The replacement for (group, id) failed: the roll stops there.

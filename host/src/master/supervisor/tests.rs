@@ -35,6 +35,8 @@ impl H {
                     count,
                     reloadable,
                     plugin: PathBuf::from(format!("/src/{name}.so")),
+                    max_requests: None,
+                    max_memory: None,
                 };
                 (spec, build("a"))
             })
@@ -85,6 +87,10 @@ impl H {
             worker,
             how: how.into(),
             clean: how == "exit code 0",
+            by_itself: how.starts_with("exit code")
+                || ["SIGSEGV", "SIGABRT", "SIGBUS"]
+                    .iter()
+                    .any(|s| how.ends_with(s)),
         })
     }
 
@@ -330,6 +336,71 @@ fn a_crash_loop_backs_off_and_a_long_life_is_forgiven() {
         ]
     );
     assert_eq!(h.sup.processes(0), 1);
+}
+
+/// Takes the respawn of the last death: due at `h.now + delay`; returns it ready.
+fn respawn_after(h: &mut H, delay: Duration) -> WorkerId {
+    assert_eq!(h.sup.next_deadline(), Some(h.now + delay));
+    h.later(delay);
+    let s = spawned(&h.ev(Event::Tick));
+    assert_eq!(s.len(), 1, "respawned once");
+    h.ev(Event::Ready { worker: s[0].0 });
+    s[0].0
+}
+
+#[test]
+fn a_worker_killed_from_outside_while_serving_is_replaced_at_once_every_time() {
+    let (mut h, w) = H::running(&[("t", 1, true)]);
+    let mut worker = w[0];
+    // Killed again each time it is back, soon after it is ready.
+    for _ in 0..6 {
+        h.later(100 * MS);
+        let a = h.exited(worker, "signal SIGKILL");
+        assert!(a.is_empty(), "{a:?}");
+        worker = respawn_after(&mut h, Duration::ZERO);
+    }
+    // SIGTERM from outside is no crash either.
+    h.later(100 * MS);
+    h.exited(worker, "signal SIGTERM");
+    worker = respawn_after(&mut h, Duration::ZERO);
+    // Killed before it was ready: it never served, so that is a failure.
+    h.later(100 * MS);
+    h.exited(worker, "signal SIGKILL");
+    h.later(MS);
+    let s = spawned(&h.ev(Event::Tick));
+    h.exited(s[0].0, "signal SIGKILL");
+    assert_eq!(h.sup.next_deadline(), Some(h.now + 100 * MS));
+    assert_eq!(
+        h.exits(),
+        [
+            ("t".into(), "signal SIGKILL".into(), 8),
+            ("t".into(), "signal SIGTERM".into(), 1)
+        ]
+    );
+}
+
+#[test]
+fn a_worker_that_dies_by_itself_right_after_ready_backs_off() {
+    let (mut h, w) = H::running(&[("t", 1, true)]);
+    // An exit code within QUICK_DEATH of being ready: a crash loop.
+    h.later(500 * MS);
+    h.exited(w[0], "exit code 1");
+    let r = respawn_after(&mut h, 100 * MS);
+    h.later(500 * MS);
+    h.exited(r, "exit code 1");
+    let r = respawn_after(&mut h, 200 * MS);
+    // So does a crash signal it raised itself.
+    h.later(10 * MS);
+    h.exited(r, "signal SIGABRT");
+    let r = respawn_after(&mut h, 400 * MS);
+    // Once it served past QUICK_DEATH, a death by itself is forgiven…
+    h.later(backoff::QUICK_DEATH);
+    h.exited(r, "exit code 1");
+    let r = respawn_after(&mut h, Duration::ZERO);
+    // …and the next quick one starts from the shortest delay again.
+    h.later(10 * MS);
+    h.exited(r, "signal SIGSEGV");
+    respawn_after(&mut h, 100 * MS);
 }
 
 #[test]
@@ -645,4 +716,214 @@ fn watched_changes_roll_only_groups_whose_content_changed() {
     watch(&mut h, vec![Trigger::Plugin(0)]);
     let s = spawned(&h.installed(0, Ok(build("b"))));
     assert_eq!((s[0].1, s[0].3.as_str()), (0, "b"));
+}
+
+fn restarts(h: &H) -> Vec<(String, &'static str, u64)> {
+    h.sup
+        .restarts()
+        .map(|(g, c, n)| (g.to_string(), c.name(), n))
+        .collect()
+}
+
+#[test]
+fn a_stuck_worker_is_killed_once_and_replaced_at_once() {
+    let (mut h, w) = H::running(&[("t", 2, true)]);
+    let stuck = |h: &mut H, worker| {
+        h.ev(Event::Stuck {
+            worker,
+            reason: "its bus took nothing for 10s".into(),
+        })
+    };
+    h.later(Duration::from_secs(30));
+    assert_eq!(killed(&stuck(&mut h, w[1])), [w[1]]);
+    assert!(stuck(&mut h, w[1]).is_empty(), "killed once");
+    h.later(MS);
+    assert!(h.exited(w[1], "signal SIGKILL").is_empty());
+    let r = respawn_after(&mut h, Duration::ZERO);
+    assert_eq!(h.sup.worker(r).unwrap().id, 1, "same slot");
+    assert_eq!(restarts(&h), [("t".into(), "stuck", 1)]);
+    assert_eq!(h.exits(), [("t".into(), "signal SIGKILL".into(), 1)]);
+    // Not before it is ready: start_timeout covers a worker that starts.
+    h.exited(r, "signal SIGKILL");
+    let s = spawned(&h.ev(Event::Tick));
+    assert!(stuck(&mut h, s[0].0).is_empty());
+    assert_eq!(
+        restarts(&h),
+        [("t".into(), "died", 1), ("t".into(), "stuck", 1)]
+    );
+    // A retiring worker is killed once too; while stopping, stop_timeout decides.
+    h.reload(None);
+    let a = h.installed(0, Ok(build("b")));
+    let (_, a) = roll_through(&mut h, a, 1);
+    let old = stopped(&a)[0];
+    assert_eq!(killed(&stuck(&mut h, old)), [old]);
+    assert!(
+        h.ev(Event::Tick).is_empty(),
+        "not killed again at stop_timeout"
+    );
+    h.ev(Event::Stop {
+        graceful: false,
+        client: None,
+    });
+    assert!(stuck(&mut h, w[0]).is_empty());
+}
+
+/// One group "t" of `count` workers with recycling limits, running.
+fn recycling(count: u32, max_requests: Option<u64>, max_memory: Option<u64>) -> (H, Vec<WorkerId>) {
+    let now = Instant::now();
+    let spec = GroupSpec {
+        name: "t".into(),
+        count,
+        reloadable: true,
+        plugin: PathBuf::from("/src/t.so"),
+        max_requests,
+        max_memory,
+    };
+    let timeouts = Timeouts {
+        start: START,
+        stop: STOP,
+    };
+    let mut sup = Supervisor::new(vec![(spec, build("a"))], timeouts, now);
+    let workers: Vec<WorkerId> = spawned(&sup.start(now)).iter().map(|s| s.0).collect();
+    let mut h = H { sup, now };
+    for &w in &workers {
+        h.ev(Event::Ready { worker: w });
+    }
+    assert!(matches!(h.ev(Event::Tick)[..], [Action::Started]));
+    (h, workers)
+}
+
+fn requests(h: &mut H, worker: WorkerId, n: u64) -> Vec<Action> {
+    h.ev(Event::Usage {
+        worker,
+        requests: Some(n),
+        memory: None,
+    })
+}
+
+#[test]
+fn a_worker_past_max_requests_is_recycled_new_before_old_one_at_a_time() {
+    let (mut h, old) = recycling(2, Some(100), None);
+    assert!(requests(&mut h, old[0], 99).is_empty());
+    let a = requests(&mut h, old[0], 100);
+    let s = spawned(&a);
+    assert_eq!(
+        (s[0].1, s[0].2, s[0].3.as_str()),
+        (0, 0, "a"),
+        "same slot, same build"
+    );
+    assert!(
+        stopped(&a).is_empty(),
+        "the old one serves until the new one is ready"
+    );
+    assert_eq!(h.sup.processes(0), 3, "capacity never dips");
+    assert!(requests(&mut h, old[0], 120).is_empty(), "asked once");
+    // The other one is over too: it waits for its turn.
+    assert!(requests(&mut h, old[1], 150).is_empty());
+    h.later(10 * MS);
+    let a = h.ev(Event::Ready { worker: s[0].0 });
+    assert_eq!(stopped(&a), [old[0]]);
+    let s2 = spawned(&a);
+    assert_eq!((s2[0].2, s2[0].3.as_str()), (1, "a"));
+    assert_eq!(restarts(&h), [("t".into(), "max_requests", 1)]);
+    let a = h.ev(Event::Ready { worker: s2[0].0 });
+    assert_eq!(stopped(&a), [old[1]]);
+    assert!(spawned(&a).is_empty());
+    assert_eq!(restarts(&h), [("t".into(), "max_requests", 2)]);
+    // Told to stop, they exit cleanly: no exit statistics, no respawn.
+    for w in old {
+        assert!(spawned(&h.exited(w, "exit code 0")).is_empty());
+    }
+    assert!(h.exits().is_empty());
+    assert_eq!(h.sup.processes(0), 2);
+    // The replacement starts counting from zero in its own process.
+    assert!(requests(&mut h, s[0].0, 10).is_empty());
+    assert!(!h.sup.reload_busy(), "a recycle is no reload");
+}
+
+#[test]
+fn a_worker_past_max_memory_is_recycled() {
+    let (mut h, old) = recycling(1, Some(1000), Some(256 << 20));
+    let mem = |h: &mut H, bytes| {
+        h.ev(Event::Usage {
+            worker: old[0],
+            requests: None,
+            memory: Some(bytes),
+        })
+    };
+    assert!(
+        mem(&mut h, 256 << 20).is_empty(),
+        "at the limit is not past it"
+    );
+    let s = spawned(&mem(&mut h, 300 << 20));
+    assert_eq!(s.len(), 1);
+    assert_eq!(stopped(&h.ev(Event::Ready { worker: s[0].0 })), [old[0]]);
+    assert_eq!(restarts(&h), [("t".into(), "max_memory", 1)]);
+}
+
+#[test]
+fn a_recycle_whose_replacement_fails_keeps_the_old_worker_and_retries_later() {
+    let (mut h, old) = recycling(1, Some(100), None);
+    let r = spawned(&requests(&mut h, old[0], 100))[0].0;
+    let a = h.ev(Event::Failed {
+        worker: r,
+        error: "on_worker_start failed: no database".into(),
+    });
+    assert_eq!(killed(&a), [r]);
+    let a = h.exited(r, "exit code 2");
+    assert!(spawned(&a).is_empty() && stopped(&a).is_empty(), "{a:?}");
+    assert!(h.sup.worker(old[0]).unwrap().serving);
+    assert_eq!(h.exits(), [("t".into(), "exit code 2".into(), 1)]);
+    // Not tried again at once…
+    assert!(requests(&mut h, old[0], 120).is_empty());
+    h.later(RECYCLE_RETRY - MS);
+    assert!(h.ev(Event::Tick).is_empty());
+    // …but once RECYCLE_RETRY has passed.
+    h.later(MS);
+    let r = spawned(&h.ev(Event::Tick));
+    assert_eq!(r.len(), 1, "the recycle waiting for its turn starts");
+    // Not ready in time is a failure too.
+    h.later(START);
+    let a = h.ev(Event::Tick);
+    assert_eq!(killed(&a), [r[0].0]);
+    assert!(h.sup.worker(old[0]).unwrap().serving);
+    assert!(restarts(&h).is_empty());
+}
+
+#[test]
+fn a_reload_takes_over_a_recycle_and_recycles_wait_for_the_reload() {
+    let (mut h, old) = recycling(2, Some(100), None);
+    let rec = spawned(&requests(&mut h, old[0], 100))[0].0;
+    h.reload(Some(1));
+    // During the reload, nothing more is recycled.
+    assert!(requests(&mut h, old[1], 100).is_empty());
+    let a = h.installed(0, Ok(build("b")));
+    // The roll reaches id 0, whose recycle is starting: it takes over.
+    assert_eq!(killed(&a), [rec]);
+    let s = spawned(&a);
+    assert_eq!((s[0].2, s[0].3.as_str()), (0, "b"));
+    assert!(
+        h.exited(rec, "signal SIGKILL").is_empty(),
+        "no roll failure"
+    );
+    let (new, a) = roll_through(&mut h, a, 2);
+    assert!(reloaded(&a, 1).ok());
+    // The worker that was due is replaced by the roll: nothing more to do.
+    assert!(spawned(&a).is_empty(), "{a:?}");
+    assert_eq!(h.build_of(new[1]), "b");
+    assert!(restarts(&h).is_empty());
+}
+
+#[test]
+fn usage_is_ignored_while_starting_and_stopping() {
+    let (mut h, _) = H::new(&[("t", 1, true)]);
+    let w = WorkerId(1);
+    h.ev(Event::Ready { worker: w });
+    assert!(requests(&mut h, w, u64::MAX).is_empty(), "no limit set");
+    let (mut h, old) = recycling(1, Some(1), None);
+    h.ev(Event::Stop {
+        graceful: false,
+        client: None,
+    });
+    assert!(spawned(&requests(&mut h, old[0], 5)).is_empty());
 }
