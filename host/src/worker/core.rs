@@ -18,7 +18,7 @@ use super::timers::Timers;
 use crate::bus::{self, BusMsg, Gid, Registry};
 use crate::ipc::WorkerStats;
 use crate::plugin::CustomProtocol;
-use wm_proto::{http, websocket, Codec, Kind};
+use wm_proto::{http, Codec, Framer, Kind, ProtocolError, Wire};
 
 /// How long a connection half-closed by `end()` may linger (Workerman: 1 s).
 pub const LINGER: Duration = Duration::from_secs(1);
@@ -72,8 +72,6 @@ pub struct Core {
     /// Frames for the master to relay to the other workers.
     pub bus: Option<mio::net::UnixStream>,
     pub bus_buf: bus::BusBuf,
-    /// The framing of the message `on_message` is handling.
-    pub current_kind: Kind,
     /// Connections resumed by the plugin: read what waited in the kernel.
     pub resumed: Vec<u64>,
     /// Half-closed connections (`end`) and when to close them for good.
@@ -126,7 +124,6 @@ impl Core {
             registry: Registry::default(),
             bus: None,
             bus_buf: bus::BusBuf::default(),
-            current_kind: Kind::Default,
             resumed: Vec::new(),
             lingering: Vec::new(),
             last_sample: None,
@@ -197,7 +194,7 @@ impl Core {
         let max = conn.max_send;
         // Outbound connections queue what is sent while they connect.
         let open = matches!(conn.state, State::Open | State::Connecting);
-        if !open || matches!(conn.codec, Codec::Websocket(None)) {
+        if !open || !conn.codec.sendable() {
             self.send_failed(id, "client closed");
             return RawSendStatus::Closed;
         }
@@ -209,29 +206,18 @@ impl Core {
         if let Codec::Http(_) = conn.codec {
             return self.respond(id, 200, [], data);
         }
-        let encoded;
-        let env;
-        let parts: [&[u8]; 3] = if let Codec::WsClient(_) = conn.codec {
-            let mut frame = Vec::with_capacity(data.len() + 14);
-            super::outbound::client_frame(data, kind == Kind::Binary, &mut frame);
-            encoded = frame;
-            [&encoded, &[], &[]]
-        } else if let (Codec::Custom, Some(proto)) = (&conn.codec, self.custom) {
-            let Some(bytes) = proto.encode(data) else {
+        let framer = self.custom.as_ref().map(|p| p as &dyn Framer);
+        let mut wire = Wire::default();
+        let parts = match conn.codec.encode(data, kind, framer, &mut wire) {
+            Ok(parts) => parts,
+            Err(ProtocolError::Custom(_)) => {
                 self.send_failed(id, "the plugin's protocol failed to encode");
                 return RawSendStatus::Dropped;
-            };
-            encoded = bytes;
-            [&encoded, &[], &[]]
-        } else {
-            env = match conn.codec.envelope(data.len(), kind) {
-                Ok(env) => env,
-                Err(_) => {
-                    self.send_failed(id, "message too large for the protocol");
-                    return RawSendStatus::Dropped;
-                }
-            };
-            [env.header(), data, env.trailer]
+            }
+            Err(_) => {
+                self.send_failed(id, "message too large for the protocol");
+                return RawSendStatus::Dropped;
+            }
         };
         match conn.write_parts(&parts) {
             Ok(true) => RawSendStatus::Sent,
@@ -269,8 +255,11 @@ impl Core {
         };
         if conn.state == State::Open {
             // A websocket says goodbye with a close frame (1000: normal).
-            if matches!(&conn.codec, Codec::Websocket(Some(r)) if !r.closing()) {
-                let _ = conn.write_parts(&[&websocket::close_frame(1000)]);
+            if let Some(bye) = match &conn.codec {
+                Codec::Websocket(ws) => ws.goodbye(),
+                _ => None,
+            } {
+                let _ = conn.write_parts(&[&bye]);
             }
             conn.state = State::Closing;
             if conn.pending() == 0 {
@@ -693,16 +682,7 @@ impl Core {
                 worker: self.info.name.as_str().to_string(),
                 id: c.id,
                 transport: "tcp".into(),
-                protocol: match c.codec {
-                    Codec::Tcp => "tcp",
-                    Codec::Text(_) => "text",
-                    Codec::Frame => "frame",
-                    Codec::Websocket(_) => "websocket",
-                    Codec::Http(_) => "http",
-                    Codec::Custom => "custom",
-                    Codec::WsClient(_) => "ws-client",
-                }
-                .into(),
+                protocol: c.codec.name().into(),
                 local: addr(c.local),
                 remote: addr(c.remote),
                 recv_q: c.inbuf.len() as u64,
