@@ -4,9 +4,12 @@
 
 mod conn;
 mod core;
+mod groups;
 mod host_api;
 mod outbound;
+mod respond;
 mod runner;
+mod stats;
 mod timers;
 
 use std::io::{self, Read};
