@@ -343,11 +343,24 @@ pub fn run(spec: Spec) -> i32 {
     // how workers stop, and tells them over the control socket.
     ignore_signals();
     // SAFETY: the master passes these descriptors to every worker, open.
-    let ctl_std = unsafe { StdUnixStream::from_raw_fd(CONTROL_FD) };
-    let listen_fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FD) };
-    let bus_fd = unsafe { OwnedFd::from_raw_fd(BUS_FD) };
+    let ctl = unsafe { StdUnixStream::from_raw_fd(CONTROL_FD) };
+    let listener = unsafe { std::net::TcpListener::from(OwnedFd::from_raw_fd(LISTEN_FD)) };
+    let bus = unsafe { StdUnixStream::from(OwnedFd::from_raw_fd(BUS_FD)) };
+    serve(spec, ctl, listener, bus)
+}
+
+/// Runs a worker on these sockets until it is told to stop over `ctl` (or
+/// `ctl` closes), and returns its exit code. `run` is this on the inherited
+/// descriptors; tests call it in-process, on a thread. The sockets need not
+/// be non-blocking yet.
+pub fn serve(
+    spec: Spec,
+    ctl: StdUnixStream,
+    listener: std::net::TcpListener,
+    bus: StdUnixStream,
+) -> i32 {
     let _span = tracing::info_span!("worker", name = %spec.worker.name, id = spec.id, pid = std::process::id()).entered();
-    match start(spec, ctl_std, listen_fd, bus_fd) {
+    match start(spec, ctl, listener, bus) {
         Ok(mut worker) => match worker.run() {
             Ok(()) => 0,
             Err(e) => {
@@ -405,8 +418,8 @@ fn leak_info(spec: &Spec) -> &'static RawWorkerInfo {
 fn start(
     spec: Spec,
     ctl_std: StdUnixStream,
-    listen_fd: OwnedFd,
-    bus_fd: OwnedFd,
+    std_listener: std::net::TcpListener,
+    bus_std: StdUnixStream,
 ) -> Result<Worker, (StdUnixStream, String)> {
     let plugin = match LoadedPlugin::load(&spec.load_from, &spec.worker.plugin) {
         Ok(p) => p,
@@ -447,7 +460,6 @@ fn start(
         }
     }
     let setup = |poll: Poll| -> io::Result<(Poll, TcpListener, UnixStream, UnixStream)> {
-        let std_listener = std::net::TcpListener::from(listen_fd);
         std_listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(std_listener);
         ctl_std.set_nonblocking(true)?;
@@ -456,7 +468,6 @@ fn start(
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         poll.registry()
             .register(&mut ctl, CONTROL, Interest::READABLE | Interest::WRITABLE)?;
-        let bus_std = StdUnixStream::from(bus_fd);
         bus_std.set_nonblocking(true)?;
         let mut bus = UnixStream::from_std(bus_std);
         poll.registry()
