@@ -11,6 +11,7 @@ pub struct TextDecoder {
 }
 
 impl TextDecoder {
+    #[inline]
     pub(crate) fn decode(
         &mut self,
         input: &[u8],

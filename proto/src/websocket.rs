@@ -144,22 +144,6 @@ const OPEN: Stage = Stage::Open {
     closing: false,
 };
 
-/// What one frame held, before it becomes a [`Step`].
-enum Frame {
-    /// A whole message at `input[start..end]`.
-    Message {
-        kind: Kind,
-        start: usize,
-        end: usize,
-    },
-    /// A final fragment completed a message, joined from its fragments.
-    Assembled { kind: Kind, data: Vec<u8> },
-    /// Nothing for the application.
-    Skipped,
-    /// The peer closed; our reply is in the output.
-    Closed,
-}
-
 impl WsCodec {
     /// A connection we accepted: waits for the upgrade request.
     pub fn server() -> WsCodec {
@@ -255,30 +239,13 @@ impl WsCodec {
             Stage::Answer { .. } => self.server_answer(input),
             // Only the application's verdict moves this on.
             Stage::Upgrading { .. } => Ok(Step::NeedMore),
-            Stage::Open { .. } => {
-                let Some((frame, consumed)) = self.frame(input, cx.max, cx.replies)? else {
-                    return Ok(Step::NeedMore);
-                };
-                let input: &'a [u8] = input;
-                Ok(match frame {
-                    Frame::Message { kind, start, end } => Step::Message {
-                        data: Cow::Borrowed(&input[start..end]),
-                        kind,
-                        consumed,
-                    },
-                    Frame::Assembled { kind, data } => Step::Message {
-                        data: Cow::Owned(data),
-                        kind,
-                        consumed,
-                    },
-                    Frame::Skipped => Step::Skip { consumed },
-                    Frame::Closed => Step::Closed,
-                })
-            }
+            Stage::Open { .. } => self.frame(input, cx.max, cx.replies),
         }
     }
 
     /// Server: the upgrade request, checked.
+    // Once per connection: kept out of the frame path.
+    #[inline(never)]
     fn upgrade_request<'a>(
         &mut self,
         input: &'a [u8],
@@ -306,6 +273,7 @@ impl WsCodec {
     }
 
     /// Client: the server's answer to our request.
+    #[inline(never)]
     fn server_answer<'a>(&mut self, input: &'a [u8]) -> Result<Step<'a>, Error> {
         let Stage::Answer { key } = &self.stage else {
             return Ok(Step::NeedMore);
@@ -334,25 +302,29 @@ impl WsCodec {
     }
 
     /// Decodes the frame at the start of `input`, unmasking its payload in
-    /// place. `None`: the frame is not complete yet; nothing was consumed.
-    fn frame(
+    /// place, so a whole message is a slice of `input`.
+    #[inline(always)]
+    fn frame<'a>(
         &mut self,
-        input: &mut [u8],
+        input: &'a mut [u8],
         max: usize,
         out: &mut Vec<u8>,
-    ) -> Result<Option<(Frame, usize)>, Error> {
+    ) -> Result<Step<'a>, Error> {
         let role = self.role;
         let Stage::Open { partial, closing } = &mut self.stage else {
-            return Ok(None);
+            return Ok(Step::NeedMore);
         };
         if *closing {
             // Nothing after our close frame counts; drop it.
-            return Ok((!input.is_empty()).then_some((Frame::Skipped, input.len())));
+            return Ok(match input.len() {
+                0 => Step::NeedMore,
+                consumed => Step::Skip { consumed },
+            });
         }
         let mut cursor = io::Cursor::new(&*input);
         let (header, len) = match FrameHeader::parse(&mut cursor) {
             Ok(Some(h)) => h,
-            Ok(None) => return Ok(None),
+            Ok(None) => return Ok(Step::NeedMore),
             Err(e) => return Err(self.fail(out, 1002, e.to_string())),
         };
         let head = cursor.position() as usize;
@@ -382,13 +354,14 @@ impl WsCodec {
         }
         let end = head + len as usize;
         if input.len() < end {
-            return Ok(None);
+            return Ok(Step::NeedMore);
         }
         let payload = &mut input[head..end];
         if let Some(mask) = header.mask {
             apply_mask(payload, mask);
         }
-        let frame = match opcode {
+        let skip = Step::Skip { consumed: end };
+        Ok(match opcode {
             OP_TEXT | OP_BINARY => {
                 let kind = if opcode == OP_BINARY {
                     Kind::Binary
@@ -401,14 +374,15 @@ impl WsCodec {
                 }
                 if !header.is_final {
                     *partial = Some((kind, payload.to_vec()));
-                    Frame::Skipped
+                    skip
                 } else if kind == Kind::Text && std::str::from_utf8(payload).is_err() {
                     return Err(self.fail(out, 1007, "text message is not valid UTF-8".into()));
                 } else {
-                    Frame::Message {
+                    let input: &'a [u8] = input;
+                    Step::Message {
+                        data: Cow::Borrowed(&input[head..end]),
                         kind,
-                        start: head,
-                        end,
+                        consumed: end,
                     }
                 }
             }
@@ -420,27 +394,31 @@ impl WsCodec {
                 data.extend_from_slice(payload);
                 if !header.is_final {
                     *partial = Some((kind, data));
-                    Frame::Skipped
+                    skip
                 } else if kind == Kind::Text && std::str::from_utf8(&data).is_err() {
                     return Err(self.fail(out, 1007, "text message is not valid UTF-8".into()));
                 } else {
-                    Frame::Assembled { kind, data }
+                    Step::Message {
+                        data: Cow::Owned(data),
+                        kind,
+                        consumed: end,
+                    }
                 }
             }
             OP_PING => {
                 write_frame(out, OP_PONG, payload, self.mask());
-                Frame::Skipped
+                skip
             }
-            OP_PONG => Frame::Skipped,
+            OP_PONG => skip,
             OP_CLOSE => self.peer_closed(payload, out)?,
             // FrameHeader::parse refuses the reserved opcodes.
             _ => return Err(self.fail(out, 1002, format!("unexpected opcode {opcode}"))),
-        };
-        Ok(Some((frame, end)))
+        })
     }
 
     /// Answers the peer's close frame, echoing its status code.
-    fn peer_closed(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<Frame, Error> {
+    #[cold]
+    fn peer_closed(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<Step<'static>, Error> {
         let code = match payload {
             [] => None,
             [_] => return Err(self.fail(out, 1002, "close frame with a 1-byte payload".into())),
@@ -461,10 +439,11 @@ impl WsCodec {
             partial: None,
             closing: true,
         };
-        Ok(Frame::Closed)
+        Ok(Step::Closed)
     }
 
     /// The peer broke the protocol: a close frame with `code` goes out.
+    #[cold]
     fn fail(&mut self, out: &mut Vec<u8>, code: u16, reason: String) -> Error {
         if !self.closing() {
             write_frame(out, OP_CLOSE, &code.to_be_bytes(), self.mask());
@@ -483,16 +462,16 @@ impl WsCodec {
         let (mut h, n) = frame_header(data.len(), kind == Kind::Binary);
         match self.role {
             Role::Server => {
-                wire.set_head(&h[..n]);
+                wire.set_head(h, n);
                 [wire.head(), data, &[]]
             }
             Role::Client => {
                 let mask = random_mask();
                 h[1] |= 0x80;
                 let mut head = [0u8; 14];
-                head[..n].copy_from_slice(&h[..n]);
+                head[..10].copy_from_slice(&h);
                 head[n..n + 4].copy_from_slice(&mask);
-                wire.set_head(&head[..n + 4]);
+                wire.set_head(head, n + 4);
                 wire.body.clear();
                 wire.body.extend_from_slice(data);
                 apply_mask(&mut wire.body, mask);

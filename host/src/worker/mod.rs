@@ -125,9 +125,12 @@ fn decode_input(
     let mut pos = 0;
     // Replies of the codec itself; allocated only when there is one.
     let mut replies = Vec::new();
-    let max = core.max_package_size;
     let custom = core.custom;
-    let framer = custom.as_ref().map(|p| p as &dyn Framer);
+    let mut cx = DecodeCx {
+        max: core.max_package_size,
+        replies: &mut replies,
+        framer: custom.as_ref().map(|p| p as &dyn Framer),
+    };
     loop {
         let Some(conn) = core::lookup(&mut core.conns, id) else {
             return input.len();
@@ -140,15 +143,10 @@ fn decode_input(
             return pos;
         }
         let mut scratch = http::Scratch::new();
-        let mut cx = DecodeCx {
-            max,
-            replies: &mut replies,
-            framer,
-        };
         let step = conn.codec.decode(&mut input[pos..], &mut scratch, &mut cx);
-        if !replies.is_empty() {
-            core.send_raw(id, &replies);
-            replies.clear();
+        if !cx.replies.is_empty() {
+            core.send_raw(id, cx.replies);
+            cx.replies.clear();
         }
         match step {
             Ok(Step::NeedMore) => return pos,
