@@ -37,22 +37,20 @@ pub struct CustomProtocol {
     proto: *mut std::ffi::c_void,
 }
 
-impl CustomProtocol {
-    /// Length of the first packet: `Ok(None)` needs more.
-    pub fn input(&self, buf: &[u8]) -> Result<Option<usize>, String> {
+impl wm_proto::Framer for CustomProtocol {
+    fn packet_len(&self, buf: &[u8]) -> Result<Option<usize>, String> {
         match (self.vt.protocol_input())(self.proto, RSlice::from_slice(buf)) {
             RResult::ROk(n) => Ok(n.into_option().map(|n| n as usize)),
             RResult::RErr(e) => Err(e.into_string()),
         }
     }
 
-    /// The message's offsets inside a packet.
-    pub fn decode(&self, packet: &[u8]) -> (usize, usize) {
+    fn message(&self, packet: &[u8]) -> (usize, usize) {
         let r = (self.vt.protocol_decode())(self.proto, RSlice::from_slice(packet));
         (r.0 as usize, r.1 as usize)
     }
 
-    pub fn encode(&self, data: &[u8]) -> Option<Vec<u8>> {
+    fn encode(&self, data: &[u8]) -> Option<Vec<u8>> {
         let mut out = RVec::new();
         (self.vt.protocol_encode())(self.proto, RSlice::from_slice(data), &mut out)
             .then(|| out.into_vec())

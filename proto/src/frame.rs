@@ -5,6 +5,7 @@ use super::{Message, ProtocolError};
 
 const HEADER: usize = 4;
 
+#[inline]
 pub fn decode(input: &[u8], max: usize) -> Result<Option<Message>, ProtocolError> {
     let Some(head) = input.first_chunk::<HEADER>() else {
         return Ok(None);

@@ -84,16 +84,19 @@ pub struct Scratch<'a> {
     /// Left uninitialized: filling 4 KiB for every decode call showed in
     /// profiles. The decoder writes as many as the request has.
     fields: [MaybeUninit<Field<'a>>; MAX_HEADERS],
-    lossy: Vec<String>,
-    body: Vec<u8>,
+    /// `None` until needed (rare): the worker makes a scratch for every
+    /// decode step of every codec, and `None` costs one store to make and
+    /// one test to drop.
+    lossy: Option<Vec<String>>,
+    body: Option<Vec<u8>>,
 }
 
 impl Scratch<'_> {
     pub fn new() -> Self {
         Scratch {
             fields: [MaybeUninit::uninit(); MAX_HEADERS],
-            lossy: Vec::new(),
-            body: Vec::new(),
+            lossy: None,
+            body: None,
         }
     }
 }
@@ -267,10 +270,7 @@ impl HttpDecoder {
         };
         request.body = match pending.body {
             Body::Fixed { len } => &input[pending.head_len..pending.head_len + len],
-            Body::Chunked { data, .. } => {
-                *body = data;
-                body
-            }
+            Body::Chunked { data, .. } => body.insert(data),
         };
         Ok(Some(Event::Request { request, consumed }))
     }
@@ -334,7 +334,7 @@ fn parse_head<'a>(
     head: &'a [u8],
     limits: &Limits,
     fields: &'a mut [MaybeUninit<Field<'a>>; MAX_HEADERS],
-    lossy: &'a mut Vec<String>,
+    lossy: &'a mut Option<Vec<String>>,
 ) -> Result<(Request<'a>, Pending), HttpError> {
     let mut slots = [MaybeUninit::uninit(); MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
@@ -358,14 +358,15 @@ fn parse_head<'a>(
         let value = match std::str::from_utf8(trim_ows(h.value)) {
             Ok(v) => v,
             Err(_) => {
-                lossy.push(String::from_utf8_lossy(trim_ows(h.value)).into_owned());
+                let text = String::from_utf8_lossy(trim_ows(h.value)).into_owned();
+                lossy.get_or_insert_with(Vec::new).push(text);
                 ""
             }
         };
         field.write(Tuple2(RStr::from_str(h.name), RStr::from_str(value)));
         n += 1;
     }
-    if !lossy.is_empty() {
+    if let Some(lossy) = lossy {
         // Rare: filled in once `lossy` is complete, as it may have moved.
         let lossy: &'a Vec<String> = lossy;
         let mut texts = lossy.iter();

@@ -11,7 +11,12 @@ pub struct TextDecoder {
 }
 
 impl TextDecoder {
-    pub fn decode(&mut self, input: &[u8], max: usize) -> Result<Option<Message>, ProtocolError> {
+    #[inline]
+    pub(crate) fn decode(
+        &mut self,
+        input: &[u8],
+        max: usize,
+    ) -> Result<Option<Message>, ProtocolError> {
         let from = self.scanned.min(input.len());
         match input[from..].iter().position(|&b| b == b'\n') {
             Some(i) => {
@@ -25,6 +30,8 @@ impl TextDecoder {
                 } else {
                     nl
                 };
+                // The caller takes the message off the front: the rest is unscanned.
+                self.scanned = 0;
                 Ok(Some(Message {
                     start: 0,
                     end,
@@ -40,10 +47,6 @@ impl TextDecoder {
                 Ok(None)
             }
         }
-    }
-
-    pub fn consumed(&mut self, n: usize) {
-        self.scanned = self.scanned.saturating_sub(n);
     }
 }
 

@@ -1,13 +1,17 @@
-//! `websocket://`: RFC 6455. The handshake is checked here, and frames are
-//! read by a pure state machine over the worker's buffers: tungstenite parses
-//! each header, payloads are unmasked in place, so a message reaches the
-//! plugin with no copy and no allocation. Outgoing data frames are a header in
-//! front of the payload, so sends go out zero-copy like other protocols.
+//! `websocket://`: RFC 6455, both sides, as one sans-IO codec. [`WsCodec`]
+//! reads the handshake (the upgrade request as a server, the 101 as a
+//! client), then frames: tungstenite parses each header and payloads are
+//! unmasked in place, so a message reaches the plugin with no copy and no
+//! allocation. Outgoing server frames are a header in front of the payload
+//! (sent zero-copy); client frames are masked, so their payload is copied.
 
+use std::borrow::Cow;
 use std::io;
 
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::frame::FrameHeader;
+
+use crate::{http, DecodeCx, Error, Kind, Step, Wire};
 
 /// Why a handshake was refused, as an HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +58,16 @@ pub fn switching_protocols(accept: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The HTTP answer refusing a handshake with `status`.
+pub fn refusal(status: u16, out: &mut Vec<u8>) {
+    let mut resp = http::error_response(status);
+    if status == 426 {
+        resp.headers
+            .push(("Sec-WebSocket-Version".into(), "13".into()));
+    }
+    http::encode_response(&resp, false, false, out);
+}
+
 /// The header of an unmasked, final server frame (opcode 1 text, 2 binary).
 pub fn frame_header(len: usize, binary: bool) -> ([u8; 10], usize) {
     let mut h = [0u8; 10];
@@ -90,46 +104,6 @@ pub enum Role {
     Client,
 }
 
-/// What one decoding step found at the start of the input.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Decoded {
-    /// A whole message, unmasked in place at `input[start..end]`.
-    Message {
-        binary: bool,
-        start: usize,
-        end: usize,
-        consumed: usize,
-    },
-    /// A final fragment completed a message, joined from its fragments.
-    Assembled {
-        binary: bool,
-        data: Vec<u8>,
-        consumed: usize,
-    },
-    /// A frame with nothing for the plugin: a fragment kept, a ping
-    /// answered, a pong.
-    Skipped { consumed: usize },
-    /// The peer closed and our reply is in the output: close the socket
-    /// once it is written.
-    Closed { consumed: usize },
-    /// The peer broke the protocol: the close frame with `code` is in the
-    /// output; close the socket after it.
-    Failed { code: u16, reason: String },
-}
-
-/// Per-connection frame reader: a pure state machine over the worker's
-/// buffers. Frames are unmasked in place, so an unfragmented message reaches
-/// the plugin without a copy or an allocation; only a fragmented message is
-/// gathered into a buffer of its own.
-pub struct WsReader {
-    role: Role,
-    max: usize,
-    /// A fragmented message being joined: whether binary, bytes so far.
-    partial: Option<(bool, Vec<u8>)>,
-    /// A close frame was sent (in reply or on error): read and send no more.
-    closing: bool,
-}
-
 /// Opcodes (RFC 6455 §5.2).
 const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -138,174 +112,372 @@ const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xa;
 
-impl WsReader {
-    /// The reader of a connection we accepted.
-    pub fn new(max_message: usize) -> WsReader {
-        WsReader::with_role(Role::Server, max_message)
-    }
+/// A client's answer longer than this without its end is refused.
+const MAX_ANSWER: usize = 16 * 1024;
 
-    /// The reader of our own outbound websocket (server frames unmasked).
-    pub fn client(max_message: usize) -> WsReader {
-        WsReader::with_role(Role::Client, max_message)
-    }
+/// One websocket connection, either side: handshake, then frames.
+pub struct WsCodec {
+    role: Role,
+    stage: Stage,
+}
 
-    fn with_role(role: Role, max: usize) -> WsReader {
-        WsReader {
-            role,
-            max,
-            partial: None,
-            closing: false,
+enum Stage {
+    /// Server: waiting for the upgrade request.
+    Request,
+    /// Server: the request was valid and the application decides; holds
+    /// the `Sec-WebSocket-Accept` value for the 101.
+    Upgrading { accept: String },
+    /// Client: our request is out (see [`WsCodec::client_request`]);
+    /// waiting for the 101. Holds our `Sec-WebSocket-Key`.
+    Answer { key: String },
+    /// Frames.
+    Open {
+        /// A fragmented message being joined: its kind, bytes so far.
+        partial: Option<(Kind, Vec<u8>)>,
+        /// A close frame was sent (in reply or on error): read no more.
+        closing: bool,
+    },
+}
+
+const OPEN: Stage = Stage::Open {
+    partial: None,
+    closing: false,
+};
+
+impl WsCodec {
+    /// A connection we accepted: waits for the upgrade request.
+    pub fn server() -> WsCodec {
+        WsCodec {
+            role: Role::Server,
+            stage: Stage::Request,
         }
     }
 
+    /// Our outbound connection, with a fresh key: send
+    /// [`client_request`](Self::client_request) first.
+    pub fn client() -> WsCodec {
+        WsCodec {
+            role: Role::Client,
+            stage: Stage::Answer {
+                key: tungstenite::handshake::client::generate_key(),
+            },
+        }
+    }
+
+    /// A codec past its handshake (for tests and benchmarks of frames).
+    pub fn open(role: Role) -> WsCodec {
+        WsCodec { role, stage: OPEN }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Past the handshake: the application knows the connection.
+    pub fn is_open(&self) -> bool {
+        matches!(self.stage, Stage::Open { .. })
+    }
+
+    /// Whether the application may send: a server only once open; a client
+    /// right behind its request.
+    pub fn sendable(&self) -> bool {
+        self.role == Role::Client || self.is_open()
+    }
+
+    /// A close frame was sent: nothing more is read.
     pub fn closing(&self) -> bool {
-        self.closing
+        matches!(self.stage, Stage::Open { closing: true, .. })
+    }
+
+    /// The close frame a server sends when it closes an open connection
+    /// itself (1000: normal); none once a close frame went out.
+    pub fn goodbye(&self) -> Option<[u8; 4]> {
+        let open = matches!(self.stage, Stage::Open { closing: false, .. });
+        (self.role == Role::Server && open).then(|| close_frame(1000))
+    }
+
+    /// The client's handshake request, with this codec's key.
+    pub fn client_request(&self, host: &str, path: &str) -> Vec<u8> {
+        let key = match &self.stage {
+            Stage::Answer { key } => key.as_str(),
+            _ => "",
+        };
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    /// After [`Step::Upgrade`]: the application took the connection. The
+    /// 101 goes into `out`, and frames follow.
+    pub fn accept(&mut self, out: &mut Vec<u8>) {
+        if let Stage::Upgrading { accept } = &self.stage {
+            out.extend_from_slice(&switching_protocols(accept));
+            self.stage = OPEN;
+        }
+    }
+
+    /// After [`Step::Upgrade`]: the application refused with `status`; the
+    /// answer goes into `out`. Close the connection after it.
+    pub fn refuse(&mut self, status: u16, out: &mut Vec<u8>) {
+        self.stage = Stage::Request;
+        refusal(status, out);
+    }
+
+    /// Decodes what the start of `input` holds: the handshake, or a frame
+    /// whose payload is unmasked in place. Control replies (pong, close, a
+    /// refusal) go to `cx.replies`.
+    pub fn decode<'a>(
+        &mut self,
+        input: &'a mut [u8],
+        scratch: &'a mut http::Scratch<'a>,
+        cx: &mut DecodeCx<'_>,
+    ) -> Result<Step<'a>, Error> {
+        match &self.stage {
+            Stage::Request => self.upgrade_request(input, scratch, cx.replies),
+            Stage::Answer { .. } => self.server_answer(input),
+            // Only the application's verdict moves this on.
+            Stage::Upgrading { .. } => Ok(Step::NeedMore),
+            Stage::Open { .. } => self.frame(input, cx.max, cx.replies),
+        }
+    }
+
+    /// Server: the upgrade request, checked.
+    // Once per connection: kept out of the frame path.
+    #[inline(never)]
+    fn upgrade_request<'a>(
+        &mut self,
+        input: &'a [u8],
+        scratch: &'a mut http::Scratch<'a>,
+        out: &mut Vec<u8>,
+    ) -> Result<Step<'a>, Error> {
+        let limits = http::Limits::new(0);
+        let refuse = |status: u16, reason: Cow<'static, str>, out: &mut Vec<u8>| {
+            refusal(status, out);
+            Err(Error::Refused { status, reason })
+        };
+        match http::HttpDecoder::new().decode(input, &limits, scratch) {
+            Ok(Some(http::Event::Request { request, consumed })) => {
+                match accept_key(request.method, request.version, |h| request.header(h)) {
+                    Ok(accept) => {
+                        self.stage = Stage::Upgrading { accept };
+                        Ok(Step::Upgrade { request, consumed })
+                    }
+                    Err(r) => refuse(r.status, r.reason.into(), out),
+                }
+            }
+            Ok(Some(http::Event::Continue)) | Ok(None) => Ok(Step::NeedMore),
+            Err(e) => refuse(e.status(), e.to_string().into(), out),
+        }
+    }
+
+    /// Client: the server's answer to our request.
+    #[inline(never)]
+    fn server_answer<'a>(&mut self, input: &'a [u8]) -> Result<Step<'a>, Error> {
+        let Stage::Answer { key } = &self.stage else {
+            return Ok(Step::NeedMore);
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let consumed = match resp.parse(input) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if input.len() < MAX_ANSWER => return Ok(Step::NeedMore),
+            _ => return Err(Error::Rejected("bad websocket handshake answer".into())),
+        };
+        let accept = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
+            .map(|h| h.value);
+        let code = resp.code.unwrap_or(0);
+        let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        if code != 101 || accept != Some(expected.as_bytes()) {
+            return Err(Error::Rejected(format!(
+                "websocket handshake refused (HTTP {code})"
+            )));
+        }
+        self.stage = OPEN;
+        Ok(Step::Connected { consumed })
     }
 
     /// Decodes the frame at the start of `input`, unmasking its payload in
-    /// place. Control replies (pong, close) are appended to `out`.
-    /// `None` means the frame is not complete yet; nothing was consumed.
-    pub fn decode(&mut self, input: &mut [u8], out: &mut Vec<u8>) -> Option<Decoded> {
-        if self.closing {
+    /// place, so a whole message is a slice of `input`.
+    #[inline(always)]
+    fn frame<'a>(
+        &mut self,
+        input: &'a mut [u8],
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<Step<'a>, Error> {
+        let role = self.role;
+        let Stage::Open { partial, closing } = &mut self.stage else {
+            return Ok(Step::NeedMore);
+        };
+        if *closing {
             // Nothing after our close frame counts; drop it.
-            return (!input.is_empty()).then_some(Decoded::Skipped {
-                consumed: input.len(),
+            return Ok(match input.len() {
+                0 => Step::NeedMore,
+                consumed => Step::Skip { consumed },
             });
         }
         let mut cursor = io::Cursor::new(&*input);
         let (header, len) = match FrameHeader::parse(&mut cursor) {
             Ok(Some(h)) => h,
-            Ok(None) => return None,
-            Err(e) => return Some(self.fail(out, 1002, e.to_string())),
+            Ok(None) => return Ok(Step::NeedMore),
+            Err(e) => return Err(self.fail(out, 1002, e.to_string())),
         };
         let head = cursor.position() as usize;
         let opcode = u8::from(header.opcode);
         let control = opcode & 0x8 != 0;
         if header.rsv1 || header.rsv2 || header.rsv3 {
-            return Some(self.fail(out, 1002, "reserved bits set without an extension".into()));
+            return Err(self.fail(out, 1002, "reserved bits set without an extension".into()));
         }
-        match (self.role, header.mask) {
+        match (role, header.mask) {
             (Role::Server, None) => {
-                return Some(self.fail(out, 1002, "client frame is not masked".into()))
+                return Err(self.fail(out, 1002, "client frame is not masked".into()))
             }
             (Role::Client, Some(_)) => {
-                return Some(self.fail(out, 1002, "server frame is masked".into()))
+                return Err(self.fail(out, 1002, "server frame is masked".into()))
             }
             _ => {}
         }
         if control && (!header.is_final || len > 125) {
-            return Some(self.fail(
-                out,
-                1002,
-                "control frame fragmented or over 125 bytes".into(),
-            ));
+            let reason = "control frame fragmented or over 125 bytes";
+            return Err(self.fail(out, 1002, reason.into()));
         }
-        let so_far = self.partial.as_ref().map_or(0, |(_, p)| p.len() as u64);
-        if !control && len.saturating_add(so_far) > self.max as u64 {
+        let so_far = partial.as_ref().map_or(0, |(_, p)| p.len() as u64);
+        if !control && len.saturating_add(so_far) > max as u64 {
             let size = len.saturating_add(so_far);
-            let reason = format!(
-                "message of {size} bytes is over max_package_size ({})",
-                self.max
-            );
-            return Some(self.fail(out, 1009, reason));
+            let reason = format!("message of {size} bytes is over max_package_size ({max})");
+            return Err(self.fail(out, 1009, reason));
         }
         let end = head + len as usize;
         if input.len() < end {
-            return None;
+            return Ok(Step::NeedMore);
         }
         let payload = &mut input[head..end];
         if let Some(mask) = header.mask {
             apply_mask(payload, mask);
         }
-        let consumed = end;
-        match opcode {
+        let skip = Step::Skip { consumed: end };
+        Ok(match opcode {
             OP_TEXT | OP_BINARY => {
-                let binary = opcode == OP_BINARY;
-                if self.partial.is_some() {
-                    return Some(self.fail(
-                        out,
-                        1002,
-                        "new message before the last one ended".into(),
-                    ));
+                let kind = if opcode == OP_BINARY {
+                    Kind::Binary
+                } else {
+                    Kind::Text
+                };
+                if partial.is_some() {
+                    let reason = "new message before the last one ended";
+                    return Err(self.fail(out, 1002, reason.into()));
                 }
                 if !header.is_final {
-                    self.partial = Some((binary, payload.to_vec()));
-                    return Some(Decoded::Skipped { consumed });
+                    *partial = Some((kind, payload.to_vec()));
+                    skip
+                } else if kind == Kind::Text && std::str::from_utf8(payload).is_err() {
+                    return Err(self.fail(out, 1007, "text message is not valid UTF-8".into()));
+                } else {
+                    let input: &'a [u8] = input;
+                    Step::Message {
+                        data: Cow::Borrowed(&input[head..end]),
+                        kind,
+                        consumed: end,
+                    }
                 }
-                if !binary && std::str::from_utf8(payload).is_err() {
-                    return Some(self.fail(out, 1007, "text message is not valid UTF-8".into()));
-                }
-                Some(Decoded::Message {
-                    binary,
-                    start: head,
-                    end,
-                    consumed,
-                })
             }
             OP_CONTINUATION => {
-                let Some((binary, mut data)) = self.partial.take() else {
-                    return Some(self.fail(
-                        out,
-                        1002,
-                        "continuation frame without a message".into(),
-                    ));
+                let Some((kind, mut data)) = partial.take() else {
+                    let reason = "continuation frame without a message";
+                    return Err(self.fail(out, 1002, reason.into()));
                 };
                 data.extend_from_slice(payload);
                 if !header.is_final {
-                    self.partial = Some((binary, data));
-                    return Some(Decoded::Skipped { consumed });
+                    *partial = Some((kind, data));
+                    skip
+                } else if kind == Kind::Text && std::str::from_utf8(&data).is_err() {
+                    return Err(self.fail(out, 1007, "text message is not valid UTF-8".into()));
+                } else {
+                    Step::Message {
+                        data: Cow::Owned(data),
+                        kind,
+                        consumed: end,
+                    }
                 }
-                if !binary && std::str::from_utf8(&data).is_err() {
-                    return Some(self.fail(out, 1007, "text message is not valid UTF-8".into()));
-                }
-                Some(Decoded::Assembled {
-                    binary,
-                    data,
-                    consumed,
-                })
             }
             OP_PING => {
                 write_frame(out, OP_PONG, payload, self.mask());
-                Some(Decoded::Skipped { consumed })
+                skip
             }
-            OP_PONG => Some(Decoded::Skipped { consumed }),
-            OP_CLOSE => Some(self.peer_closed(payload, out, consumed)),
+            OP_PONG => skip,
+            OP_CLOSE => self.peer_closed(payload, out)?,
             // FrameHeader::parse refuses the reserved opcodes.
-            _ => Some(self.fail(out, 1002, format!("unexpected opcode {opcode}"))),
-        }
+            _ => return Err(self.fail(out, 1002, format!("unexpected opcode {opcode}"))),
+        })
     }
 
     /// Answers the peer's close frame, echoing its status code.
-    fn peer_closed(&mut self, payload: &[u8], out: &mut Vec<u8>, consumed: usize) -> Decoded {
-        match payload {
-            [] => {
-                self.closing = true;
-                write_frame(out, OP_CLOSE, &[], self.mask());
-                Decoded::Closed { consumed }
-            }
-            [_] => self.fail(out, 1002, "close frame with a 1-byte payload".into()),
+    #[cold]
+    fn peer_closed(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<Step<'static>, Error> {
+        let code = match payload {
+            [] => None,
+            [_] => return Err(self.fail(out, 1002, "close frame with a 1-byte payload".into())),
             [a, b, reason @ ..] => {
                 let code = u16::from_be_bytes([*a, *b]);
                 if !CloseCode::from(code).is_allowed() {
-                    return self.fail(out, 1002, format!("close code {code} is not allowed"));
+                    return Err(self.fail(out, 1002, format!("close code {code} is not allowed")));
                 }
                 if std::str::from_utf8(reason).is_err() {
-                    return self.fail(out, 1007, "close reason is not valid UTF-8".into());
+                    return Err(self.fail(out, 1007, "close reason is not valid UTF-8".into()));
                 }
-                self.closing = true;
-                write_frame(out, OP_CLOSE, &code.to_be_bytes(), self.mask());
-                Decoded::Closed { consumed }
+                Some(code.to_be_bytes())
             }
-        }
+        };
+        let mask = self.mask();
+        write_frame(out, OP_CLOSE, code.as_ref().map_or(&[], |c| &c[..]), mask);
+        self.stage = Stage::Open {
+            partial: None,
+            closing: true,
+        };
+        Ok(Step::Closed)
     }
 
-    fn fail(&mut self, out: &mut Vec<u8>, code: u16, reason: String) -> Decoded {
-        self.partial = None;
-        if !self.closing {
-            self.closing = true;
+    /// The peer broke the protocol: a close frame with `code` goes out.
+    #[cold]
+    fn fail(&mut self, out: &mut Vec<u8>, code: u16, reason: String) -> Error {
+        if !self.closing() {
             write_frame(out, OP_CLOSE, &code.to_be_bytes(), self.mask());
         }
-        Decoded::Failed { code, reason }
+        self.stage = Stage::Open {
+            partial: None,
+            closing: true,
+        };
+        Error::Websocket { code, reason }
+    }
+
+    /// One outgoing data message as parts to write: a server frame is a
+    /// header before the payload itself; a client frame's payload is masked
+    /// into `wire`.
+    pub fn encode<'d>(&self, data: &'d [u8], kind: Kind, wire: &'d mut Wire) -> [&'d [u8]; 3] {
+        let (mut h, n) = frame_header(data.len(), kind == Kind::Binary);
+        match self.role {
+            Role::Server => {
+                wire.set_head(h, n);
+                [wire.head(), data, &[]]
+            }
+            Role::Client => {
+                let mask = random_mask();
+                h[1] |= 0x80;
+                let mut head = [0u8; 14];
+                head[..10].copy_from_slice(&h);
+                head[n..n + 4].copy_from_slice(&mask);
+                wire.set_head(head, n + 4);
+                wire.body.clear();
+                wire.body.extend_from_slice(data);
+                apply_mask(&mut wire.body, mask);
+                [wire.head(), &wire.body, &[]]
+            }
+        }
     }
 
     /// A fresh mask for frames we send as a client; none as a server.
@@ -360,10 +532,11 @@ pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
         *b ^= mask[i % 4];
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::{run, same_at_every_split, Ev as T};
+    use crate::{Codec, Scheme};
 
     /// A masked client frame.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
@@ -392,44 +565,44 @@ mod tests {
         Failed(u16),
     }
 
-    /// Feeds `chunks` as reads would arrive, keeping unconsumed bytes.
-    fn feed_all(r: &mut WsReader, chunks: &[&[u8]]) -> (Vec<Ev>, Vec<u8>) {
-        let (mut buf, mut out, mut ev) = (Vec::new(), Vec::new(), Vec::new());
-        for c in chunks {
-            buf.extend_from_slice(c);
-            let mut pos = 0;
-            while let Some(d) = r.decode(&mut buf[pos..], &mut out) {
-                match d {
-                    Decoded::Message {
-                        binary,
-                        start,
-                        end,
-                        consumed,
-                    } => {
-                        ev.push(Ev::Msg(binary, buf[pos + start..pos + end].to_vec()));
-                        pos += consumed;
-                    }
-                    Decoded::Assembled {
-                        binary,
-                        data,
-                        consumed,
-                    } => {
-                        ev.push(Ev::Msg(binary, data));
-                        pos += consumed;
-                    }
-                    Decoded::Skipped { consumed } => pos += consumed,
-                    Decoded::Closed { consumed } => {
-                        ev.push(Ev::Closed);
-                        pos += consumed;
-                    }
-                    Decoded::Failed { code, .. } => {
-                        ev.push(Ev::Failed(code));
-                        pos = buf.len();
-                    }
-                }
-            }
-            buf.drain(..pos);
+    /// A codec past its handshake, and the message size limit.
+    struct R {
+        codec: Codec,
+        max: usize,
+    }
+
+    fn server(max: usize) -> R {
+        R {
+            codec: Codec::Websocket(Box::new(WsCodec::open(Role::Server))),
+            max,
         }
+    }
+
+    fn client(max: usize) -> R {
+        R {
+            codec: Codec::Websocket(Box::new(WsCodec::open(Role::Client))),
+            max,
+        }
+    }
+
+    impl R {
+        fn closing(&self) -> bool {
+            matches!(&self.codec, Codec::Websocket(ws) if ws.closing())
+        }
+    }
+
+    /// Feeds `chunks` as reads would arrive, keeping unconsumed bytes.
+    fn feed_all(r: &mut R, chunks: &[&[u8]]) -> (Vec<Ev>, Vec<u8>) {
+        let (steps, out) = run(&mut r.codec, chunks, r.max, None);
+        let ev = steps
+            .into_iter()
+            .map(|s| match s {
+                T::Msg(kind, data) => Ev::Msg(kind == Kind::Binary, data),
+                T::Closed => Ev::Closed,
+                T::Failed(Error::Websocket { code, .. }) => Ev::Failed(code),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
         (ev, out)
     }
 
@@ -495,7 +668,7 @@ mod tests {
 
     #[test]
     fn text_binary_and_split_input() {
-        let mut r = WsReader::new(1 << 20);
+        let mut r = server(1 << 20);
         let mut wire = client_frame(true, 1, b"hello");
         wire.extend(client_frame(true, 2, &[0, 1, 2]));
         let chunks: Vec<&[u8]> = wire.chunks(3).collect();
@@ -506,7 +679,7 @@ mod tests {
 
     #[test]
     fn fragments_with_interleaved_ping_are_joined_and_ping_answered() {
-        let mut r = WsReader::new(1 << 20);
+        let mut r = server(1 << 20);
         let mut wire = client_frame(false, 1, b"frag");
         wire.extend(client_frame(true, 9, b"p"));
         wire.extend(client_frame(false, 0, b"men"));
@@ -518,7 +691,7 @@ mod tests {
 
     #[test]
     fn close_is_answered_with_the_same_code() {
-        let mut r = WsReader::new(1 << 20);
+        let mut r = server(1 << 20);
         let (ev, out) = feed_all(&mut r, &[&client_frame(true, 8, &1000u16.to_be_bytes())]);
         assert_eq!(ev, vec![Ev::Closed]);
         assert_eq!(out, vec![0x88, 2, 0x03, 0xe8]);
@@ -535,7 +708,7 @@ mod tests {
             (client_frame(true, 3, b"x"), 1002),          // reserved opcode
         ];
         for (wire, code) in cases {
-            let mut r = WsReader::new(1000);
+            let mut r = server(1000);
             let (ev, out) = feed_all(&mut r, &[&wire]);
             match &ev[..] {
                 [Ev::Failed(c)] => assert_eq!(*c, code, "{wire:?}"),
@@ -569,7 +742,7 @@ mod tests {
             text("ab"),
         ];
         for cut in 0..=wire.len() {
-            let mut r = WsReader::new(1 << 20);
+            let mut r = server(1 << 20);
             let (ev, out) = feed_all(&mut r, &[&wire[..cut], &wire[cut..]]);
             assert_eq!(ev, want, "split at {cut}");
             assert!(out.is_empty());
@@ -578,17 +751,17 @@ mod tests {
 
     #[test]
     fn close_without_code_or_with_a_bad_one() {
-        let mut r = WsReader::new(100);
+        let mut r = server(100);
         let (ev, out) = feed_all(&mut r, &[&client_frame(true, 8, b"")]);
         assert_eq!((ev, out), (vec![Ev::Closed], vec![0x88, 0]));
         // 1005 may not be sent on the wire; a 1-byte payload is malformed.
         for payload in [&1005u16.to_be_bytes()[..], &[3]] {
-            let mut r = WsReader::new(100);
+            let mut r = server(100);
             let (ev, out) = feed_all(&mut r, &[&client_frame(true, 8, payload)]);
             assert_eq!(ev, vec![Ev::Failed(1002)]);
             assert_eq!(out, close_frame(1002));
         }
-        let mut r = WsReader::new(100);
+        let mut r = server(100);
         let mut bad_reason = 1000u16.to_be_bytes().to_vec();
         bad_reason.push(0xff);
         let (ev, _) = feed_all(&mut r, &[&client_frame(true, 8, &bad_reason)]);
@@ -625,11 +798,11 @@ mod tests {
             (client_frame(true, 9, &[0; 126]), 1002),
         ];
         for (wire, code) in cases {
-            let mut r = WsReader::new(100);
+            let mut r = server(100);
             let (ev, _) = feed_all(&mut r, &[&wire]);
             assert_eq!(ev, vec![Ev::Failed(code)], "{wire:?}");
         }
-        let mut r = WsReader::new(100);
+        let mut r = server(100);
         let wire = [
             client_frame(false, 1, &[0xc3]),
             client_frame(true, 0, &[0xa9]),
@@ -640,7 +813,7 @@ mod tests {
 
     #[test]
     fn nothing_is_read_after_a_close() {
-        let mut r = WsReader::new(100);
+        let mut r = server(100);
         let wire = [client_frame(true, 8, b""), client_frame(true, 1, b"late")].concat();
         let (ev, _) = feed_all(&mut r, &[&wire]);
         assert_eq!(ev, vec![Ev::Closed]);
@@ -649,13 +822,13 @@ mod tests {
 
     #[test]
     fn client_role_wants_unmasked_frames_and_masks_its_replies() {
-        let mut r = WsReader::client(100);
+        let mut r = client(100);
         let (ev, out) = feed_all(&mut r, &[&[0x81, 2, b'h', b'i', 0x89, 1, b'p']]);
         assert_eq!(ev, vec![text("hi")]);
         assert_eq!(out.len(), 2 + 4 + 1, "masked pong");
         assert_eq!((out[0], out[1]), (0x8a, 0x81));
         assert_eq!(out[6] ^ out[2], b'p');
-        let mut r = WsReader::client(100);
+        let mut r = client(100);
         let (ev, _) = feed_all(&mut r, &[&client_frame(true, 1, b"hi")]);
         assert_eq!(ev, vec![Ev::Failed(1002)]);
     }
@@ -674,5 +847,188 @@ mod tests {
                 .collect();
             assert_eq!(fast, slow, "length {len}");
         }
+    }
+
+    const UPGRADE: &str = "GET /chat?room=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+                           Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+    #[test]
+    fn server_handshake_then_frames_at_every_split() {
+        // Frames may follow the request in the same read.
+        let mut wire = UPGRADE.as_bytes().to_vec();
+        wire.extend(client_frame(true, 1, b"hi"));
+        wire.extend(client_frame(true, 2, &[1, 2]));
+        wire.extend(client_frame(true, 8, &1000u16.to_be_bytes()));
+        let (ev, replies) =
+            same_at_every_split(|| Codec::new(Scheme::Websocket), &wire, 1 << 20, None);
+        assert_eq!(
+            ev,
+            vec![
+                T::Upgrade("/chat".into()),
+                T::Msg(Kind::Text, b"hi".to_vec()),
+                T::Msg(Kind::Binary, vec![1, 2]),
+                T::Closed,
+            ]
+        );
+        let answer = String::from_utf8_lossy(&replies);
+        assert!(answer.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
+        assert!(answer.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(replies.ends_with(&[0x88, 2, 0x03, 0xe8]), "close answered");
+    }
+
+    #[test]
+    fn server_refuses_bad_requests_and_on_request_of_the_application() {
+        for (req, status) in [
+            ("POST / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+            ("\x16\x03\x01 not http at all\r\n\r\n", 400),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: k\r\n\r\n",
+                426,
+            ),
+        ] {
+            let mut c = Codec::new(Scheme::Websocket);
+            let (ev, replies) = run(&mut c, &[req.as_bytes()], 100, None);
+            assert!(
+                matches!(&ev[..], [T::Failed(Error::Refused { status: s, .. })] if *s == status),
+                "{req:?}: {ev:?}"
+            );
+            let answer = String::from_utf8_lossy(&replies);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{answer}"
+            );
+            assert_eq!(answer.contains("Sec-WebSocket-Version: 13"), status == 426);
+            assert!(!c.established());
+        }
+        // The application's refusal, after a valid request.
+        let mut ws = WsCodec::server();
+        let (mut out, mut scratch) = (Vec::new(), crate::http::Scratch::new());
+        let mut input = UPGRADE.as_bytes().to_vec();
+        let mut cx = DecodeCx {
+            max: 100,
+            replies: &mut out,
+            framer: None,
+        };
+        let step = ws.decode(&mut input, &mut scratch, &mut cx).unwrap();
+        assert!(matches!(step, Step::Upgrade { consumed, .. } if consumed == UPGRADE.len()));
+        assert!(!ws.sendable() && !ws.is_open());
+        ws.refuse(403, &mut out);
+        assert!(out.starts_with(b"HTTP/1.1 403 "));
+        assert!(!ws.is_open());
+    }
+
+    /// The server's answer to `c`'s request.
+    fn answer_for(c: &WsCodec) -> String {
+        let req = String::from_utf8(c.client_request("h:1", "/p")).unwrap();
+        let key = req
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap();
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        String::from_utf8(switching_protocols(&accept)).unwrap()
+    }
+
+    #[test]
+    fn client_handshake_then_frames_at_every_split() {
+        let first = WsCodec::client();
+        let req = String::from_utf8(first.client_request("h:1", "/p?q")).unwrap();
+        assert!(
+            req.starts_with("GET /p?q HTTP/1.1\r\nHost: h:1\r\n"),
+            "{req}"
+        );
+        assert!(first.sendable() && !first.is_open());
+        let mut wire = answer_for(&first).into_bytes();
+        wire.extend([0x81, 2, b'h', b'i', 0x89, 1, b'p', 0x82, 1, 7]);
+        let new = || {
+            // Each run needs the same key: copy the first codec's.
+            let Stage::Answer { key } = &first.stage else {
+                unreachable!()
+            };
+            Codec::Websocket(Box::new(WsCodec {
+                role: Role::Client,
+                stage: Stage::Answer { key: key.clone() },
+            }))
+        };
+        let (ev, replies) = same_at_every_split(new, &wire, 100, None);
+        assert_eq!(
+            ev,
+            vec![
+                T::Connected,
+                T::Msg(Kind::Text, b"hi".to_vec()),
+                T::Msg(Kind::Binary, vec![7]),
+            ]
+        );
+        assert_eq!((replies[0], replies[1]), (0x8a, 0x81), "masked pong");
+    }
+
+    #[test]
+    fn client_rejects_a_wrong_answer() {
+        let c = WsCodec::client();
+        let other = answer_for(&WsCodec::client());
+        for answer in [
+            other.as_str(),
+            "HTTP/1.1 403 Forbidden\r\n\r\n",
+            "garbage\r\n\r\n",
+        ] {
+            let mut codec = Codec::Websocket(Box::new(WsCodec {
+                role: Role::Client,
+                stage: Stage::Answer {
+                    key: match &c.stage {
+                        Stage::Answer { key } => key.clone(),
+                        _ => unreachable!(),
+                    },
+                },
+            }));
+            let (ev, _) = run(&mut codec, &[answer.as_bytes()], 100, None);
+            assert!(matches!(&ev[..], [T::Failed(Error::Rejected(_))]), "{ev:?}");
+        }
+    }
+
+    #[test]
+    fn encode_server_unmasked_and_client_masked() {
+        let mut w = Wire::default();
+        let s = WsCodec::open(Role::Server);
+        let parts = s.encode(b"hello", Kind::Text, &mut w);
+        assert_eq!(parts[0], [0x81, 5]);
+        assert_eq!(parts[1].as_ptr(), b"hello".as_ptr(), "payload not copied");
+        let parts = s.encode(&[0; 300], Kind::Binary, &mut w);
+        assert_eq!(parts[0], [0x82, 126, 1, 44]);
+        // What a client encodes, a server decodes back (and the reverse).
+        for (from, to) in [(Role::Client, Role::Server), (Role::Server, Role::Client)] {
+            let mut wire = Vec::new();
+            for (data, kind) in [(&b"text"[..], Kind::Text), (&[0u8; 200][..], Kind::Binary)] {
+                let mut w = Wire::default();
+                wire.extend(WsCodec::open(from).encode(data, kind, &mut w).concat());
+            }
+            let mut codec = Codec::Websocket(Box::new(WsCodec::open(to)));
+            let (ev, _) = run(&mut codec, &[&wire], 1000, None);
+            assert_eq!(
+                ev,
+                vec![
+                    T::Msg(Kind::Text, b"text".to_vec()),
+                    T::Msg(Kind::Binary, vec![0; 200])
+                ],
+                "{from:?} to {to:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn goodbye_only_from_an_open_server() {
+        assert_eq!(
+            WsCodec::open(Role::Server).goodbye(),
+            Some(close_frame(1000))
+        );
+        assert_eq!(WsCodec::open(Role::Client).goodbye(), None);
+        assert_eq!(WsCodec::server().goodbye(), None);
+    }
+
+    #[test]
+    fn codec_stays_small() {
+        // One per idle connection: keep it within a 48-byte allocation.
+        assert!(std::mem::size_of::<WsCodec>() <= 48);
     }
 }

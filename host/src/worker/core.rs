@@ -1,8 +1,9 @@
-//! The part of a worker that plugin calls reach: connections, timers and
-//! counters. Host functions called from inside a plugin callback only change
-//! this state and queue follow-up callbacks (`deferred`, `closing`); the loop
-//! runs those after the current callback returns, so the plugin is never
-//! re-entered.
+//! The part of a worker that plugin calls reach: its state, and what it
+//! does to connections (send, close, pause). Host functions called from
+//! inside a plugin callback only change this state and queue follow-up
+//! callbacks (`deferred`, `closing`); the loop runs those after the current
+//! callback returns, so the plugin is never re-entered. HTTP answers,
+//! groups and introspection are in modules of their own.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -15,10 +16,10 @@ use slab::Slab;
 
 use super::conn::{Conn, State};
 use super::timers::Timers;
-use crate::bus::{self, BusMsg, Gid, Registry};
+use crate::bus::{self, Registry};
 use crate::ipc::WorkerStats;
 use crate::plugin::CustomProtocol;
-use wm_proto::{http, websocket, Codec, Kind};
+use wm_proto::{http, Codec, Framer, Kind, ProtocolError, Wire};
 
 /// How long a connection half-closed by `end()` may linger (Workerman: 1 s).
 pub const LINGER: Duration = Duration::from_secs(1);
@@ -35,22 +36,6 @@ pub enum Deferred {
     BufferDrain(u64),
     Error(u64, u32, Cow<'static, str>),
     Publish(String, Vec<u8>),
-}
-
-fn kind_code(kind: Kind) -> u8 {
-    match kind {
-        Kind::Default => 0,
-        Kind::Text => 1,
-        Kind::Binary => 2,
-    }
-}
-
-pub fn kind_from(code: u8) -> Kind {
-    match code {
-        1 => Kind::Text,
-        2 => Kind::Binary,
-        _ => Kind::Default,
-    }
 }
 
 pub struct Core {
@@ -72,14 +57,12 @@ pub struct Core {
     /// Frames for the master to relay to the other workers.
     pub bus: Option<mio::net::UnixStream>,
     pub bus_buf: bus::BusBuf,
-    /// The framing of the message `on_message` is handling.
-    pub current_kind: Kind,
     /// Connections resumed by the plugin: read what waited in the kernel.
     pub resumed: Vec<u64>,
     /// Half-closed connections (`end`) and when to close them for good.
     pub lingering: Vec<(Instant, u64)>,
     /// Total messages at the previous `status`, for qps.
-    last_sample: Option<(u64, Instant)>,
+    pub(super) last_sample: Option<(u64, Instant)>,
     /// The plugin's framing, for `custom://` listeners.
     pub custom: Option<CustomProtocol>,
     /// For registering outbound sockets; set once the loop exists.
@@ -91,8 +74,8 @@ pub struct Core {
     /// The reply buffer lent to the connection being read (see `Conn::lend_out`).
     pub spare_out: Vec<u8>,
     /// Where `respond` encodes a response head, reused.
-    head_buf: Vec<u8>,
-    date: http::DateCache,
+    pub(super) head_buf: Vec<u8>,
+    pub(super) date: http::DateCache,
 }
 
 /// Slab index of a connection id: the low 32 bits. The high 32 bits are a
@@ -126,7 +109,6 @@ impl Core {
             registry: Registry::default(),
             bus: None,
             bus_buf: bus::BusBuf::default(),
-            current_kind: Kind::Default,
             resumed: Vec::new(),
             lingering: Vec::new(),
             last_sample: None,
@@ -164,7 +146,7 @@ impl Core {
         }
     }
 
-    fn send_failed(&mut self, id: u64, why: &'static str) {
+    pub(super) fn send_failed(&mut self, id: u64, why: &'static str) {
         self.send_fail += 1;
         self.deferred.push_back(Deferred::Error(
             id,
@@ -197,7 +179,7 @@ impl Core {
         let max = conn.max_send;
         // Outbound connections queue what is sent while they connect.
         let open = matches!(conn.state, State::Open | State::Connecting);
-        if !open || matches!(conn.codec, Codec::Websocket(None)) {
+        if !open || !conn.codec.sendable() {
             self.send_failed(id, "client closed");
             return RawSendStatus::Closed;
         }
@@ -209,29 +191,18 @@ impl Core {
         if let Codec::Http(_) = conn.codec {
             return self.respond(id, 200, [], data);
         }
-        let encoded;
-        let env;
-        let parts: [&[u8]; 3] = if let Codec::WsClient(_) = conn.codec {
-            let mut frame = Vec::with_capacity(data.len() + 14);
-            super::outbound::client_frame(data, kind == Kind::Binary, &mut frame);
-            encoded = frame;
-            [&encoded, &[], &[]]
-        } else if let (Codec::Custom, Some(proto)) = (&conn.codec, self.custom) {
-            let Some(bytes) = proto.encode(data) else {
+        let framer = self.custom.as_ref().map(|p| p as &dyn Framer);
+        let mut wire = Wire::default();
+        let parts = match conn.codec.encode(data, kind, framer, &mut wire) {
+            Ok(parts) => parts,
+            Err(ProtocolError::Custom(_)) => {
                 self.send_failed(id, "the plugin's protocol failed to encode");
                 return RawSendStatus::Dropped;
-            };
-            encoded = bytes;
-            [&encoded, &[], &[]]
-        } else {
-            env = match conn.codec.envelope(data.len(), kind) {
-                Ok(env) => env,
-                Err(_) => {
-                    self.send_failed(id, "message too large for the protocol");
-                    return RawSendStatus::Dropped;
-                }
-            };
-            [env.header(), data, env.trailer]
+            }
+            Err(_) => {
+                self.send_failed(id, "message too large for the protocol");
+                return RawSendStatus::Dropped;
+            }
         };
         match conn.write_parts(&parts) {
             Ok(true) => RawSendStatus::Sent,
@@ -269,8 +240,11 @@ impl Core {
         };
         if conn.state == State::Open {
             // A websocket says goodbye with a close frame (1000: normal).
-            if matches!(&conn.codec, Codec::Websocket(Some(r)) if !r.closing()) {
-                let _ = conn.write_parts(&[&websocket::close_frame(1000)]);
+            if let Some(bye) = match &conn.codec {
+                Codec::Websocket(ws) => ws.goodbye(),
+                _ => None,
+            } {
+                let _ = conn.write_parts(&[&bye]);
             }
             conn.state = State::Closing;
             if conn.pending() == 0 {
@@ -410,314 +384,5 @@ impl Core {
                 self.destroy(id);
             }
         }
-    }
-}
-
-/// HTTP answers, matched in order to the requests still pending.
-impl Core {
-    /// Answers the oldest request waiting on `id`. The head is encoded into
-    /// a buffer kept for that, so an answer allocates nothing in steady state.
-    pub fn respond<'h, F>(&mut self, id: u64, status: u16, fields: F, body: &[u8]) -> RawSendStatus
-    where
-        F: IntoIterator<Item = (&'h str, &'h str)>,
-        F::IntoIter: Clone,
-    {
-        let Some(conn) = lookup(&mut self.conns, id) else {
-            self.send_failed(id, "client closed");
-            return RawSendStatus::Closed;
-        };
-        let Codec::Http(h) = &mut conn.codec else {
-            self.send_failed(id, "respond on a connection that is not http://");
-            return RawSendStatus::Dropped;
-        };
-        let Some(req) = h.pending.pop_front() else {
-            self.send_failed(id, "no request waiting for an answer");
-            return RawSendStatus::Dropped;
-        };
-        let fields = fields.into_iter();
-        let head = http::ResponseHead {
-            status,
-            body_len: body.len(),
-            keep_alive: req.keep_alive && !http::asks_close(fields.clone()),
-            head_only: req.head,
-        };
-        self.head_buf.clear();
-        let with_body = http::encode_head(&head, fields, self.date.now(), &mut self.head_buf);
-        let body = if with_body { body } else { &[] };
-        let status = match conn.write_parts(&[&self.head_buf, body]) {
-            Ok(true) => RawSendStatus::Sent,
-            Ok(false) => RawSendStatus::Queued,
-            Err(e) => {
-                tracing::debug!(conn = id, "send failed: {e}");
-                self.destroy(id);
-                return RawSendStatus::Closed;
-            }
-        };
-        if !head.keep_alive {
-            self.close(id, None);
-        }
-        status
-    }
-
-    pub fn respond_with(&mut self, id: u64, resp: &http::Response) -> RawSendStatus {
-        self.respond(id, resp.status, resp.fields(), &resp.body)
-    }
-}
-
-/// Groups, uids and broadcasts: local delivery now, and the same message on
-/// the bus for the other workers.
-impl Core {
-    fn gid(&self, conn: u64) -> Gid {
-        (self.node, conn)
-    }
-
-    fn publish_bus(&mut self, msg: &BusMsg) {
-        bus::encode(msg, &mut self.bus_buf.outbuf);
-        // Written at once, not after the callback: other workers start
-        // delivering while this one still writes to its own members.
-        self.flush_bus();
-    }
-
-    fn member_op(&mut self, conn: u64, msg: BusMsg) -> bool {
-        if self.get(conn).is_none_or(|c| c.state != State::Open) {
-            return false;
-        }
-        self.registry.apply(&msg);
-        self.publish_bus(&msg);
-        true
-    }
-
-    pub fn join_group(&mut self, conn: u64, group: &str) -> bool {
-        let gid = self.gid(conn);
-        self.member_op(
-            conn,
-            BusMsg::Join {
-                group: group.to_string(),
-                conn: gid,
-            },
-        )
-    }
-
-    pub fn leave_group(&mut self, conn: u64, group: &str) -> bool {
-        let gid = self.gid(conn);
-        self.member_op(
-            conn,
-            BusMsg::Leave {
-                group: group.to_string(),
-                conn: gid,
-            },
-        )
-    }
-
-    pub fn bind_uid(&mut self, conn: u64, uid: &str) -> bool {
-        let gid = self.gid(conn);
-        self.member_op(
-            conn,
-            BusMsg::Bind {
-                uid: uid.to_string(),
-                conn: gid,
-            },
-        )
-    }
-
-    /// A connection closed: drop its memberships here and everywhere.
-    pub fn forget_conn(&mut self, conn: u64) {
-        let msg = BusMsg::Gone {
-            conn: self.gid(conn),
-        };
-        if self.registry.apply(&msg) {
-            self.publish_bus(&msg);
-        }
-    }
-
-    /// Writes queued bus frames to the master, as far as it takes them.
-    pub fn flush_bus(&mut self) {
-        if let Some(sock) = self.bus.as_mut() {
-            if let Err(e) = self.bus_buf.flush(sock) {
-                tracing::debug!("bus write failed: {e}");
-            }
-        }
-    }
-
-    pub fn send_to_group(&mut self, group: &str, data: &[u8], kind: Kind, exclude: Option<u64>) {
-        let exclude = exclude.map(|c| self.gid(c));
-        self.route(BusMsg::ToGroup {
-            group: group.to_string(),
-            kind: kind_code(kind),
-            exclude,
-            data: data.to_vec(),
-        });
-    }
-
-    pub fn send_to_all(&mut self, data: &[u8], kind: Kind, exclude: Option<u64>) {
-        let exclude = exclude.map(|c| self.gid(c));
-        self.route(BusMsg::ToAll {
-            kind: kind_code(kind),
-            exclude,
-            data: data.to_vec(),
-        });
-    }
-
-    pub fn send_to_uid(&mut self, uid: &str, data: &[u8], kind: Kind) {
-        self.route(BusMsg::ToUid {
-            uid: uid.to_string(),
-            kind: kind_code(kind),
-            data: data.to_vec(),
-        });
-    }
-
-    /// Sends a routed message: to the other workers first (they deliver in
-    /// parallel with us), then to this worker's own connections.
-    fn route(&mut self, msg: BusMsg) {
-        self.publish_bus(&msg);
-        self.deliver(&msg);
-    }
-
-    pub fn publish(&mut self, topic: &str, data: &[u8]) {
-        self.deferred
-            .push_back(Deferred::Publish(topic.to_string(), data.to_vec()));
-        self.publish_bus(&BusMsg::Publish {
-            topic: topic.to_string(),
-            data: data.to_vec(),
-        });
-    }
-
-    /// Sends a routed message to this worker's connections it targets.
-    pub fn deliver(&mut self, msg: &BusMsg) {
-        let node = self.node;
-        let (targets, kind, data): (Vec<u64>, u8, &[u8]) = match msg {
-            BusMsg::ToGroup {
-                group,
-                kind,
-                exclude,
-                data,
-            } => (
-                self.registry
-                    .members(group)
-                    .filter(|g| g.0 == node && Some(*g) != *exclude)
-                    .map(|g| g.1)
-                    .collect(),
-                *kind,
-                data,
-            ),
-            BusMsg::ToUid { uid, kind, data } => (
-                self.registry
-                    .uid_conns(uid)
-                    .filter(|g| g.0 == node)
-                    .map(|g| g.1)
-                    .collect(),
-                *kind,
-                data,
-            ),
-            BusMsg::ToAll {
-                kind,
-                exclude,
-                data,
-            } => (
-                self.conns
-                    .iter()
-                    .filter(|(_, c)| c.state == State::Open && c.codec.established())
-                    .map(|(_, c)| c.id)
-                    .filter(|id| Some((node, *id)) != *exclude)
-                    .collect(),
-                *kind,
-                data,
-            ),
-            _ => return,
-        };
-        for id in targets {
-            match self.get(id) {
-                Some(c) if c.state == State::Open && c.codec.established() => {
-                    self.send_kind(id, data, kind_from(kind));
-                }
-                // A member that is gone is counted, not an error.
-                _ => self.send_fail += 1,
-            }
-        }
-    }
-
-    /// A frame relayed from another worker.
-    pub fn on_bus_frame(&mut self, frame: &[u8]) {
-        let msg = match bus::decode(frame) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("bad bus frame: {e}");
-                return;
-            }
-        };
-        match &msg {
-            BusMsg::ToGroup { .. } | BusMsg::ToUid { .. } | BusMsg::ToAll { .. } => {
-                self.deliver(&msg)
-            }
-            BusMsg::Publish { topic, data } => self
-                .deferred
-                .push_back(Deferred::Publish(topic.clone(), data.clone())),
-            _ => {
-                self.registry.apply(&msg);
-            }
-        }
-    }
-}
-
-/// Introspection for `wm-host status` and `wm-host connections`.
-impl Core {
-    /// The counters, and the messages per second since the previous call
-    /// (0 on the first): qps over the interval between two `status` requests,
-    /// as Workerman computes it.
-    pub fn stats_and_qps(&mut self) -> (WorkerStats, f64) {
-        let stats = self.stats();
-        let now = Instant::now();
-        let qps = match self.last_sample.replace((stats.total_messages, now)) {
-            Some((total, at)) => {
-                let secs = now.duration_since(at).as_secs_f64();
-                let delta = stats.total_messages.saturating_sub(total);
-                if secs > 0.0 {
-                    delta as f64 / secs
-                } else {
-                    0.0
-                }
-            }
-            None => 0.0,
-        };
-        (stats, qps)
-    }
-
-    /// One row per connection of this worker.
-    pub fn connection_rows(&self) -> Vec<crate::ipc::ConnRow> {
-        let addr =
-            |a: Option<std::net::SocketAddr>| a.map_or_else(|| "-".into(), |a| a.to_string());
-        self.conns
-            .iter()
-            .map(|(_, c)| crate::ipc::ConnRow {
-                pid: self.node,
-                worker: self.info.name.as_str().to_string(),
-                id: c.id,
-                transport: "tcp".into(),
-                protocol: match c.codec {
-                    Codec::Tcp => "tcp",
-                    Codec::Text(_) => "text",
-                    Codec::Frame => "frame",
-                    Codec::Websocket(_) => "websocket",
-                    Codec::Http(_) => "http",
-                    Codec::Custom => "custom",
-                    Codec::WsClient(_) => "ws-client",
-                }
-                .into(),
-                local: addr(c.local),
-                remote: addr(c.remote),
-                recv_q: c.inbuf.len() as u64,
-                send_q: c.pending() as u64,
-                bytes_read: c.bytes_read,
-                bytes_written: c.bytes_written,
-                state: if c.state == State::Closing {
-                    "CLOSING"
-                } else if !c.codec.established() {
-                    "HANDSHAKE"
-                } else {
-                    "ESTABLISHED"
-                }
-                .into(),
-            })
-            .collect()
     }
 }

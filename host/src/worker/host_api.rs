@@ -1,5 +1,9 @@
-//! The host vtable handed to plugins. Each function gets back the `*mut Core`
-//! the worker put into the context of the callback in progress.
+//! The host vtable handed to plugins. Each function gets back, as `state`,
+//! the pointer to the [`Scope`] the worker put into the context of the
+//! callback in progress, and reaches the worker's core through it.
+//!
+//! The plugin can only call these with the context it was handed, during
+//! that callback, so every `state` below meets [`core`]'s contract.
 
 use std::ffi::c_void;
 use std::time::{Duration, Instant};
@@ -14,20 +18,31 @@ use plugin_api::abi::{
 use super::core::Core;
 use wm_proto::Kind;
 
+/// What `state` points to while a callback runs: the worker's core, and
+/// how the message being handled came (for `message_kind`).
+pub struct Scope {
+    pub core: *mut Core,
+    pub kind: Kind,
+}
+
+/// The worker's core, from a host function's `state`.
+///
 /// # Safety
-/// Only called from host functions, with the pointer the worker passed in the
-/// context of the callback currently running; the worker holds no other
-/// reference to the core while a callback runs.
-fn core<'a>(state: *mut c_void) -> &'a mut Core {
-    unsafe { &mut *(state as *mut Core) }
+/// `state` must be the pointer the worker put into the context of the
+/// callback running now: a live [`Scope`] whose `core` is valid, and to
+/// which the worker holds no other reference until the callback returns.
+/// The result must not outlive the host function call.
+unsafe fn core<'a>(state: *mut c_void) -> &'a mut Core {
+    // SAFETY: by this function's contract.
+    unsafe { &mut *(*(state as *mut Scope)).core }
 }
 
 extern "C" fn worker_info(state: *mut c_void) -> &'static RawWorkerInfo {
-    core(state).info
+    unsafe { core(state) }.info
 }
 
 extern "C" fn log(state: *mut c_void, level: RawLevel, msg: RStr<'_>) {
-    let plugin = core(state).info.name.as_str();
+    let plugin = unsafe { core(state) }.info.name.as_str();
     let msg = msg.as_str();
     match level {
         RawLevel::Error => tracing::error!(target: "plugin", plugin, "{msg}"),
@@ -56,11 +71,13 @@ extern "C" fn send(
     data: RSlice<'_, u8>,
     k: RawKind,
 ) -> RawSendStatus {
-    core(state).send_kind(conn, data.as_slice(), kind(k))
+    unsafe { core(state) }.send_kind(conn, data.as_slice(), kind(k))
 }
 
 extern "C" fn message_kind(state: *mut c_void) -> RawKind {
-    match core(state).current_kind {
+    // SAFETY: as for `core`: a live `Scope` while the callback runs.
+    let kind = unsafe { (*(state as *const Scope)).kind };
+    match kind {
         Kind::Text => RawKind::Text,
         Kind::Binary => RawKind::Binary,
         Kind::Default => RawKind::Default,
@@ -74,15 +91,15 @@ extern "C" fn respond(
     headers: RawFields<'_>,
     body: RSlice<'_, u8>,
 ) -> RawSendStatus {
-    core(state).respond(conn, status, headers.iter(), body.as_slice())
+    unsafe { core(state) }.respond(conn, status, headers.iter(), body.as_slice())
 }
 
 extern "C" fn join_group(state: *mut c_void, conn: u64, group: RStr<'_>) -> bool {
-    core(state).join_group(conn, group.as_str())
+    unsafe { core(state) }.join_group(conn, group.as_str())
 }
 
 extern "C" fn leave_group(state: *mut c_void, conn: u64, group: RStr<'_>) -> bool {
-    core(state).leave_group(conn, group.as_str())
+    unsafe { core(state) }.leave_group(conn, group.as_str())
 }
 
 extern "C" fn send_to_group(
@@ -92,27 +109,27 @@ extern "C" fn send_to_group(
     k: RawKind,
     ex: u64,
 ) {
-    core(state).send_to_group(group.as_str(), data.as_slice(), kind(k), exclude(ex))
+    unsafe { core(state) }.send_to_group(group.as_str(), data.as_slice(), kind(k), exclude(ex))
 }
 
 extern "C" fn send_to_all(state: *mut c_void, data: RSlice<'_, u8>, k: RawKind, ex: u64) {
-    core(state).send_to_all(data.as_slice(), kind(k), exclude(ex))
+    unsafe { core(state) }.send_to_all(data.as_slice(), kind(k), exclude(ex))
 }
 
 extern "C" fn bind_uid(state: *mut c_void, conn: u64, uid: RStr<'_>) -> bool {
-    core(state).bind_uid(conn, uid.as_str())
+    unsafe { core(state) }.bind_uid(conn, uid.as_str())
 }
 
 extern "C" fn send_to_uid(state: *mut c_void, uid: RStr<'_>, data: RSlice<'_, u8>, k: RawKind) {
-    core(state).send_to_uid(uid.as_str(), data.as_slice(), kind(k))
+    unsafe { core(state) }.send_to_uid(uid.as_str(), data.as_slice(), kind(k))
 }
 
 extern "C" fn group_count(state: *mut c_void, group: RStr<'_>) -> u64 {
-    core(state).registry.count(group.as_str()) as u64
+    unsafe { core(state) }.registry.count(group.as_str()) as u64
 }
 
 extern "C" fn group_uids(state: *mut c_void, group: RStr<'_>) -> RVec<RString> {
-    core(state)
+    unsafe { core(state) }
         .registry
         .group_uids(group.as_str())
         .into_iter()
@@ -121,86 +138,88 @@ extern "C" fn group_uids(state: *mut c_void, group: RStr<'_>) -> RVec<RString> {
 }
 
 extern "C" fn publish(state: *mut c_void, topic: RStr<'_>, data: RSlice<'_, u8>) {
-    core(state).publish(topic.as_str(), data.as_slice())
+    unsafe { core(state) }.publish(topic.as_str(), data.as_slice())
 }
 
 extern "C" fn close(state: *mut c_void, conn: u64, last: ROption<RSlice<'_, u8>>) -> bool {
-    core(state).close(conn, last.into_option().map(|s| s.as_slice()))
+    unsafe { core(state) }.close(conn, last.into_option().map(|s| s.as_slice()))
 }
 
 extern "C" fn addr(state: *mut c_void, conn: u64, remote: bool) -> RawAddr {
-    let a = core(state)
+    let a = unsafe { core(state) }
         .get(conn)
         .and_then(|c| if remote { c.remote } else { c.local });
     plugin_api::to_raw_addr(a)
 }
 
 extern "C" fn add_timer(state: *mut c_void, interval_ms: u64, repeat: bool) -> u64 {
-    core(state)
+    unsafe { core(state) }
         .timers
         .add(Instant::now(), Duration::from_millis(interval_ms), repeat)
 }
 
 extern "C" fn del_timer(state: *mut c_void, timer: u64) -> bool {
-    core(state).timers.del(timer)
+    unsafe { core(state) }.timers.del(timer)
 }
 
 extern "C" fn connection_count(state: *mut c_void) -> u64 {
-    core(state).conns.len() as u64
+    unsafe { core(state) }.conns.len() as u64
 }
 
 extern "C" fn pause_recv(state: *mut c_void, conn: u64) -> bool {
-    core(state).pause_recv(conn, true)
+    unsafe { core(state) }.pause_recv(conn, true)
 }
 
 extern "C" fn resume_recv(state: *mut c_void, conn: u64) -> bool {
-    core(state).pause_recv(conn, false)
+    unsafe { core(state) }.pause_recv(conn, false)
 }
 
 extern "C" fn end(state: *mut c_void, conn: u64) -> bool {
-    core(state).end(conn)
+    unsafe { core(state) }.end(conn)
 }
 
 extern "C" fn destroy(state: *mut c_void, conn: u64) -> bool {
-    let c = core(state);
+    let c = unsafe { core(state) };
     let known = c.get(conn).is_some();
     c.destroy(conn);
     known
 }
 
 extern "C" fn set_max_send_buffer(state: *mut c_void, conn: u64, bytes: u64) -> bool {
-    core(state).set_max_send_buffer(conn, bytes as usize)
+    unsafe { core(state) }.set_max_send_buffer(conn, bytes as usize)
 }
 
 extern "C" fn conn_info(state: *mut c_void, conn: u64) -> RawConnInfo {
-    core(state).conn_info(conn)
+    unsafe { core(state) }.conn_info(conn)
 }
 
 extern "C" fn connections(state: *mut c_void) -> RVec<u64> {
-    core(state).open_ids().into()
+    unsafe { core(state) }.open_ids().into()
 }
 
 extern "C" fn del_all_timers(state: *mut c_void) -> u64 {
-    core(state).timers.clear() as u64
+    unsafe { core(state) }.timers.clear() as u64
 }
 
 extern "C" fn connect(state: *mut c_void, url: RStr<'_>, timeout_ms: u64) -> RResult<u64, RString> {
-    match core(state).connect(url.as_str(), Duration::from_millis(timeout_ms)) {
+    match unsafe { core(state) }.connect(url.as_str(), Duration::from_millis(timeout_ms)) {
         Ok(id) => RResult::ROk(id),
         Err(e) => RResult::RErr(e.into()),
     }
 }
 
 extern "C" fn reconnect(state: *mut c_void, conn: u64, delay_ms: u64) -> bool {
-    core(state).reconnect(conn, Duration::from_millis(delay_ms))
+    unsafe { core(state) }.reconnect(conn, Duration::from_millis(delay_ms))
 }
 
 extern "C" fn pipe(state: *mut c_void, src: u64, dst: u64) -> bool {
-    core(state).pipe(src, dst)
+    unsafe { core(state) }.pipe(src, dst)
 }
 
 extern "C" fn is_outbound(state: *mut c_void, conn: u64) -> bool {
-    core(state).get(conn).is_some_and(|c| c.outbound.is_some())
+    unsafe { core(state) }
+        .get(conn)
+        .is_some_and(|c| c.outbound.is_some())
 }
 
 /// Built once per worker process.

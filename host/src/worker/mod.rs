@@ -4,11 +4,14 @@
 
 mod conn;
 mod core;
+mod groups;
 mod host_api;
 mod outbound;
+mod respond;
+mod runner;
+mod stats;
 mod timers;
 
-use std::ffi::c_void;
 use std::io::{self, Read};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -17,17 +20,17 @@ use std::time::{Duration, Instant};
 use abi_stable::std_types::{RSlice, RStr, Tuple2};
 use mio::net::{TcpListener, UnixStream};
 use mio::{Events, Interest, Poll, Token};
-use plugin_api::abi::{HostCtx, HostVTableRef, Outcome, RawRequest, RawWorkerInfo};
+use plugin_api::abi::{Outcome, RawRequest, RawWorkerInfo};
 use serde::{Deserialize, Serialize};
 
 use self::conn::{Conn, State};
-use self::core::{slot, Core, Deferred, FIRST_CONN};
+use self::core::{Core, FIRST_CONN};
+use self::runner::{Call, Runner};
 use crate::config::WorkerConfig;
 use crate::ipc::{FromWorker, LineBuf, ToWorker};
-use crate::plugin::{CustomProtocol, LoadedPlugin};
+use crate::plugin::LoadedPlugin;
 use wm_proto::static_files::StaticDir;
-use wm_proto::websocket::{self, Decoded};
-use wm_proto::{http, Codec, Kind, Message, Pending};
+use wm_proto::{http, websocket, Codec, DecodeCx, Error, Framer, Step};
 
 /// File descriptors a worker inherits, by number.
 pub const LISTEN_FD: i32 = 3;
@@ -109,110 +112,140 @@ impl Housekeeping {
     }
 }
 
-/// Finds the next message with the plugin's `custom://` framing; the host
-/// still enforces `max_package_size`.
-fn custom_decode(
-    proto: CustomProtocol,
-    input: &[u8],
-    max: usize,
-) -> Result<Option<Message>, String> {
-    if input.is_empty() {
-        return Ok(None);
-    }
-    match proto.input(input)? {
-        Some(0) => Err("the protocol reported an empty packet".into()),
-        Some(n) if n > max => Err(format!(
-            "packet of {n} bytes is over max_package_size ({max})"
-        )),
-        Some(n) if n > input.len() => Ok(None),
-        Some(n) => {
-            let (start, end) = proto.decode(&input[..n]);
-            Ok(Some(Message {
-                start,
-                end,
-                consumed: n,
-            }))
-        }
-        None if input.len() >= max => Err(format!(
-            "no complete packet in {} bytes (max_package_size {max})",
-            input.len()
-        )),
-        None => Ok(None),
-    }
-}
-
-/// Runs the websocket frames at the start of `input` through the
-/// connection's reader, calling `on_message` for each message. Returns the
-/// bytes used; the rest is an incomplete frame, or waits for `resume_recv`.
-fn ws_input(core: &mut Core, runner: &Runner, id: u64, input: &mut [u8]) -> usize {
+/// Runs the connection's input through its codec, one step at a time,
+/// until it needs more bytes, the plugin pauses it, or it ends. Returns the
+/// bytes used; the caller keeps the rest for the next read.
+fn decode_input(
+    core: &mut Core,
+    runner: &Runner,
+    static_dir: Option<&StaticDir>,
+    id: u64,
+    input: &mut [u8],
+) -> usize {
     let mut pos = 0;
-    // Control replies; allocated only when there is one.
-    let mut out = Vec::new();
+    // Replies of the codec itself; allocated only when there is one.
+    let mut replies = Vec::new();
+    let custom = core.custom;
+    let mut cx = DecodeCx {
+        max: core.max_package_size,
+        replies: &mut replies,
+        framer: custom.as_ref().map(|p| p as &dyn Framer),
+    };
     loop {
-        let Some(conn) = core.get(id) else {
+        let Some(conn) = core::lookup(&mut core.conns, id) else {
             return input.len();
         };
-        if conn.state != State::Open || conn.paused {
+        if conn.state != State::Open {
+            return input.len();
+        }
+        // Paused by the plugin: keep the rest for after `resume_recv`.
+        if conn.paused {
             return pos;
         }
-        let (Codec::Websocket(Some(reader)) | Codec::WsClient(Some(reader))) = &mut conn.codec
-        else {
-            return pos;
-        };
-        let step = reader.decode(&mut input[pos..], &mut out);
-        if !out.is_empty() {
-            core.send_raw(id, &out);
-            out.clear();
+        let mut scratch = http::Scratch::new();
+        let step = conn.codec.decode(&mut input[pos..], &mut scratch, &mut cx);
+        if !cx.replies.is_empty() {
+            core.send_raw(id, cx.replies);
+            cx.replies.clear();
         }
-        let assembled: Vec<u8>;
-        let (binary, msg) = match step {
-            None => return pos,
-            Some(Decoded::Message {
-                binary,
-                start,
-                end,
-                consumed,
-            }) => {
-                let msg = pos + start..pos + end;
-                pos += consumed;
-                (binary, &input[msg])
-            }
-            Some(Decoded::Assembled {
-                binary,
+        match step {
+            Ok(Step::NeedMore) => return pos,
+            Ok(Step::Skip { consumed }) => pos += consumed,
+            Ok(Step::Message {
                 data,
+                kind,
                 consumed,
             }) => {
                 pos += consumed;
-                assembled = data;
-                (binary, &assembled[..])
+                core.total_messages += 1;
+                runner.invoke(core, Call::Message(id, &data, kind));
             }
-            Some(Decoded::Skipped { consumed }) => {
+            Ok(Step::Request { request, consumed }) => {
                 pos += consumed;
-                continue;
+                core.total_messages += 1;
+                serve_request(core, runner, static_dir, id, &request);
             }
-            Some(Decoded::Closed { .. }) => {
+            Ok(Step::Upgrade { request, consumed }) => {
+                pos += consumed;
+                if !upgrade(core, runner, id, &request) {
+                    return input.len();
+                }
+            }
+            Ok(Step::Connected { consumed }) => {
+                pos += consumed;
+                runner.invoke(core, Call::Connect(id));
+            }
+            Ok(Step::Closed) => {
                 core.close(id, None);
                 return input.len();
             }
-            Some(Decoded::Failed { code, reason }) => {
-                let peer = core.peer(id);
-                tracing::warn!(conn = id, %peer, "closing websocket ({code}): {reason}");
-                core.close(id, None);
+            Err(e) => {
+                fail(core, id, e);
                 return input.len();
             }
-        };
-        core.total_messages += 1;
-        core.current_kind = if binary { Kind::Binary } else { Kind::Text };
-        runner.call(core, Call::Message(id, msg));
-        core.current_kind = Kind::Default;
-        runner.settle(core);
+        }
     }
 }
 
-/// What a connection kept from earlier reads, with this read appended; empty
-/// when it kept nothing: the read is then decoded where it lies in the shared
-/// read buffer, without a copy.
-fn gather_kept(conn: &mut Conn, read: &[u8]) -> Vec<u8> {
+/// Ends a connection whose input broke its protocol. What the peer should
+/// still hear is already sent.
+fn fail(core: &mut Core, id: u64, e: Error) {
+    let peer = core.peer(id);
+    match e {
+        Error::Framing(e) => {
+            tracing::warn!(conn = id, %peer, "closing connection: {e}");
+            core.destroy(id);
+        }
+        Error::Http(e) => {
+            tracing::warn!(conn = id, %peer, "bad http request: {e}");
+            core.close(id, None);
+        }
+        Error::Refused { status, reason } => {
+            tracing::warn!(conn = id, %peer, "refusing websocket handshake: {status} {reason}");
+            core.close(id, None);
+        }
+        Error::Websocket { code, reason } => {
+            tracing::warn!(conn = id, %peer, "closing websocket ({code}): {reason}");
+            core.close(id, None);
+        }
+        Error::Rejected(msg) => core.connect_failed(id, msg),
+    }
+}
+
+/// A websocket upgrade request: the plugin may refuse it; otherwise the 101
+/// goes out and the plugin hears `on_connect`. Returns false when the
+/// connection ends here.
+fn upgrade(core: &mut Core, runner: &Runner, id: u64, req: &http::Request<'_>) -> bool {
+    let outcome = runner.invoke(core, Call::WebsocketConnect(id, &raw_request(req)));
+    let Some(Codec::Websocket(ws)) = core.get(id).map(|c| &mut c.codec) else {
+        // A panic closed it.
+        return false;
+    };
+    let mut out = Vec::new();
+    match outcome {
+        Outcome::Ok => ws.accept(&mut out),
+        Outcome::Refused(status) => {
+            ws.refuse(status, &mut out);
+            let peer = core.peer(id);
+            tracing::warn!(conn = id, %peer, "refusing websocket handshake: {status} refused by the plugin");
+            core.send_raw(id, &out);
+            core.close(id, None);
+            return false;
+        }
+        Outcome::Failed | Outcome::Panicked => {
+            core.destroy(id);
+            return false;
+        }
+    }
+    core.send_raw(id, &out);
+    runner.invoke(core, Call::Connect(id));
+    true
+}
+
+/// The input to decode: empty when the connection kept nothing, and the
+/// read is then decoded where it lies in the shared read buffer, without a
+/// copy; else what it kept, with this read appended.
+fn gather(conn: &mut Conn, read: &[u8]) -> Vec<u8> {
     let mut kept = std::mem::take(&mut conn.inbuf);
     if !kept.is_empty() {
         kept.extend_from_slice(read);
@@ -222,7 +255,7 @@ fn gather_kept(conn: &mut Conn, read: &[u8]) -> Vec<u8> {
 
 /// Keeps the input from `pos` on (an incomplete message) for the next read:
 /// `kept` when that was the input, else a copy of the rest of `read`.
-fn keep_rest(conn: &mut Conn, mut kept: Vec<u8>, read: &[u8], pos: usize) {
+fn keep(conn: &mut Conn, mut kept: Vec<u8>, read: &[u8], pos: usize) {
     if kept.is_empty() {
         if pos < read.len() {
             conn.inbuf = read[pos..].to_vec();
@@ -243,12 +276,6 @@ fn serve_request(
     req: &http::Request<'_>,
 ) {
     let head = req.method == "HEAD";
-    if let Some(Codec::Http(h)) = core.get(id).map(|c| &mut c.codec) {
-        h.pending.push_back(Pending {
-            keep_alive: req.keep_alive,
-            head,
-        });
-    }
     if let Some(dir) = static_dir {
         if req.method == "GET" || head {
             if let Some(resp) = dir.serve(req.path, req.header("if-modified-since")) {
@@ -257,8 +284,7 @@ fn serve_request(
             }
         }
     }
-    runner.call(core, Call::Request(id, &raw_request(req)));
-    runner.settle(core);
+    runner.invoke(core, Call::Request(id, &raw_request(req)));
 }
 
 /// The FFI view of a request: the same borrowed parts.
@@ -288,172 +314,6 @@ enum Stop {
     Graceful,
 }
 
-/// A plugin callback, with its arguments.
-enum Call<'a> {
-    WorkerStart,
-    WorkerStop,
-    WorkerReload,
-    Connect(u64),
-    Message(u64, &'a [u8]),
-    Close(u64),
-    BufferFull(u64),
-    BufferDrain(u64),
-    Error(u64, u32, &'a str),
-    Timer(u64),
-    WebsocketConnect(u64, &'a RawRequest<'a>),
-    Request(u64, &'a RawRequest<'a>),
-    Publish(&'a str, &'a [u8]),
-}
-
-impl Call<'_> {
-    fn name(&self) -> &'static str {
-        match self {
-            Call::WorkerStart => "on_worker_start",
-            Call::WorkerStop => "on_worker_stop",
-            Call::WorkerReload => "on_worker_reload",
-            Call::Connect(_) => "on_connect",
-            Call::Message(..) => "on_message",
-            Call::Close(_) => "on_close",
-            Call::BufferFull(_) => "on_buffer_full",
-            Call::BufferDrain(_) => "on_buffer_drain",
-            Call::Error(..) => "on_error",
-            Call::Timer(_) => "on_timer",
-            Call::WebsocketConnect(..) => "on_websocket_connect",
-            Call::Request(..) => "on_request",
-            Call::Publish(..) => "on_publish",
-        }
-    }
-
-    fn conn(&self) -> Option<u64> {
-        match *self {
-            Call::Connect(c)
-            | Call::Message(c, _)
-            | Call::Close(c)
-            | Call::BufferFull(c)
-            | Call::BufferDrain(c)
-            | Call::Error(c, ..)
-            | Call::WebsocketConnect(c, _)
-            | Call::Request(c, _) => Some(c),
-            _ => None,
-        }
-    }
-}
-
-/// The plugin with the host vtable: runs callbacks and handles their outcome.
-struct Runner {
-    plugin: LoadedPlugin,
-    vt: HostVTableRef,
-}
-
-impl Runner {
-    fn call(&self, core: &mut Core, call: Call<'_>) -> Outcome {
-        let ctx = HostCtx {
-            state: core as *mut Core as *mut c_void,
-            vt: self.vt,
-        };
-        let outcome = self.plugin.call(ctx, |vt, st, ctx| match call {
-            Call::WorkerStart => (vt.on_worker_start())(st, ctx),
-            Call::WorkerStop => (vt.on_worker_stop())(st, ctx),
-            Call::WorkerReload => (vt.on_worker_reload())(st, ctx),
-            Call::Connect(c) => (vt.on_connect())(st, ctx, c),
-            Call::Message(c, d) => (vt.on_message())(st, ctx, c, RSlice::from_slice(d)),
-            Call::Close(c) => (vt.on_close())(st, ctx, c),
-            Call::BufferFull(c) => (vt.on_buffer_full())(st, ctx, c),
-            Call::BufferDrain(c) => (vt.on_buffer_drain())(st, ctx, c),
-            Call::Error(c, code, m) => (vt.on_error())(st, ctx, c, code, RStr::from_str(m)),
-            Call::Timer(t) => (vt.on_timer())(st, ctx, t),
-            Call::WebsocketConnect(c, r) => (vt.on_websocket_connect())(st, ctx, c, r),
-            Call::Request(c, r) => (vt.on_request())(st, ctx, c, r),
-            Call::Publish(t, d) => {
-                (vt.on_publish())(st, ctx, RStr::from_str(t), RSlice::from_slice(d))
-            }
-        });
-        if outcome == Outcome::Panicked {
-            let msg = self.plugin.failure();
-            match call.conn() {
-                Some(conn) => {
-                    tracing::error!(
-                        conn,
-                        "plugin panicked in {}: {msg}; closing the connection",
-                        call.name()
-                    );
-                    core.destroy(conn);
-                }
-                None => tracing::error!("plugin panicked in {}: {msg}", call.name()),
-            }
-        }
-        outcome
-    }
-
-    /// Closes an outbound connection: the plugin hears `on_close`, and may
-    /// ask for a reconnect there, which keeps the slot (and the id).
-    fn finish_outbound(&self, core: &mut Core, id: u64) {
-        core.forget_conn(id);
-        let Some(conn) = core.get(id) else { return };
-        if conn.state == State::Dead {
-            return;
-        }
-        let _ = conn.sock.shutdown(std::net::Shutdown::Both);
-        conn.state = State::Dead;
-        conn.discard_output();
-        conn.inbuf = Vec::new();
-        let partners = [conn.pipe_to.take(), conn.pipe_from.take()];
-        for p in partners.into_iter().flatten() {
-            core.close(p, None);
-        }
-        self.call(core, Call::Close(id));
-        let Some(conn) = core.get(id) else { return };
-        match conn.outbound.as_ref().and_then(|o| o.reconnect_after) {
-            Some(after) => core.redials.push((Instant::now() + after, id)),
-            None => {
-                let mut conn = core.conns.remove(slot(id));
-                let _ = core.registry().deregister(&mut conn.sock);
-            }
-        }
-    }
-
-    /// Runs what the last callback queued: buffer events, errors, and the
-    /// `on_close` of connections torn down, until nothing is left.
-    fn settle(&self, core: &mut Core) {
-        loop {
-            if let Some(d) = core.deferred.pop_front() {
-                match &d {
-                    Deferred::BufferFull(c) => self.call(core, Call::BufferFull(*c)),
-                    Deferred::BufferDrain(c) => self.call(core, Call::BufferDrain(*c)),
-                    Deferred::Error(c, code, msg) => self.call(core, Call::Error(*c, *code, msg)),
-                    Deferred::Connect(c) => self.call(core, Call::Connect(*c)),
-                    Deferred::Publish(topic, data) => self.call(core, Call::Publish(topic, data)),
-                };
-                continue;
-            }
-            if let Some(id) = core.closing.pop() {
-                if let Some(conn) = core.get(id) {
-                    if conn.outbound.is_some() {
-                        self.finish_outbound(core, id);
-                        continue;
-                    }
-                    let known = conn.codec.established();
-                    let partners = [conn.pipe_to, conn.pipe_from];
-                    // Dropping the socket closes it and takes it out of epoll.
-                    core.conns.remove(slot(id));
-                    // A pipe's other end goes too, once it has flushed.
-                    for p in partners.into_iter().flatten() {
-                        core.close(p, None);
-                    }
-                    // Memberships go first, so `on_close` sees the group without it.
-                    core.forget_conn(id);
-                    // The plugin never saw a websocket whose handshake did not finish.
-                    if known {
-                        self.call(core, Call::Close(id));
-                    }
-                }
-                continue;
-            }
-            break;
-        }
-    }
-}
-
 struct Worker {
     poll: Poll,
     core: Core,
@@ -481,11 +341,24 @@ pub fn run(spec: Spec) -> i32 {
     // how workers stop, and tells them over the control socket.
     ignore_signals();
     // SAFETY: the master passes these descriptors to every worker, open.
-    let ctl_std = unsafe { StdUnixStream::from_raw_fd(CONTROL_FD) };
-    let listen_fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FD) };
-    let bus_fd = unsafe { OwnedFd::from_raw_fd(BUS_FD) };
+    let ctl = unsafe { StdUnixStream::from_raw_fd(CONTROL_FD) };
+    let listener = unsafe { std::net::TcpListener::from(OwnedFd::from_raw_fd(LISTEN_FD)) };
+    let bus = unsafe { StdUnixStream::from(OwnedFd::from_raw_fd(BUS_FD)) };
+    serve(spec, ctl, listener, bus)
+}
+
+/// Runs a worker on these sockets until it is told to stop over `ctl` (or
+/// `ctl` closes), and returns its exit code. `run` is this on the inherited
+/// descriptors; tests call it in-process, on a thread. The sockets need not
+/// be non-blocking yet.
+pub fn serve(
+    spec: Spec,
+    ctl: StdUnixStream,
+    listener: std::net::TcpListener,
+    bus: StdUnixStream,
+) -> i32 {
     let _span = tracing::info_span!("worker", name = %spec.worker.name, id = spec.id, pid = std::process::id()).entered();
-    match start(spec, ctl_std, listen_fd, bus_fd) {
+    match start(spec, ctl, listener, bus) {
         Ok(mut worker) => match worker.run() {
             Ok(()) => 0,
             Err(e) => {
@@ -543,18 +416,15 @@ fn leak_info(spec: &Spec) -> &'static RawWorkerInfo {
 fn start(
     spec: Spec,
     ctl_std: StdUnixStream,
-    listen_fd: OwnedFd,
-    bus_fd: OwnedFd,
+    std_listener: std::net::TcpListener,
+    bus_std: StdUnixStream,
 ) -> Result<Worker, (StdUnixStream, String)> {
     let plugin = match LoadedPlugin::load(&spec.load_from, &spec.worker.plugin) {
         Ok(p) => p,
         Err(e) => return Err((ctl_std, e.to_string())),
     };
     tracing::debug!(plugin = %plugin.label, "plugin loaded");
-    let runner = Runner {
-        plugin,
-        vt: host_api::vtable(),
-    };
+    let runner = Runner::new(plugin);
     let mut core = Core::new(
         leak_info(&spec),
         spec.worker.max_package_size,
@@ -576,7 +446,7 @@ fn start(
         );
         return Err((ctl_std, error));
     }
-    match runner.call(&mut core, Call::WorkerStart) {
+    match runner.invoke(&mut core, Call::WorkerStart) {
         Outcome::Ok | Outcome::Refused(_) => {}
         Outcome::Failed => {
             let e = runner.plugin.failure();
@@ -588,7 +458,6 @@ fn start(
         }
     }
     let setup = |poll: Poll| -> io::Result<(Poll, TcpListener, UnixStream, UnixStream)> {
-        let std_listener = std::net::TcpListener::from(listen_fd);
         std_listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(std_listener);
         ctl_std.set_nonblocking(true)?;
@@ -597,7 +466,6 @@ fn start(
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         poll.registry()
             .register(&mut ctl, CONTROL, Interest::READABLE | Interest::WRITABLE)?;
-        let bus_std = StdUnixStream::from(bus_fd);
         bus_std.set_nonblocking(true)?;
         let mut bus = UnixStream::from_std(bus_std);
         poll.registry()
@@ -634,7 +502,6 @@ fn start(
         full_logged: false,
         runner,
     };
-    worker.runner.settle(&mut worker.core);
     worker.ctl_buf.queue(&FromWorker::Ready {
         plugin: worker.runner.plugin.label.clone(),
     });
@@ -705,7 +572,7 @@ impl Worker {
             }
             self.flush_bus();
         }
-        self.runner.call(&mut self.core, Call::WorkerStop);
+        self.runner.invoke(&mut self.core, Call::WorkerStop);
         self.flush_bus();
         tracing::info!("worker stopped");
         Ok(())
@@ -754,8 +621,7 @@ impl Worker {
     fn fire_timers(&mut self) {
         let now = Instant::now();
         while let Some(id) = self.core.timers.pop_due(now) {
-            self.runner.call(&mut self.core, Call::Timer(id));
-            self.runner.settle(&mut self.core);
+            self.runner.invoke(&mut self.core, Call::Timer(id));
         }
     }
 
@@ -803,9 +669,8 @@ impl Worker {
             self.core.conns.insert(Conn::new(id, sock, codec, max_send));
             // A websocket is "connected" for the plugin once its handshake is done.
             if known {
-                self.runner.call(&mut self.core, Call::Connect(id));
+                self.runner.invoke(&mut self.core, Call::Connect(id));
             }
-            self.runner.settle(&mut self.core);
         }
     }
 
@@ -862,176 +727,14 @@ impl Worker {
         self.again.push(id);
     }
 
-    /// Hands `read_buf[..n]` to the connection's protocol.
+    /// Hands `read_buf[..n]` to the connection: to its pipe, or through its
+    /// codec (after any partial message kept from before).
     fn dispatch(&mut self, id: u64, n: usize) {
         if let Some(dst) = self.core.get(id).and_then(|c| c.pipe_to) {
             let Worker { core, read_buf, .. } = self;
             core.forward(id, dst, &read_buf[..n]);
             return;
         }
-        match self.core.get(id).map(|c| &c.codec) {
-            Some(Codec::WsClient(None)) => self.client_handshake(id, n),
-            Some(Codec::WsClient(Some(_))) => self.dispatch_ws(id, n),
-            Some(Codec::Websocket(Some(_))) => self.dispatch_ws(id, n),
-            Some(Codec::Websocket(None)) => self.handshake(id, n),
-            Some(Codec::Http(_)) => self.dispatch_http(id, n),
-            Some(_) => self.dispatch_framed(id, n),
-            None => {}
-        }
-    }
-
-    /// Appends input to what the connection kept and returns it all.
-    fn gather(&mut self, id: u64, n: usize) -> Option<Vec<u8>> {
-        let conn = self.core.get(id)?;
-        let mut buf = std::mem::take(&mut conn.inbuf);
-        buf.extend_from_slice(&self.read_buf[..n]);
-        Some(buf)
-    }
-
-    /// Keeps the unconsumed rest of `buf` for the next read.
-    fn keep(&mut self, id: u64, mut buf: Vec<u8>, used: usize) {
-        if let Some(conn) = self.core.get(id) {
-            if used < buf.len() {
-                buf.drain(..used);
-                conn.inbuf = buf;
-            }
-        }
-    }
-
-    /// Reads the websocket handshake; once complete asks the plugin, then
-    /// answers 101 and switches the connection to frames.
-    fn handshake(&mut self, id: u64, n: usize) {
-        let Some(buf) = self.gather(id, n) else {
-            return;
-        };
-        let limits = http::Limits::new(0);
-        let mut decoder = http::HttpDecoder::new();
-        let mut scratch = http::Scratch::new();
-        let req = match decoder.decode(&buf, &limits, &mut scratch) {
-            Ok(Some(http::Event::Request { request, consumed })) => (request, consumed),
-            Ok(Some(http::Event::Continue)) | Ok(None) => {
-                return self.keep(id, buf, 0);
-            }
-            Err(e) => return self.refuse(id, e.status(), &e.to_string()),
-        };
-        let (req, used) = req;
-        let accept = match websocket::accept_key(req.method, req.version, |h| req.header(h)) {
-            Ok(a) => a,
-            Err(r) => return self.refuse(id, r.status, r.reason),
-        };
-        let raw = raw_request(&req);
-        let outcome = self
-            .runner
-            .call(&mut self.core, Call::WebsocketConnect(id, &raw));
-        match outcome {
-            Outcome::Ok => {}
-            Outcome::Refused(status) => return self.refuse(id, status, "refused by the plugin"),
-            // A panic already destroyed the connection.
-            _ => return self.runner.settle(&mut self.core),
-        }
-        let max = self.core.max_package_size;
-        self.core
-            .send_raw(id, &websocket::switching_protocols(&accept));
-        let Some(conn) = self.core.get(id) else {
-            return;
-        };
-        conn.codec = Codec::Websocket(Some(Box::new(websocket::WsReader::new(max))));
-        self.runner.call(&mut self.core, Call::Connect(id));
-        self.runner.settle(&mut self.core);
-        // Frames the client sent right behind its handshake.
-        self.feed_ws(id, buf, used);
-    }
-
-    /// Reads the server's answer to our websocket handshake.
-    fn client_handshake(&mut self, id: u64, n: usize) {
-        let Some(buf) = self.gather(id, n) else {
-            return;
-        };
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        let used = match resp.parse(&buf) {
-            Ok(httparse::Status::Complete(used)) => used,
-            Ok(httparse::Status::Partial) if buf.len() < 16 * 1024 => return self.keep(id, buf, 0),
-            _ => {
-                return self
-                    .core
-                    .connect_failed(id, "bad websocket handshake answer".into())
-            }
-        };
-        let accept = resp
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
-            .map(|h| String::from_utf8_lossy(h.value).into_owned());
-        let code = resp.code.unwrap_or(0);
-        let max = self.core.max_package_size;
-        let Some(conn) = self.core.get(id) else {
-            return;
-        };
-        let key = conn
-            .outbound
-            .as_ref()
-            .and_then(|o| o.ws.as_ref())
-            .map(|w| w.key.clone())
-            .unwrap_or_default();
-        if code != 101
-            || accept.as_deref() != Some(&tungstenite::handshake::derive_accept_key(key.as_bytes()))
-        {
-            return self
-                .core
-                .connect_failed(id, format!("websocket handshake refused (HTTP {code})"));
-        }
-        conn.codec = Codec::WsClient(Some(Box::new(websocket::WsReader::client(max))));
-        self.runner.call(&mut self.core, Call::Connect(id));
-        self.runner.settle(&mut self.core);
-        self.feed_ws(id, buf, used);
-    }
-
-    fn refuse(&mut self, id: u64, status: u16, reason: &str) {
-        let peer = self.core.peer(id);
-        tracing::warn!(conn = id, %peer, "refusing websocket handshake: {status} {reason}");
-        let mut resp = http::error_response(status);
-        if status == 426 {
-            resp.headers
-                .push(("Sec-WebSocket-Version".into(), "13".into()));
-        }
-        let mut out = Vec::new();
-        http::encode_response(&resp, false, false, &mut out);
-        self.core.send_raw(id, &out);
-        self.core.close(id, None);
-    }
-
-    /// Frames `read_buf[..n]` (after any partial frame kept from before),
-    /// decoding straight from the shared read buffer when nothing is kept.
-    fn dispatch_ws(&mut self, id: u64, n: usize) {
-        let Worker {
-            core,
-            runner,
-            read_buf,
-            ..
-        } = self;
-        let read = &mut read_buf[..n];
-        let Some(conn) = core.get(id) else { return };
-        let mut kept = gather_kept(conn, read);
-        let used = if kept.is_empty() {
-            ws_input(core, runner, id, read)
-        } else {
-            ws_input(core, runner, id, &mut kept)
-        };
-        if let Some(conn) = core.get(id) {
-            keep_rest(conn, kept, read, used);
-        }
-    }
-
-    /// Frames the client sent right behind a handshake.
-    fn feed_ws(&mut self, id: u64, mut buf: Vec<u8>, from: usize) {
-        let used = ws_input(&mut self.core, &self.runner, id, &mut buf[from..]);
-        self.keep(id, buf, from + used);
-    }
-
-    /// HTTP requests, answered in order (see `serve_request`), decoded like
-    /// other framings straight from the shared read buffer.
-    fn dispatch_http(&mut self, id: u64, n: usize) {
         let Worker {
             core,
             runner,
@@ -1039,104 +742,17 @@ impl Worker {
             static_dir,
             ..
         } = self;
-        let read = &read_buf[..n];
+        let read = &mut read_buf[..n];
         let Some(conn) = core.get(id) else { return };
-        let kept = gather_kept(conn, read);
-        let input: &[u8] = if kept.is_empty() { read } else { &kept };
-        let limits = http::Limits::new(core.max_package_size);
-        let mut pos = 0;
-        loop {
-            let Some(conn) = core.get(id) else { return };
-            if conn.state != State::Open {
-                return;
-            }
-            if conn.paused {
-                break;
-            }
-            let Codec::Http(h) = &mut conn.codec else {
-                return;
-            };
-            let mut scratch = http::Scratch::new();
-            match h.decoder.decode(&input[pos..], &limits, &mut scratch) {
-                Ok(Some(http::Event::Continue)) => {
-                    core.send_raw(id, b"HTTP/1.1 100 Continue\r\n\r\n");
-                }
-                Ok(Some(http::Event::Request { request, consumed })) => {
-                    pos += consumed;
-                    core.total_messages += 1;
-                    serve_request(core, runner, static_dir.as_ref(), id, &request);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let peer = conn.remote.map(|a| a.to_string()).unwrap_or_default();
-                    tracing::warn!(conn = id, %peer, "bad http request: {e}");
-                    h.pending.clear();
-                    let mut out = Vec::new();
-                    http::encode_response(
-                        &http::error_response(e.status()),
-                        false,
-                        false,
-                        &mut out,
-                    );
-                    core.send_raw(id, &out);
-                    core.close(id, None);
-                    return;
-                }
-            }
-        }
+        let mut kept = gather(conn, read);
+        let dir = static_dir.as_ref();
+        let used = if kept.is_empty() {
+            decode_input(core, runner, dir, id, read)
+        } else {
+            decode_input(core, runner, dir, id, &mut kept)
+        };
         if let Some(conn) = core.get(id) {
-            keep_rest(conn, kept, read, pos);
-        }
-    }
-
-    /// Frames `read_buf[..n]` (after any partial message kept from before).
-    fn dispatch_framed(&mut self, id: u64, n: usize) {
-        let custom = self.core.custom;
-        let Worker {
-            core,
-            runner,
-            read_buf,
-            ..
-        } = self;
-        let read = &read_buf[..n];
-        let Some(conn) = core.get(id) else { return };
-        let kept = gather_kept(conn, read);
-        let input: &[u8] = if kept.is_empty() { read } else { &kept };
-        let mut pos = 0;
-        let max = core.max_package_size;
-        loop {
-            let Some(conn) = core.get(id) else { return };
-            if conn.state != State::Open {
-                return;
-            }
-            // Paused by the plugin: keep the rest for after `resume_recv`.
-            if conn.paused {
-                break;
-            }
-            let decoded = match (&mut conn.codec, custom) {
-                (Codec::Custom, Some(proto)) => custom_decode(proto, &input[pos..], max),
-                (codec, _) => codec.decode(&input[pos..], max).map_err(|e| e.to_string()),
-            };
-            match decoded {
-                Ok(Some(m)) => {
-                    let msg = &input[pos + m.start..pos + m.end];
-                    pos += m.consumed;
-                    conn.codec.consumed(m.consumed);
-                    core.total_messages += 1;
-                    runner.call(core, Call::Message(id, msg));
-                    runner.settle(core);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let peer = conn.remote.map(|a| a.to_string()).unwrap_or_default();
-                    tracing::warn!(conn = id, %peer, "closing connection: {e}");
-                    core.destroy(id);
-                    return;
-                }
-            }
-        }
-        if let Some(conn) = core.get(id) {
-            keep_rest(conn, kept, read, pos);
+            keep(conn, kept, read, used);
         }
     }
 
@@ -1167,8 +783,7 @@ impl Worker {
                     self.begin_stop(if graceful { Stop::Graceful } else { Stop::Now })
                 }
                 Ok(ToWorker::Reload) => {
-                    self.runner.call(&mut self.core, Call::WorkerReload);
-                    self.runner.settle(&mut self.core);
+                    self.runner.invoke(&mut self.core, Call::WorkerReload);
                 }
                 Ok(ToWorker::Stats { req }) => {
                     let (stats, qps) = self.core.stats_and_qps();

@@ -13,14 +13,14 @@ use plugin_api::error_code;
 use super::conn::{Conn, State};
 use super::core::{Core, Deferred, FIRST_CONN};
 use crate::config::Scheme;
-use wm_proto::{websocket, Codec};
+use wm_proto::Codec;
 
 /// Where an outbound connection goes, kept for reconnects.
 pub struct Outbound {
     pub url: String,
     pub addr: SocketAddr,
     pub scheme: Scheme,
-    /// websocket: `Host` and path for the handshake, and the key we sent.
+    /// websocket: `Host` and path for the handshake.
     pub ws: Option<WsTarget>,
     pub timeout: Duration,
     /// Set by `reconnect`: start a new attempt at this time once closed.
@@ -30,7 +30,6 @@ pub struct Outbound {
 pub struct WsTarget {
     pub host: String,
     pub path: String,
-    pub key: String,
 }
 
 /// Parses `tcp://`, `text://`, `frame://` or `ws://host:port/path`.
@@ -62,7 +61,6 @@ pub fn parse(url: &str, timeout: Duration) -> Result<Outbound, String> {
     let ws = (scheme == Scheme::Websocket).then(|| WsTarget {
         host: hostport.to_string(),
         path: path.to_string(),
-        key: tungstenite::handshake::client::generate_key(),
     });
     Ok(Outbound {
         url: url.to_string(),
@@ -94,10 +92,8 @@ impl Core {
         self.registry()
             .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
             .map_err(|e| format!("register: {e}"))?;
-        let codec = match target.scheme {
-            Scheme::Websocket => Codec::WsClient(None),
-            s => Codec::new(s),
-        };
+        // A websocket codec comes with a fresh key, on every (re)connect.
+        let codec = Codec::client(target.scheme);
         let mut conn = Conn::new(id, sock, codec, self.max_send_buffer_size);
         conn.state = State::Connecting;
         conn.remote = Some(target.addr);
@@ -133,14 +129,11 @@ impl Core {
         conn.state = State::Open;
         conn.local = conn.sock.local_addr().ok();
         conn.last_active = Instant::now();
-        if let Some(ws) = conn.outbound.as_ref().and_then(|o| o.ws.as_ref()) {
-            let req = format!(
-                "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                 Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                ws.path, ws.host, ws.key
-            );
+        let target = conn.outbound.as_ref().and_then(|o| o.ws.as_ref());
+        if let (Some(ws), Codec::Websocket(codec)) = (target, &conn.codec) {
+            let req = codec.client_request(&ws.host, &ws.path);
             // Ahead of anything the plugin queued while connecting.
-            conn.prepend_output(req.as_bytes());
+            conn.prepend_output(&req);
         } else {
             self.deferred.push_back(Deferred::Connect(id));
         }
@@ -210,9 +203,6 @@ impl Core {
             let _ = r.deregister(&mut conn.sock);
         }
         target.reconnect_after = None;
-        if let Some(ws) = target.ws.as_mut() {
-            ws.key = tungstenite::handshake::client::generate_key();
-        }
         match self.open_socket(id, *target) {
             Ok(fresh) => {
                 let slot = super::core::slot(id);
@@ -291,16 +281,6 @@ impl Core {
     }
 }
 
-/// A masked client frame (clients must mask, with an unpredictable key).
-pub fn client_frame(data: &[u8], binary: bool, out: &mut Vec<u8>) {
-    let opcode = if binary {
-        websocket::OP_BINARY
-    } else {
-        websocket::OP_TEXT
-    };
-    websocket::write_frame(out, opcode, data, Some(websocket::random_mask()));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,15 +301,5 @@ mod tests {
         );
         assert!(parse("smtp://127.0.0.1:25", t).is_err());
         assert!(parse("127.0.0.1:25", t).is_err());
-    }
-
-    #[test]
-    fn client_frames_are_masked() {
-        let mut out = Vec::new();
-        client_frame(b"hi", false, &mut out);
-        assert_eq!(out[0], 0x81);
-        assert_eq!(out[1], 0x80 | 2);
-        let mask = &out[2..6];
-        assert_eq!([out[6] ^ mask[0], out[7] ^ mask[1]], *b"hi");
     }
 }

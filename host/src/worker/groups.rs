@@ -1,0 +1,219 @@
+//! Groups, uids, broadcasts and publish across worker processes: local
+//! delivery at once, and the same message on the bus for the other workers.
+
+use wm_proto::Kind;
+
+use super::conn::State;
+use super::core::{Core, Deferred};
+use crate::bus::{self, BusMsg, Gid};
+
+fn kind_code(kind: Kind) -> u8 {
+    match kind {
+        Kind::Default => 0,
+        Kind::Text => 1,
+        Kind::Binary => 2,
+    }
+}
+
+pub fn kind_from(code: u8) -> Kind {
+    match code {
+        1 => Kind::Text,
+        2 => Kind::Binary,
+        _ => Kind::Default,
+    }
+}
+
+/// Groups, uids and broadcasts: local delivery now, and the same message on
+/// the bus for the other workers.
+impl Core {
+    fn gid(&self, conn: u64) -> Gid {
+        (self.node, conn)
+    }
+
+    fn publish_bus(&mut self, msg: &BusMsg) {
+        bus::encode(msg, &mut self.bus_buf.outbuf);
+        // Written at once, not after the callback: other workers start
+        // delivering while this one still writes to its own members.
+        self.flush_bus();
+    }
+
+    fn member_op(&mut self, conn: u64, msg: BusMsg) -> bool {
+        if self.get(conn).is_none_or(|c| c.state != State::Open) {
+            return false;
+        }
+        self.registry.apply(&msg);
+        self.publish_bus(&msg);
+        true
+    }
+
+    pub fn join_group(&mut self, conn: u64, group: &str) -> bool {
+        let gid = self.gid(conn);
+        self.member_op(
+            conn,
+            BusMsg::Join {
+                group: group.to_string(),
+                conn: gid,
+            },
+        )
+    }
+
+    pub fn leave_group(&mut self, conn: u64, group: &str) -> bool {
+        let gid = self.gid(conn);
+        self.member_op(
+            conn,
+            BusMsg::Leave {
+                group: group.to_string(),
+                conn: gid,
+            },
+        )
+    }
+
+    pub fn bind_uid(&mut self, conn: u64, uid: &str) -> bool {
+        let gid = self.gid(conn);
+        self.member_op(
+            conn,
+            BusMsg::Bind {
+                uid: uid.to_string(),
+                conn: gid,
+            },
+        )
+    }
+
+    /// A connection closed: drop its memberships here and everywhere.
+    pub fn forget_conn(&mut self, conn: u64) {
+        let msg = BusMsg::Gone {
+            conn: self.gid(conn),
+        };
+        if self.registry.apply(&msg) {
+            self.publish_bus(&msg);
+        }
+    }
+
+    /// Writes queued bus frames to the master, as far as it takes them.
+    pub fn flush_bus(&mut self) {
+        if let Some(sock) = self.bus.as_mut() {
+            if let Err(e) = self.bus_buf.flush(sock) {
+                tracing::debug!("bus write failed: {e}");
+            }
+        }
+    }
+
+    pub fn send_to_group(&mut self, group: &str, data: &[u8], kind: Kind, exclude: Option<u64>) {
+        let exclude = exclude.map(|c| self.gid(c));
+        self.route(BusMsg::ToGroup {
+            group: group.to_string(),
+            kind: kind_code(kind),
+            exclude,
+            data: data.to_vec(),
+        });
+    }
+
+    pub fn send_to_all(&mut self, data: &[u8], kind: Kind, exclude: Option<u64>) {
+        let exclude = exclude.map(|c| self.gid(c));
+        self.route(BusMsg::ToAll {
+            kind: kind_code(kind),
+            exclude,
+            data: data.to_vec(),
+        });
+    }
+
+    pub fn send_to_uid(&mut self, uid: &str, data: &[u8], kind: Kind) {
+        self.route(BusMsg::ToUid {
+            uid: uid.to_string(),
+            kind: kind_code(kind),
+            data: data.to_vec(),
+        });
+    }
+
+    /// Sends a routed message: to the other workers first (they deliver in
+    /// parallel with us), then to this worker's own connections.
+    fn route(&mut self, msg: BusMsg) {
+        self.publish_bus(&msg);
+        self.deliver(&msg);
+    }
+
+    pub fn publish(&mut self, topic: &str, data: &[u8]) {
+        self.deferred
+            .push_back(Deferred::Publish(topic.to_string(), data.to_vec()));
+        self.publish_bus(&BusMsg::Publish {
+            topic: topic.to_string(),
+            data: data.to_vec(),
+        });
+    }
+
+    /// Sends a routed message to this worker's connections it targets.
+    pub fn deliver(&mut self, msg: &BusMsg) {
+        let node = self.node;
+        let (targets, kind, data): (Vec<u64>, u8, &[u8]) = match msg {
+            BusMsg::ToGroup {
+                group,
+                kind,
+                exclude,
+                data,
+            } => (
+                self.registry
+                    .members(group)
+                    .filter(|g| g.0 == node && Some(*g) != *exclude)
+                    .map(|g| g.1)
+                    .collect(),
+                *kind,
+                data,
+            ),
+            BusMsg::ToUid { uid, kind, data } => (
+                self.registry
+                    .uid_conns(uid)
+                    .filter(|g| g.0 == node)
+                    .map(|g| g.1)
+                    .collect(),
+                *kind,
+                data,
+            ),
+            BusMsg::ToAll {
+                kind,
+                exclude,
+                data,
+            } => (
+                self.conns
+                    .iter()
+                    .filter(|(_, c)| c.state == State::Open && c.codec.established())
+                    .map(|(_, c)| c.id)
+                    .filter(|id| Some((node, *id)) != *exclude)
+                    .collect(),
+                *kind,
+                data,
+            ),
+            _ => return,
+        };
+        for id in targets {
+            match self.get(id) {
+                Some(c) if c.state == State::Open && c.codec.established() => {
+                    self.send_kind(id, data, kind_from(kind));
+                }
+                // A member that is gone is counted, not an error.
+                _ => self.send_fail += 1,
+            }
+        }
+    }
+
+    /// A frame relayed from another worker.
+    pub fn on_bus_frame(&mut self, frame: &[u8]) {
+        let msg = match bus::decode(frame) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("bad bus frame: {e}");
+                return;
+            }
+        };
+        match &msg {
+            BusMsg::ToGroup { .. } | BusMsg::ToUid { .. } | BusMsg::ToAll { .. } => {
+                self.deliver(&msg)
+            }
+            BusMsg::Publish { topic, data } => self
+                .deferred
+                .push_back(Deferred::Publish(topic.clone(), data.clone())),
+            _ => {
+                self.registry.apply(&msg);
+            }
+        }
+    }
+}
