@@ -198,22 +198,77 @@ pub fn encode(msg: &BusMsg, out: &mut Vec<u8>) {
     out.extend_from_slice(&body);
 }
 
-/// A non-blocking framed bus connection (master or worker side).
-#[derive(Debug, Default)]
+/// The largest frame (length prefix included) a [`BusBuf`] reads by default.
+/// The master queues at most this much for one worker anyway (see the relay).
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// A non-blocking framed bus connection (master or worker side). A frame
+/// whose header claims more than its limit ends the connection: the reader
+/// reports it (`overflowed`) and sees it as closed, and nothing of that
+/// frame is buffered.
+#[derive(Debug)]
 pub struct BusBuf {
     inbuf: Vec<u8>,
     pub outbuf: Vec<u8>,
+    limit: usize,
+    /// The size the frame over the limit claimed.
+    overflow: Option<usize>,
+}
+
+impl Default for BusBuf {
+    fn default() -> Self {
+        BusBuf::with_limit(MAX_FRAME)
+    }
 }
 
 impl BusBuf {
+    pub fn with_limit(limit: usize) -> BusBuf {
+        BusBuf {
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            limit,
+            overflow: None,
+        }
+    }
+
     /// Reads what is available; returns raw frames (length prefix included,
-    /// so the master can forward them as they are) and whether the peer closed.
+    /// so the master can forward them as they are) and whether the peer closed
+    /// (or sent a frame over the limit: see `overflowed`).
     pub fn read_frames(&mut self, r: &mut impl Read) -> (Vec<Vec<u8>>, bool) {
-        let closed = crate::ipc::read_available(r, &mut self.inbuf);
         let mut frames = Vec::new();
+        if self.overflow.is_some() {
+            return (frames, true);
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        // Frames are taken out after each read, so a header over the limit
+        // is caught before its body is buffered.
+        let closed = loop {
+            match r.read(&mut chunk) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    self.inbuf.extend_from_slice(&chunk[..n]);
+                    self.take_frames(&mut frames);
+                    if self.overflow.is_some() {
+                        self.inbuf = Vec::new();
+                        break true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break true,
+            }
+        };
+        (frames, closed)
+    }
+
+    fn take_frames(&mut self, frames: &mut Vec<Vec<u8>>) {
         let mut pos = 0;
         while let Some(head) = self.inbuf[pos..].first_chunk::<4>() {
             let len = u32::from_be_bytes(*head) as usize + 4;
+            if len > self.limit {
+                self.overflow = Some(len);
+                return;
+            }
             if self.inbuf.len() - pos < len {
                 break;
             }
@@ -221,12 +276,25 @@ impl BusBuf {
             pos += len;
         }
         self.inbuf.drain(..pos);
-        (frames, closed)
+    }
+
+    /// The size a frame over the limit claimed; nothing more is read then.
+    pub fn overflowed(&self) -> Option<usize> {
+        self.overflow
     }
 
     pub fn flush(&mut self, w: &mut impl Write) -> io::Result<()> {
         crate::ipc::flush_buf(&mut self.outbuf, w)
     }
+}
+
+/// Whether a frame made by [`encode`] carries a membership change (what
+/// [`Registry::apply`] uses), told from its first byte without decoding the
+/// rest: the relay need not decode the payload of every broadcast.
+pub fn is_membership(frame: &[u8]) -> bool {
+    // postcard writes the variant index first, as a varint: one byte for
+    // Join (0) through NodeGone (4).
+    frame.get(4).is_some_and(|&v| v <= 4)
 }
 
 /// Decodes a frame made by [`encode`].
@@ -291,6 +359,56 @@ mod tests {
     }
 
     #[test]
+    fn membership_frames_are_told_apart_without_decoding() {
+        let conn = (1, 2);
+        let membership = [
+            BusMsg::Join {
+                group: "g".into(),
+                conn,
+            },
+            BusMsg::Leave {
+                group: "g".into(),
+                conn,
+            },
+            BusMsg::Bind {
+                uid: "u".into(),
+                conn,
+            },
+            BusMsg::Gone { conn },
+            BusMsg::NodeGone { node: 1 },
+        ];
+        let others = [
+            BusMsg::ToGroup {
+                group: "g".into(),
+                kind: 0,
+                exclude: None,
+                data: vec![1],
+            },
+            BusMsg::ToUid {
+                uid: "u".into(),
+                kind: 0,
+                data: vec![],
+            },
+            BusMsg::ToAll {
+                kind: 0,
+                exclude: None,
+                data: vec![],
+            },
+            BusMsg::Publish {
+                topic: "t".into(),
+                data: vec![],
+            },
+        ];
+        for (msgs, want) in [(&membership[..], true), (&others[..], false)] {
+            for m in msgs {
+                let mut f = Vec::new();
+                encode(m, &mut f);
+                assert_eq!(is_membership(&f), want, "{m:?}");
+            }
+        }
+    }
+
+    #[test]
     fn frames_survive_splitting() {
         let msgs = vec![
             BusMsg::ToGroup {
@@ -315,5 +433,48 @@ mod tests {
             got.extend(frames.iter().map(|f| decode(f).unwrap()));
         }
         assert_eq!(got, msgs);
+    }
+
+    /// A reader that has `data` and then would block, as a socket does.
+    struct Pending<'a>(&'a [u8]);
+
+    impl Read for Pending<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_ends_the_reading() {
+        let small = BusMsg::Gone { conn: (1, 1) };
+        let mut wire = Vec::new();
+        encode(&small, &mut wire);
+        // A header that claims 1 MiB, and only the start of its body.
+        wire.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        wire.extend_from_slice(&[0; 100]);
+        let mut b = BusBuf::with_limit(1024);
+        let (frames, closed) = b.read_frames(&mut Pending(&wire));
+        assert!(closed, "seen as closed");
+        assert_eq!(frames.len(), 1, "the frame before still counts");
+        assert_eq!(decode(&frames[0]).unwrap(), small);
+        assert_eq!(b.overflowed(), Some((1 << 20) + 4));
+        assert!(b.inbuf.is_empty(), "nothing of it is kept");
+        let (more, closed) = b.read_frames(&mut Pending(&wire));
+        assert!(more.is_empty() && closed, "nothing more is read");
+        // Under the limit, a frame split across reads is kept whole.
+        let mut ok = BusBuf::with_limit(1024);
+        let mut one = Vec::new();
+        encode(&small, &mut one);
+        let (none, closed) = ok.read_frames(&mut Pending(&one[..3]));
+        assert!(none.is_empty() && !closed);
+        let (got, _) = ok.read_frames(&mut Pending(&one[3..]));
+        assert_eq!(got, vec![one]);
+        assert_eq!(ok.overflowed(), None);
     }
 }

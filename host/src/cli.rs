@@ -7,16 +7,16 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::config::Config;
-use crate::ipc::{self, ConnectionsReport, Request, Response, StatusReport, WorkerState};
+use crate::ipc::{self, Request, Response};
 use crate::logging;
 use crate::master::{Master, Readiness};
+use crate::report::{render_connections, render_status};
 use crate::runtime::{alive, running_master};
-use crate::table;
 use crate::worker;
 
 /// The descriptor a daemonized master reports readiness on.
@@ -38,6 +38,7 @@ pub fn worker() -> i32 {
 
 pub fn start(path: &Path, daemon: bool) -> Result<()> {
     let cfg = Config::load(path)?;
+    crate::runtime::prepare(&cfg).map_err(anyhow::Error::msg)?;
     if let Some(pid) = running_master(&cfg) {
         bail!(
             "wm-host is already running for {} (master pid {pid})",
@@ -254,193 +255,4 @@ pub fn connections(path: &Path, json: bool) -> Result<()> {
         print!("{}", render_connections(&report));
     }
     Ok(())
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1}M", bytes as f64 / (1024.0 * 1024.0))
-}
-
-/// Workerman's status: a global block, exit statistics per group, then one
-/// row per process and a summary.
-pub(crate) fn render_status(r: &StatusReport) -> String {
-    let start = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(r.start_time));
-    let up = r.uptime_secs;
-    let mut out = format!(
-        "---------------------------------------- GLOBAL STATUS ----------------------------------------\n\
-         wm-host version: {}    master pid: {}\n\
-         start time: {start}    run {} days {} hours {} minutes {} seconds\n\
-         load average: {}\n\
-         {} worker groups    {} processes\n",
-        r.version,
-        r.master_pid,
-        up / 86400,
-        up % 86400 / 3600,
-        up % 3600 / 60,
-        up % 60,
-        r.load_average,
-        r.groups.len(),
-        r.workers.len(),
-    );
-    // One row per group and exit status; `-  0` for a group without deaths.
-    let mut group_rows = Vec::new();
-    for g in &r.groups {
-        let exits: Vec<_> = r.exits.iter().filter(|e| e.group == g.name).collect();
-        let first = vec![
-            g.name.clone(),
-            g.listen.clone(),
-            g.count.to_string(),
-            g.processes.to_string(),
-        ];
-        if exits.is_empty() {
-            let mut row = first;
-            row.extend(["-".to_string(), "0".to_string()]);
-            group_rows.push(row);
-            continue;
-        }
-        for (i, e) in exits.into_iter().enumerate() {
-            let mut row = if i == 0 {
-                first.clone()
-            } else {
-                vec![String::new(); 4]
-            };
-            row.extend([e.status.clone(), e.count.to_string()]);
-            group_rows.push(row);
-        }
-    }
-    out.push_str(&table::render(
-        &[
-            "worker",
-            "listen",
-            "count",
-            "processes",
-            "exit_status",
-            "exit_count",
-        ],
-        &group_rows,
-    ));
-    out.push_str(
-        "---------------------------------------- PROCESS STATUS ---------------------------------------\n",
-    );
-    let dash = || "-".to_string();
-    let mut rows: Vec<Vec<String>> = r
-        .workers
-        .iter()
-        .map(|w| {
-            let stat = |f: fn(&ipc::WorkerStats) -> u64| {
-                w.stats.as_ref().map_or_else(dash, |s| f(s).to_string())
-            };
-            vec![
-                w.pid.to_string(),
-                w.group.clone(),
-                w.id.to_string(),
-                w.listen.clone(),
-                mib(w.rss_bytes),
-                stat(|s| s.connections),
-                stat(|s| s.send_fail),
-                stat(|s| s.timers),
-                stat(|s| s.total_messages),
-                w.qps.map_or_else(dash, |q| format!("{q:.1}")),
-                format!("[{}]", w.state.name()),
-                w.build.clone(),
-                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(w.loaded_at))
-                    .to_string(),
-                w.plugin.clone(),
-            ]
-        })
-        .collect();
-    let sum = |f: fn(&ipc::WorkerStats) -> u64| -> String {
-        r.workers
-            .iter()
-            .filter_map(|w| w.stats.as_ref().map(f))
-            .sum::<u64>()
-            .to_string()
-    };
-    let busy = r
-        .workers
-        .iter()
-        .filter(|w| w.state == WorkerState::Busy)
-        .count();
-    rows.push(vec![
-        "Summary".into(),
-        "-".into(),
-        "-".into(),
-        "-".into(),
-        mib(r.workers.iter().map(|w| w.rss_bytes).sum()),
-        sum(|s| s.connections),
-        sum(|s| s.send_fail),
-        sum(|s| s.timers),
-        sum(|s| s.total_messages),
-        format!("{:.1}", r.workers.iter().filter_map(|w| w.qps).sum::<f64>()),
-        format!("[{busy} busy]"),
-    ]);
-    out.push_str(&table::render(
-        &[
-            "pid",
-            "group",
-            "id",
-            "listen",
-            "memory",
-            "connections",
-            "send_fail",
-            "timers",
-            "total_request",
-            "qps",
-            "state",
-            "build",
-            "loaded",
-            "plugin",
-        ],
-        &rows,
-    ));
-    out
-}
-
-/// Workerman's `connections`: one row per connection across all workers.
-pub(crate) fn render_connections(r: &ConnectionsReport) -> String {
-    let rows: Vec<Vec<String>> = r
-        .connections
-        .iter()
-        .map(|c| {
-            vec![
-                c.pid.to_string(),
-                c.worker.clone(),
-                c.id.to_string(),
-                c.transport.clone(),
-                c.protocol.clone(),
-                c.local.clone(),
-                c.remote.clone(),
-                c.recv_q.to_string(),
-                c.send_q.to_string(),
-                c.bytes_read.to_string(),
-                c.bytes_written.to_string(),
-                c.state.clone(),
-            ]
-        })
-        .collect();
-    let mut out = table::render(
-        &[
-            "pid",
-            "worker",
-            "cid",
-            "trans",
-            "protocol",
-            "local_address",
-            "remote_address",
-            "recv_q",
-            "send_q",
-            "bytes_r",
-            "bytes_w",
-            "state",
-        ],
-        &rows,
-    );
-    out.push_str(&format!("{} connections\n", r.connections.len()));
-    if !r.busy.is_empty() {
-        let pids: Vec<String> = r.busy.iter().map(u32::to_string).collect();
-        out.push_str(&format!(
-            "busy (no answer within 1s, connections not listed): pid {}\n",
-            pids.join(", ")
-        ));
-    }
-    out
 }

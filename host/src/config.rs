@@ -96,7 +96,18 @@ pub struct WorkerConfig {
     pub run_as: Option<(u32, u32)>,
     /// The user's name, for the startup table.
     pub user: Option<String>,
+    /// A ready worker whose bus backlog has not moved for this long is
+    /// killed and replaced.
+    pub stuck_timeout: Duration,
+    /// Recycle a worker (replaced new-before-old, as by a reload) once it
+    /// has served this many messages / requests.
+    pub max_requests: Option<u64>,
+    /// Recycle a worker once its resident memory is over this many bytes.
+    pub max_memory: Option<u64>,
 }
+
+/// `stuck_timeout` when not set.
+pub const DEFAULT_STUCK_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostConfig {
@@ -105,6 +116,9 @@ pub struct HostConfig {
     pub start_timeout: Duration,
     pub stdout_file: PathBuf,
     pub log_file: PathBuf,
+    /// sshd's StrictModes: refuse to start when the runtime dir, a plugin
+    /// file or a folder above them could be changed by another user.
+    pub strict_modes: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,6 +148,7 @@ struct RawHost {
     start_timeout: Option<Dur>,
     stdout_file: Option<String>,
     log_file: Option<String>,
+    strict_modes: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -158,6 +173,9 @@ struct RawWorker {
     ws_ping_interval: Option<Spanned<Dur>>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
+    stuck_timeout: Option<Spanned<Dur>>,
+    max_requests: Option<Spanned<u64>>,
+    max_memory: Option<Spanned<Size>>,
 }
 
 fn one() -> Spanned<u32> {
@@ -178,6 +196,50 @@ impl<'de> Deserialize<'de> for Dur {
                 "invalid duration {s:?} ({e}); write e.g. \"2s\" or \"500ms\""
             ))
         })
+    }
+}
+
+/// A size in bytes: an integer, or a string with a unit: "256MiB", "512K",
+/// "1GB" (K, M, G, KiB, MiB, GiB count in 1024s; KB, MB, GB in 1000s).
+struct Size(u64);
+
+impl Size {
+    fn parse(s: &str) -> Option<u64> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: u64 = num.parse().ok()?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            _ => return None,
+        };
+        num.checked_mul(mult)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        let bad = |s: &str| {
+            serde::de::Error::custom(format!(
+                "invalid size {s:?}; write bytes, or e.g. \"256MiB\" or \"1G\""
+            ))
+        };
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(Size(n)),
+            Raw::Text(s) => Size::parse(&s).map(Size).ok_or_else(|| bad(&s)),
+        }
     }
 }
 
@@ -253,6 +315,7 @@ impl Config {
                 .log_file
                 .as_deref()
                 .map_or_else(|| runtime_dir.join("wm-host.log"), rel),
+            strict_modes: raw.host.strict_modes.unwrap_or(true),
             runtime_dir,
         };
 
@@ -358,6 +421,26 @@ impl Config {
                 };
                 options.insert(k.clone(), v);
             }
+            let stuck_timeout = match &w.stuck_timeout {
+                Some(d) if d.get_ref().0.is_zero() => {
+                    return Err(src.key_error(d.span(), "stuck_timeout", "must be more than 0"));
+                }
+                Some(d) => d.get_ref().0,
+                None => DEFAULT_STUCK_TIMEOUT,
+            };
+            let at_least_one = |v: Option<(Range<usize>, u64)>, key: &str| match v {
+                Some((span, 0)) => Err(src.key_error(span, key, "must be at least 1")),
+                Some((_, n)) => Ok(Some(n)),
+                None => Ok(None),
+            };
+            let max_requests = at_least_one(
+                w.max_requests.as_ref().map(|v| (v.span(), *v.get_ref())),
+                "max_requests",
+            )?;
+            let max_memory = at_least_one(
+                w.max_memory.as_ref().map(|v| (v.span(), v.get_ref().0)),
+                "max_memory",
+            )?;
             let positive = |v: &Option<Spanned<usize>>, key: &str, default: usize| match v {
                 Some(s) if *s.get_ref() == 0 => {
                     Err(src.key_error(s.span(), key, "must be at least 1"))
@@ -389,6 +472,9 @@ impl Config {
                 user: w.user.as_ref().map(|u| u.get_ref().clone()),
                 run_as,
                 watch_paths: w.watch_paths.iter().map(|p| rel(p)).collect(),
+                stuck_timeout,
+                max_requests,
+                max_memory,
                 name,
             });
         }
@@ -465,6 +551,7 @@ mod tests {
         assert_eq!(w.listen.scheme, Scheme::Text);
         assert_eq!(w.listen.addr, "127.0.0.1:2347".parse().unwrap());
         assert_eq!(w.max_package_size, DEFAULT_MAX_PACKAGE);
+        assert!(c.host.strict_modes, "StrictModes are on unless turned off");
     }
 
     #[test]
@@ -475,6 +562,8 @@ mod tests {
         let c = parse(text).unwrap();
         assert_eq!(c.host.stop_timeout, Duration::from_millis(500));
         assert_eq!(c.host.log_file, Path::new("/srv/app/l.log"));
+        let dev = parse(&format!("[host]\nstrict_modes = false\n{MINIMAL}")).unwrap();
+        assert!(!dev.host.strict_modes);
         let w = &c.workers[0];
         assert_eq!((w.count, w.reloadable), (4, false));
         assert_eq!(w.options["greeting"], "hi");
@@ -517,6 +606,42 @@ mod tests {
         let err = parse(&format!("{MINIMAL}{MINIMAL}")).unwrap_err();
         assert!(err.msg.contains("duplicate"), "{}", err.msg);
         assert_eq!(err.line, 6);
+    }
+
+    #[test]
+    fn recycling_and_stuck_keys_parse_with_units() {
+        let c = parse(MINIMAL).unwrap();
+        let w = &c.workers[0];
+        assert_eq!(
+            (w.max_requests, w.max_memory, w.stuck_timeout),
+            (None, None, DEFAULT_STUCK_TIMEOUT)
+        );
+        for (text, bytes) in [
+            ("1048576", 1 << 20),
+            ("\"256MiB\"", 256 << 20),
+            ("\"512K\"", 512 << 10),
+            ("\"1 G\"", 1 << 30),
+            ("\"2MB\"", 2_000_000),
+        ] {
+            let c = parse(&format!(
+                "{MINIMAL}max_requests = 100000\nmax_memory = {text}\nstuck_timeout = \"3s\"\n"
+            ))
+            .unwrap();
+            let w = &c.workers[0];
+            assert_eq!(w.max_memory, Some(bytes), "{text}");
+            assert_eq!(w.max_requests, Some(100_000));
+            assert_eq!(w.stuck_timeout, Duration::from_secs(3));
+        }
+        for (line, key) in [
+            ("max_memory = \"lots\"", "max_memory"),
+            ("max_memory = 0", "max_memory"),
+            ("max_requests = 0", "max_requests"),
+            ("stuck_timeout = \"0s\"", "stuck_timeout"),
+        ] {
+            let err = parse(&format!("{MINIMAL}{line}\n")).unwrap_err();
+            assert_eq!(err.line, 5, "{err}");
+            assert!(err.msg.starts_with(&format!("{key}:")), "{err}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Messages between the CLI, the master and the workers: one JSON object per
 //! line over unix stream sockets.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -80,8 +81,33 @@ pub enum Response {
     Stopped,
     Status(StatusReport),
     Connections(ConnectionsReport),
-    Reloaded(crate::master::roll::ReloadReport),
+    Reloaded(ReloadReport),
     Error { message: String },
+}
+
+/// What `wm-host reload` prints, per group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupReport {
+    pub name: String,
+    pub old: String,
+    pub new: String,
+    pub rolled: u32,
+    pub count: u32,
+    pub millis: u64,
+    /// `reloadable = false`: workers kept, `on_worker_reload` run.
+    pub kept: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub groups: Vec<GroupReport>,
+}
+
+impl ReloadReport {
+    pub fn ok(&self) -> bool {
+        self.groups.iter().all(|g| g.error.is_none())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,6 +135,14 @@ pub struct GroupRow {
     pub count: u32,
     /// Processes alive now (more than `count` while a reload rolls).
     pub processes: u32,
+    /// Bus messages dropped for this group's workers since start (a worker
+    /// that did not read its bus; see `WorkerRow::bus_dropped`).
+    #[serde(default)]
+    pub bus_dropped: u64,
+    /// Workers replaced since start, by cause: `died`, `stuck`,
+    /// `max_requests`, `max_memory`.
+    #[serde(default)]
+    pub restarts: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -157,6 +191,10 @@ pub struct WorkerRow {
     pub build: String,
     /// Unix seconds when it finished loading the plugin.
     pub loaded_at: u64,
+    /// Bus messages (group sends, broadcasts, publishes) dropped for it
+    /// because it did not read them and the master's bound was reached.
+    #[serde(default)]
+    pub bus_dropped: u64,
     /// Absent when the worker did not answer in time.
     pub stats: Option<WorkerStats>,
     /// Messages per second since the previous `status` (absent with `stats`).
@@ -233,27 +271,88 @@ pub fn flush_buf(out: &mut Vec<u8>, w: &mut impl Write) -> io::Result<()> {
     Ok(())
 }
 
-/// A non-blocking line-framed channel, for mio loops.
-#[derive(Debug, Default)]
+/// The longest line a `LineBuf` takes by default. A worker's `connections`
+/// report is one line, and a worker may hold tens of thousands of them.
+pub const MAX_LINE: usize = 64 << 20;
+
+/// A non-blocking line-framed channel, for mio loops. A line longer than its
+/// limit ends the channel: the reader reports it and sees it as closed.
+#[derive(Debug)]
 pub struct LineBuf {
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl Default for LineBuf {
+    fn default() -> Self {
+        LineBuf::with_limit(MAX_LINE)
+    }
 }
 
 impl LineBuf {
+    pub fn with_limit(limit: usize) -> LineBuf {
+        LineBuf {
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            limit,
+            overflowed: false,
+        }
+    }
+
     /// Reads what is available. Returns the complete messages and whether the
-    /// peer has closed.
+    /// peer has closed (or sent a line over the limit: see `overflowed`).
     pub fn read_from<T: DeserializeOwned>(
         &mut self,
         r: &mut impl Read,
     ) -> (Vec<Result<T, String>>, bool) {
-        let closed = read_available(r, &mut self.inbuf);
         let mut out = Vec::new();
-        while let Some(i) = self.inbuf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.inbuf.drain(..=i).collect();
-            out.push(serde_json::from_slice(&line[..i]).map_err(|e| e.to_string()));
+        if self.overflowed {
+            return (out, true);
         }
+        let mut chunk = [0u8; 16 * 1024];
+        // Lines are taken out after each read, so a peer that floods is
+        // caught at the limit rather than after everything it sent.
+        let closed = loop {
+            match r.read(&mut chunk) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    let start = self.inbuf.len();
+                    self.inbuf.extend_from_slice(&chunk[..n]);
+                    self.take_lines(start, &mut out);
+                    if self.inbuf.len() > self.limit {
+                        self.overflowed = true;
+                        self.inbuf = Vec::new();
+                        out.push(Err(format!("line longer than {} bytes", self.limit)));
+                        break true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break true,
+            }
+        };
         (out, closed)
+    }
+
+    /// Parses the complete lines; `start`: where new bytes begin (the bytes
+    /// before hold no newline).
+    fn take_lines<T: DeserializeOwned>(&mut self, start: usize, out: &mut Vec<Result<T, String>>) {
+        let mut from = 0;
+        let mut scan = start;
+        while let Some(i) = self.inbuf[scan..].iter().position(|&b| b == b'\n') {
+            let end = scan + i;
+            out.push(serde_json::from_slice(&self.inbuf[from..end]).map_err(|e| e.to_string()));
+            from = end + 1;
+            scan = from;
+        }
+        self.inbuf.drain(..from);
+    }
+
+    /// The peer sent a line over the limit; nothing more is read from it.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
     }
 
     pub fn queue<T: Serialize>(&mut self, msg: &T) {
@@ -288,5 +387,44 @@ mod tests {
                 ToWorker::Stats { req: 7 }
             ]
         );
+    }
+
+    /// A reader that has `data` and then would block, as a socket does.
+    struct Pending<'a>(&'a [u8]);
+
+    impl Read for Pending<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_line_over_the_limit_ends_the_channel() {
+        let mut lb = LineBuf::with_limit(64);
+        let mut wire = encode(&ToWorker::Stats { req: 1 });
+        wire.extend(vec![b'x'; 200]);
+        let (msgs, closed) = lb.read_from::<ToWorker>(&mut Pending(&wire));
+        assert!(closed && lb.overflowed());
+        assert_eq!(msgs.len(), 2, "the line before still counts");
+        assert_eq!(msgs[0], Ok(ToWorker::Stats { req: 1 }));
+        assert!(msgs[1]
+            .as_ref()
+            .unwrap_err()
+            .contains("longer than 64 bytes"));
+        let (more, closed) = lb.read_from::<ToWorker>(&mut Pending(b"{}\n"));
+        assert!(more.is_empty() && closed, "nothing more is read");
+        // Under the limit, a line split across reads is kept whole.
+        let mut ok = LineBuf::with_limit(64);
+        let line = encode(&ToWorker::Reload);
+        let (none, closed) = ok.read_from::<ToWorker>(&mut Pending(&line[..4]));
+        assert!(none.is_empty() && !closed);
+        let (one, _) = ok.read_from::<ToWorker>(&mut Pending(&line[4..]));
+        assert_eq!(one, vec![Ok(ToWorker::Reload)]);
     }
 }

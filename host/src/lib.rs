@@ -12,6 +12,8 @@ pub mod ipc;
 pub mod logging;
 pub mod master;
 pub mod plugin;
+pub mod report;
 pub mod runtime;
 pub mod table;
+pub mod trust;
 pub mod worker;

@@ -7,6 +7,23 @@
 //!
 //! Both vtables are prefix types, so a later minor version may append functions
 //! at the end without breaking plugins built earlier.
+//!
+//! How the pieces fit together:
+//!
+//! 1. The host loads the `.so` and reads its root module, [`PluginMod`]
+//!    (through [`PluginModRef`]), after abi_stable has checked the layouts and
+//!    the version.
+//! 2. In each worker process it calls [`PluginMod::create`] once, which returns
+//!    a [`PluginInstance`]: the plugin object plus its [`PluginVTable`].
+//! 3. For each event the host calls a function of the [`PluginVTable`], passing
+//!    a [`HostCtx`] through which the plugin calls back into the
+//!    [`HostVTable`]; [`crate::Context`] is the safe wrapper around it.
+//!
+//! Connections and timers cross as plain `u64` ids ([`crate::ConnId`] and
+//! [`crate::TimerId`] on the safe side). Everything here is `#[repr(C)]` or
+//! `#[repr(u8)]`: changing a type, a field or the order of fields breaks the
+//! plugin ABI, and abi_stable refuses to load plugins built against the other
+//! layout.
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -28,6 +45,7 @@ use abi_stable::{
 #[repr(u8)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// The callback returned normally.
     Ok,
     /// The callback returned an error (only `on_worker_start` can).
     Failed,
@@ -43,7 +61,9 @@ pub enum Outcome {
 pub enum RawKind {
     /// The listener's natural framing (websocket: text).
     Default,
+    /// A websocket text message (opcode 1).
     Text,
+    /// A websocket binary message (opcode 2).
     Binary,
 }
 
@@ -51,12 +71,17 @@ pub enum RawKind {
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy)]
 pub struct RawRequest<'a> {
+    /// The request method, e.g. `GET`.
     pub method: RStr<'a>,
+    /// The path, still percent-encoded, without the query.
     pub path: RStr<'a>,
+    /// The query string without `?`; empty when absent.
     pub query: RStr<'a>,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
+    /// Header names and values in the order received.
     pub headers: RSlice<'a, Tuple2<RStr<'a>, RStr<'a>>>,
+    /// The body (empty for a websocket handshake).
     pub body: RSlice<'a, u8>,
 }
 
@@ -117,8 +142,11 @@ pub enum RawSendStatus {
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawAddr {
+    /// 0 when there is no address, 4 for IPv4, 6 for IPv6.
     pub family: u8,
+    /// The port, in host byte order.
     pub port: u16,
+    /// The address octets: the first 4 for IPv4, all 16 for IPv6.
     pub ip: [u8; 16],
 }
 
@@ -128,14 +156,19 @@ pub struct RawAddr {
 pub struct RawConnInfo {
     /// False when the connection is unknown or closed (other fields zero).
     pub open: bool,
+    /// The peer's address.
     pub remote: RawAddr,
+    /// The local address the connection arrived on (or left from).
     pub local: RawAddr,
+    /// Bytes received from the socket so far.
     pub bytes_read: u64,
+    /// Bytes written to the socket so far.
     pub bytes_written: u64,
     /// Bytes waiting in the send buffer.
     pub send_queue: u64,
     /// Bytes of an incomplete message kept from the socket.
     pub recv_queue: u64,
+    /// Reading is paused (`pause_recv`).
     pub paused: bool,
 }
 
@@ -143,11 +176,17 @@ pub struct RawConnInfo {
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy)]
 pub struct RawWorkerInfo {
+    /// The `name` of the `[[worker]]` group.
     pub name: RStr<'static>,
+    /// This process's number within its group, `0..count`.
     pub id: u32,
+    /// Number of processes in the group.
     pub count: u32,
+    /// Operating-system process id.
     pub pid: u32,
+    /// The listen address as written in the config.
     pub listen: RStr<'static>,
+    /// The group's `[worker.options]`, sorted by key.
     pub options: RSlice<'static, Tuple2<RStr<'static>, RStr<'static>>>,
 }
 
@@ -155,22 +194,42 @@ pub struct RawWorkerInfo {
 #[repr(u8)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RawLevel {
+    /// `tracing::Level::ERROR`.
     Error = 1,
+    /// `tracing::Level::WARN`.
     Warn = 2,
+    /// `tracing::Level::INFO`.
     Info = 3,
+    /// `tracing::Level::DEBUG`.
     Debug = 4,
+    /// `tracing::Level::TRACE`.
     Trace = 5,
 }
 
 /// Functions the host offers to plugin callbacks. `state` is the host's own
 /// per-worker data, opaque to the plugin.
+///
+/// Each function is valid only during the plugin callback that received the
+/// [`HostCtx`], and only on that thread. `conn` arguments are connection ids
+/// of this worker; functions returning `bool` return false when the
+/// connection is unknown or already closed, unless stated otherwise. The
+/// matching [`crate::Context`] method documents each one for plugin authors.
+///
+/// Fields after `connection_count`, the last prefix field, were appended in
+/// later versions: a vtable from an older build may lack them, and with
+/// `missing_field(panic)` their accessors on [`HostVTableRef`] panic then.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = HostVTableRef)))]
 #[sabi(missing_field(panic))]
 pub struct HostVTable {
+    /// Facts about this worker process ([`crate::Context::worker`]).
     pub worker_info: extern "C" fn(state: *mut c_void) -> &'static RawWorkerInfo,
+    /// Writes `msg` into the host's log at `level`, tagged with the worker
+    /// ([`crate::Context::log`]).
     pub log: extern "C" fn(state: *mut c_void, level: RawLevel, msg: RStr<'_>),
+    /// Frames and sends a message on a connection ([`crate::Context::send`]);
+    /// `kind` picks the websocket opcode.
     pub send: extern "C" fn(
         state: *mut c_void,
         conn: u64,
@@ -179,6 +238,7 @@ pub struct HostVTable {
     ) -> RawSendStatus,
     /// The framing of the message being handled by `on_message`.
     pub message_kind: extern "C" fn(state: *mut c_void) -> RawKind,
+    /// Answers an HTTP request ([`crate::Context::respond`]).
     pub respond: extern "C" fn(
         state: *mut c_void,
         conn: u64,
@@ -186,9 +246,13 @@ pub struct HostVTable {
         headers: RawFields<'_>,
         body: RSlice<'_, u8>,
     ) -> RawSendStatus,
+    /// Adds a connection to a host-wide group ([`crate::Context::join_group`]).
     pub join_group: extern "C" fn(state: *mut c_void, conn: u64, group: RStr<'_>) -> bool,
+    /// Removes a connection from a group ([`crate::Context::leave_group`]).
     pub leave_group: extern "C" fn(state: *mut c_void, conn: u64, group: RStr<'_>) -> bool,
-    /// `exclude` is a connection of this worker to skip, or 0.
+    /// Sends to every member of a group in every worker
+    /// ([`crate::Context::send_to_group`]). `exclude` is a connection of this
+    /// worker to skip, or 0.
     pub send_to_group: extern "C" fn(
         state: *mut c_void,
         group: RStr<'_>,
@@ -196,28 +260,54 @@ pub struct HostVTable {
         kind: RawKind,
         exclude: u64,
     ),
+    /// Sends to every connection of every worker, except `exclude` (or 0)
+    /// ([`crate::Context::send_to_all`]).
     pub send_to_all:
         extern "C" fn(state: *mut c_void, data: RSlice<'_, u8>, kind: RawKind, exclude: u64),
+    /// Binds a connection to a user id ([`crate::Context::bind_uid`]).
     pub bind_uid: extern "C" fn(state: *mut c_void, conn: u64, uid: RStr<'_>) -> bool,
+    /// Sends to every connection bound to `uid`, in any worker
+    /// ([`crate::Context::send_to_uid`]).
     pub send_to_uid:
         extern "C" fn(state: *mut c_void, uid: RStr<'_>, data: RSlice<'_, u8>, kind: RawKind),
+    /// Members of a group across all workers, as known to this worker
+    /// ([`crate::Context::group_count`]).
     pub group_count: extern "C" fn(state: *mut c_void, group: RStr<'_>) -> u64,
     /// Bound uids of the group's members across all workers, sorted, unique.
     pub group_uids: extern "C" fn(state: *mut c_void, group: RStr<'_>) -> RVec<RString>,
+    /// Delivers `data` to `on_publish` in every worker, this one included
+    /// ([`crate::Context::publish`]).
     pub publish: extern "C" fn(state: *mut c_void, topic: RStr<'_>, data: RSlice<'_, u8>),
+    /// Closes once what is queued is written, after sending `last` if given
+    /// ([`crate::Context::close`], [`crate::Context::close_with`]).
     pub close: extern "C" fn(state: *mut c_void, conn: u64, last: ROption<RSlice<'_, u8>>) -> bool,
+    /// The peer's address if `remote`, else the local one; `family` 0 when
+    /// unknown ([`crate::Context::remote_addr`], [`crate::Context::local_addr`]).
     pub addr: extern "C" fn(state: *mut c_void, conn: u64, remote: bool) -> RawAddr,
+    /// Starts a timer firing `on_timer` after `interval_ms`, once or every
+    /// `interval_ms` if `repeat`; returns its id ([`crate::Context::add_timer`]).
     pub add_timer: extern "C" fn(state: *mut c_void, interval_ms: u64, repeat: bool) -> u64,
+    /// Stops a timer; false if it had already ended or never existed
+    /// ([`crate::Context::del_timer`]).
     pub del_timer: extern "C" fn(state: *mut c_void, timer: u64) -> bool,
+    /// Number of open connections in this worker
+    /// ([`crate::Context::connection_count`]). The last prefix field: every
+    /// field up to here is present in every version.
     #[sabi(last_prefix_field)]
     pub connection_count: extern "C" fn(state: *mut c_void) -> u64,
+    /// Stops reading from a connection ([`crate::Context::pause_recv`]).
     pub pause_recv: extern "C" fn(state: *mut c_void, conn: u64) -> bool,
+    /// Reads from a paused connection again ([`crate::Context::resume_recv`]).
     pub resume_recv: extern "C" fn(state: *mut c_void, conn: u64) -> bool,
     /// Half-close after flushing; close for good after a short linger.
     pub end: extern "C" fn(state: *mut c_void, conn: u64) -> bool,
     /// Close now, dropping what is queued.
     pub destroy: extern "C" fn(state: *mut c_void, conn: u64) -> bool,
+    /// Sets one connection's send-buffer limit in bytes
+    /// ([`crate::Context::set_max_send_buffer`]).
     pub set_max_send_buffer: extern "C" fn(state: *mut c_void, conn: u64, bytes: u64) -> bool,
+    /// A connection's addresses and counters; `open` false when it is closed
+    /// or unknown ([`crate::Context::conn_info`]).
     pub conn_info: extern "C" fn(state: *mut c_void, conn: u64) -> RawConnInfo,
     /// Ids of this worker's open connections.
     pub connections: extern "C" fn(state: *mut c_void) -> RVec<u64>,
@@ -226,8 +316,13 @@ pub struct HostVTable {
     /// Opens an outbound connection (`tcp://`, `text://`, `frame://`, `ws://`).
     pub connect:
         extern "C" fn(state: *mut c_void, url: RStr<'_>, timeout_ms: u64) -> RResult<u64, RString>,
+    /// Connects an outbound connection again after `delay_ms`, keeping its id
+    /// ([`crate::Context::reconnect`]).
     pub reconnect: extern "C" fn(state: *mut c_void, conn: u64, delay_ms: u64) -> bool,
+    /// Forwards everything arriving on `src` to `dst` ([`crate::Context::pipe`]).
     pub pipe: extern "C" fn(state: *mut c_void, src: u64, dst: u64) -> bool,
+    /// Whether the plugin opened the connection with `connect`
+    /// ([`crate::Context::is_outbound`]).
     pub is_outbound: extern "C" fn(state: *mut c_void, conn: u64) -> bool,
 }
 
@@ -235,26 +330,43 @@ pub struct HostVTable {
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy)]
 pub struct HostCtx {
+    /// The host's per-worker state, passed back as `state` to every function
+    /// of `vt`.
     pub state: *mut c_void,
+    /// The host's functions.
     pub vt: HostVTableRef,
 }
 
 /// Callbacks a plugin instance offers. `state` is the plugin object, opaque to
 /// the host. Every function catches panics on the plugin side.
+///
+/// Each `on_*` function runs the [`crate::Plugin`] method of the same name and
+/// reports how it went as an [`Outcome`]. All are called from the worker's
+/// single thread. As in [`HostVTable`], the fields after `drop` (the last
+/// prefix field) were appended later.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginVTableRef)))]
 #[sabi(missing_field(panic))]
 pub struct PluginVTable {
+    /// [`crate::Plugin::on_worker_start`]; `Failed` carries its error.
     pub on_worker_start: extern "C" fn(state: *mut c_void, ctx: HostCtx) -> Outcome,
+    /// [`crate::Plugin::on_worker_stop`].
     pub on_worker_stop: extern "C" fn(state: *mut c_void, ctx: HostCtx) -> Outcome,
+    /// [`crate::Plugin::on_worker_reload`].
     pub on_worker_reload: extern "C" fn(state: *mut c_void, ctx: HostCtx) -> Outcome,
+    /// [`crate::Plugin::on_connect`].
     pub on_connect: extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64) -> Outcome,
+    /// [`crate::Plugin::on_message`].
     pub on_message:
         extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64, data: RSlice<'_, u8>) -> Outcome,
+    /// [`crate::Plugin::on_close`].
     pub on_close: extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64) -> Outcome,
+    /// [`crate::Plugin::on_buffer_full`].
     pub on_buffer_full: extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64) -> Outcome,
+    /// [`crate::Plugin::on_buffer_drain`].
     pub on_buffer_drain: extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64) -> Outcome,
+    /// [`crate::Plugin::on_error`]; `code` is one of [`crate::error_code`].
     pub on_error: extern "C" fn(
         state: *mut c_void,
         ctx: HostCtx,
@@ -262,11 +374,16 @@ pub struct PluginVTable {
         code: u32,
         msg: RStr<'_>,
     ) -> Outcome,
+    /// [`crate::Plugin::on_timer`].
     pub on_timer: extern "C" fn(state: *mut c_void, ctx: HostCtx, timer: u64) -> Outcome,
+    /// [`crate::Plugin::on_websocket_connect`]; a refusal comes back as
+    /// [`Outcome::Refused`].
     pub on_websocket_connect:
         extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64, req: &RawRequest<'_>) -> Outcome,
+    /// [`crate::Plugin::on_request`].
     pub on_request:
         extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64, req: &RawRequest<'_>) -> Outcome,
+    /// [`crate::Plugin::on_publish`].
     pub on_publish: extern "C" fn(
         state: *mut c_void,
         ctx: HostCtx,
@@ -287,7 +404,8 @@ pub struct PluginVTable {
     /// Appends the bytes for an outgoing message; false if the encoder failed.
     pub protocol_encode:
         extern "C" fn(proto: *mut c_void, data: RSlice<'_, u8>, out: &mut RVec<u8>) -> bool,
-    /// What the last `Failed` or `Panicked` outcome was about.
+    /// What the last `Failed` or `Panicked` outcome was about; taking it
+    /// leaves an empty string.
     pub take_failure: extern "C" fn() -> RString,
 }
 
@@ -295,9 +413,12 @@ pub struct PluginVTable {
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct PluginInstance {
+    /// The plugin object, passed back as `state` to every callback of `vt`;
+    /// freed by `vt.drop`.
     pub state: *mut c_void,
     /// The plugin's [`crate::Protocol`] for `custom://` listeners, or null.
     pub protocol: *mut c_void,
+    /// The plugin's callbacks.
     pub vt: PluginVTableRef,
 }
 
@@ -307,8 +428,9 @@ pub struct PluginInstance {
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
 #[sabi(missing_field(panic))]
 pub struct PluginMod {
-    /// The plugin crate's name and version, for logs and `status`.
+    /// The plugin crate's name, for logs and `status`.
     pub name: RStr<'static>,
+    /// The plugin crate's version, for logs and `status`.
     pub version: RStr<'static>,
     /// Builds the plugin object. Called once per worker process.
     #[sabi(last_prefix_field)]

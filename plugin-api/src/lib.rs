@@ -24,6 +24,33 @@
 //! A panic in any callback is caught inside the plugin and reported to the
 //! host, which logs it and closes the connection concerned; the worker keeps
 //! serving everyone else.
+//!
+//! # Life of a plugin
+//!
+//! Each worker process loads the plugin, builds one object with the
+//! constructor given to [`export_plugin!`], and calls
+//! [`Plugin::on_worker_start`]. It then calls the other [`Plugin`] methods as
+//! events arrive, one at a time on the worker's single thread, each with a
+//! [`Context`] for talking back to the host. When the worker stops it calls
+//! [`Plugin::on_worker_stop`] and drops the object. A reload starts new
+//! workers on the new build and stops the old ones: state that must survive
+//! a reload belongs outside the process.
+//!
+//! # Coming from Workerman
+//!
+//! | Workerman | here |
+//! |---|---|
+//! | `onWorkerStart`, `onConnect`, `onMessage`, `onClose`… | the [`Plugin`] methods of the same name |
+//! | `$connection` | a [`ConnId`] plus the [`Context`] of the callback |
+//! | `$connection->send($data)` (`true`/`null`/`false`) | [`Context::send`] ([`SendStatus`]) |
+//! | `$connection->close()`, `destroy()`, `pauseRecv()`, `pipe()` | [`Context::close`], [`Context::destroy`], [`Context::pause_recv`], [`Context::pipe`] |
+//! | `Timer::add`, `Timer::del` | [`Context::add_timer`], [`Context::del_timer`] |
+//! | `AsyncTcpConnection` | [`Context::connect`] |
+//! | protocol classes (`input`/`decode`/`encode`) | [`Protocol`] on a `custom://` listener |
+//! | GatewayWorker's `joinGroup`, `sendToGroup`, `bindUid`… | [`Context::join_group`], [`Context::send_to_group`], [`Context::bind_uid`]… |
+//! | `echo`/`Worker::log` | [`Context::log`] |
+
+#![deny(missing_docs)]
 
 pub mod abi;
 #[doc(hidden)]
@@ -37,63 +64,163 @@ pub use context::{ConnId, ConnInfo, Context, Level, MessageKind, SendStatus, Tim
 pub use request::Request;
 
 /// The error type `on_worker_start` may return: anything that converts into a
-/// boxed error, so `?` works on most results.
+/// boxed error, so `?` works on most results (and on `&str`/`String` with
+/// `.ok_or("…")?` or `Err("…".into())`). Its text is reported by `wm-host
+/// start` and written to the log.
 pub type StartError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Error codes passed to [`Plugin::on_error`], as in Workerman.
 pub mod error_code {
-    /// An outbound connection could not be established.
+    /// An outbound connection could not be established (Workerman's
+    /// `WORKERMAN_CONNECT_FAIL`); `on_close` follows.
     pub const CONNECT_FAILED: u32 = 1;
-    /// Data could not be sent (connection closed, or send buffer full).
+    /// Data could not be sent (connection closed, or send buffer full;
+    /// Workerman's `WORKERMAN_SEND_FAIL`). The message tells which.
     pub const SEND_FAILED: u32 = 2;
 }
 
 /// Framing for `custom://` listeners (Workerman's protocol classes): the host
 /// keeps buffers, limits and IO, and asks this object where messages are.
+///
+/// Return it from [`Plugin::protocol`]; one object serves every connection
+/// of the worker, so keep per-connection state out of it.
+///
+/// ```
+/// use plugin_api::{ConnId, Context, Plugin, Protocol};
+///
+/// /// Messages end with `\r\n` (Workerman's `Text` protocol, with CRLF).
+/// struct CrLf;
+///
+/// impl Protocol for CrLf {
+///     fn input(&mut self, buf: &[u8]) -> Result<Option<usize>, String> {
+///         Ok(buf.windows(2).position(|w| w == b"\r\n").map(|i| i + 2))
+///     }
+///     fn decode<'a>(&mut self, packet: &'a [u8]) -> &'a [u8] {
+///         &packet[..packet.len() - 2]
+///     }
+///     fn encode(&mut self, data: &[u8], out: &mut Vec<u8>) {
+///         out.extend_from_slice(data);
+///         out.extend_from_slice(b"\r\n");
+///     }
+/// }
+///
+/// struct Echo;
+///
+/// impl Plugin for Echo {
+///     fn protocol(&mut self) -> Option<Box<dyn Protocol>> {
+///         Some(Box::new(CrLf))
+///     }
+///     fn on_message(&mut self, ctx: &mut Context<'_>, conn: ConnId, data: &[u8]) {
+///         ctx.send(conn, data); // framed by CrLf::encode
+///     }
+/// }
+///
+/// let mut p = CrLf;
+/// assert_eq!(p.input(b"ab\r\ncd"), Ok(Some(4)));
+/// assert_eq!(p.input(b"ab"), Ok(None));
+/// assert_eq!(p.decode(b"ab\r\n"), b"ab");
+/// ```
 pub trait Protocol: 'static {
+    /// Where the first packet in `buf` ends (Workerman's `input()`), called
+    /// whenever bytes arrive. `buf` starts at a packet boundary and holds
+    /// everything received since.
+    ///
     /// `Ok(Some(n))`: the first packet is `buf[..n]`; `Ok(None)`: more bytes
     /// are needed; `Err(reason)`: bad input (the connection is closed and the
     /// reason logged). Packets over `max_package_size` are refused by the host.
     fn input(&mut self, buf: &[u8]) -> Result<Option<usize>, String>;
-    /// The message inside a complete packet, as a part of it. Default: all.
+    /// The message inside a complete packet, as a part of it (Workerman's
+    /// `decode()`): what [`Plugin::on_message`] receives. Default: all.
+    /// Return a sub-slice of `packet` (e.g. without header or delimiter); a
+    /// slice from elsewhere is ignored and the whole packet is used.
     fn decode<'a>(&mut self, packet: &'a [u8]) -> &'a [u8] {
         packet
     }
-    /// Appends the bytes to write for an outgoing message.
+    /// Appends the bytes to write for an outgoing message to `out` (Workerman's
+    /// `encode()`); used by [`Context::send`] and the group and broadcast
+    /// sends on `custom://` connections.
     fn encode(&mut self, data: &[u8], out: &mut Vec<u8>);
 }
 
 /// Business logic run by wm-host workers. Every method has a no-op default;
 /// implement only what you need.
+///
+/// The methods are Workerman's callbacks. They are called one at a time on
+/// the worker's thread, so `&mut self` is all the synchronisation needed, and
+/// they should not block: the worker serves all its connections from this
+/// thread. A panic is caught and logged; it closes only the connection the
+/// callback was about.
 #[allow(unused_variables)]
 pub trait Plugin: 'static {
-    /// The worker process started. Connections are accepted only after this
-    /// returns; returning an error (or panicking) fails the worker's start.
+    /// The worker process started (Workerman's `onWorkerStart`): set up
+    /// timers, outbound connections, configuration from
+    /// [`Context::option`]. Connections are accepted only after this returns;
+    /// returning an error (or panicking) fails the worker's start, and
+    /// `wm-host start` or `reload` reports it.
     fn on_worker_start(&mut self, ctx: &mut Context<'_>) -> Result<(), StartError> {
         Ok(())
     }
-    /// The worker is stopping, after its connections were closed.
+    /// The worker is stopping, after its connections were closed (Workerman's
+    /// `onWorkerStop`). The plugin object is dropped right after.
     fn on_worker_stop(&mut self, ctx: &mut Context<'_>) {}
-    /// A reload was asked for and this worker is not reloadable: it keeps
-    /// running the code it has.
+    /// A reload was asked for and this worker is not reloadable (Workerman's
+    /// `onWorkerReload` with `reloadable = false`): it keeps running the code
+    /// it has. Reloadable workers are replaced instead and do not see this.
     fn on_worker_reload(&mut self, ctx: &mut Context<'_>) {}
-    /// A client connected.
+    /// A client connected (Workerman's `onConnect`), or an outbound
+    /// connection made with [`Context::connect`] is established. On websocket
+    /// listeners it comes after the handshake was accepted.
     fn on_connect(&mut self, ctx: &mut Context<'_>, conn: ConnId) {}
-    /// One complete message arrived, as framed by the listener's protocol.
+    /// One complete message arrived, as framed by the listener's protocol
+    /// (Workerman's `onMessage`): a line without its `\n` on `text://`, a
+    /// payload on `frame://` and `ws://`, whatever [`Protocol::decode`] returns
+    /// on `custom://`, the bytes as read on `tcp://`. `data` is borrowed for
+    /// this call only. For websocket messages see [`Context::message_kind`].
+    /// `http://` requests go to [`Plugin::on_request`] instead.
     fn on_message(&mut self, ctx: &mut Context<'_>, conn: ConnId, data: &[u8]) {}
-    /// The connection closed, by either side. `conn` is no longer usable.
+    /// The connection closed, by either side (Workerman's `onClose`). `conn` is
+    /// no longer usable: forget what you kept about it. Its groups and uid
+    /// binding are already gone.
     fn on_close(&mut self, ctx: &mut Context<'_>, conn: ConnId) {}
-    /// The connection's send buffer reached its limit.
+    /// The connection's send buffer reached its limit (`max_send_buffer_size`;
+    /// Workerman's `onBufferFull`): further sends are dropped until
+    /// [`Plugin::on_buffer_drain`]. Stop producing for it, e.g. with
+    /// [`Context::pause_recv`] on the source.
     fn on_buffer_full(&mut self, ctx: &mut Context<'_>, conn: ConnId) {}
-    /// The connection's send buffer was emptied.
+    /// The connection's send buffer was emptied after it had been full
+    /// (Workerman's `onBufferDrain`): sending may resume.
     fn on_buffer_drain(&mut self, ctx: &mut Context<'_>, conn: ConnId) {}
-    /// Something failed on the connection; `code` is one of [`error_code`].
+    /// Something failed on the connection (Workerman's `onError`); `code` is
+    /// one of [`error_code`] and `msg` says what happened, e.g. `"send buffer
+    /// full and drop package"`.
     fn on_error(&mut self, ctx: &mut Context<'_>, conn: ConnId, code: u32, msg: &str) {}
-    /// A timer made with [`Context::add_timer`] fired.
+    /// A timer made with [`Context::add_timer`] fired. A one-shot timer is
+    /// gone by now; a repeating one stays until [`Context::del_timer`].
     fn on_timer(&mut self, ctx: &mut Context<'_>, timer: TimerId) {}
     /// A websocket client sent its handshake (Workerman's onWebSocketConnect),
     /// before `on_connect`. Return `Err(status)` to refuse it with that HTTP
-    /// status (e.g. 403).
+    /// status (e.g. 403); the connection is then closed without
+    /// `on_connect`.
+    ///
+    /// ```
+    /// use plugin_api::{ConnId, Context, Plugin, Request};
+    ///
+    /// struct Guarded;
+    ///
+    /// impl Plugin for Guarded {
+    ///     fn on_websocket_connect(
+    ///         &mut self,
+    ///         _ctx: &mut Context<'_>,
+    ///         _conn: ConnId,
+    ///         req: &Request<'_>,
+    ///     ) -> Result<(), u16> {
+    ///         match req.query_param("token") {
+    ///             Some("secret") => Ok(()),
+    ///             _ => Err(403),
+    ///         }
+    ///     }
+    /// }
+    /// ```
     fn on_websocket_connect(
         &mut self,
         ctx: &mut Context<'_>,
@@ -113,12 +240,15 @@ pub trait Plugin: 'static {
             b"404 Not Found\n",
         );
     }
-    /// The framing for `custom://` listeners; asked once per worker.
+    /// The framing for `custom://` listeners; asked once per worker, right
+    /// after the plugin object is built (before `on_worker_start`). `None`
+    /// (the default) makes `custom://` listeners refuse to start.
     fn protocol(&mut self) -> Option<Box<dyn Protocol>> {
         None
     }
     /// A message published with [`Context::publish`] by any worker of the
     /// host, this one included, in the order each worker published them.
+    /// Every worker gets it, whatever its group, as long as it runs a plugin.
     fn on_publish(&mut self, ctx: &mut Context<'_>, topic: &str, data: &[u8]) {}
 }
 
@@ -126,6 +256,32 @@ pub trait Plugin: 'static {
 ///
 /// `export_plugin!(MyPlugin)` builds it with `Default::default()`;
 /// `export_plugin!(MyPlugin, MyPlugin::new)` with any `fn() -> MyPlugin`.
+/// The constructor runs once per worker process, before
+/// [`Plugin::on_worker_start`], which is where work that can fail belongs: a
+/// panicking constructor fails the worker with just "constructor panicked".
+///
+/// Use it once per crate, at the top level. The crate needs
+/// `crate-type = ["cdylib"]` in its `Cargo.toml`; its name and version are
+/// what `wm-host status` shows.
+///
+/// ```
+/// use plugin_api::{export_plugin, Plugin};
+///
+/// struct Counter {
+///     messages: u64,
+/// }
+///
+/// impl Counter {
+///     fn new() -> Counter {
+///         Counter { messages: 0 }
+///     }
+/// }
+///
+/// impl Plugin for Counter {}
+///
+/// export_plugin!(Counter, Counter::new);
+/// # fn main() {}
+/// ```
 #[macro_export]
 macro_rules! export_plugin {
     ($ty:ty) => {

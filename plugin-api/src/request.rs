@@ -3,7 +3,31 @@
 
 use crate::abi::RawRequest;
 
-/// A request, valid during the callback that receives it.
+/// A request, valid during the callback that receives it: copy what you
+/// need to keep. Passed to [`crate::Plugin::on_request`] and
+/// [`crate::Plugin::on_websocket_connect`].
+///
+/// ```
+/// use plugin_api::{ConnId, Context, Plugin, Request};
+///
+/// struct Api;
+///
+/// impl Plugin for Api {
+///     fn on_request(&mut self, ctx: &mut Context<'_>, conn: ConnId, req: &Request<'_>) {
+///         let reply = match (req.method(), req.path()) {
+///             ("GET", "/hello") => format!("hello {}\n", req.query_param("name").unwrap_or("you")),
+///             ("POST", "/echo") => String::from_utf8_lossy(req.body()).into_owned(),
+///             _ => {
+///                 ctx.respond(conn, 404, &[], b"not found\n");
+///                 return;
+///             }
+///         };
+///         let json = req.header("accept").is_some_and(|a| a.contains("json"));
+///         let kind = if json { "application/json" } else { "text/plain" };
+///         ctx.respond(conn, 200, &[("Content-Type", kind)], reply.as_bytes());
+///     }
+/// }
+/// ```
 #[derive(Clone, Copy)]
 pub struct Request<'a> {
     raw: &'a RawRequest<'a>,
@@ -60,6 +84,9 @@ impl<'a> Request<'a> {
             .map(|t| (t.0.as_str(), t.1.as_str()))
     }
 
+    /// The whole body, chunked bodies already joined (the host waits for all
+    /// of it, up to the listener's `max_package_size`); empty for a websocket
+    /// handshake.
     pub fn body(&self) -> &'a [u8] {
         self.raw.body.as_slice()
     }

@@ -17,16 +17,24 @@
 //! Websocket: RFC 6455 handshake and unfragmented frames (masked, as clients
 //! must send them), text checked for UTF-8, ping/pong and close; a fragmented
 //! message closes the connection with 1003 (no client of the suite sends one).
+//!
+//! What wm-host's codecs already do is not written twice: requests (HTTP and
+//! the websocket handshake) are parsed by `wm_proto::http::HttpDecoder`, the
+//! handshake checked by `websocket::accept_key`, frames written by
+//! `websocket::write_frame` and payloads unmasked by `websocket::apply_mask`.
+//! What stays here is the lean loop around them, and answers built from
+//! bytes prepared once.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::SystemTime;
 
 use clap::{Parser, ValueEnum};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
+use wm_proto::http::{self, HttpDecoder, Limits, Scratch};
+use wm_proto::websocket::{accept_key, apply_mask, write_frame};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Proto {
@@ -36,7 +44,9 @@ enum Proto {
     Frame,
     /// RFC 6455 echo: text and binary messages are sent back as they came.
     Websocket,
-    /// HTTP/1.1 keep-alive: `200 Hello, world!` for every request.
+    /// HTTP/1.1 keep-alive: `200 Hello, world!` for every request, but
+    /// `GET /plaintext` (TechEmpower's plaintext test), answered byte for
+    /// byte as wm-host answers it for `bench-hello-plugin`.
     Http,
     /// Websocket with one group: `join g` (answered `ok`), `count g`,
     /// `gsend g <text>` (text to every member, the sender included).
@@ -64,8 +74,47 @@ struct Args {
 
 const LISTENER: Token = Token(usize::MAX);
 const READ_CHUNK: usize = 64 * 1024;
-/// The HTTP body; the same as the benchmark plugin's.
-const HELLO: &[u8] = b"Hello, world!";
+/// The length of an IMF-fixdate (`Thu, 01 Jan 2015 00:00:00 GMT`).
+const DATE_LEN: usize = 29;
+
+/// An HTTP answer prepared once: `before`, the `Date` value, `after`.
+struct Canned {
+    before: &'static [u8],
+    after: &'static [u8],
+}
+
+impl Canned {
+    fn write(&self, date: &[u8; DATE_LEN], out: &mut Vec<u8>) {
+        out.extend_from_slice(self.before);
+        out.extend_from_slice(date);
+        out.extend_from_slice(self.after);
+    }
+}
+
+/// `GET /plaintext`: what wm-host's `http::encode_head` writes for
+/// `bench-hello-plugin`'s answer (`Content-Type: text/plain`, `Hello, World!`),
+/// so both servers send the same bytes (a test checks it).
+const PLAINTEXT: Canned = Canned {
+    before: b"HTTP/1.1 200 OK\r\nServer: wm-host\r\nDate: ",
+    after: b"\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\
+             Connection: keep-alive\r\n\r\nHello, World!",
+};
+const PLAINTEXT_CLOSE: Canned = Canned {
+    before: b"HTTP/1.1 200 OK\r\nServer: wm-host\r\nDate: ",
+    after: b"\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\
+             Connection: close\r\n\r\nHello, World!",
+};
+/// Any other request: `Hello, world!` (the benchmark plugin's `BODY`).
+const HELLO_KEEP: Canned = Canned {
+    before: b"HTTP/1.1 200 OK\r\nServer: wm-baseline\r\nDate: ",
+    after: b"\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\
+             Connection: keep-alive\r\n\r\nHello, world!",
+};
+const HELLO_CLOSE: Canned = Canned {
+    before: b"HTTP/1.1 200 OK\r\nServer: wm-baseline\r\nDate: ",
+    after: b"\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\
+             Connection: close\r\n\r\nHello, world!",
+};
 
 struct Conn {
     sock: TcpStream,
@@ -87,30 +136,12 @@ struct Shared {
     max: usize,
     read_buf: Vec<u8>,
     out: Vec<u8>,
-    date: HttpDate,
+    /// The `Date` value, refreshed once per wake-up.
+    dates: http::DateCache,
+    date: [u8; DATE_LEN],
     /// `ws-group`: members, and a broadcast waiting to go out.
     members: usize,
     fanout: Option<Vec<u8>>,
-}
-
-/// The `Date` header value, formatted once per second.
-struct HttpDate {
-    secs: u64,
-    text: String,
-}
-
-impl HttpDate {
-    fn refresh(&mut self) {
-        let now = SystemTime::now();
-        let secs = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        if secs != self.secs {
-            self.secs = secs;
-            self.text = httpdate::fmt_http_date(now);
-        }
-    }
 }
 
 fn main() {
@@ -184,10 +215,8 @@ fn serve(args: &Args) -> io::Result<()> {
         max: args.max_package_size,
         read_buf: vec![0; READ_CHUNK],
         out: Vec::with_capacity(2 * READ_CHUNK),
-        date: HttpDate {
-            secs: 0,
-            text: String::new(),
-        },
+        dates: http::DateCache::default(),
+        date: [b' '; DATE_LEN],
         members: 0,
         fanout: None,
     };
@@ -199,7 +228,11 @@ fn serve(args: &Args) -> io::Result<()> {
             return Err(e);
         }
         if sh.proto == Proto::Http {
-            sh.date.refresh();
+            // Formatted only when the second changes.
+            let now = sh.dates.now().as_bytes();
+            if now.len() == DATE_LEN {
+                sh.date.copy_from_slice(now);
+            }
         }
         for ev in events.iter() {
             if ev.token() == LISTENER {
@@ -373,7 +406,7 @@ fn process(sh: &mut Shared, conn: &mut Conn, input: Option<&[u8]>, len: usize) -
             let (n, close) = ws_frames(&data[used..], out, sh.max, group.as_mut());
             (used + n, close)
         }
-        Proto::Http => http(data, out, &sh.date.text),
+        Proto::Http => serve_http(data, out, &sh.date),
     }
 }
 
@@ -415,65 +448,44 @@ enum Handshake {
 }
 
 fn ws_handshake(data: &[u8], out: &mut Vec<u8>) -> Handshake {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut req = httparse::Request::new(&mut headers);
-    let n = match req.parse(data) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Handshake::Partial,
-        Err(_) => {
-            out.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+    let mut scratch = Scratch::new();
+    let event = HttpDecoder::new().decode(data, &Limits::default(), &mut scratch);
+    let (req, n) = match event {
+        Ok(Some(http::Event::Request { request, consumed })) => (request, consumed),
+        Ok(Some(http::Event::Continue) | None) => return Handshake::Partial,
+        Err(e) => {
+            refuse(out, e.status());
             return Handshake::Refused;
         }
     };
-    let key = req
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-key"))
-        .map(|h| h.value);
-    let Some(key) = key else {
-        out.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
-        return Handshake::Refused;
-    };
-    out.extend_from_slice(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-          Connection: Upgrade\r\nSec-WebSocket-Accept: ",
-    );
-    out.extend_from_slice(tungstenite::handshake::derive_accept_key(key).as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
-    Handshake::Done(n)
+    match accept_key(req.method, req.version, |h| req.header(h)) {
+        Ok(key) => {
+            out.extend_from_slice(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                  Connection: Upgrade\r\nSec-WebSocket-Accept: ",
+            );
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\r\n\r\n");
+            Handshake::Done(n)
+        }
+        Err(refusal) => {
+            refuse(out, refusal.status);
+            Handshake::Refused
+        }
+    }
 }
 
-fn ws_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
-    out.push(0x80 | opcode);
-    if len < 126 {
-        out.push(len as u8);
-    } else if len <= 0xffff {
-        out.push(126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
+/// An empty answer with `status` that closes the connection.
+fn refuse(out: &mut Vec<u8>, status: u16) {
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        http::reason(status)
+    );
 }
 
 fn ws_close(out: &mut Vec<u8>, code: u16) {
-    ws_header(out, 8, 2);
-    out.extend_from_slice(&code.to_be_bytes());
-}
-
-/// XORs `data` with the 4-byte `mask`, eight bytes at a time.
-fn unmask(data: &mut [u8], mask: [u8; 4]) {
-    let m8 = u64::from_ne_bytes([
-        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
-    ]);
-    let mut chunks = data.chunks_exact_mut(8);
-    for c in &mut chunks {
-        let v = u64::from_ne_bytes((&*c).try_into().unwrap()) ^ m8;
-        c.copy_from_slice(&v.to_ne_bytes());
-    }
-    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
-        *b ^= mask[i % 4];
-    }
+    write_frame(out, 8, &code.to_be_bytes(), None);
 }
 
 /// `ws-group`: one connection's view of the group.
@@ -486,10 +498,7 @@ struct Group<'a> {
 impl Group<'_> {
     /// Runs a command; the answer, if any, goes to `out`.
     fn command(&mut self, msg: &[u8], out: &mut Vec<u8>) {
-        let answer = |out: &mut Vec<u8>, text: &[u8]| {
-            ws_header(out, 1, text.len());
-            out.extend_from_slice(text);
-        };
+        let answer = |out: &mut Vec<u8>, text: &[u8]| write_frame(out, 1, text, None);
         if msg == b"join g" {
             if !*self.member {
                 *self.member = true;
@@ -509,8 +518,7 @@ impl Group<'_> {
 /// Writes one text frame of `text` to every member.
 fn broadcast(conns: &mut Slab<Conn>, text: &[u8]) {
     let mut frame = Vec::with_capacity(text.len() + 10);
-    ws_header(&mut frame, 1, text.len());
-    frame.extend_from_slice(text);
+    write_frame(&mut frame, 1, text, None);
     for (_, c) in conns.iter_mut() {
         if c.member && !c.closing && send(c, &frame).is_err() {
             c.closing = true;
@@ -561,10 +569,9 @@ fn ws_frames(
         match opcode {
             1 | 2 | 9 => {
                 let start = out.len();
-                ws_header(out, if opcode == 9 { 10 } else { opcode }, len);
-                let body = out.len();
-                out.extend_from_slice(payload);
-                unmask(&mut out[body..], mask);
+                write_frame(out, if opcode == 9 { 10 } else { opcode }, payload, None);
+                let body = out.len() - len;
+                apply_mask(&mut out[body..], mask);
                 if opcode == 1 && std::str::from_utf8(&out[body..]).is_err() {
                     out.truncate(start);
                     ws_close(out, 1007);
@@ -581,7 +588,7 @@ fn ws_frames(
                 let mut code = [0x03, 0xe8]; // 1000
                 if len >= 2 {
                     code.copy_from_slice(&payload[..2]);
-                    unmask(&mut code, mask);
+                    apply_mask(&mut code, mask);
                 }
                 ws_close(out, u16::from_be_bytes(code));
                 return (pos, true);
@@ -594,67 +601,34 @@ fn ws_frames(
     }
 }
 
-fn http(data: &[u8], out: &mut Vec<u8>, date: &str) -> (usize, bool) {
+/// Answers the complete requests at the start of `data`, parsed by
+/// wm-proto's decoder (the one wm-host uses). A decoder is made per call: it
+/// keeps nothing a connection needs, as it never consumes part of a request
+/// and `data` holds every byte not yet consumed.
+fn serve_http(data: &[u8], out: &mut Vec<u8>, date: &[u8; DATE_LEN]) -> (usize, bool) {
+    let limits = Limits::default();
+    let mut decoder = HttpDecoder::new();
     let mut pos = 0;
     while pos < data.len() {
-        let rest = &data[pos..];
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        let head = match req.parse(rest) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) if rest.len() > 64 * 1024 => {
-                out.extend_from_slice(
-                    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\
-                      Connection: close\r\n\r\n",
-                );
-                return (pos, true);
-            }
-            Ok(httparse::Status::Partial) => break,
-            Err(_) => {
-                out.extend_from_slice(
-                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
+        let mut scratch = Scratch::new();
+        let (req, used) = match decoder.decode(&data[pos..], &limits, &mut scratch) {
+            Ok(Some(http::Event::Request { request, consumed })) => (request, consumed),
+            // No 100 Continue: no client of the suite asks for it.
+            Ok(Some(http::Event::Continue) | None) => break,
+            Err(e) => {
+                refuse(out, e.status());
                 return (pos, true);
             }
         };
-        let mut keep_alive = req.version == Some(1);
-        let mut body = 0usize;
-        for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("connection") {
-                let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
-                if v.contains("close") {
-                    keep_alive = false;
-                } else if v.contains("keep-alive") {
-                    keep_alive = true;
-                }
-            } else if h.name.eq_ignore_ascii_case("content-length") {
-                body = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                out.extend_from_slice(
-                    b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
-                return (pos, true);
-            }
-        }
-        if rest.len() < head + body {
-            break;
-        }
-        pos += head + body;
-        out.extend_from_slice(b"HTTP/1.1 200 OK\r\nServer: wm-baseline\r\nDate: ");
-        out.extend_from_slice(date.as_bytes());
-        out.extend_from_slice(b"\r\nContent-Type: text/plain\r\nContent-Length: ");
-        // Formatted in place: a String here would be the only allocation.
-        let _ = write!(out, "{}", HELLO.len());
-        out.extend_from_slice(if keep_alive {
-            b"\r\nConnection: keep-alive\r\n\r\n"
-        } else {
-            b"\r\nConnection: close\r\n\r\n"
-        });
-        out.extend_from_slice(HELLO);
-        if !keep_alive {
+        pos += used;
+        let canned = match (req.path == "/plaintext", req.keep_alive) {
+            (true, true) => &PLAINTEXT,
+            (true, false) => &PLAINTEXT_CLOSE,
+            (false, true) => &HELLO_KEEP,
+            (false, false) => &HELLO_CLOSE,
+        };
+        canned.write(date, out);
+        if !req.keep_alive {
             return (pos, true);
         }
     }
@@ -717,11 +691,60 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     #[test]
     fn http_answers_pipelined_requests() {
         let mut out = Vec::new();
+        let date = [b'D'; DATE_LEN];
         let req = b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n";
-        assert_eq!(http(req, &mut out, "now"), (req.len(), true));
+        assert_eq!(serve_http(req, &mut out, &date), (req.len(), true));
         let s = String::from_utf8(out).unwrap();
         assert_eq!(s.matches("Hello, world!").count(), 2);
         assert!(s.ends_with("Connection: close\r\n\r\nHello, world!"));
+        // An incomplete request waits; a bad one is refused and closes.
+        let mut out = Vec::new();
+        assert_eq!(
+            serve_http(b"GET / HTTP/1.1\r\nHo", &mut out, &date),
+            (0, false)
+        );
+        assert_eq!(
+            serve_http(b"GET / HTTP/1.1\r\n\r\n", &mut out, &date),
+            (0, true)
+        );
+        assert!(out.starts_with(b"HTTP/1.1 400 Bad Request\r\n"));
+    }
+
+    /// The plaintext answer is, byte for byte, what wm-host writes for
+    /// `bench-hello-plugin` (`respond(200, [Content-Type: text/plain],
+    /// "Hello, World!")` through `http::encode_head`), kept alive or not.
+    #[test]
+    fn plaintext_is_what_wm_host_writes() {
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        for (keep_alive, canned) in [(true, &PLAINTEXT), (false, &PLAINTEXT_CLOSE)] {
+            let mut host = Vec::new();
+            let head = http::ResponseHead {
+                status: 200,
+                body_len: bench_hello_plugin::PLAINTEXT_BODY.len(),
+                keep_alive,
+                head_only: false,
+            };
+            let fields = bench_hello_plugin::PLAINTEXT_HEADERS.iter().copied();
+            assert!(http::encode_head(&head, fields, date, &mut host));
+            host.extend_from_slice(bench_hello_plugin::PLAINTEXT_BODY);
+            let mut ours = Vec::new();
+            canned.write(date.as_bytes().try_into().unwrap(), &mut ours);
+            assert_eq!(String::from_utf8(ours), String::from_utf8(host));
+        }
+        // TechEmpower's request, pipelined.
+        let one = b"GET /plaintext HTTP/1.1\r\nHost: tfb-server\r\nAccept: text/plain,text/html;\
+q=0.9,application/xhtml+xml;q=0.9,application/xml;q=0.8,*/*;q=0.7\r\nConnection: keep-alive\r\n\r\n";
+        let req = one.repeat(16);
+        let mut out = Vec::new();
+        let d = [b'D'; DATE_LEN];
+        assert_eq!(serve_http(&req, &mut out, &d), (req.len(), false));
+        assert_eq!(
+            String::from_utf8(out)
+                .unwrap()
+                .matches("\r\n\r\nHello, World!")
+                .count(),
+            16
+        );
     }
 
     #[test]

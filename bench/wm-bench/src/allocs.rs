@@ -377,7 +377,7 @@ fn read_until(
 
 /// Length of the HTTP response at the start of `b` (headers and a
 /// Content-Length body), once all of it is there.
-fn http_response_len(b: &[u8]) -> Option<usize> {
+pub(crate) fn http_response_len(b: &[u8]) -> Option<usize> {
     let head = b.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let text = std::str::from_utf8(&b[..head]).ok()?;
     let len: usize = text

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use wm_proto::websocket::{apply_mask, frame_header};
 
 /// The client side of a protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -163,7 +164,6 @@ impl Payload {
     }
 }
 
-/// XORs `data` with the 4-byte `mask`, eight bytes at a time.
 /// Writes `buf[*pos..]` to a non-blocking socket, advancing `pos`; true
 /// once all of it is written.
 pub(crate) fn write_out(sock: &mut impl Write, buf: &[u8], pos: &mut usize) -> io::Result<bool> {
@@ -217,20 +217,6 @@ pub(crate) fn ws_answer(data: &[u8]) -> io::Result<Option<usize>> {
     Ok(Some(end + 4))
 }
 
-pub(crate) fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
-    let m8 = u64::from_ne_bytes([
-        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
-    ]);
-    let mut chunks = data.chunks_exact_mut(8);
-    for c in &mut chunks {
-        let v = u64::from_ne_bytes((&*c).try_into().unwrap()) ^ m8;
-        c.copy_from_slice(&v.to_ne_bytes());
-    }
-    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
-        *b ^= mask[i % 4];
-    }
-}
-
 /// Appends message `seq` of connection `id`, framed for `proto`.
 pub(crate) fn encode(proto: Proto, id: u32, seq: u64, p: &mut Payload, out: &mut Vec<u8>) {
     let len = p.template.len();
@@ -244,16 +230,11 @@ pub(crate) fn encode(proto: Proto, id: u32, seq: u64, p: &mut Payload, out: &mut
             p.write(id, seq, out);
         }
         Proto::Websocket => {
-            out.push(0x81);
-            if len < 126 {
-                out.push(0x80 | len as u8);
-            } else if len <= 0xffff {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(len as u16).to_be_bytes());
-            } else {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(len as u64).to_be_bytes());
-            }
+            // A final text frame, with the mask bit a client must set; the
+            // payload is formatted in place and then masked.
+            let (mut head, n) = frame_header(len, false);
+            head[1] |= 0x80;
+            out.extend_from_slice(&head[..n]);
             let mask = ((seq as u32).wrapping_mul(0x9e37_79b1) | 1).to_be_bytes();
             out.extend_from_slice(&mask);
             let start = out.len();

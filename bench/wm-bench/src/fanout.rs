@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use wm_proto::websocket::write_frame;
 
 use crate::client::{self, Proto};
 
@@ -107,21 +108,7 @@ fn frame(proto: Proto, msg: &[u8], out: &mut Vec<u8>) {
             out.extend_from_slice(&((msg.len() + 4) as u32).to_be_bytes());
             out.extend_from_slice(msg);
         }
-        Proto::Websocket => {
-            out.push(0x81);
-            let len = msg.len();
-            if len < 126 {
-                out.push(0x80 | len as u8);
-            } else {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(len as u16).to_be_bytes());
-            }
-            let mask = [0x5a, 0x17, 0xc3, 0x8e];
-            out.extend_from_slice(&mask);
-            let start = out.len();
-            out.extend_from_slice(msg);
-            client::apply_mask(&mut out[start..], mask);
-        }
+        Proto::Websocket => write_frame(out, 1, msg, Some([0x5a, 0x17, 0xc3, 0x8e])),
     }
 }
 
@@ -421,6 +408,7 @@ pub fn run(cfg: &FanoutConfig, at_ready: &mut dyn FnMut()) -> io::Result<FanoutR
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wm_proto::websocket::apply_mask;
 
     #[test]
     fn frames_client_commands() {
@@ -432,7 +420,7 @@ mod tests {
         assert_eq!(&out[..2], &[0x81, 0x80 | 6]);
         let mask = [out[2], out[3], out[4], out[5]];
         let mut body = out[6..].to_vec();
-        client::apply_mask(&mut body, mask);
+        apply_mask(&mut body, mask);
         assert_eq!(body, b"join g");
     }
 }

@@ -2,6 +2,10 @@
 //! Workers load a private, read-only, content-addressed copy under
 //! `runtime_dir/plugins/`, so rebuilding, overwriting (`cp` in place keeps the
 //! inode) or deleting the build output cannot touch what a worker has mapped.
+//!
+//! A reload's copy runs on a thread (`Installer`): hashing tens of MiB must
+//! not stall the master loop, which relays the bus meanwhile. Workers are
+//! started by fork+exec, so a helper thread is safe to have (see `process`).
 
 use std::collections::HashSet;
 use std::fs;
@@ -9,6 +13,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use mio::Waker;
 
 use sha2::{Digest, Sha256};
 
@@ -41,12 +49,8 @@ fn copy_hashing(from: &Path, to: &Path) -> io::Result<String> {
     hash_through(fs::File::open(from)?, fs::File::create(to)?)
 }
 
-pub fn hash_file(path: &Path) -> io::Result<String> {
-    hash_through(fs::File::open(path)?, io::sink())
-}
-
 /// Reads `src` to its end, writing every byte to `sink`, and returns the
-/// SHA-256 of what was read: one pass, whether copying or only hashing.
+/// SHA-256 of what was read: one pass.
 fn hash_through(mut src: impl Read, mut sink: impl Write) -> io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -71,6 +75,7 @@ pub fn install(runtime_dir: &Path, source: &Path) -> Result<Build, String> {
     if !source.exists() {
         return Err(format!("plugin {shown}: file not found"));
     }
+    crate::trust::check_plugin(source)?;
     let d = dir(runtime_dir);
     fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
     // One pass: the bytes are hashed as they are copied, so the copy is named
@@ -121,6 +126,67 @@ pub fn prune(runtime_dir: &Path, keep: &HashSet<PathBuf>) {
     }
 }
 
+/// Removes everything an earlier master left: copies, and the temporary
+/// files of installs it did not finish (a stop does not wait for them).
+pub fn clear(runtime_dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir(runtime_dir)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let _ = fs::remove_file(e.path());
+    }
+}
+
+/// What an install thread sends back: the group and its build or why not.
+pub type Installed = (usize, Result<Build, String>);
+
+/// Runs `install` on threads; results come back through a channel, and the
+/// waker makes the master's poll return to collect them.
+pub struct Installer {
+    runtime_dir: PathBuf,
+    waker: Arc<Waker>,
+    tx: Sender<Installed>,
+    rx: Receiver<Installed>,
+}
+
+impl Installer {
+    pub fn new(runtime_dir: PathBuf, waker: Arc<Waker>) -> Installer {
+        let (tx, rx) = channel();
+        Installer {
+            runtime_dir,
+            waker,
+            tx,
+            rx,
+        }
+    }
+
+    /// Installs `source` for `group` in the background.
+    pub fn start(&self, group: usize, source: PathBuf) {
+        let (dir, tx, waker) = (
+            self.runtime_dir.clone(),
+            self.tx.clone(),
+            self.waker.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("install".into())
+            .spawn(move || {
+                let _ = tx.send((group, install(&dir, &source)));
+                let _ = waker.wake();
+            });
+        if let Err(e) = spawned {
+            let _ = self
+                .tx
+                .send((group, Err(format!("cannot start an install thread: {e}"))));
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// The installs finished since the last call.
+    pub fn finished(&self) -> Vec<Installed> {
+        self.rx.try_iter().collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +217,39 @@ mod tests {
         );
         prune(rt.path(), &HashSet::from([b.copy.clone()]));
         assert!(!a.copy.exists() && b.copy.exists());
+        let leftover = dir(rt.path()).join(".1.0.tmp");
+        fs::write(&leftover, b"half").unwrap();
+        prune(rt.path(), &HashSet::new());
+        assert!(leftover.exists(), "an install may be writing it");
+        clear(rt.path());
+        assert_eq!(fs::read_dir(dir(rt.path())).unwrap().count(), 0);
         assert!(install(rt.path(), &src).unwrap_err().contains("not found"));
+    }
+
+    #[test]
+    fn installer_reports_back_through_the_waker() {
+        let rt = tempfile::tempdir().unwrap();
+        let src = rt.path().join("liby.so");
+        fs::write(&src, b"some build").unwrap();
+        let mut poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), mio::Token(7)).unwrap());
+        let inst = Installer::new(rt.path().to_path_buf(), waker);
+        inst.start(3, src);
+        inst.start(4, rt.path().join("missing.so"));
+        let mut got = Vec::new();
+        let mut events = mio::Events::with_capacity(4);
+        while got.len() < 2 {
+            poll.poll(&mut events, Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            assert!(!events.is_empty(), "woken");
+            got.extend(inst.finished());
+        }
+        got.sort_by_key(|g| g.0);
+        assert_eq!(got[0].0, 3);
+        assert_eq!(
+            fs::read(&got[0].1.as_ref().unwrap().copy).unwrap(),
+            b"some build"
+        );
+        assert!(got[1].1.as_ref().unwrap_err().contains("not found"));
     }
 }

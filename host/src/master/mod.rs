@@ -1,51 +1,68 @@
-//! The master process: binds listeners, starts workers by fork+exec, watches
-//! them, answers the control socket and signals. It never loads plugin code.
+//! The master process's event loop: it binds listeners, then wires the
+//! parts together. The `supervisor` decides (which worker to start, retire
+//! or kill); `process` starts and reaps workers; `control` answers the CLI;
+//! `relay` carries the bus between workers; `builds` installs plugin copies
+//! off the loop; `watch` notices changed files. It never loads plugin code.
 
-mod backoff;
 pub mod builds;
+mod control;
 mod listen;
-pub mod roll;
-mod spawn;
+mod process;
+mod relay;
+pub mod supervisor;
 mod watch;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token};
-use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use signal_hook::consts::signal::*;
 use signal_hook_mio::v1_0::Signals;
-use slab::Slab;
 
-use self::backoff::Backoff;
-use self::builds::Build;
-use self::roll::{Action, Plan, Roll};
-use self::watch::{Trigger, Watch};
-use crate::bus::{self, BusBuf, BusMsg, Registry};
-use crate::config::{Config, WorkerConfig};
+use self::builds::Installer;
+use self::control::{ClientId, Control, Gathered, Sink};
+use self::relay::{Attach, Relay};
+use self::supervisor::{Action, Event, GroupSpec, StartFailure, Supervisor, Timeouts, WorkerId};
+use self::watch::Watch;
+use crate::config::Config;
 use crate::ipc::{
     ConnectionsReport, ExitRow, FromWorker, GroupRow, LineBuf, Request, Response, StatusReport,
     ToWorker, WorkerRow, WorkerState,
 };
 use crate::runtime::PidLock;
 
-const SIGNALS: Token = Token(0);
-const CONTROL: Token = Token(1);
-const WAKER: Token = Token(2);
-const WORKER_BASE: usize = 1 << 20;
-const BUS_BASE: usize = 1 << 25;
-const CLIENT_BASE: usize = 1 << 30;
-/// How long `status` and `connections` wait for workers to report; a worker
-/// that has not answered by then is in a callback: `[busy]`.
-const STATS_WAIT: Duration = Duration::from_secs(1);
+/// A token is `id << 2 | kind`: worker and client ids are never reused, so
+/// an event for something already gone cannot reach a newcomer.
+const KIND_FIXED: usize = 0;
+const KIND_WORKER: usize = 1;
+const KIND_BUS: usize = 2;
+const KIND_CLIENT: usize = 3;
+const SIGNALS: Token = Token(KIND_FIXED);
+const CONTROL: Token = Token(1 << 2 | KIND_FIXED);
+const WAKER: Token = Token(2 << 2 | KIND_FIXED);
+
+/// How often workers of groups with `max_requests` or `max_memory` are
+/// asked for their request count and have their memory read.
+const USAGE_POLL: Duration = Duration::from_secs(1);
+
+fn worker_token(w: WorkerId) -> Token {
+    Token((w.0 as usize) << 2 | KIND_WORKER)
+}
+
+fn bus_token(w: WorkerId) -> Token {
+    Token((w.0 as usize) << 2 | KIND_BUS)
+}
+
+fn client_token(c: ClientId) -> Token {
+    Token((c.0 as usize) << 2 | KIND_CLIENT)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -55,16 +72,8 @@ pub enum StartError {
     Bind(#[from] listen::BindError),
     #[error("{0}")]
     Io(String),
-    #[error("worker {name}#{id} failed to start: {error}")]
-    Worker {
-        name: String,
-        id: u32,
-        error: String,
-    },
-    #[error("workers not ready within start_timeout ({0:?})")]
-    Timeout(Duration),
-    #[error("stopped by a signal before all workers were ready")]
-    Interrupted,
+    #[error(transparent)]
+    Supervisor(#[from] StartFailure),
     #[error("{0}")]
     Plugin(String),
 }
@@ -77,106 +86,13 @@ pub enum Readiness {
     Pipe(Option<File>),
 }
 
-struct Group {
-    cfg: WorkerConfig,
-    sockets: Vec<OwnedFd>,
-    backoff: Vec<Backoff>,
-    /// Respawn due per id.
-    respawn_at: Vec<Option<Instant>>,
-    /// The build each id runs (they differ only during a roll).
-    builds: Vec<Build>,
-}
-
-/// Where a worker stands in its slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Serving,
-    /// Started by a roll; serving once ready.
-    Replacement,
-    /// Replaced: told to stop, not respawned.
-    Retiring,
-}
-
-struct WorkerProc {
-    group: usize,
-    id: u32,
+/// A worker process's control channel, and what `status` shows of it.
+struct WorkerIo {
     pid: Pid,
     ctl: UnixStream,
     buf: LineBuf,
-    bus: UnixStream,
-    bus_buf: BusBuf,
-    started: Instant,
-    ready: bool,
-    /// Set when the worker reported why it could not start.
-    failure: Option<String>,
     plugin: String,
-    build: Build,
-    role: Role,
     loaded_at: SystemTime,
-}
-
-struct Client {
-    stream: UnixStream,
-    buf: LineBuf,
-}
-
-/// A report gathered from every ready worker: sent once all have answered
-/// or at the deadline, whichever comes first.
-struct Gathering {
-    to: Sink,
-    req: u64,
-    /// Worker keys asked and not answered yet.
-    waiting: HashSet<usize>,
-    report: Gathered,
-    deadline: Instant,
-}
-
-/// Where a gathered report goes.
-#[derive(Debug, Clone, Copy)]
-enum Sink {
-    Client(usize),
-    /// Signals (SIGIOT, SIGIO): into the log.
-    Log,
-}
-
-enum Gathered {
-    Status(StatusReport),
-    Connections(ConnectionsReport),
-}
-
-impl Gathered {
-    /// A worker answered; `None` for a worker that died meanwhile.
-    fn answered(&mut self, pid: u32, msg: Option<FromWorker>) {
-        match (self, msg) {
-            (Gathered::Status(r), msg) => {
-                let Some(row) = r.workers.iter_mut().find(|w| w.pid == pid) else {
-                    return;
-                };
-                match msg {
-                    Some(FromWorker::Stats { stats, qps, .. }) => {
-                        row.stats = Some(stats);
-                        row.qps = Some(qps);
-                        row.state = WorkerState::Idle;
-                    }
-                    None => row.state = WorkerState::Exited,
-                    Some(_) => {}
-                }
-            }
-            (Gathered::Connections(r), msg) => {
-                r.busy.retain(|&p| p != pid);
-                if let Some(FromWorker::Connections { rows, .. }) = msg {
-                    r.connections.extend(rows);
-                }
-            }
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Starting { deadline: Instant },
-    Running,
-    Stopping { deadline: Instant, killed: bool },
 }
 
 pub struct Master {
@@ -184,30 +100,20 @@ pub struct Master {
     exe: PathBuf,
     poll: Poll,
     signals: Signals,
-    control: UnixListener,
-    groups: Vec<Group>,
-    workers: Slab<WorkerProc>,
-    clients: Slab<Client>,
-    /// Clients waiting for the stop to finish.
-    stop_waiters: Vec<usize>,
-    gatherings: Vec<Gathering>,
-    next_req: u64,
-    /// (group, "exit code N" | "signal S") -> deaths of workers that died
-    /// unexpectedly or were killed, since start.
-    exits: BTreeMap<(String, String), u64>,
-    phase: Phase,
-    start_error: Option<StartError>,
-    started_at: SystemTime,
-    /// Group membership across workers, to hand to workers that start.
-    registry: Registry,
-    roll: Option<Roll>,
-    /// When the replacement being waited for must be ready.
-    roll_deadline: Option<Instant>,
-    /// Clients waiting for the roll's report.
-    reload_waiters: Vec<usize>,
+    /// Listening sockets per group and worker id, held for the master's life.
+    sockets: Vec<Vec<OwnedFd>>,
+    sup: Supervisor,
+    workers: BTreeMap<WorkerId, WorkerIo>,
+    control: Control,
+    relay: Relay,
+    installer: Installer,
     watch: Option<Watch>,
+    started_at: SystemTime,
+    readiness: Readiness,
     /// The daemon's log file, handed to workers open.
     worker_log: Option<File>,
+    /// When workers' usage is next checked (groups with recycling limits).
+    usage_due: Option<Instant>,
     _lock: PidLock,
 }
 
@@ -217,31 +123,35 @@ impl Master {
         let lock = PidLock::acquire(&cfg).map_err(StartError::Lock)?;
         // Copies an earlier master left (perhaps cut short by a crash) are
         // not trusted: each start copies afresh.
-        builds::prune(&cfg.host.runtime_dir, &HashSet::new());
+        builds::clear(&cfg.host.runtime_dir);
         let mut groups = Vec::new();
+        let mut sockets = Vec::new();
         for w in &cfg.workers {
             let build =
                 builds::install(&cfg.host.runtime_dir, &w.plugin).map_err(StartError::Plugin)?;
-            let sockets = listen::bind(w)?;
-            groups.push(Group {
-                backoff: vec![Backoff::default(); w.count as usize],
-                respawn_at: vec![None; w.count as usize],
-                builds: vec![build; w.count as usize],
-                cfg: w.clone(),
-                sockets,
-            });
+            sockets.push(listen::bind(w)?);
+            let spec = GroupSpec {
+                name: w.name.clone(),
+                count: w.count,
+                reloadable: w.reloadable,
+                plugin: w.plugin.clone(),
+                max_requests: w.max_requests,
+                max_memory: w.max_memory,
+            };
+            groups.push((spec, build));
         }
         let io_err = |what: &str, e: io::Error| StartError::Io(format!("{what}: {e}"));
         let sock_path = cfg.control_socket();
         let _ = std::fs::remove_file(&sock_path);
-        let mut control = UnixListener::bind(&sock_path).map_err(|e| {
+        let listener = UnixListener::bind(&sock_path).map_err(|e| {
             io_err(
                 &format!("cannot create control socket {}", sock_path.display()),
                 e,
             )
         })?;
-        std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
+        crate::runtime::chmod_nofollow(&sock_path, 0o600)
             .map_err(|e| io_err("chmod control socket", e))?;
+        let mut control = Control::new(listener);
         let poll = Poll::new().map_err(|e| io_err("epoll", e))?;
         let mut signals = Signals::new([
             SIGINT, SIGTERM, SIGQUIT, SIGUSR1, SIGUSR2, SIGABRT, SIGIO, SIGCHLD, SIGHUP,
@@ -251,40 +161,39 @@ impl Master {
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|e| io_err("register signals", e))?;
         poll.registry()
-            .register(&mut control, CONTROL, Interest::READABLE)
+            .register(control.listener(), CONTROL, Interest::READABLE)
             .map_err(|e| io_err("register control socket", e))?;
         let exe = std::env::current_exe().map_err(|e| io_err("cannot find own executable", e))?;
-        let waker = std::sync::Arc::new(
-            mio::Waker::new(poll.registry(), WAKER).map_err(|e| io_err("waker", e))?,
-        );
-        let watch = Watch::new(&cfg.workers, waker).unwrap_or_else(|e| {
+        let waker =
+            Arc::new(mio::Waker::new(poll.registry(), WAKER).map_err(|e| io_err("waker", e))?);
+        let watch = Watch::new(&cfg.workers, waker.clone()).unwrap_or_else(|e| {
             tracing::warn!("cannot watch plugin files: {e}; reload with `wm-host reload`");
             None
         });
+        let timeouts = Timeouts {
+            start: cfg.host.start_timeout,
+            stop: cfg.host.stop_timeout,
+        };
+        let recycling = cfg
+            .workers
+            .iter()
+            .any(|w| w.max_requests.is_some() || w.max_memory.is_some());
         Ok(Master {
-            phase: Phase::Starting {
-                deadline: Instant::now() + cfg.host.start_timeout,
-            },
+            sup: Supervisor::new(groups, timeouts, Instant::now()),
+            installer: Installer::new(cfg.host.runtime_dir.clone(), waker),
             cfg,
             exe,
             poll,
             signals,
+            sockets,
+            workers: BTreeMap::new(),
             control,
-            groups,
-            workers: Slab::new(),
-            clients: Slab::new(),
-            stop_waiters: Vec::new(),
-            gatherings: Vec::new(),
-            next_req: 0,
-            exits: BTreeMap::new(),
-            start_error: None,
-            started_at: SystemTime::now(),
-            registry: Registry::default(),
-            roll: None,
-            roll_deadline: None,
-            reload_waiters: Vec::new(),
+            relay: Relay::default(),
             watch,
+            started_at: SystemTime::now(),
+            readiness: Readiness::Terminal,
             worker_log: None,
+            usage_due: recycling.then(Instant::now),
             _lock: lock,
         })
     }
@@ -297,545 +206,354 @@ impl Master {
 
     /// Starts all workers and supervises them until stopped. Returns an error
     /// only when start-up failed; workers are gone either way.
-    pub fn run(mut self, mut readiness: Readiness) -> Result<(), StartError> {
+    pub fn run(mut self, readiness: Readiness) -> Result<(), StartError> {
         tracing::info!(pid = std::process::id(), config = %self.cfg.path.display(), "master starting");
-        for g in 0..self.groups.len() {
-            for id in 0..self.groups[g].cfg.count {
-                if let Err(e) = self.spawn(g, id) {
-                    self.fail_start(StartError::Io(format!("cannot start worker: {e}")));
-                }
-            }
-        }
+        self.readiness = readiness;
+        let actions = self.sup.start(Instant::now());
+        self.carry_out(actions);
         let mut events = Events::with_capacity(256);
-        loop {
-            if let Phase::Stopping { .. } = self.phase {
-                if self.workers.is_empty() {
-                    break;
-                }
-            }
-            let timeout = self
-                .next_deadline()
-                .map(|d| d.saturating_duration_since(Instant::now()));
+        while !self.sup.finished() {
+            let timeout = [
+                self.sup.next_deadline(),
+                self.control.next_deadline(),
+                self.relay.next_deadline(),
+                self.usage_due,
+                self.watch.as_ref().and_then(Watch::due),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!("poll failed: {e}");
-                    self.begin_stop(false);
+                    self.dispatch(Event::Stop {
+                        graceful: false,
+                        client: None,
+                    });
                 }
                 continue;
             }
             for ev in events.iter() {
-                match ev.token() {
-                    SIGNALS => self.on_signals(),
-                    CONTROL => self.accept_clients(),
-                    WAKER => {
-                        if let Some(w) = self.watch.as_mut() {
-                            w.drain(Instant::now());
-                        }
-                    }
-                    Token(t) if t >= CLIENT_BASE => self.on_client(t - CLIENT_BASE),
-                    Token(t) if t >= BUS_BASE => self.on_bus(t - BUS_BASE),
-                    Token(t) => self.on_worker_io(t - WORKER_BASE),
+                let Token(t) = ev.token();
+                match (t & 3, t >> 2) {
+                    (KIND_WORKER, id) => self.on_worker_io(WorkerId(id as u64)),
+                    (KIND_BUS, id) => self.relay.on_event(
+                        WorkerId(id as u64),
+                        self.poll.registry(),
+                        Instant::now(),
+                    ),
+                    (KIND_CLIENT, id) => self.on_client(ClientId(id as u64)),
+                    _ => match ev.token() {
+                        SIGNALS => self.on_signals(),
+                        CONTROL => self.control.accept(self.poll.registry(), client_token),
+                        WAKER => self.on_wake(),
+                        _ => {}
+                    },
                 }
             }
-            self.on_time(&mut readiness);
+            self.on_time();
         }
         self.finish();
-        let result = match self.start_error.take() {
-            Some(e) => Err(e),
+        let result = match self.sup.take_start_error() {
+            Some(e) => Err(StartError::from(e)),
             None => Ok(()),
         };
         if let Err(e) = &result {
-            readiness.report(Err(e.to_string()));
+            self.readiness.report(Err(e.to_string()));
         }
         result
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        match self.phase {
-            Phase::Starting { deadline } => consider(deadline),
-            Phase::Stopping {
-                deadline,
-                killed: false,
-            } => consider(deadline),
-            _ => {}
-        }
-        for g in &self.groups {
-            g.respawn_at.iter().flatten().for_each(|&t| consider(t));
-        }
-        self.gatherings.iter().for_each(|g| consider(g.deadline));
-        if let Some(d) = self.roll_deadline {
-            consider(d);
-        }
-        if let Some(d) = self.watch.as_ref().and_then(Watch::due) {
-            consider(d);
-        }
-        let stop = self.cfg.host.stop_timeout;
-        for (_, w) in &self.workers {
-            if w.role == Role::Retiring {
-                consider(w.started + stop);
-            }
-        }
-        next
+    /// Hands an event to the supervisor and carries out what it decides.
+    fn dispatch(&mut self, event: Event) {
+        let actions = self.sup.handle(event, Instant::now());
+        self.carry_out(actions);
     }
 
-    fn on_time(&mut self, readiness: &mut Readiness) {
-        let now = Instant::now();
-        match self.phase {
-            Phase::Starting { deadline } => {
-                if self.workers.iter().all(|(_, w)| w.ready) && self.all_slots_filled() {
-                    self.phase = Phase::Running;
-                    tracing::info!(workers = self.workers.len(), "all workers ready");
-                    readiness.report(Ok(self.startup_table()));
-                } else if now >= deadline {
-                    self.fail_start(StartError::Timeout(self.cfg.host.start_timeout));
-                }
+    /// Carries out actions in order. What they cause (a spawn that failed)
+    /// is fed back only after the whole batch, so the supervisor's answer
+    /// reaches workers the batch started too.
+    fn carry_out(&mut self, actions: Vec<Action>) {
+        let mut queue = VecDeque::from(actions);
+        let mut feedback = VecDeque::new();
+        loop {
+            while let Some(a) = queue.pop_front() {
+                feedback.extend(self.carry_out_one(a));
             }
-            Phase::Stopping {
-                deadline,
-                killed: false,
-            } if now >= deadline => {
-                for (_, w) in &self.workers {
-                    tracing::warn!(
-                        pid = w.pid.as_raw(),
-                        "worker {}#{} did not stop within stop_timeout; killing it",
-                        self.groups[w.group].cfg.name,
-                        w.id
-                    );
-                    let _ = kill(w.pid, Signal::SIGKILL);
-                }
-                self.phase = Phase::Stopping {
-                    deadline,
-                    killed: true,
-                };
-            }
-            _ => {}
+            let Some(ev) = feedback.pop_front() else {
+                break;
+            };
+            queue.extend(self.sup.handle(ev, Instant::now()));
         }
-        if self.phase == Phase::Running {
-            for g in 0..self.groups.len() {
-                for id in 0..self.groups[g].respawn_at.len() {
-                    if self.groups[g].respawn_at[id].is_some_and(|t| t <= now) {
-                        self.groups[g].respawn_at[id] = None;
-                        if let Err(e) = self.spawn(g, id as u32) {
-                            tracing::error!(
-                                "cannot respawn worker {}#{id}: {e}",
-                                self.groups[g].cfg.name
-                            );
-                            let delay = self.groups[g].backoff[id].on_death(Duration::ZERO);
-                            self.groups[g].respawn_at[id] = Some(now + delay);
-                        }
+        for client in self.control.take_gone() {
+            let more = self.sup.handle(Event::ClientGone(client), Instant::now());
+            debug_assert!(more.is_empty(), "a gone client causes no actions");
+        }
+    }
+
+    fn carry_out_one(&mut self, action: Action) -> Option<Event> {
+        match action {
+            Action::Spawn {
+                worker,
+                group,
+                id,
+                build,
+            } => {
+                if let Err(e) = self.spawn(worker, group, id, &build.copy) {
+                    return Some(Event::SpawnFailed {
+                        worker,
+                        error: e.to_string(),
+                    });
+                }
+            }
+            Action::Stop { worker, graceful } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.buf.queue(&ToWorker::Stop { graceful });
+                    if w.buf.flush(&mut w.ctl).is_err() {
+                        process::kill_now(w.pid);
                     }
                 }
             }
-        }
-        if self.phase == Phase::Running {
-            self.on_watch(now);
-        }
-        let stop = self.cfg.host.stop_timeout;
-        for (_, w) in &self.workers {
-            if w.role == Role::Retiring && w.started + stop <= now {
-                tracing::warn!(
-                    pid = w.pid.as_raw(),
-                    "replaced worker did not stop within stop_timeout; killing it"
-                );
-                let _ = kill(w.pid, Signal::SIGKILL);
+            Action::Kill { worker } => {
+                if let Some(w) = self.workers.get(&worker) {
+                    process::kill_now(w.pid);
+                }
+            }
+            Action::Reload { worker } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.buf.queue(&ToWorker::Reload);
+                    let _ = w.buf.flush(&mut w.ctl);
+                }
+            }
+            Action::Install { group, source } => self.installer.start(group, source),
+            Action::Reply { client, response } => {
+                self.control.reply(client, &response, self.poll.registry())
+            }
+            Action::Prune { keep } => builds::prune(&self.cfg.host.runtime_dir, &keep),
+            Action::Started => {
+                let table = self.startup_table();
+                self.readiness.report(Ok(table));
             }
         }
-        if self.roll_deadline.is_some_and(|d| d <= now) {
-            if let Some((group, id)) = self.roll.as_ref().and_then(|r| r.waiting()) {
-                let t = self.cfg.host.start_timeout;
-                self.fail_roll_step(group, id, format!("not ready within start_timeout ({t:?})"));
-            }
-        }
-        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gatherings)
-            .into_iter()
-            .partition(|g| g.waiting.is_empty() || g.deadline <= now);
-        self.gatherings = keep;
-        for g in done {
-            self.deliver(g);
-        }
+        None
     }
 
-    fn all_slots_filled(&self) -> bool {
-        let expected: u32 = self.groups.iter().map(|g| g.cfg.count).sum();
-        self.workers.len() == expected as usize
-    }
-
-    fn spawn(&mut self, group: usize, id: u32) -> io::Result<()> {
-        let build = self.groups[group].builds[id as usize].clone();
-        self.spawn_with(group, id, build, Role::Serving).map(|_| ())
-    }
-
-    fn spawn_with(&mut self, group: usize, id: u32, build: Build, role: Role) -> io::Result<usize> {
-        let g = &self.groups[group];
-        let child = spawn::worker(
+    fn spawn(
+        &mut self,
+        worker: WorkerId,
+        group: usize,
+        id: u32,
+        build: &std::path::Path,
+    ) -> io::Result<()> {
+        let cfg = &self.cfg.workers[group];
+        let child = process::spawn_worker(
             &self.exe,
-            &g.cfg,
+            cfg,
             id,
-            &build.copy,
-            &g.sockets[id as usize],
+            build,
+            &self.sockets[group][id as usize],
             self.worker_log.as_ref(),
         )?;
-        let entry = self.workers.vacant_entry();
-        let key = entry.key();
+        let pid = child.pid;
         let mut ctl = child.ctl;
-        let mut bus = child.bus;
-        self.poll.registry().register(
-            &mut ctl,
-            Token(WORKER_BASE + key),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        self.poll.registry().register(
-            &mut bus,
-            Token(BUS_BASE + key),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        // The newcomer learns who is in which group before anything else.
-        let mut bus_buf = BusBuf::default();
-        for msg in self.registry.snapshot() {
-            bus::encode(&msg, &mut bus_buf.outbuf);
-        }
-        let _ = bus_buf.flush(&mut bus);
-        tracing::debug!(
-            pid = child.pid.as_raw(),
-            "started worker {}#{id}",
-            g.cfg.name
-        );
-        entry.insert(WorkerProc {
-            group,
-            id,
-            pid: child.pid,
-            ctl,
-            buf: LineBuf::default(),
-            bus,
-            bus_buf,
-            started: Instant::now(),
-            ready: false,
-            failure: None,
-            plugin: String::new(),
-            build,
-            role,
-            loaded_at: SystemTime::now(),
-        });
-        Ok(key)
-    }
-
-    fn on_worker_io(&mut self, key: usize) {
-        let Some(w) = self.workers.get_mut(key) else {
-            return;
-        };
-        let (msgs, _closed) = w.buf.read_from::<FromWorker>(&mut w.ctl);
-        let _ = w.buf.flush(&mut w.ctl);
-        let (group, id) = (w.group, w.id);
-        for msg in msgs {
-            match msg {
-                Ok(FromWorker::Ready { plugin }) => {
-                    let w = &mut self.workers[key];
-                    w.ready = true;
-                    w.plugin = plugin;
-                    w.loaded_at = SystemTime::now();
-                    if w.role == Role::Replacement {
-                        self.replacement_ready(key);
-                    }
-                }
-                Ok(FromWorker::Failed { error }) => {
-                    let name = self.groups[group].cfg.name.clone();
-                    self.workers[key].failure = Some(error.clone());
-                    if let Phase::Starting { .. } = self.phase {
-                        self.fail_start(StartError::Worker { name, id, error });
-                    } else if self.workers[key].role == Role::Replacement {
-                        let _ = kill(self.workers[key].pid, Signal::SIGKILL);
-                    }
-                }
-                Ok(msg @ (FromWorker::Stats { .. } | FromWorker::Connections { .. })) => {
-                    let req = msg.req();
-                    let pid = self.workers[key].pid.as_raw() as u32;
-                    if let Some(g) = self.gatherings.iter_mut().find(|g| g.req == req) {
-                        if g.waiting.remove(&key) {
-                            g.report.answered(pid, Some(msg));
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(
-                    "bad message from worker {}#{id}: {e}",
-                    self.groups[group].cfg.name
-                ),
-            }
-        }
-    }
-
-    /// A watched file settled: roll the groups whose build really changed.
-    fn on_watch(&mut self, now: Instant) {
-        let Some(watch) = self.watch.as_mut() else {
-            return;
-        };
-        let triggers = watch.take(now);
-        if triggers.is_empty() {
-            return;
-        }
-        if self.roll.is_some() {
-            watch.retry(triggers, now);
-            return;
-        }
-        let mut groups = HashSet::new();
-        for t in triggers {
-            match t {
-                Trigger::Extra(g) => {
-                    groups.insert(g);
-                }
-                Trigger::Plugin(g) => {
-                    let grp = &self.groups[g];
-                    match builds::hash_file(&grp.cfg.plugin) {
-                        // Same bytes (a touch, or our own copy's events): nothing to do.
-                        Ok(h) if grp.builds.iter().all(|b| b.hash == h) => {
-                            tracing::info!(
-                                "{} changed on disk but not its content: no reload",
-                                grp.cfg.plugin.display()
-                            );
-                        }
-                        Ok(_) => {
-                            groups.insert(g);
-                        }
-                        // Missing: mid-replace; the next event brings it back.
-                        Err(_) => {}
-                    }
-                }
-            }
-        }
-        if groups.is_empty() {
-            return;
-        }
-        let names: Vec<&str> = groups
-            .iter()
-            .map(|&g| self.groups[g].cfg.name.as_str())
-            .collect();
-        tracing::info!("change detected for {}: reloading", names.join(", "));
-        if let Err(e) = self.begin_reload_of(Some(&groups), false, None) {
-            tracing::warn!("reload refused: {e}");
-        }
-    }
-
-    fn begin_reload(&mut self, graceful: bool, client: Option<usize>) -> Result<(), String> {
-        self.begin_reload_of(None, graceful, client)
-    }
-
-    /// Starts a rolling reload of every reloadable group (or of `only`);
-    /// groups with `reloadable = false` only run `on_worker_reload`.
-    fn begin_reload_of(
-        &mut self,
-        only: Option<&HashSet<usize>>,
-        graceful: bool,
-        client: Option<usize>,
-    ) -> Result<(), String> {
-        match self.phase {
-            Phase::Running => {}
-            Phase::Starting { .. } => return Err("still starting".into()),
-            Phase::Stopping { .. } => return Err("stopping".into()),
-        }
-        if self.roll.is_some() {
-            return Err("a reload is already in progress".into());
-        }
-        let mut plans = Vec::new();
-        let mut kept = Vec::new();
-        let mut errors = Vec::new();
-        let picked = |g: usize| only.is_none_or(|set| set.contains(&g));
-        for (gi, g) in self.groups.iter().enumerate() {
-            if !picked(gi) {
-                continue;
-            }
-            let old = g.builds[0].short().to_string();
-            if !g.cfg.reloadable {
-                kept.push((g.cfg.name.clone(), old, g.cfg.count));
-                continue;
-            }
-            match builds::install(&self.cfg.host.runtime_dir, &g.cfg.plugin) {
-                Ok(new) => plans.push(Plan {
-                    group: gi,
-                    name: g.cfg.name.clone(),
-                    count: g.cfg.count,
-                    old,
-                    new,
-                }),
-                Err(e) => errors.push((g.cfg.name.clone(), old, g.cfg.count, e)),
-            }
-        }
-        for (_, w) in &mut self.workers {
-            if picked(w.group) && !self.groups[w.group].cfg.reloadable && w.role == Role::Serving {
-                w.buf.queue(&ToWorker::Reload);
-                let _ = w.buf.flush(&mut w.ctl);
-            }
-        }
-        let mut roll = Roll::new(plans, kept, graceful);
-        for (name, old, count, error) in errors {
-            tracing::error!("reload of {name} refused: {error}");
-            roll.report.groups.push(roll::GroupReport {
-                name,
-                new: old.clone(),
-                old,
-                rolled: 0,
-                count,
-                millis: 0,
-                kept: false,
-                error: Some(error),
+        let registered = self
+            .poll
+            .registry()
+            .register(
+                &mut ctl,
+                worker_token(worker),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .and_then(|()| {
+                let bus = Attach {
+                    worker,
+                    group,
+                    pid: pid.as_raw() as u32,
+                    stream: child.bus,
+                    token: bus_token(worker),
+                    stuck_timeout: cfg.stuck_timeout,
+                };
+                self.relay.add(bus, self.poll.registry(), Instant::now())
             });
+        if let Err(e) = registered {
+            // Not watched, it could not be supervised: gone before it starts.
+            let _ = self.poll.registry().deregister(&mut ctl);
+            process::kill_now(pid);
+            return Err(e);
         }
-        tracing::info!(graceful, "rolling reload started");
-        self.roll = Some(roll);
-        self.reload_waiters.extend(client);
-        self.drive_roll();
+        tracing::debug!(pid = pid.as_raw(), "started worker {}#{id}", cfg.name);
+        self.sup.note_pid(worker, pid.as_raw() as u32);
+        self.workers.insert(
+            worker,
+            WorkerIo {
+                pid,
+                ctl,
+                buf: LineBuf::default(),
+                plugin: String::new(),
+                loaded_at: SystemTime::now(),
+            },
+        );
         Ok(())
     }
 
-    /// Carries out the roll's next action.
-    fn drive_roll(&mut self) {
-        let Some(roll) = self.roll.as_mut() else {
-            return;
-        };
-        match roll.next(Instant::now()) {
-            Action::Spawn { group, id, build } => {
-                tracing::info!(
-                    "reload: starting {}#{id} on build {}",
-                    self.groups[group].cfg.name,
-                    build.short()
-                );
-                self.roll_deadline = Some(Instant::now() + self.cfg.host.start_timeout);
-                if let Err(e) = self.spawn_with(group, id, build, Role::Replacement) {
-                    self.fail_roll_step(group, id, format!("cannot start a worker: {e}"));
+    fn on_time(&mut self) {
+        self.dispatch(Event::Tick);
+        let now = Instant::now();
+        for (worker, reason) in self.relay.stuck(now) {
+            self.dispatch(Event::Stuck { worker, reason });
+        }
+        if self.usage_due.is_some_and(|t| t <= now) {
+            self.usage_due = Some(now + USAGE_POLL);
+            self.poll_usage();
+        }
+        if self.sup.is_running() {
+            if let Some(watch) = self.watch.as_mut() {
+                let triggers = watch.take(now);
+                if !triggers.is_empty() {
+                    if self.sup.reload_busy() {
+                        watch.retry(triggers, now);
+                    } else {
+                        self.dispatch(Event::Reload {
+                            graceful: false,
+                            client: None,
+                            changed: Some(triggers),
+                        });
+                    }
                 }
             }
-            Action::Finished => self.finish_roll(),
-            Action::Retire { .. } => unreachable!("next() never retires"),
+        }
+        self.control.deliver_due(now, self.poll.registry());
+        for client in self.control.take_gone() {
+            self.dispatch(Event::ClientGone(client));
         }
     }
 
-    fn replacement_ready(&mut self, key: usize) {
-        let (group, id) = (self.workers[key].group, self.workers[key].id);
-        let Some(Action::Retire { .. }) = self.roll.as_mut().and_then(|r| r.ready(group, id))
-        else {
+    /// Recycling: asks serving workers of groups with `max_requests` for
+    /// their counters (the answer comes back as `Stats`), and reads the
+    /// memory of those with `max_memory`.
+    fn poll_usage(&mut self) {
+        if !self.sup.is_running() {
             return;
-        };
-        self.roll_deadline = None;
-        let graceful = self.roll.as_ref().is_some_and(|r| r.graceful);
-        self.workers[key].role = Role::Serving;
-        self.groups[group].builds[id as usize] = self.workers[key].build.clone();
-        for (k, w) in &mut self.workers {
-            if k != key && w.group == group && w.id == id && w.role == Role::Serving {
-                // Stops accepting at once; its queue stays with the master's socket.
-                w.role = Role::Retiring;
-                w.buf.queue(&ToWorker::Stop { graceful });
-                if w.buf.flush(&mut w.ctl).is_err() {
-                    let _ = kill(w.pid, Signal::SIGKILL);
-                }
-                // Bounded by stop_timeout, as a stop is.
-                w.started = Instant::now();
+        }
+        let req = self.control.next_req();
+        let mut memory = Vec::new();
+        for (&k, w) in &mut self.workers {
+            let Some(v) = self.sup.worker(k) else {
+                continue;
+            };
+            if !(v.ready && v.serving) {
+                continue;
+            }
+            let g = &self.cfg.workers[v.group];
+            if g.max_requests.is_some() {
+                w.buf.queue(&ToWorker::Stats { req });
+                let _ = w.buf.flush(&mut w.ctl);
+            }
+            if g.max_memory.is_some() {
+                memory.push((k, process::rss_bytes(w.pid)));
             }
         }
-        self.drive_roll();
+        for (worker, bytes) in memory {
+            self.dispatch(Event::Usage {
+                worker,
+                requests: None,
+                memory: Some(bytes),
+            });
+        }
     }
 
-    /// The replacement for (group, id) failed: the roll stops there.
-    fn fail_roll_step(&mut self, group: usize, id: u32, error: String) {
-        let Some(roll) = self.roll.as_mut() else {
+    /// The waker: file events, or installs that finished.
+    fn on_wake(&mut self) {
+        if let Some(w) = self.watch.as_mut() {
+            w.drain(Instant::now());
+        }
+        for (group, result) in self.installer.finished() {
+            self.dispatch(Event::Installed { group, result });
+        }
+    }
+
+    fn on_worker_io(&mut self, worker: WorkerId) {
+        let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
-        if roll.waiting() != Some((group, id)) {
-            return;
+        let (msgs, _closed) = w.buf.read_from::<FromWorker>(&mut w.ctl);
+        if w.buf.overflowed() {
+            // It stops once its control channel closes; the supervisor
+            // sees the exit as it would any other.
+            tracing::error!(
+                pid = w.pid.as_raw(),
+                "worker sent a control line over {} bytes; closing its channel",
+                crate::ipc::MAX_LINE
+            );
+            let _ = self.poll.registry().deregister(&mut w.ctl);
+            let _ = w.ctl.shutdown(std::net::Shutdown::Both);
+        } else {
+            let _ = w.buf.flush(&mut w.ctl);
         }
-        tracing::error!(
-            "reload of {}#{id} failed: {error}; keeping the running build",
-            self.groups[group].cfg.name
-        );
-        roll.failed(group, id, error, Instant::now());
-        self.roll_deadline = None;
-        for (_, w) in &mut self.workers {
-            if w.group == group && w.id == id && w.role == Role::Replacement {
-                let _ = kill(w.pid, Signal::SIGKILL);
+        let pid = w.pid;
+        for msg in msgs {
+            match msg {
+                Ok(FromWorker::Ready { plugin }) => {
+                    if let Some(w) = self.workers.get_mut(&worker) {
+                        w.plugin = plugin;
+                        w.loaded_at = SystemTime::now();
+                    }
+                    self.relay.ready(worker, Instant::now());
+                    self.dispatch(Event::Ready { worker });
+                }
+                Ok(FromWorker::Failed { error }) => self.dispatch(Event::Failed { worker, error }),
+                Ok(msg @ (FromWorker::Stats { .. } | FromWorker::Connections { .. })) => {
+                    if let FromWorker::Stats { stats, .. } = &msg {
+                        // Any answer (to `status` or to our poll) tells the requests served.
+                        let limited = self
+                            .sup
+                            .worker(worker)
+                            .is_some_and(|v| self.cfg.workers[v.group].max_requests.is_some());
+                        if limited {
+                            self.dispatch(Event::Usage {
+                                worker,
+                                requests: Some(stats.total_messages),
+                                memory: None,
+                            });
+                        }
+                    }
+                    self.control.answered(worker, pid.as_raw() as u32, msg)
+                }
+                Err(e) => tracing::warn!(pid = pid.as_raw(), "bad message from worker: {e}"),
             }
         }
-        self.drive_roll();
     }
 
-    fn finish_roll(&mut self) {
-        let Some(roll) = self.roll.take() else { return };
-        self.roll_deadline = None;
-        let report = roll.report;
-        for g in &report.groups {
-            match &g.error {
-                Some(e) => tracing::error!("reload {}: failed: {e}", g.name),
-                None if g.kept => {
-                    tracing::info!("reload {}: not reloadable; on_worker_reload run", g.name)
+    fn on_client(&mut self, client: ClientId) {
+        let msgs = self.control.read(client, self.poll.registry());
+        for msg in msgs {
+            match msg {
+                Ok(Request::Stop { graceful }) => {
+                    tracing::info!(graceful, "stop requested");
+                    self.dispatch(Event::Stop {
+                        graceful,
+                        client: Some(client),
+                    });
                 }
-                None => tracing::info!(
-                    "reload {}: {} -> {}, {}/{} rolled in {} ms",
-                    g.name,
-                    g.old,
-                    g.new,
-                    g.rolled,
-                    g.count,
-                    g.millis
+                Ok(Request::Status) => self.start_status(Sink::Client(client)),
+                Ok(Request::Connections) => self.start_connections(Sink::Client(client)),
+                Ok(Request::Reload { graceful }) => self.dispatch(Event::Reload {
+                    graceful,
+                    client: Some(client),
+                    changed: None,
+                }),
+                Err(e) => self.control.reply(
+                    client,
+                    &Response::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                    self.poll.registry(),
                 ),
             }
         }
-        for key in std::mem::take(&mut self.reload_waiters) {
-            self.reply(key, &Response::Reloaded(report.clone()));
-        }
-        self.prune_builds();
-    }
-
-    /// Removes plugin copies that neither a worker nor a slot uses.
-    fn prune_builds(&self) {
-        let mut keep: HashSet<PathBuf> = self
-            .workers
-            .iter()
-            .map(|(_, w)| w.build.copy.clone())
-            .collect();
-        for g in &self.groups {
-            keep.extend(g.builds.iter().map(|b| b.copy.clone()));
-        }
-        builds::prune(&self.cfg.host.runtime_dir, &keep);
-    }
-
-    /// Relays a worker's bus frames, in order, to every other worker.
-    fn on_bus(&mut self, key: usize) {
-        let Some(w) = self.workers.get_mut(key) else {
-            return;
-        };
-        let (frames, _closed) = w.bus_buf.read_frames(&mut w.bus);
-        let _ = w.bus_buf.flush(&mut w.bus);
-        if frames.is_empty() {
-            return;
-        }
-        for f in &frames {
-            // Only membership changes matter to the master's registry.
-            if let Ok(msg) = bus::decode(f) {
-                self.registry.apply(&msg);
-            }
-        }
-        for (k, other) in &mut self.workers {
-            if k == key {
-                continue;
-            }
-            for f in &frames {
-                other.bus_buf.outbuf.extend_from_slice(f);
-            }
-            if let Err(e) = other.bus_buf.flush(&mut other.bus) {
-                tracing::debug!(pid = other.pid.as_raw(), "bus write failed: {e}");
-            }
-        }
-    }
-
-    /// Tells every worker that a worker's connections are gone.
-    fn node_gone(&mut self, pid: Pid) {
-        let msg = BusMsg::NodeGone {
-            node: pid.as_raw() as u32,
-        };
-        self.registry.apply(&msg);
-        let mut frame = Vec::new();
-        bus::encode(&msg, &mut frame);
-        for (_, w) in &mut self.workers {
-            w.bus_buf.outbuf.extend_from_slice(&frame);
-            let _ = w.bus_buf.flush(&mut w.bus);
+        for client in self.control.take_gone() {
+            self.dispatch(Event::ClientGone(client));
         }
     }
 
@@ -845,18 +563,26 @@ impl Master {
             match sig {
                 SIGINT | SIGTERM => {
                     tracing::info!("signal {sig}: stopping");
-                    self.begin_stop(false);
+                    self.dispatch(Event::Stop {
+                        graceful: false,
+                        client: None,
+                    });
                 }
                 SIGQUIT => {
                     tracing::info!("SIGQUIT: stopping gracefully");
-                    self.begin_stop(true);
+                    self.dispatch(Event::Stop {
+                        graceful: true,
+                        client: None,
+                    });
                 }
                 SIGCHLD => self.reap(),
                 SIGUSR1 | SIGUSR2 => {
                     tracing::info!("signal {sig}: reloading");
-                    if let Err(e) = self.begin_reload(sig == SIGUSR2, None) {
-                        tracing::warn!("reload refused: {e}");
-                    }
+                    self.dispatch(Event::Reload {
+                        graceful: sig == SIGUSR2,
+                        client: None,
+                        changed: None,
+                    });
                 }
                 SIGABRT => self.start_status(Sink::Log),
                 SIGIO => self.start_connections(Sink::Log),
@@ -866,290 +592,75 @@ impl Master {
     }
 
     fn reap(&mut self) {
-        loop {
-            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
-                Ok(s) => s,
-            };
-            let (pid, how) = match status {
-                WaitStatus::Exited(pid, code) => (pid, format!("exit code {code}")),
-                WaitStatus::Signaled(pid, sig, _) => (pid, format!("signal {sig}")),
-                _ => continue,
-            };
-            let Some(key) = self
+        for exit in process::reap() {
+            let Some(worker) = self
                 .workers
                 .iter()
-                .find(|(_, w)| w.pid == pid)
-                .map(|(k, _)| k)
+                .find(|(_, w)| w.pid == exit.pid)
+                .map(|(&k, _)| k)
             else {
                 continue;
             };
             // What it said just before dying (its reason for failing) may
             // still be unread: the exit can be seen before the message.
-            self.on_worker_io(key);
-            let mut w = self.workers.remove(key);
-            let _ = self.poll.registry().deregister(&mut w.ctl);
-            let _ = self.poll.registry().deregister(&mut w.bus);
-            self.node_gone(pid);
-            let name = self.groups[w.group].cfg.name.clone();
-            for g in &mut self.gatherings {
-                if g.waiting.remove(&key) {
-                    g.report.answered(pid.as_raw() as u32, None);
-                }
+            self.on_worker_io(worker);
+            if let Some(mut w) = self.workers.remove(&worker) {
+                let _ = self.poll.registry().deregister(&mut w.ctl);
             }
-            // Exit statistics: deaths nobody asked for, and kills. A worker
-            // told to stop that exits cleanly is not counted.
-            let clean = matches!(status, WaitStatus::Exited(_, 0));
-            if self.phase == Phase::Running && !(w.role == Role::Retiring && clean) {
-                *self.exits.entry((name.clone(), how.clone())).or_default() += 1;
-            }
-            if w.role == Role::Retiring {
-                tracing::info!(
-                    pid = pid.as_raw(),
-                    "replaced worker {name}#{} exited ({how})",
-                    w.id
-                );
-                self.prune_builds();
-                continue;
-            }
-            if w.role == Role::Replacement {
-                if let Phase::Running = self.phase {
-                    let error = w
-                        .failure
-                        .clone()
-                        .unwrap_or_else(|| format!("exited before it was ready ({how})"));
-                    self.fail_roll_step(w.group, w.id, error);
-                }
-                continue;
-            }
-            match self.phase {
-                Phase::Stopping { .. } => {
-                    tracing::debug!(pid = pid.as_raw(), "worker {name}#{} exited ({how})", w.id)
-                }
-                Phase::Starting { .. } => {
-                    let error = w
-                        .failure
-                        .unwrap_or_else(|| format!("exited before it was ready ({how})"));
-                    self.fail_start(StartError::Worker {
-                        name,
-                        id: w.id,
-                        error,
-                    });
-                }
-                Phase::Running => {
-                    let lived = w.started.elapsed();
-                    let delay = self.groups[w.group].backoff[w.id as usize].on_death(lived);
-                    tracing::warn!(
-                        pid = pid.as_raw(),
-                        "worker {name}#{} exited ({how}) after {:.1}s; restarting in {:?}",
-                        w.id,
-                        lived.as_secs_f64(),
-                        delay
-                    );
-                    self.groups[w.group].respawn_at[w.id as usize] = Some(Instant::now() + delay);
-                }
-            }
-        }
-    }
-
-    fn fail_start(&mut self, e: StartError) {
-        if self.start_error.is_none() {
-            tracing::error!("start failed: {e}");
-            self.start_error = Some(e);
-        }
-        self.begin_stop(false);
-    }
-
-    fn begin_stop(&mut self, graceful: bool) {
-        if let Phase::Stopping { .. } = self.phase {
-            return;
-        }
-        if let Phase::Starting { .. } = self.phase {
-            if self.start_error.is_none() {
-                self.start_error = Some(StartError::Interrupted);
-            }
-        }
-        self.phase = Phase::Stopping {
-            deadline: Instant::now() + self.cfg.host.stop_timeout,
-            killed: false,
-        };
-        if self.roll.take().is_some() {
-            self.roll_deadline = None;
-            for key in std::mem::take(&mut self.reload_waiters) {
-                self.reply(
-                    key,
-                    &Response::Error {
-                        message: "stopped during the reload".into(),
-                    },
-                );
-            }
-        }
-        for g in &mut self.groups {
-            g.respawn_at.iter_mut().for_each(|r| *r = None);
-        }
-        for (_, w) in &mut self.workers {
-            w.buf.queue(&ToWorker::Stop { graceful });
-            if w.buf.flush(&mut w.ctl).is_err() {
-                let _ = kill(w.pid, Signal::SIGKILL);
-            }
-        }
-    }
-
-    fn accept_clients(&mut self) {
-        loop {
-            match self.control.accept() {
-                Ok((mut stream, _)) => {
-                    let entry = self.clients.vacant_entry();
-                    let token = Token(CLIENT_BASE + entry.key());
-                    if self
-                        .poll
-                        .registry()
-                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-                        .is_ok()
-                    {
-                        entry.insert(Client {
-                            stream,
-                            buf: LineBuf::default(),
-                        });
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    tracing::warn!("control accept failed: {e}");
-                    return;
-                }
-            }
-        }
-    }
-
-    fn on_client(&mut self, key: usize) {
-        let Some(c) = self.clients.get_mut(key) else {
-            return;
-        };
-        let (msgs, closed) = c.buf.read_from::<Request>(&mut c.stream);
-        if c.buf.flush(&mut c.stream).is_err() || (closed && msgs.is_empty()) {
-            self.drop_client(key);
-            return;
-        }
-        for msg in msgs {
-            match msg {
-                Ok(Request::Stop { graceful }) => {
-                    tracing::info!(graceful, "stop requested");
-                    self.stop_waiters.push(key);
-                    self.begin_stop(graceful);
-                }
-                Ok(Request::Status) => self.start_status(Sink::Client(key)),
-                Ok(Request::Connections) => self.start_connections(Sink::Client(key)),
-                Ok(Request::Reload { graceful }) => {
-                    if let Err(message) = self.begin_reload(graceful, Some(key)) {
-                        self.reply(
-                            key,
-                            &Response::Error {
-                                message: format!("cannot reload: {message}"),
-                            },
-                        );
-                    }
-                }
-                Err(e) => self.reply(
-                    key,
-                    &Response::Error {
-                        message: format!("bad request: {e}"),
-                    },
-                ),
-            }
-        }
-    }
-
-    fn drop_client(&mut self, key: usize) {
-        if self.clients.contains(key) {
-            let mut c = self.clients.remove(key);
-            let _ = self.poll.registry().deregister(&mut c.stream);
-        }
-    }
-
-    fn reply(&mut self, key: usize, resp: &Response) {
-        if let Some(c) = self.clients.get_mut(key) {
-            c.buf.queue(resp);
-            if c.buf.flush(&mut c.stream).is_err() {
-                self.drop_client(key);
-            }
+            self.relay
+                .remove(worker, self.poll.registry(), Instant::now());
+            self.control.worker_gone(worker, exit.pid.as_raw() as u32);
+            self.dispatch(Event::Exited {
+                worker,
+                how: exit.how,
+                clean: exit.clean,
+                by_itself: exit.by_itself,
+            });
         }
     }
 
     /// Sends `msg(req)` to every ready worker; returns the request number and
-    /// the keys of the workers asked.
-    fn ask_workers(&mut self, msg: impl Fn(u64) -> ToWorker) -> (u64, HashSet<usize>) {
-        self.next_req += 1;
-        let req = self.next_req;
+    /// the workers asked.
+    fn ask_workers(&mut self, msg: impl Fn(u64) -> ToWorker) -> (u64, HashSet<WorkerId>) {
+        let req = self.control.next_req();
         let mut waiting = HashSet::new();
-        for (key, w) in &mut self.workers {
-            if w.ready {
+        for (&k, w) in &mut self.workers {
+            if self.sup.worker(k).is_some_and(|v| v.ready) {
                 w.buf.queue(&msg(req));
                 if w.buf.flush(&mut w.ctl).is_ok() {
-                    waiting.insert(key);
+                    waiting.insert(k);
                 }
             }
         }
         (req, waiting)
     }
 
-    fn gather(&mut self, to: Sink, req: u64, waiting: HashSet<usize>, report: Gathered) {
-        self.gatherings.push(Gathering {
-            to,
-            req,
-            waiting,
-            report,
-            deadline: Instant::now() + STATS_WAIT,
-        });
-    }
-
-    /// Hands a finished report to whoever asked.
-    fn deliver(&mut self, mut g: Gathering) {
-        if let Gathered::Connections(r) = &mut g.report {
-            r.connections
-                .sort_by(|a, b| (&a.worker, a.pid, a.id).cmp(&(&b.worker, b.pid, b.id)));
-            r.busy.sort_unstable();
-        }
-        match (g.to, g.report) {
-            (Sink::Client(c), Gathered::Status(r)) => self.reply(c, &Response::Status(r)),
-            (Sink::Client(c), Gathered::Connections(r)) => self.reply(c, &Response::Connections(r)),
-            (Sink::Log, Gathered::Status(r)) => {
-                tracing::info!("SIGIOT: status");
-                for line in crate::cli::render_status(&r).lines() {
-                    tracing::info!("status: {line}");
-                }
-            }
-            (Sink::Log, Gathered::Connections(r)) => {
-                tracing::info!("SIGIO: {} connections", r.connections.len());
-                for line in crate::cli::render_connections(&r).lines() {
-                    tracing::info!("connections: {line}");
-                }
-            }
-        }
-    }
-
     fn start_status(&mut self, to: Sink) {
         let (req, waiting) = self.ask_workers(|req| ToWorker::Stats { req });
         let mut rows = Vec::new();
-        for (key, w) in &self.workers {
-            let g = &self.groups[w.group].cfg;
+        for (&k, w) in &self.workers {
+            let Some(v) = self.sup.worker(k) else {
+                continue;
+            };
+            let g = &self.cfg.workers[v.group];
             rows.push(WorkerRow {
                 pid: w.pid.as_raw() as u32,
                 group: g.name.clone(),
-                id: w.id,
+                id: v.id,
                 listen: g.listen.text.clone(),
-                rss_bytes: rss_bytes(w.pid),
+                rss_bytes: process::rss_bytes(w.pid),
                 plugin: g.plugin.display().to_string(),
-                build: w.build.short().to_string(),
+                build: v.build.short().to_string(),
                 loaded_at: w
                     .loaded_at
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_secs(),
+                bus_dropped: self.relay.dropped(k),
                 stats: None,
                 qps: None,
                 // Until it answers; still so at the deadline means busy.
-                state: if waiting.contains(&key) {
+                state: if waiting.contains(&k) {
                     WorkerState::Busy
                 } else {
                     WorkerState::Starting
@@ -1158,22 +669,30 @@ impl Master {
         }
         rows.sort_by(|a, b| (&a.group, a.id).cmp(&(&b.group, b.id)));
         let groups = self
-            .groups
+            .cfg
+            .workers
             .iter()
             .enumerate()
             .map(|(gi, g)| GroupRow {
-                name: g.cfg.name.clone(),
-                listen: g.cfg.listen.text.clone(),
-                count: g.cfg.count,
-                processes: self.workers.iter().filter(|(_, w)| w.group == gi).count() as u32,
+                name: g.name.clone(),
+                listen: g.listen.text.clone(),
+                count: g.count,
+                processes: self.sup.processes(gi),
+                bus_dropped: self.relay.group_dropped(gi),
+                restarts: self
+                    .sup
+                    .restarts()
+                    .filter(|(group, ..)| *group == g.name)
+                    .map(|(_, cause, n)| (cause.name().to_string(), n))
+                    .collect(),
             })
             .collect();
         let exits = self
-            .exits
-            .iter()
-            .map(|((group, status), &count)| ExitRow {
-                group: group.clone(),
-                status: status.clone(),
+            .sup
+            .exits()
+            .map(|(group, status, count)| ExitRow {
+                group: group.to_string(),
+                status: status.to_string(),
                 count,
             })
             .collect();
@@ -1198,20 +717,28 @@ impl Master {
             exits,
             workers: rows,
         };
-        self.gather(to, req, waiting, Gathered::Status(report));
+        self.control
+            .gather(to, req, waiting, Gathered::Status(report), Instant::now());
     }
 
     fn start_connections(&mut self, to: Sink) {
         let (req, waiting) = self.ask_workers(|req| ToWorker::Connections { req });
         let busy = waiting
             .iter()
-            .map(|&k| self.workers[k].pid.as_raw() as u32)
+            .filter_map(|k| self.workers.get(k))
+            .map(|w| w.pid.as_raw() as u32)
             .collect();
         let report = ConnectionsReport {
             connections: Vec::new(),
             busy,
         };
-        self.gather(to, req, waiting, Gathered::Connections(report));
+        self.control.gather(
+            to,
+            req,
+            waiting,
+            Gathered::Connections(report),
+            Instant::now(),
+        );
     }
 
     fn startup_table(&self) -> String {
@@ -1220,15 +747,16 @@ impl Master {
             .flatten()
             .map_or_else(|| nix::unistd::getuid().to_string(), |u| u.name);
         let rows: Vec<Vec<String>> = self
-            .groups
+            .cfg
+            .workers
             .iter()
             .map(|g| {
                 vec![
-                    g.cfg.listen.scheme.name().to_string(),
-                    g.cfg.user.clone().unwrap_or_else(|| user.clone()),
-                    g.cfg.name.clone(),
-                    g.cfg.listen.text.clone(),
-                    g.cfg.count.to_string(),
+                    g.listen.scheme.name().to_string(),
+                    g.user.clone().unwrap_or_else(|| user.clone()),
+                    g.name.clone(),
+                    g.listen.text.clone(),
+                    g.count.to_string(),
                     "[OK]".to_string(),
                 ]
             })
@@ -1246,9 +774,8 @@ impl Master {
 
     fn finish(&mut self) {
         let _ = std::fs::remove_file(self.cfg.control_socket());
-        for key in std::mem::take(&mut self.stop_waiters) {
-            self.reply(key, &Response::Stopped);
-        }
+        let actions = self.sup.finish();
+        self.carry_out(actions);
         tracing::info!("master stopped");
     }
 }
@@ -1277,16 +804,4 @@ impl Readiness {
             }
         }
     }
-}
-
-/// Resident memory of a process, from /proc.
-pub fn rss_bytes(pid: Pid) -> u64 {
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096) as u64;
-    std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * page)
 }

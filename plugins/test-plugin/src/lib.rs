@@ -46,7 +46,9 @@
 //!
 //! Options: `fail_start = "error" | "panic"` makes `on_worker_start` fail;
 //! `fail_start_file = PATH` makes it panic while that file exists (so a test
-//! can make only the workers started later fail).
+//! can make only the workers started later fail); `hold_start_file = PATH`
+//! makes `on_worker_start` wait while that file exists (up to a minute), so a
+//! test can keep a reload's replacement starting for as long as it needs.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -97,6 +99,12 @@ impl Plugin for TestPlugin {
                 panic!("fail_start_file exists")
             }
             _ => {
+                if let Some(p) = ctx.option("hold_start_file") {
+                    let end = std::time::Instant::now() + Duration::from_secs(60);
+                    while std::path::Path::new(p).exists() && std::time::Instant::now() < end {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
                 ctx.info(format_args!("test plugin build {BUILD} started"));
                 Ok(())
             }

@@ -1,7 +1,10 @@
-//! Starting a worker: fork+exec of our own binary in worker mode. The master
-//! has threads (signal handling), so nothing but async-signal-safe calls may
-//! run between fork and exec; the listening socket and the control socket
-//! are moved to fixed descriptor numbers there.
+//! Worker processes at the system level: starting one (fork+exec of our own
+//! binary in worker mode), reaping exits, signalling, reading memory use.
+//!
+//! The master has threads (signal handling, the file watcher, plugin
+//! installs), so nothing but async-signal-safe calls may run between fork and
+//! exec; the listening socket and the control socket are moved to fixed
+//! descriptor numbers there.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -11,6 +14,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use mio::net::UnixStream;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::config::WorkerConfig;
@@ -26,7 +31,7 @@ pub struct Child {
 }
 
 /// `build` is the plugin copy the worker loads (see `builds`).
-pub fn worker(
+pub fn spawn_worker(
     exe: &Path,
     cfg: &WorkerConfig,
     id: u32,
@@ -97,4 +102,74 @@ pub fn worker(
         ctl: UnixStream::from_std(ours),
         bus: UnixStream::from_std(bus_ours),
     })
+}
+
+/// A child that exited.
+pub struct Exit {
+    pub pid: Pid,
+    /// `exit code N` or `signal SIGNAME`, as logs and `status` show it.
+    pub how: String,
+    /// Exit code 0.
+    pub clean: bool,
+    /// It ended by itself: an exit code, or a signal a process raises
+    /// against itself (a crash). False for signals sent from outside.
+    pub by_itself: bool,
+}
+
+/// Signals a process gets from its own faults or calls (a crash, `abort`),
+/// as opposed to one sent by someone else (SIGKILL, SIGTERM…).
+fn self_inflicted(sig: Signal) -> bool {
+    matches!(
+        sig,
+        Signal::SIGSEGV
+            | Signal::SIGBUS
+            | Signal::SIGABRT
+            | Signal::SIGILL
+            | Signal::SIGFPE
+            | Signal::SIGSYS
+            | Signal::SIGTRAP
+    )
+}
+
+/// Every child that has exited since the last call (after SIGCHLD).
+pub fn reap() -> Vec<Exit> {
+    let mut out = Vec::new();
+    loop {
+        let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return out,
+            Ok(s) => s,
+        };
+        match status {
+            WaitStatus::Exited(pid, code) => out.push(Exit {
+                pid,
+                how: format!("exit code {code}"),
+                clean: code == 0,
+                by_itself: true,
+            }),
+            WaitStatus::Signaled(pid, sig, _) => out.push(Exit {
+                pid,
+                how: format!("signal {sig}"),
+                clean: false,
+                by_itself: self_inflicted(sig),
+            }),
+            _ => {}
+        }
+    }
+}
+
+/// SIGKILL; a process already gone is not an error worth reporting.
+pub fn kill_now(pid: Pid) {
+    let _ = kill(pid, Signal::SIGKILL);
+}
+
+/// Resident memory of a process, from /proc.
+pub fn rss_bytes(pid: Pid) -> u64 {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page)
 }

@@ -1,6 +1,6 @@
-//! A rolling reload as a pure state machine: which worker to start, which to
-//! retire, when to stop. The master feeds it what happened (a replacement is
-//! ready, or failed) and carries out the actions; tests drive it directly.
+//! The order of a rolling reload and its report: which id to replace next,
+//! when the roll is over. The supervisor tells it what happened (the
+//! replacement is ready, or failed) and does the rest (retiring, killing).
 //!
 //! Per worker id: start the replacement first, wait until it is ready, then
 //! retire the old one, so capacity never dips. The first failure stops the
@@ -9,43 +9,16 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use crate::ipc::{GroupReport, ReloadReport};
+use crate::master::builds::Build;
 
-use super::builds::Build;
-
+/// What the roll wants next.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub enum Step {
     /// Start a replacement for `id` running `build`.
     Spawn { group: usize, id: u32, build: Build },
-    /// The replacement for `id` is ready: stop the old worker of that id.
-    Retire { group: usize, id: u32 },
     /// Nothing left to do.
     Finished,
-}
-
-/// What `wm-host reload` prints, per group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupReport {
-    pub name: String,
-    pub old: String,
-    pub new: String,
-    pub rolled: u32,
-    pub count: u32,
-    pub millis: u64,
-    /// `reloadable = false`: workers kept, `on_worker_reload` run.
-    pub kept: bool,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReloadReport {
-    pub groups: Vec<GroupReport>,
-}
-
-impl ReloadReport {
-    pub fn ok(&self) -> bool {
-        self.groups.iter().all(|g| g.error.is_none())
-    }
 }
 
 #[derive(Debug)]
@@ -63,7 +36,6 @@ pub struct Roll {
     queue: VecDeque<GroupRoll>,
     /// The id whose replacement we are waiting for.
     waiting: Option<(usize, u32)>,
-    pub graceful: bool,
     pub report: ReloadReport,
     failed: bool,
 }
@@ -79,7 +51,7 @@ pub struct Plan {
 
 impl Roll {
     /// `kept` lists groups that are not reloadable (reported, not rolled).
-    pub fn new(plans: Vec<Plan>, kept: Vec<(String, String, u32)>, graceful: bool) -> Roll {
+    pub fn new(plans: Vec<Plan>, kept: Vec<(String, String, u32)>) -> Roll {
         let mut report = ReloadReport { groups: Vec::new() };
         let mut queue = VecDeque::new();
         for p in plans {
@@ -117,7 +89,6 @@ impl Roll {
         Roll {
             queue,
             waiting: None,
-            graceful,
             report,
             failed: false,
         }
@@ -128,16 +99,21 @@ impl Roll {
         self.waiting
     }
 
+    /// The builds still to be rolled out (their copies must be kept).
+    pub fn builds(&self) -> impl Iterator<Item = &Build> {
+        self.queue.iter().map(|g| &g.build)
+    }
+
     /// Starts the roll (or the next step).
-    pub fn next(&mut self, now: Instant) -> Action {
+    pub fn next(&mut self, now: Instant) -> Step {
         if self.failed {
-            return Action::Finished;
+            return Step::Finished;
         }
         while let Some(g) = self.queue.front_mut() {
             if g.next < g.count {
                 g.started.get_or_insert(now);
                 self.waiting = Some((g.group, g.next));
-                return Action::Spawn {
+                return Step::Spawn {
                     group: g.group,
                     id: g.next,
                     build: g.build.clone(),
@@ -150,19 +126,22 @@ impl Roll {
                 .map_or(0, |s| now.duration_since(s).as_millis() as u64);
         }
         self.waiting = None;
-        Action::Finished
+        Step::Finished
     }
 
-    /// The replacement for the id we wait on is ready.
-    pub fn ready(&mut self, group: usize, id: u32) -> Option<Action> {
+    /// The replacement for the id we wait on is ready: true if that was the
+    /// one (the caller then retires the old worker of that id).
+    pub fn ready(&mut self, group: usize, id: u32) -> bool {
         if self.waiting != Some((group, id)) {
-            return None;
+            return false;
         }
-        let g = self.queue.front_mut()?;
+        let Some(g) = self.queue.front_mut() else {
+            return false;
+        };
         g.next += 1;
         self.report.groups[g.report].rolled += 1;
         self.waiting = None;
-        Some(Action::Retire { group, id })
+        true
     }
 
     /// The replacement failed: stop here, keeping the rest on their build.
@@ -207,40 +186,24 @@ mod tests {
     #[test]
     fn rolls_one_id_at_a_time_starting_the_replacement_first() {
         let t = Instant::now();
-        let mut r = Roll::new(vec![plan(0, 2), plan(1, 1)], vec![], false);
+        let mut r = Roll::new(vec![plan(0, 2), plan(1, 1)], vec![]);
         let mut log = Vec::new();
-        let mut a = r.next(t);
-        loop {
-            log.push(a.clone());
-            match a {
-                Action::Spawn { group, id, .. } => {
-                    // Nothing is retired before its replacement is ready.
-                    let retire = r.ready(group, id).unwrap();
-                    log.push(retire);
-                    a = r.next(t);
-                }
-                Action::Finished => break,
-                Action::Retire { .. } => unreachable!(),
-            }
+        while let Step::Spawn { group, id, .. } = r.next(t) {
+            log.push(format!("spawn {group}#{id}"));
+            // The next id waits until this replacement is ready.
+            assert_eq!(r.waiting(), Some((group, id)));
+            assert!(r.ready(group, id));
+            log.push(format!("ready {group}#{id}"));
         }
-        let short: Vec<String> = log
-            .iter()
-            .map(|a| match a {
-                Action::Spawn { group, id, .. } => format!("spawn {group}#{id}"),
-                Action::Retire { group, id } => format!("retire {group}#{id}"),
-                Action::Finished => "done".into(),
-            })
-            .collect();
         assert_eq!(
-            short,
+            log,
             [
                 "spawn 0#0",
-                "retire 0#0",
+                "ready 0#0",
                 "spawn 0#1",
-                "retire 0#1",
+                "ready 0#1",
                 "spawn 1#0",
-                "retire 1#0",
-                "done"
+                "ready 1#0",
             ]
         );
         assert!(r.report.ok());
@@ -250,14 +213,10 @@ mod tests {
     #[test]
     fn first_failure_stops_the_roll_and_is_reported() {
         let t = Instant::now();
-        let mut r = Roll::new(
-            vec![plan(0, 3)],
-            vec![("static".into(), "abc".into(), 2)],
-            true,
-        );
-        assert!(matches!(r.next(t), Action::Spawn { id: 0, .. }));
+        let mut r = Roll::new(vec![plan(0, 3)], vec![("static".into(), "abc".into(), 2)]);
+        assert!(matches!(r.next(t), Step::Spawn { id: 0, .. }));
         r.failed(0, 0, "plugin x: not a wm-host plugin".into(), t);
-        assert_eq!(r.next(t), Action::Finished);
+        assert_eq!(r.next(t), Step::Finished);
         assert!(!r.report.ok());
         let g = &r.report.groups[0];
         assert_eq!(
@@ -270,11 +229,11 @@ mod tests {
     #[test]
     fn stray_events_are_ignored() {
         let t = Instant::now();
-        let mut r = Roll::new(vec![plan(0, 2)], vec![], false);
+        let mut r = Roll::new(vec![plan(0, 2)], vec![]);
         r.next(t);
-        assert_eq!(r.ready(0, 1), None, "not the id being replaced");
+        assert!(!r.ready(0, 1), "not the id being replaced");
         r.failed(3, 0, "other group".into(), t);
         assert!(r.report.ok());
-        assert_eq!(r.ready(0, 0), Some(Action::Retire { group: 0, id: 0 }));
+        assert!(r.ready(0, 0));
     }
 }
