@@ -385,8 +385,8 @@ proptest! {
         let template = [answer, frames].concat();
         let (mut a, accept_a) = ws_client();
         let (mut b, accept_b) = ws_client();
-        let input_a = replace(&template, b"$ACCEPT", accept_a.as_bytes());
-        let input_b = replace(&template, b"$ACCEPT", accept_b.as_bytes());
+        let input_a = replace_first(&template, b"$ACCEPT", accept_a.as_bytes());
+        let input_b = replace_first(&template, b"$ACCEPT", accept_b.as_bytes());
         let chunks = cut(&input_b, &cuts_of(&input_b, &cuts));
         let whole = drive(&mut a, &[&input_a], max, None, OnUpgrade::Accept);
         let split = drive(&mut b, &chunks, max, None, OnUpgrade::Accept);

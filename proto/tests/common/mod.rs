@@ -432,7 +432,9 @@ pub struct Netstring;
 impl Framer for Netstring {
     fn packet_len(&self, input: &[u8]) -> Result<Option<usize>, String> {
         let Some(colon) = input.iter().position(|&b| b == b':') else {
-            if input.len() > 20 || !input.iter().all(u8::is_ascii_digit) {
+            // Leading zeros are allowed, so any run of digits may still
+            // become a length: refusing long ones would depend on the reads.
+            if !input.iter().all(u8::is_ascii_digit) {
                 return Err("bad length".into());
             }
             return Ok(None);
@@ -502,15 +504,12 @@ pub fn ws_client() -> (Codec, String) {
     (codec, accept)
 }
 
-/// `input` with each `marker` replaced by `with` (same length or not).
-pub fn replace(input: &[u8], marker: &[u8], with: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(input.len());
-    let mut s = input;
-    while let Some(i) = find(s, marker) {
-        out.extend_from_slice(&s[..i]);
-        out.extend_from_slice(with);
-        s = &s[i + marker.len()..];
+/// `input` with its first `marker` replaced by `with`. The websocket client
+/// runs put their accept value in place of a marker so: only the first, as
+/// only the answer needs it, and markers in messages then stay the same.
+pub fn replace_first(input: &[u8], marker: &[u8], with: &[u8]) -> Vec<u8> {
+    match find(input, marker) {
+        Some(i) => [&input[..i], with, &input[i + marker.len()..]].concat(),
+        None => input.to_vec(),
     }
-    out.extend_from_slice(s);
-    out
 }
