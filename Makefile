@@ -58,3 +58,23 @@ bench:
 	$(CARGO) build --release --workspace
 	$(CARGO) bench -p plugin-api --bench abi --no-run
 	CARGO=$(CARGO) target/release/wm-bench suite --out bench/RESULTS.md
+
+.PHONY: fuzz
+
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := text frame custom http websocket_server websocket_client
+
+## Fuzz every codec for FUZZ_SECONDS each (cargo-fuzz on nightly, installed
+## when missing); fails if any target crashes. Seeds are fuzz/corpus/<target>;
+## what a run finds goes to fuzz/work/<target>, crashes to fuzz/artifacts/.
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || { echo "installing cargo-fuzz"; cargo install --locked cargo-fuzz; }
+	cargo +nightly fuzz build
+	@failed=""; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/work/$$t; \
+		echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
+		cargo +nightly fuzz run $$t fuzz/work/$$t fuzz/corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=10 -print_final_stats=1 \
+			|| failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: crashes in:$$failed (see fuzz/artifacts/)"; exit 1; fi
