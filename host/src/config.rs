@@ -81,7 +81,19 @@ pub struct WorkerConfig {
     pub options: BTreeMap<String, String>,
     pub max_package_size: usize,
     pub max_send_buffer_size: usize,
-    pub max_connections: usize,
+    /// Connections a worker holds at most; `None`: derived from the
+    /// worker's descriptor limit (see [`connection_limit`]).
+    pub max_connections: Option<usize>,
+    /// http:// and websocket:// only: a request head (or the websocket
+    /// handshake) must be complete this long after it began. `None`: off.
+    pub header_timeout: Option<Duration>,
+    /// A message (line, frame, websocket message with its fragments, HTTP
+    /// request with its body) must be complete this long after its first
+    /// byte arrived. `None`: off.
+    pub message_timeout: Option<Duration>,
+    /// Bytes of incomplete input one worker holds across its connections;
+    /// past it the connection holding the most is closed.
+    pub max_buffered_input: usize,
     /// http:// only: serve files from this folder before asking the plugin.
     pub static_dir: Option<PathBuf>,
     /// Reload when the plugin file (or a `watch_paths` entry) changes.
@@ -108,6 +120,21 @@ pub struct WorkerConfig {
 
 /// `stuck_timeout` when not set.
 pub const DEFAULT_STUCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// `header_timeout` when not set.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// `message_timeout` when not set.
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `max_buffered_input` when not set: per worker.
+pub const DEFAULT_MAX_BUFFERED_INPUT: usize = 64 << 20;
+/// Descriptors a worker keeps for itself (its sockets, the plugin, its
+/// outbound connections, logs) when `max_connections` is derived.
+pub const FD_RESERVE: u64 = 64;
+
+/// `max_connections` when not set: the worker's descriptor limit
+/// (`RLIMIT_NOFILE`, soft) less [`FD_RESERVE`], and at least 1.
+pub fn connection_limit(nofile: u64) -> usize {
+    usize::try_from(nofile.saturating_sub(FD_RESERVE).max(1)).unwrap_or(usize::MAX)
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostConfig {
@@ -164,7 +191,10 @@ struct RawWorker {
     options: Option<Spanned<BTreeMap<String, toml::Value>>>,
     max_package_size: Option<Spanned<usize>>,
     max_send_buffer_size: Option<Spanned<usize>>,
-    max_connections: Option<usize>,
+    max_connections: Option<Spanned<usize>>,
+    header_timeout: Option<Spanned<Dur>>,
+    message_timeout: Option<Dur>,
+    max_buffered_input: Option<Spanned<Size>>,
     static_dir: Option<Spanned<String>>,
     watch: Option<bool>,
     #[serde(default)]
@@ -392,6 +422,22 @@ impl Config {
                 Some(d) => Some(d.get_ref().0).filter(|d| !d.is_zero()),
                 None => None,
             };
+            let header_timeout = match &w.header_timeout {
+                Some(d) if !matches!(listen.scheme, Scheme::Http | Scheme::Websocket) => {
+                    return Err(src.key_error(
+                        d.span(),
+                        "header_timeout",
+                        "only http:// and websocket:// listeners read a header",
+                    ));
+                }
+                Some(d) => Some(d.get_ref().0).filter(|d| !d.is_zero()),
+                None => matches!(listen.scheme, Scheme::Http | Scheme::Websocket)
+                    .then_some(DEFAULT_HEADER_TIMEOUT),
+            };
+            let message_timeout = match &w.message_timeout {
+                Some(d) => Some(d.0).filter(|d| !d.is_zero()),
+                None => Some(DEFAULT_MESSAGE_TIMEOUT),
+            };
             let static_dir = match &w.static_dir {
                 Some(d) if listen.scheme != Scheme::Http => {
                     return Err(src.key_error(
@@ -464,7 +510,23 @@ impl Config {
                     "max_send_buffer_size",
                     DEFAULT_MAX_SEND_BUFFER,
                 )?,
-                max_connections: w.max_connections.unwrap_or(usize::MAX),
+                max_connections: match &w.max_connections {
+                    Some(_) => Some(positive(&w.max_connections, "max_connections", 0)?),
+                    None => None,
+                },
+                header_timeout,
+                message_timeout,
+                max_buffered_input: match &w.max_buffered_input {
+                    Some(s) if s.get_ref().0 == 0 => {
+                        return Err(src.key_error(
+                            s.span(),
+                            "max_buffered_input",
+                            "must be more than 0",
+                        ));
+                    }
+                    Some(s) => usize::try_from(s.get_ref().0).unwrap_or(usize::MAX),
+                    None => DEFAULT_MAX_BUFFERED_INPUT,
+                },
                 static_dir,
                 watch: w.watch.unwrap_or(true),
                 idle_timeout: w.idle_timeout.map(|d| d.0).filter(|d| !d.is_zero()),
@@ -642,6 +704,39 @@ mod tests {
             assert_eq!(err.line, 5, "{err}");
             assert!(err.msg.starts_with(&format!("{key}:")), "{err}");
         }
+    }
+
+    #[test]
+    fn slow_client_limits_have_defaults_and_per_scheme_rules() {
+        let c = parse(MINIMAL).unwrap();
+        let w = &c.workers[0];
+        assert_eq!(w.header_timeout, None, "text:// has no header");
+        assert_eq!(w.message_timeout, Some(DEFAULT_MESSAGE_TIMEOUT));
+        assert_eq!(w.max_buffered_input, DEFAULT_MAX_BUFFERED_INPUT);
+        assert_eq!(w.max_connections, None);
+        let http = MINIMAL.replace("text://", "http://");
+        let c = parse(&http).unwrap();
+        assert_eq!(c.workers[0].header_timeout, Some(DEFAULT_HEADER_TIMEOUT));
+        let c = parse(&format!(
+            "{http}header_timeout = \"1s\"\nmessage_timeout = \"0s\"\nmax_buffered_input = \"16MiB\"\nmax_connections = 5\n"
+        ))
+        .unwrap();
+        let w = &c.workers[0];
+        assert_eq!(w.header_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(w.message_timeout, None, "0s turns it off");
+        assert_eq!(w.max_buffered_input, 16 << 20);
+        assert_eq!(w.max_connections, Some(5));
+        for (line, key) in [
+            ("header_timeout = \"1s\"", "header_timeout"),
+            ("max_buffered_input = 0", "max_buffered_input"),
+            ("max_connections = 0", "max_connections"),
+        ] {
+            let err = parse(&format!("{MINIMAL}{line}\n")).unwrap_err();
+            assert_eq!(err.line, 5, "{err}");
+            assert!(err.msg.starts_with(&format!("{key}:")), "{err}");
+        }
+        assert_eq!(connection_limit(20_000), 20_000 - FD_RESERVE as usize);
+        assert_eq!(connection_limit(10), 1);
     }
 
     #[test]

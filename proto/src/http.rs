@@ -227,6 +227,12 @@ impl HttpDecoder {
         HttpDecoder::default()
     }
 
+    /// Between requests or within a head; false once a head is complete
+    /// and its body is still arriving.
+    pub fn reading_head(&self) -> bool {
+        matches!(self.state, State::Head { .. })
+    }
+
     /// Looks for the next request at the start of `input`. `Ok(None)` means
     /// more bytes are needed; the caller must then pass the same input again,
     /// with more appended. A request borrows `input` and `scratch`.

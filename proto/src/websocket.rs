@@ -189,6 +189,17 @@ impl WsCodec {
         matches!(self.stage, Stage::Open { closing: true, .. })
     }
 
+    /// Bytes of a fragmented message joined so far (0 between messages).
+    pub fn partial_len(&self) -> usize {
+        match &self.stage {
+            Stage::Open {
+                partial: Some((_, p)),
+                ..
+            } => p.len(),
+            _ => 0,
+        }
+    }
+
     /// The close frame a server sends when it closes an open connection
     /// itself (1000: normal); none once a close frame went out.
     pub fn goodbye(&self) -> Option<[u8; 4]> {

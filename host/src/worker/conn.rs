@@ -45,6 +45,14 @@ pub struct Conn {
     pub max_send: usize,
     /// Last time anything arrived, for `idle_timeout`.
     pub last_active: Instant,
+    /// When the request head or websocket handshake being read began
+    /// (`header_timeout`); `None` when none is.
+    pub head_since: Option<Instant>,
+    /// When the incomplete message being read began (`message_timeout`).
+    pub msg_since: Option<Instant>,
+    /// Bytes of incomplete input this connection holds (kept input and
+    /// joined websocket fragments), as counted in `Core::buffered`.
+    pub held: usize,
     /// Set for connections the plugin opened.
     pub outbound: Option<Box<super::outbound::Outbound>>,
     /// `pipe`: input goes, as read, to this connection…
@@ -79,6 +87,9 @@ impl Conn {
             ending: false,
             max_send,
             last_active: Instant::now(),
+            head_since: None,
+            msg_since: None,
+            held: 0,
             outbound: None,
             pipe_to: None,
             pipe_from: None,

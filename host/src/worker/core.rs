@@ -50,6 +50,9 @@ pub struct Core {
     pub max_send_buffer_size: usize,
     pub total_messages: u64,
     pub send_fail: u64,
+    /// Incomplete input held across connections (the sum of `Conn::held`),
+    /// for `max_buffered_input`.
+    pub buffered: usize,
     /// This worker's pid: the node part of connection gids on the bus.
     pub node: u32,
     /// Group and uid membership across all workers.
@@ -105,6 +108,7 @@ impl Core {
             max_send_buffer_size,
             total_messages: 0,
             send_fail: 0,
+            buffered: 0,
             node: std::process::id(),
             registry: Registry::default(),
             bus: None,

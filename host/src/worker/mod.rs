@@ -5,7 +5,9 @@
 mod conn;
 mod core;
 mod groups;
+mod guard;
 mod host_api;
+pub(crate) mod logs;
 mod outbound;
 mod respond;
 mod runner;
@@ -25,6 +27,8 @@ use serde::{Deserialize, Serialize};
 
 use self::conn::{Conn, State};
 use self::core::{Core, FIRST_CONN};
+use self::guard::Guard;
+use self::logs::limited;
 use self::runner::{Call, Runner};
 use crate::config::WorkerConfig;
 use crate::ipc::{FromWorker, LineBuf, ToWorker};
@@ -51,6 +55,12 @@ const READS_PER_WAKE: usize = 16;
 /// long before they are closed, so a request already on its way when the
 /// stop came is answered rather than cut off.
 const DRAIN: Duration = Duration::from_millis(500);
+/// Out of descriptors, accepting is retried this often (and whenever a
+/// connection closes)…
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// …and once it has failed for this long, queued connections are accepted
+/// and closed at once (with the reserve descriptor) instead of waiting.
+const SHED_AFTER: Duration = Duration::from_secs(1);
 
 /// Heartbeats: closing idle connections and pinging websockets, on a
 /// coarse schedule (a quarter of the period) so one sweep covers many.
@@ -193,24 +203,28 @@ fn fail(core: &mut Core, id: u64, e: Error) {
     let peer = core.peer(id);
     match e {
         Error::Framing(e) => {
-            tracing::warn!(conn = id, %peer, "closing connection: {e}");
+            limited!(conn = id, %peer, "closing connection: {e}");
             core.destroy(id);
         }
         Error::Http(e) => {
-            tracing::warn!(conn = id, %peer, "bad http request: {e}");
+            limited!(conn = id, %peer, "bad http request: {e}");
             core.close(id, None);
         }
         Error::Refused { status, reason } => {
-            tracing::warn!(conn = id, %peer, "refusing websocket handshake: {status} {reason}");
+            limited!(conn = id, %peer, "refusing websocket handshake: {status} {reason}");
             core.close(id, None);
         }
         Error::Websocket { code, reason } => {
-            tracing::warn!(conn = id, %peer, "closing websocket ({code}): {reason}");
+            limited!(conn = id, %peer, "closing websocket ({code}): {reason}");
             core.close(id, None);
         }
         Error::Rejected(msg) => core.connect_failed(id, msg),
     }
 }
+
+/// The answer to a websocket handshake the plugin refused with a status
+/// that is not an error (4xx/5xx): its mistake, so a server error.
+const REFUSE_FALLBACK: u16 = 500;
 
 /// A websocket upgrade request: the plugin may refuse it; otherwise the 101
 /// goes out and the plugin hears `on_connect`. Returns false when the
@@ -224,10 +238,21 @@ fn upgrade(core: &mut Core, runner: &Runner, id: u64, req: &http::Request<'_>) -
     let mut out = Vec::new();
     match outcome {
         Outcome::Ok => ws.accept(&mut out),
-        Outcome::Refused(status) => {
+        Outcome::Refused(asked) => {
+            // Only an error status refuses: a 101 or 200 would tell the
+            // client it got in, and 0 is not a status at all.
+            let status = if (400..600).contains(&asked) {
+                asked
+            } else {
+                REFUSE_FALLBACK
+            };
             ws.refuse(status, &mut out);
             let peer = core.peer(id);
-            tracing::warn!(conn = id, %peer, "refusing websocket handshake: {status} refused by the plugin");
+            if status == asked {
+                limited!(conn = id, %peer, "refusing websocket handshake: {status} refused by the plugin");
+            } else {
+                limited!(error, conn = id, %peer, "on_websocket_connect refused with status {asked}, which is not 4xx/5xx; answering {status}");
+            }
             core.send_raw(id, &out);
             core.close(id, None);
             return false;
@@ -328,6 +353,19 @@ struct Worker {
     max_connections: usize,
     stop: Option<Stop>,
     housekeeping: Housekeeping,
+    guard: Guard,
+    /// Opened at start and given up when descriptors run out, so one queued
+    /// connection can be accepted and closed (see `out_of_fds`).
+    reserve_fd: Option<std::fs::File>,
+    /// Out of descriptors since then: accepting is retried on a timer and
+    /// whenever a connection closes (edge-triggered: the listener will not
+    /// say again that connections are waiting).
+    fds_out: Option<Instant>,
+    next_accept: Option<Instant>,
+    /// Connections open when accepting last failed: fewer means one closed.
+    conns_when_out: usize,
+    /// Connections accepted and closed at once in this episode.
+    shed: u64,
     /// Connections with input left over after their turn.
     again: Vec<u64>,
     /// When a stop closes the remaining connections.
@@ -392,6 +430,17 @@ fn ignore_signals() {
     }
 }
 
+/// The worker's descriptor limit (soft `RLIMIT_NOFILE`).
+fn nofile_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, Resource};
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+}
+
+/// The descriptor kept in reserve for shedding connections when out of them.
+fn reserve_fd() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
 fn leak_info(spec: &Spec) -> &'static RawWorkerInfo {
     fn leak(s: &str) -> RStr<'static> {
         RStr::from_str(Box::leak(s.to_string().into_boxed_str()))
@@ -448,12 +497,12 @@ fn start(
     }
     match runner.invoke(&mut core, Call::WorkerStart) {
         Outcome::Ok | Outcome::Refused(_) => {}
-        Outcome::Failed => {
-            let e = runner.plugin.failure();
+        o @ Outcome::Failed => {
+            let e = runner.failure(o);
             return Err((ctl_std, format!("on_worker_start failed: {e}")));
         }
-        Outcome::Panicked => {
-            let e = runner.plugin.failure();
+        o @ Outcome::Panicked => {
+            let e = runner.failure(o);
             return Err((ctl_std, format!("on_worker_start panicked: {e}")));
         }
     }
@@ -494,10 +543,23 @@ fn start(
         read_buf: vec![0u8; READ_BUF].into_boxed_slice(),
         static_dir,
         scheme: spec.worker.listen.scheme,
-        max_connections: spec.worker.max_connections,
+        max_connections: spec
+            .worker
+            .max_connections
+            .unwrap_or_else(|| crate::config::connection_limit(nofile_limit())),
         stop: None,
         again: Vec::new(),
         housekeeping: Housekeeping::new(spec.worker.idle_timeout, spec.worker.ws_ping_interval),
+        guard: Guard::new(
+            spec.worker.header_timeout,
+            spec.worker.message_timeout,
+            spec.worker.max_buffered_input,
+        ),
+        reserve_fd: reserve_fd(),
+        fds_out: None,
+        next_accept: None,
+        conns_when_out: 0,
+        shed: 0,
         close_at: None,
         full_logged: false,
         runner,
@@ -527,11 +589,17 @@ impl Worker {
                 break;
             }
             let now = Instant::now();
-            let wake = [self.close_at, self.housekeeping.next(&self.core)]
-                .into_iter()
-                .flatten()
-                .min()
-                .map(|t| t.saturating_duration_since(now));
+            let wake = [
+                self.close_at,
+                self.housekeeping.next(&self.core),
+                self.guard.next(),
+                self.next_accept,
+                logs::due(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| t.saturating_duration_since(now));
             let timeout = match (self.core.timers.timeout(now), wake) {
                 _ if !self.again.is_empty() => Some(Duration::ZERO),
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -615,7 +683,77 @@ impl Worker {
         for id in self.housekeeping.due(&mut self.core, now) {
             self.core.close(id, None);
         }
+        for (id, why) in self.guard.due(&mut self.core, now) {
+            guard::cut(&mut self.core, id, why);
+        }
         self.runner.settle(&mut self.core);
+        self.retry_accept(now);
+        logs::flush(now);
+    }
+
+    /// Out of descriptors: accepts again once a connection closed or the
+    /// retry timer is due.
+    fn retry_accept(&mut self, now: Instant) {
+        if self.fds_out.is_none() {
+            return;
+        }
+        let freed = self.core.conns.len() < self.conns_when_out;
+        if freed || self.next_accept.is_some_and(|t| t <= now) {
+            self.accept();
+        }
+    }
+
+    /// `accept` failed for want of descriptors. Queued connections wait
+    /// (retried every [`ACCEPT_RETRY`] and on every close); once that has
+    /// lasted [`SHED_AFTER`], each is accepted on the reserve descriptor
+    /// and closed at once, so clients hear a close rather than hang.
+    /// Logged once per episode.
+    fn out_of_fds(&mut self, e: &io::Error) {
+        let now = Instant::now();
+        let since = *self.fds_out.get_or_insert_with(|| {
+            tracing::warn!(
+                connections = self.core.conns.len(),
+                "accept failed: {e}; queued connections wait for a descriptor \
+                 (shed after {SHED_AFTER:?})"
+            );
+            now
+        });
+        self.conns_when_out = self.core.conns.len();
+        self.next_accept = Some(now + ACCEPT_RETRY);
+        if now.duration_since(since) < SHED_AFTER {
+            return;
+        }
+        if self.reserve_fd.is_none() {
+            self.reserve_fd = reserve_fd();
+        }
+        while let (Some(listener), Some(reserve)) = (self.listener.as_ref(), self.reserve_fd.take())
+        {
+            drop(reserve);
+            let got = listener.accept().map(drop);
+            // The shed socket is closed by now: its descriptor is the reserve again.
+            self.reserve_fd = reserve_fd();
+            match got {
+                Ok(()) => self.shed += 1,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Accepting works again: the end of an out-of-descriptors episode.
+    fn fds_back(&mut self) {
+        if self.fds_out.take().is_some() {
+            tracing::info!(
+                shed = self.shed,
+                "accepting again ({} queued connections were closed meanwhile)",
+                self.shed
+            );
+            self.shed = 0;
+            self.next_accept = None;
+        }
+        if self.reserve_fd.is_none() {
+            self.reserve_fd = reserve_fd();
+        }
     }
 
     fn fire_timers(&mut self) {
@@ -632,14 +770,21 @@ impl Worker {
             };
             let (mut sock, _) = match listener.accept() {
                 Ok(v) => v,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.fds_back();
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    self.out_of_fds(&e);
+                    return;
+                }
                 Err(e) => {
-                    // EMFILE and the like: leave the rest queued for later.
-                    tracing::warn!("accept failed: {e}");
+                    limited!("accept failed: {e}");
                     return;
                 }
             };
+            self.fds_back();
             if self.core.conns.len() >= self.max_connections {
                 if !self.full_logged {
                     tracing::warn!(
@@ -666,7 +811,9 @@ impl Worker {
             let codec = Codec::new(self.scheme);
             let known = codec.established();
             let max_send = self.core.max_send_buffer_size;
-            self.core.conns.insert(Conn::new(id, sock, codec, max_send));
+            let mut conn = Conn::new(id, sock, codec, max_send);
+            conn.head_since = self.guard.header_clock(&conn.codec, conn.last_active);
+            self.core.conns.insert(conn);
             // A websocket is "connected" for the plugin once its handshake is done.
             if known {
                 self.runner.invoke(&mut self.core, Call::Connect(id));
@@ -740,12 +887,14 @@ impl Worker {
             runner,
             read_buf,
             static_dir,
+            guard,
             ..
         } = self;
         let read = &mut read_buf[..n];
         let Some(conn) = core.get(id) else { return };
         let mut kept = gather(conn, read);
         let dir = static_dir.as_ref();
+        let before = core.total_messages;
         let used = if kept.is_empty() {
             decode_input(core, runner, dir, id, read)
         } else {
@@ -754,6 +903,7 @@ impl Worker {
         if let Some(conn) = core.get(id) {
             keep(conn, kept, read, used);
         }
+        guard.track(core, id, core.total_messages != before);
     }
 
     fn bus_in(&mut self) {

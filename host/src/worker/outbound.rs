@@ -230,6 +230,8 @@ impl Core {
         let Some(s) = self.get(src) else { return false };
         s.pipe_to = Some(dst);
         let pending = std::mem::take(&mut s.inbuf);
+        let held = std::mem::take(&mut s.held);
+        self.buffered = self.buffered.saturating_sub(held);
         if let Some(d) = self.get(dst) {
             d.pipe_from = Some(src);
         }

@@ -2,6 +2,7 @@
 //! which also runs what the callback queued (buffer events, errors, the
 //! `on_close` of connections it tore down), so no call site can forget to.
 
+use std::cell::RefCell;
 use std::ffi::c_void;
 use std::time::Instant;
 
@@ -78,6 +79,9 @@ impl Call<'_> {
 pub struct Runner {
     pub plugin: LoadedPlugin,
     vt: HostVTableRef,
+    /// What the last panic said: taking it from the plugin to log it
+    /// leaves nothing there for a caller that reports it too.
+    panic_text: RefCell<String>,
 }
 
 impl Runner {
@@ -85,6 +89,7 @@ impl Runner {
         Runner {
             plugin,
             vt: host_api::vtable(),
+            panic_text: RefCell::new(String::new()),
         }
     }
 
@@ -125,6 +130,7 @@ impl Runner {
         });
         if outcome == Outcome::Panicked {
             let msg = self.plugin.failure();
+            self.panic_text.replace(msg.clone());
             match call.conn() {
                 Some(conn) => {
                     tracing::error!(
@@ -140,6 +146,14 @@ impl Runner {
         outcome
     }
 
+    /// What a `Failed` or `Panicked` outcome of the last callback was about.
+    pub fn failure(&self, outcome: Outcome) -> String {
+        match outcome {
+            Outcome::Panicked => self.panic_text.take(),
+            _ => self.plugin.failure(),
+        }
+    }
+
     /// Closes an outbound connection: the plugin hears `on_close`, and may
     /// ask for a reconnect there, which keeps the slot (and the id).
     fn finish_outbound(&self, core: &mut Core, id: u64) {
@@ -152,7 +166,9 @@ impl Runner {
         conn.state = State::Dead;
         conn.discard_output();
         conn.inbuf = Vec::new();
+        let held = std::mem::take(&mut conn.held);
         let partners = [conn.pipe_to.take(), conn.pipe_from.take()];
+        core.buffered = core.buffered.saturating_sub(held);
         for p in partners.into_iter().flatten() {
             core.close(p, None);
         }
@@ -191,7 +207,8 @@ impl Runner {
                     let known = conn.codec.established();
                     let partners = [conn.pipe_to, conn.pipe_from];
                     // Dropping the socket closes it and takes it out of epoll.
-                    core.conns.remove(slot(id));
+                    let held = core.conns.remove(slot(id)).held;
+                    core.buffered = core.buffered.saturating_sub(held);
                     // A pipe's other end goes too, once it has flushed.
                     for p in partners.into_iter().flatten() {
                         core.close(p, None);
