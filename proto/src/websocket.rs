@@ -292,7 +292,9 @@ impl WsCodec {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
         let consumed = match resp.parse(input) {
-            Ok(httparse::Status::Complete(n)) => n,
+            // The same limit for an answer that came whole as for one in
+            // pieces, so the outcome never depends on how it was cut.
+            Ok(httparse::Status::Complete(n)) if n <= MAX_ANSWER => n,
             Ok(httparse::Status::Partial) if input.len() < MAX_ANSWER => return Ok(Step::NeedMore),
             _ => return Err(Error::Rejected("bad websocket handshake answer".into())),
         };
@@ -973,6 +975,27 @@ mod tests {
             ]
         );
         assert_eq!((replies[0], replies[1]), (0x8a, 0x81), "masked pong");
+    }
+
+    #[test]
+    fn client_refuses_an_overlong_answer_even_when_whole() {
+        // Found by fuzzing: refused in pieces, accepted whole.
+        let c = WsCodec::client();
+        let answer = answer_for(&c);
+        let padded = answer.replacen(
+            "\r\n\r\n",
+            &format!("\r\nX-Pad: {}\r\n\r\n", "y".repeat(17000)),
+            1,
+        );
+        let Stage::Answer { key } = &c.stage else {
+            unreachable!()
+        };
+        let mut codec = Codec::Websocket(Box::new(WsCodec {
+            role: Role::Client,
+            stage: Stage::Answer { key: key.clone() },
+        }));
+        let (ev, _) = run(&mut codec, &[padded.as_bytes()], 100, None);
+        assert!(matches!(&ev[..], [T::Failed(Error::Rejected(_))]), "{ev:?}");
     }
 
     #[test]
