@@ -26,6 +26,13 @@ pub fn decode(
         Some(n) if n > input.len() => Ok(None),
         Some(n) => {
             let (start, end) = f.message(&input[..n]);
+            // The offsets come from plugin code: out of the packet is the
+            // plugin's error, never an out-of-bounds slice in the host.
+            if start > end || end > n {
+                return bad(format!(
+                    "the protocol placed the message at {start}..{end} of a {n}-byte packet"
+                ));
+            }
             Ok(Some(Message {
                 start,
                 end,

@@ -574,4 +574,34 @@ pub(crate) mod tests {
             matches!(&ev[..], [Ev::Failed(Error::Framing(ProtocolError::Custom(e)))] if e == "bad length")
         );
     }
+
+    /// A framer that places the message outside its packet.
+    struct OutOfPacket;
+
+    impl Framer for OutOfPacket {
+        fn packet_len(&self, input: &[u8]) -> Result<Option<usize>, String> {
+            Ok(Some(input.len()))
+        }
+
+        fn message(&self, packet: &[u8]) -> (usize, usize) {
+            (0, packet.len() + 10)
+        }
+
+        fn encode(&self, data: &[u8]) -> Option<Vec<u8>> {
+            Some(data.to_vec())
+        }
+    }
+
+    #[test]
+    fn custom_offsets_outside_the_packet_are_an_error_not_a_panic() {
+        let f: &dyn Framer = &OutOfPacket;
+        let (ev, _) = run(&mut Codec::new(Scheme::Custom), &[b"abc"], 10, Some(f));
+        assert!(
+            matches!(
+                &ev[..],
+                [Ev::Failed(Error::Framing(ProtocolError::Custom(_)))]
+            ),
+            "{ev:?}"
+        );
+    }
 }
