@@ -1,5 +1,6 @@
 //! Workerman parity: flow control, pause/resume, timers, heartbeats, end().
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use wm_e2e::*;
@@ -186,5 +187,53 @@ fn websocket_listeners_ping_when_asked() {
     let mut c = ws_raw(port, "/");
     let (fin, op, payload) = ws_read_frame(&mut c).unwrap();
     assert_eq!((fin, op, payload.len()), (true, 0x9, 0), "a server ping");
+    s.stop();
+}
+
+#[test]
+fn websocket_pings_do_not_reach_outbound_connections() {
+    let port = free_port();
+    let s = Server::new(&worker_table(
+        "ws",
+        &format!("websocket://127.0.0.1:{port}"),
+        "test_plugin",
+        1,
+        "ws_ping_interval = \"100ms\"",
+    ));
+    s.start();
+    // A plain TCP peer the plugin dials out to.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_port = upstream.local_addr().unwrap().port();
+    let mut c = ws_raw(port, "/");
+    c.write_all(&ws_frame(
+        true,
+        0x1,
+        format!("dial tcp://127.0.0.1:{up_port} hello").as_bytes(),
+        true,
+    ))
+    .unwrap();
+    let (mut up, _) = upstream.accept().unwrap();
+    // Two pings reached the websocket client: two sweeps have run since
+    // the outbound connection was made.
+    let mut pings = 0;
+    while pings < 2 {
+        let (_, op, _) = ws_read_frame(&mut c).unwrap();
+        if op == 0x9 {
+            pings += 1;
+        }
+    }
+    up.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Ok(n) = std::io::Read::read(&mut up, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(
+        got, b"hello",
+        "the outbound TCP peer got only what the plugin sent"
+    );
     s.stop();
 }

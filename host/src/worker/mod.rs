@@ -97,7 +97,19 @@ impl Housekeeping {
         if let (Some(at), Some(every)) = (self.next_ping, self.ping) {
             if at <= now {
                 self.next_ping = Some(now + every);
-                for id in core.open_ids() {
+                // Only accepted websockets: an outbound connection may speak
+                // another protocol, and a client's frames must be masked.
+                let ids: Vec<u64> = core
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.state == State::Open)
+                    .filter(|(_, c)| {
+                        matches!(&c.codec, Codec::Websocket(ws)
+                            if ws.role() == websocket::Role::Server && ws.is_open())
+                    })
+                    .map(|(_, c)| c.id)
+                    .collect();
+                for id in ids {
                     core.send_raw(id, &websocket::PING);
                 }
             }
