@@ -912,6 +912,101 @@ pub fn asks_close<'h>(fields: impl IntoIterator<Item = (&'h str, &'h str)>) -> b
     })
 }
 
+/// The last head [`HeadCache::encode`] wrote, reused while answers repeat:
+/// same status, body length, keep-alive, HEAD and the same header fields
+/// (compared by content, as a plugin's array can reuse an address), with
+/// only the `Date` written again.
+#[derive(Debug, Default)]
+pub struct HeadCache {
+    head: Vec<u8>,
+    /// What `head` answers; `None` when it is not to be reused.
+    key: Option<HeadKey>,
+    /// Name and value lengths of the fields in `head`, in order.
+    lens: Vec<(usize, usize)>,
+    fields_at: usize,
+    date_at: Option<usize>,
+    with_body: bool,
+    keep_alive: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeadKey {
+    status: u16,
+    body_len: usize,
+    keep_alive: bool,
+    head_only: bool,
+    date_len: usize,
+}
+
+impl HeadCache {
+    /// The head of an answer, as [`encode_head`] writes it, but for the
+    /// request's keep-alive in `head.keep_alive`, which a
+    /// `Connection: close` among `fields` ends. Returns the head, whether
+    /// the body follows and whether the connection stays open.
+    pub fn encode<'h, F>(
+        &mut self,
+        head: &ResponseHead,
+        fields: F,
+        date: &str,
+    ) -> (&[u8], bool, bool)
+    where
+        F: IntoIterator<Item = (&'h str, &'h str)>,
+        F::IntoIter: Clone,
+    {
+        let fields = fields.into_iter();
+        let key = HeadKey {
+            status: head.status,
+            body_len: head.body_len,
+            keep_alive: head.keep_alive,
+            head_only: head.head_only,
+            date_len: date.len(),
+        };
+        if self.key == Some(key) && self.same_fields(fields.clone()) {
+            if let Some(at) = self.date_at {
+                self.head[at..at + date.len()].copy_from_slice(date.as_bytes());
+            }
+            return (&self.head, self.with_body, self.keep_alive);
+        }
+        self.head.clear();
+        self.lens.clear();
+        let w = write_head(
+            head,
+            fields,
+            date,
+            true,
+            &mut self.head,
+            Some(&mut self.lens),
+        );
+        // A dropped field or a Connection one is not in `head` to compare.
+        self.key = w.verbatim.then_some(key);
+        self.fields_at = w.fields_at;
+        self.date_at = w.date_at;
+        self.with_body = w.with_body;
+        self.keep_alive = w.keep_alive;
+        (&self.head, w.with_body, w.keep_alive)
+    }
+
+    /// Whether `fields` are the ones written in `head`.
+    fn same_fields<'h>(&self, fields: impl Iterator<Item = (&'h str, &'h str)>) -> bool {
+        let mut at = self.fields_at;
+        let mut lens = self.lens.iter();
+        for (k, v) in fields {
+            match lens.next() {
+                Some(&(kl, vl)) if kl == k.len() && vl == v.len() => {
+                    let name = self.head.get(at..at + kl);
+                    let value = self.head.get(at + kl + 2..at + kl + 2 + vl);
+                    if name != Some(k.as_bytes()) || value != Some(v.as_bytes()) {
+                        return false;
+                    }
+                    at += kl + vl + 4;
+                }
+                _ => return false,
+            }
+        }
+        lens.next().is_none()
+    }
+}
+
 /// httpdate panics outside 1970..=9999, so clamp into it.
 fn clamp_to_http_dates(t: SystemTime) -> SystemTime {
     const YEAR_10000: u64 = 253_402_300_800;
@@ -951,6 +1046,21 @@ impl DateCache {
 
     pub fn now(&mut self) -> &str {
         self.at(SystemTime::now())
+    }
+
+    /// Reads the clock for [`DateCache::current`]: a server calls it once
+    /// per wake-up rather than reading the clock for every answer.
+    pub fn refresh(&mut self) {
+        self.now();
+    }
+
+    /// The `Date` of the last [`DateCache::refresh`] (or `at`), reading the
+    /// clock only if there was none.
+    pub fn current(&mut self) -> &str {
+        if self.secs.is_none() {
+            self.refresh();
+        }
+        std::str::from_utf8(&self.text).unwrap_or_default()
     }
 }
 
@@ -1577,6 +1687,63 @@ Content-Length: 0\r\nConnection: close\r\n\r\n"
                 }
             }
         }
+    }
+
+    #[test]
+    fn head_cache_answers_like_encode_head() {
+        let dates = [
+            "Thu, 01 Jan 2015 00:00:00 GMT",
+            "Thu, 01 Jan 2015 00:00:01 GMT",
+        ];
+        let mut cache = HeadCache::default();
+        let cases = field_cases();
+        // Each case twice in a row (reused), then the next one (replaced).
+        for (i, fields) in cases.iter().chain(cases.iter().rev()).enumerate() {
+            for (status, body_len) in [(200, 13), (200, 13), (200, 14), (404, 14)] {
+                for (keep_alive, head_only) in [(true, false), (true, false), (false, true)] {
+                    let date = dates[i % 2];
+                    let head = ResponseHead {
+                        status,
+                        body_len,
+                        keep_alive,
+                        head_only,
+                    };
+                    let (got, with_body, open) = cache.encode(&head, fields.iter().copied(), date);
+                    let got = got.to_vec();
+                    let want = reference_head(&head, fields, date, true);
+                    assert_eq!(got, want, "{fields:?} {status}");
+                    assert_eq!(open, want.ends_with(b"keep-alive\r\n\r\n"));
+                    assert_eq!(with_body, !head_only);
+                }
+            }
+        }
+        // Same lengths, other contents: not the cached head.
+        let head = ResponseHead {
+            status: 200,
+            body_len: 1,
+            keep_alive: true,
+            head_only: false,
+        };
+        let (a, _, _) = cache.encode(&head, [("X-A", "1")], dates[0]);
+        assert!(a.windows(8).any(|w| w == b"X-A: 1\r\n"));
+        let (b, _, _) = cache.encode(&head, [("X-A", "2")], dates[0]);
+        assert!(b.windows(8).any(|w| w == b"X-A: 2\r\n"));
+        let (c, _, _) = cache.encode(&head, [("X-B", "2")], dates[0]);
+        assert!(c.windows(8).any(|w| w == b"X-B: 2\r\n"));
+        let (d, _, _) = cache.encode(&head, [("X-B", "2"), ("X-C", "3")], dates[0]);
+        assert!(d.windows(8).any(|w| w == b"X-C: 3\r\n"));
+        let (e, _, _) = cache.encode(&head, [("X-B", "2")], dates[0]);
+        assert!(!e.windows(3).any(|w| w == b"X-C"));
+    }
+
+    #[test]
+    fn date_cache_current_reads_the_clock_once() {
+        let mut c = DateCache::default();
+        assert_eq!(c.current().len(), 29);
+        c.at(fixed_now());
+        assert_eq!(c.current(), "Thu, 01 Jan 2015 00:00:00 GMT");
+        c.refresh();
+        assert_ne!(c.current(), "Thu, 01 Jan 2015 00:00:00 GMT");
     }
 
     #[test]
