@@ -762,57 +762,157 @@ pub struct ResponseHead {
 
 /// Appends a response head to `out`, adding what the caller left out:
 /// `Server`, `Date` (`date`) and `Content-Length` unless given, and always
-/// `Connection`. `fields` are iterated twice, so they are borrowed however the
-/// caller holds them, without collecting. Returns whether the body follows.
+/// `Connection`. Returns whether the body follows.
 pub fn encode_head<'h, F>(head: &ResponseHead, fields: F, date: &str, out: &mut Vec<u8>) -> bool
 where
     F: IntoIterator<Item = (&'h str, &'h str)>,
-    F::IntoIter: Clone,
 {
-    let fields = fields.into_iter();
+    write_head(head, fields, date, false, out, None).with_body
+}
+
+/// What [`write_head`] wrote.
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    with_body: bool,
+    keep_alive: bool,
+    /// Where the `Date` value is in the output, if it added one.
+    date_at: Option<usize>,
+    /// Where the plugin's fields start in the output.
+    fields_at: usize,
+    /// Every field was written as given (none dropped, none a Connection).
+    verbatim: bool,
+}
+
+/// Whether a name or value would let a plugin forge headers or responses.
+fn has_line_break(s: &str) -> bool {
+    // No early exit, so that it compiles to a vector loop.
+    s.bytes()
+        .fold(false, |bad, b| bad | matches!(b, b'\r' | b'\n' | 0))
+}
+
+/// [`encode_head`] in one pass over `fields`. With `fold_close`, a
+/// `Connection: close` among them ends keep-alive. With `lens`, the name and
+/// value lengths of the fields written are pushed there.
+fn write_head<'h, F>(
+    head: &ResponseHead,
+    fields: F,
+    date: &str,
+    fold_close: bool,
+    out: &mut Vec<u8>,
+    mut lens: Option<&mut Vec<(usize, usize)>>,
+) -> Written
+where
+    F: IntoIterator<Item = (&'h str, &'h str)>,
+{
+    const SERVER: &[u8] = b"Server: wm-host\r\n";
     // 1xx, 204 and 304 never have a body, nor a length (RFC 9110 §8.6).
     let bodiless = matches!(head.status, 100..=199 | 204 | 304);
-    let (mut server, mut dated, mut framed) = (false, false, false);
-    for (k, _) in fields.clone() {
-        server |= k.eq_ignore_ascii_case("server");
-        dated |= k.eq_ignore_ascii_case("date");
-        framed |=
-            k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding");
-    }
-    // Writing to a Vec cannot fail.
-    let _ = write!(out, "HTTP/1.1 {} {}\r\n", head.status, reason(head.status));
-    if !server {
-        out.extend_from_slice(b"Server: wm-host\r\n");
-    }
-    if !dated {
-        out.extend_from_slice(b"Date: ");
-        out.extend_from_slice(date.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, u64::from(head.status));
+    out.push(b' ');
+    out.extend_from_slice(reason(head.status).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    // Server and Date come before the fields; written now and taken out
+    // again in the rare case the fields have their own.
+    let added = out.len();
+    out.extend_from_slice(SERVER);
+    out.extend_from_slice(b"Date: ");
+    let mut date_at = Some(out.len());
+    out.extend_from_slice(date.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let fields_at = out.len();
+    let (mut server, mut dated, mut framed, mut close) = (false, false, false, false);
+    let mut verbatim = true;
     for (k, v) in fields {
-        // A CR or LF from a plugin would let it forge headers or responses.
-        let bad = |s: &str| s.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0));
-        if k.is_empty() || bad(k) || bad(v) {
+        // Lengths first: most names are none of these.
+        let connection = match k.len() {
+            4 => {
+                dated |= k.eq_ignore_ascii_case("date");
+                false
+            }
+            6 => {
+                server |= k.eq_ignore_ascii_case("server");
+                false
+            }
+            10 => k.eq_ignore_ascii_case("connection"),
+            14 => {
+                framed |= k.eq_ignore_ascii_case("content-length");
+                false
+            }
+            17 => {
+                framed |= k.eq_ignore_ascii_case("transfer-encoding");
+                false
+            }
+            _ => false,
+        };
+        if connection {
+            close |= v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"));
+        }
+        if k.is_empty() || has_line_break(k) || has_line_break(v) {
             tracing::warn!(header = %k.escape_debug(), "dropping response header with CR, LF or NUL");
+            verbatim = false;
             continue;
         }
-        if k.eq_ignore_ascii_case("connection") {
+        if connection {
+            verbatim = false;
             continue;
         }
         out.extend_from_slice(k.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
+        if let Some(lens) = lens.as_deref_mut() {
+            lens.push((k.len(), v.len()));
+        }
+    }
+    let mut fields_at = fields_at;
+    if server || dated {
+        let (from, to) = match (server, dated) {
+            (true, true) => (added, fields_at),
+            (true, false) => (added, added + SERVER.len()),
+            _ => (added + SERVER.len(), fields_at),
+        };
+        out.drain(from..to);
+        fields_at -= to - from;
+        date_at = match date_at {
+            _ if dated => None,
+            Some(at) => Some(at - SERVER.len()),
+            None => None,
+        };
     }
     if !bodiless && !framed {
-        let _ = write!(out, "Content-Length: {}\r\n", head.body_len);
+        out.extend_from_slice(b"Content-Length: ");
+        push_decimal(out, head.body_len as u64);
+        out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(if head.keep_alive {
+    let keep_alive = head.keep_alive && !(fold_close && close);
+    out.extend_from_slice(if keep_alive {
         b"Connection: keep-alive\r\n\r\n"
     } else {
         b"Connection: close\r\n\r\n"
     });
-    !head.head_only && !bodiless
+    Written {
+        with_body: !head.head_only && !bodiless,
+        keep_alive,
+        date_at,
+        fields_at,
+        verbatim,
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
 }
 
 /// Whether header fields say `Connection: close`. [`encode_head`] writes its
@@ -822,6 +922,101 @@ pub fn asks_close<'h>(fields: impl IntoIterator<Item = (&'h str, &'h str)>) -> b
         k.eq_ignore_ascii_case("connection")
             && v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))
     })
+}
+
+/// The last head [`HeadCache::encode`] wrote, reused while answers repeat:
+/// same status, body length, keep-alive, HEAD and the same header fields
+/// (compared by content, as a plugin's array can reuse an address), with
+/// only the `Date` written again.
+#[derive(Debug, Default)]
+pub struct HeadCache {
+    head: Vec<u8>,
+    /// What `head` answers; `None` when it is not to be reused.
+    key: Option<HeadKey>,
+    /// Name and value lengths of the fields in `head`, in order.
+    lens: Vec<(usize, usize)>,
+    fields_at: usize,
+    date_at: Option<usize>,
+    with_body: bool,
+    keep_alive: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeadKey {
+    status: u16,
+    body_len: usize,
+    keep_alive: bool,
+    head_only: bool,
+    date_len: usize,
+}
+
+impl HeadCache {
+    /// The head of an answer, as [`encode_head`] writes it, but for the
+    /// request's keep-alive in `head.keep_alive`, which a
+    /// `Connection: close` among `fields` ends. Returns the head, whether
+    /// the body follows and whether the connection stays open.
+    pub fn encode<'h, F>(
+        &mut self,
+        head: &ResponseHead,
+        fields: F,
+        date: &str,
+    ) -> (&[u8], bool, bool)
+    where
+        F: IntoIterator<Item = (&'h str, &'h str)>,
+        F::IntoIter: Clone,
+    {
+        let fields = fields.into_iter();
+        let key = HeadKey {
+            status: head.status,
+            body_len: head.body_len,
+            keep_alive: head.keep_alive,
+            head_only: head.head_only,
+            date_len: date.len(),
+        };
+        if self.key == Some(key) && self.same_fields(fields.clone()) {
+            if let Some(at) = self.date_at {
+                self.head[at..at + date.len()].copy_from_slice(date.as_bytes());
+            }
+            return (&self.head, self.with_body, self.keep_alive);
+        }
+        self.head.clear();
+        self.lens.clear();
+        let w = write_head(
+            head,
+            fields,
+            date,
+            true,
+            &mut self.head,
+            Some(&mut self.lens),
+        );
+        // A dropped field or a Connection one is not in `head` to compare.
+        self.key = w.verbatim.then_some(key);
+        self.fields_at = w.fields_at;
+        self.date_at = w.date_at;
+        self.with_body = w.with_body;
+        self.keep_alive = w.keep_alive;
+        (&self.head, w.with_body, w.keep_alive)
+    }
+
+    /// Whether `fields` are the ones written in `head`.
+    fn same_fields<'h>(&self, fields: impl Iterator<Item = (&'h str, &'h str)>) -> bool {
+        let mut at = self.fields_at;
+        let mut lens = self.lens.iter();
+        for (k, v) in fields {
+            match lens.next() {
+                Some(&(kl, vl)) if kl == k.len() && vl == v.len() => {
+                    let name = self.head.get(at..at + kl);
+                    let value = self.head.get(at + kl + 2..at + kl + 2 + vl);
+                    if name != Some(k.as_bytes()) || value != Some(v.as_bytes()) {
+                        return false;
+                    }
+                    at += kl + vl + 4;
+                }
+                _ => return false,
+            }
+        }
+        lens.next().is_none()
+    }
 }
 
 /// httpdate panics outside 1970..=9999, so clamp into it.
@@ -863,6 +1058,21 @@ impl DateCache {
 
     pub fn now(&mut self) -> &str {
         self.at(SystemTime::now())
+    }
+
+    /// Reads the clock for [`DateCache::current`]: a server calls it once
+    /// per wake-up rather than reading the clock for every answer.
+    pub fn refresh(&mut self) {
+        self.now();
+    }
+
+    /// The `Date` of the last [`DateCache::refresh`] (or `at`), reading the
+    /// clock only if there was none.
+    pub fn current(&mut self) -> &str {
+        if self.secs.is_none() {
+            self.refresh();
+        }
+        std::str::from_utf8(&self.text).unwrap_or_default()
     }
 }
 
@@ -1404,6 +1614,158 @@ Content-Length: 0\r\nConnection: close\r\n\r\n"
         assert_eq!(r.body, b"431 Request Header Fields Too Large");
         assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
         assert_eq!(error_response(599).body, b"599");
+    }
+
+    /// `encode_head` as it was written with `core::fmt` and three passes, to
+    /// check the one-pass version byte for byte.
+    fn reference_head(
+        head: &ResponseHead,
+        fields: &[(&str, &str)],
+        date: &str,
+        fold_close: bool,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        let keep_alive = head.keep_alive && !(fold_close && asks_close(fields.iter().copied()));
+        let bodiless = matches!(head.status, 100..=199 | 204 | 304);
+        let (mut server, mut dated, mut framed) = (false, false, false);
+        for (k, _) in fields {
+            server |= k.eq_ignore_ascii_case("server");
+            dated |= k.eq_ignore_ascii_case("date");
+            framed |= k.eq_ignore_ascii_case("content-length")
+                || k.eq_ignore_ascii_case("transfer-encoding");
+        }
+        let _ = write!(out, "HTTP/1.1 {} {}\r\n", head.status, reason(head.status));
+        if !server {
+            out.extend_from_slice(b"Server: wm-host\r\n");
+        }
+        if !dated {
+            let _ = write!(out, "Date: {date}\r\n");
+        }
+        for (k, v) in fields {
+            let bad = |s: &str| s.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0));
+            if k.is_empty() || bad(k) || bad(v) || k.eq_ignore_ascii_case("connection") {
+                continue;
+            }
+            let _ = write!(out, "{k}: {v}\r\n");
+        }
+        if !bodiless && !framed {
+            let _ = write!(out, "Content-Length: {}\r\n", head.body_len);
+        }
+        let conn = if keep_alive { "keep-alive" } else { "close" };
+        let _ = write!(out, "Connection: {conn}\r\n\r\n");
+        out
+    }
+
+    /// Field lists that cover what `write_head` treats apart.
+    fn field_cases() -> Vec<Vec<(&'static str, &'static str)>> {
+        let one: &[(&str, &str)] = &[
+            ("Content-Type", "text/plain"),
+            ("server", "other"),
+            ("DATE", "x"),
+            ("Content-Length", "3"),
+            ("transfer-encoding", "chunked"),
+            ("Connection", "keep-alive, Close"),
+            ("connection", "upgrade"),
+            ("X-A", "1\r\nSet-Cookie: evil"),
+            ("X-B\n", "2"),
+            ("", "empty name"),
+            ("X-Nul", "a\0b"),
+            ("Server: x", "y"),
+            ("Dates", "z"),
+        ];
+        let mut cases = vec![vec![]];
+        for a in one {
+            cases.push(vec![*a]);
+            for b in one {
+                cases.push(vec![*a, *b]);
+            }
+        }
+        cases.push(one.to_vec());
+        cases
+    }
+
+    #[test]
+    fn one_pass_head_matches_the_reference() {
+        let date = "Thu, 01 Jan 2015 00:00:00 GMT";
+        for fields in field_cases() {
+            for status in [200, 101, 204, 304, 404, 599, 7, 65535] {
+                for (keep_alive, head_only, body_len) in [
+                    (true, false, 13),
+                    (false, true, 0),
+                    (true, true, 123_456_789),
+                ] {
+                    let head = ResponseHead {
+                        status,
+                        body_len,
+                        keep_alive,
+                        head_only,
+                    };
+                    let mut out = b"prefix".to_vec();
+                    let with_body = encode_head(&head, fields.iter().copied(), date, &mut out);
+                    let want = reference_head(&head, &fields, date, false);
+                    assert_eq!(out[6..], want[..], "{fields:?} {status}");
+                    let bodiless = matches!(status, 100..=199 | 204 | 304);
+                    assert_eq!(with_body, !head_only && !bodiless);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn head_cache_answers_like_encode_head() {
+        let dates = [
+            "Thu, 01 Jan 2015 00:00:00 GMT",
+            "Thu, 01 Jan 2015 00:00:01 GMT",
+        ];
+        let mut cache = HeadCache::default();
+        let cases = field_cases();
+        // Each case twice in a row (reused), then the next one (replaced).
+        for (i, fields) in cases.iter().chain(cases.iter().rev()).enumerate() {
+            for (status, body_len) in [(200, 13), (200, 13), (200, 14), (404, 14)] {
+                for (keep_alive, head_only) in [(true, false), (true, false), (false, true)] {
+                    let date = dates[i % 2];
+                    let head = ResponseHead {
+                        status,
+                        body_len,
+                        keep_alive,
+                        head_only,
+                    };
+                    let (got, with_body, open) = cache.encode(&head, fields.iter().copied(), date);
+                    let got = got.to_vec();
+                    let want = reference_head(&head, fields, date, true);
+                    assert_eq!(got, want, "{fields:?} {status}");
+                    assert_eq!(open, want.ends_with(b"keep-alive\r\n\r\n"));
+                    assert_eq!(with_body, !head_only);
+                }
+            }
+        }
+        // Same lengths, other contents: not the cached head.
+        let head = ResponseHead {
+            status: 200,
+            body_len: 1,
+            keep_alive: true,
+            head_only: false,
+        };
+        let (a, _, _) = cache.encode(&head, [("X-A", "1")], dates[0]);
+        assert!(a.windows(8).any(|w| w == b"X-A: 1\r\n"));
+        let (b, _, _) = cache.encode(&head, [("X-A", "2")], dates[0]);
+        assert!(b.windows(8).any(|w| w == b"X-A: 2\r\n"));
+        let (c, _, _) = cache.encode(&head, [("X-B", "2")], dates[0]);
+        assert!(c.windows(8).any(|w| w == b"X-B: 2\r\n"));
+        let (d, _, _) = cache.encode(&head, [("X-B", "2"), ("X-C", "3")], dates[0]);
+        assert!(d.windows(8).any(|w| w == b"X-C: 3\r\n"));
+        let (e, _, _) = cache.encode(&head, [("X-B", "2")], dates[0]);
+        assert!(!e.windows(3).any(|w| w == b"X-C"));
+    }
+
+    #[test]
+    fn date_cache_current_reads_the_clock_once() {
+        let mut c = DateCache::default();
+        assert_eq!(c.current().len(), 29);
+        c.at(fixed_now());
+        assert_eq!(c.current(), "Thu, 01 Jan 2015 00:00:00 GMT");
+        c.refresh();
+        assert_ne!(c.current(), "Thu, 01 Jan 2015 00:00:00 GMT");
     }
 
     #[test]

@@ -76,8 +76,9 @@ pub struct Core {
     pub redials: Vec<(Instant, u64)>,
     /// The reply buffer lent to the connection being read (see `Conn::lend_out`).
     pub spare_out: Vec<u8>,
-    /// Where `respond` encodes a response head, reused.
-    pub(super) head_buf: Vec<u8>,
+    /// The last response head `respond` encoded, reused while answers repeat.
+    pub(super) heads: http::HeadCache,
+    /// The `Date` of answers, read from the clock once per wake-up.
     pub(super) date: http::DateCache,
 }
 
@@ -121,7 +122,7 @@ impl Core {
             connect_deadlines: Vec::new(),
             redials: Vec::new(),
             spare_out: Vec::new(),
-            head_buf: Vec::new(),
+            heads: http::HeadCache::default(),
             date: http::DateCache::default(),
         }
     }

@@ -623,6 +623,7 @@ impl Worker {
                 }
                 return Err(e);
             }
+            self.core.date.refresh();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),

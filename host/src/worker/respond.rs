@@ -9,7 +9,8 @@ use super::core::{lookup, Core};
 /// HTTP answers, matched in order to the requests still pending.
 impl Core {
     /// Answers the oldest request waiting on `id`. The head is encoded into
-    /// a buffer kept for that, so an answer allocates nothing in steady state.
+    /// a buffer kept for that, so an answer allocates nothing in steady state,
+    /// and reused as it is when the answer is shaped like the last one.
     pub fn respond<'h, F>(&mut self, id: u64, status: u16, fields: F, body: &[u8]) -> RawSendStatus
     where
         F: IntoIterator<Item = (&'h str, &'h str)>,
@@ -27,17 +28,15 @@ impl Core {
             self.send_failed(id, "no request waiting for an answer");
             return RawSendStatus::Dropped;
         };
-        let fields = fields.into_iter();
         let head = http::ResponseHead {
             status,
             body_len: body.len(),
-            keep_alive: req.keep_alive && !http::asks_close(fields.clone()),
+            keep_alive: req.keep_alive,
             head_only: req.head,
         };
-        self.head_buf.clear();
-        let with_body = http::encode_head(&head, fields, self.date.now(), &mut self.head_buf);
+        let (head, with_body, keep_alive) = self.heads.encode(&head, fields, self.date.current());
         let body = if with_body { body } else { &[] };
-        let status = match conn.write_parts(&[&self.head_buf, body]) {
+        let status = match conn.write_parts(&[head, body]) {
             Ok(true) => RawSendStatus::Sent,
             Ok(false) => RawSendStatus::Queued,
             Err(e) => {
@@ -46,7 +45,7 @@ impl Core {
                 return RawSendStatus::Closed;
             }
         };
-        if !head.keep_alive {
+        if !keep_alive {
             self.close(id, None);
         }
         status
