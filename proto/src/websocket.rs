@@ -67,6 +67,7 @@ pub fn refusal(status: u16, out: &mut Vec<u8>) {
 }
 
 /// The header of an unmasked, final server frame (opcode 1 text, 2 binary).
+#[inline]
 pub fn frame_header(len: usize, binary: bool) -> ([u8; 10], usize) {
     let mut h = [0u8; 10];
     h[0] = 0x80 | if binary { 0x2 } else { 0x1 };
@@ -455,6 +456,7 @@ impl WsCodec {
     /// One outgoing data message as parts to write: a server frame is a
     /// header before the payload itself; a client frame's payload is masked
     /// into `wire`.
+    #[inline]
     pub fn encode<'d>(&self, data: &'d [u8], kind: Kind, wire: &'d mut Wire) -> [&'d [u8]; 3] {
         let (mut h, n) = frame_header(data.len(), kind == Kind::Binary);
         match self.role {
