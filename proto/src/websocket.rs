@@ -227,6 +227,8 @@ impl WsCodec {
     /// Decodes what the start of `input` holds: the handshake, or a frame
     /// whose payload is unmasked in place. Control replies (pong, close, a
     /// refusal) go to `cx.replies`.
+    // Inlined into the worker's decode loop: once per frame.
+    #[inline]
     pub fn decode<'a>(
         &mut self,
         input: &'a mut [u8],
