@@ -6,10 +6,8 @@
 //! (sent zero-copy); client frames are masked, so their payload is copied.
 
 use std::borrow::Cow;
-use std::io;
 
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::frame::FrameHeader;
 
 use crate::{http, DecodeCx, Error, Kind, Step, Wire};
 
@@ -69,6 +67,7 @@ pub fn refusal(status: u16, out: &mut Vec<u8>) {
 }
 
 /// The header of an unmasked, final server frame (opcode 1 text, 2 binary).
+#[inline]
 pub fn frame_header(len: usize, binary: bool) -> ([u8; 10], usize) {
     let mut h = [0u8; 10];
     h[0] = 0x80 | if binary { 0x2 } else { 0x1 };
@@ -239,6 +238,8 @@ impl WsCodec {
     /// Decodes what the start of `input` holds: the handshake, or a frame
     /// whose payload is unmasked in place. Control replies (pong, close, a
     /// refusal) go to `cx.replies`.
+    // Inlined into the worker's decode loop: once per frame.
+    #[inline]
     pub fn decode<'a>(
         &mut self,
         input: &'a mut [u8],
@@ -334,16 +335,15 @@ impl WsCodec {
                 consumed => Step::Skip { consumed },
             });
         }
-        let mut cursor = io::Cursor::new(&*input);
-        let (header, len) = match FrameHeader::parse(&mut cursor) {
-            Ok(Some(h)) => h,
-            Ok(None) => return Ok(Step::NeedMore),
-            Err(e) => return Err(self.fail(out, 1002, e.to_string())),
+        let Some(header) = FrameHead::parse(input) else {
+            return Ok(Step::NeedMore);
         };
-        let head = cursor.position() as usize;
-        let opcode = u8::from(header.opcode);
+        let (head, len, opcode) = (header.size, header.len, header.opcode);
+        if matches!(opcode, 3..=7 | 11..=15) {
+            return Err(self.fail(out, 1002, invalid_opcode(opcode)));
+        }
         let control = opcode & 0x8 != 0;
-        if header.rsv1 || header.rsv2 || header.rsv3 {
+        if header.rsv {
             return Err(self.fail(out, 1002, "reserved bits set without an extension".into()));
         }
         match (role, header.mask) {
@@ -388,7 +388,7 @@ impl WsCodec {
                 if !header.is_final {
                     *partial = Some((kind, payload.to_vec()));
                     skip
-                } else if kind == Kind::Text && std::str::from_utf8(payload).is_err() {
+                } else if kind == Kind::Text && !is_utf8(payload) {
                     return Err(self.fail(out, 1007, "text message is not valid UTF-8".into()));
                 } else {
                     let input: &'a [u8] = input;
@@ -408,7 +408,7 @@ impl WsCodec {
                 if !header.is_final {
                     *partial = Some((kind, data));
                     skip
-                } else if kind == Kind::Text && std::str::from_utf8(&data).is_err() {
+                } else if kind == Kind::Text && !is_utf8(&data) {
                     return Err(self.fail(out, 1007, "text message is not valid UTF-8".into()));
                 } else {
                     Step::Message {
@@ -424,7 +424,7 @@ impl WsCodec {
             }
             OP_PONG => skip,
             OP_CLOSE => self.peer_closed(payload, out)?,
-            // FrameHeader::parse refuses the reserved opcodes.
+            // Reserved opcodes were refused above.
             _ => return Err(self.fail(out, 1002, format!("unexpected opcode {opcode}"))),
         })
     }
@@ -471,6 +471,7 @@ impl WsCodec {
     /// One outgoing data message as parts to write: a server frame is a
     /// header before the payload itself; a client frame's payload is masked
     /// into `wire`.
+    #[inline]
     pub fn encode<'d>(&self, data: &'d [u8], kind: Kind, wire: &'d mut Wire) -> [&'d [u8]; 3] {
         let (mut h, n) = frame_header(data.len(), kind == Kind::Binary);
         match self.role {
@@ -497,6 +498,71 @@ impl WsCodec {
     fn mask(&self) -> Option<[u8; 4]> {
         (self.role == Role::Client).then(random_mask)
     }
+}
+
+/// A frame header (RFC 6455 §5.2), read as tungstenite's
+/// `FrameHeader::parse` reads it, without its `io::Read` cursor: a
+/// header is at most 14 bytes and every frame of every message has one.
+struct FrameHead {
+    is_final: bool,
+    /// Any of the three reserved bits.
+    rsv: bool,
+    opcode: u8,
+    mask: Option<[u8; 4]>,
+    /// Payload length, as the header says.
+    len: u64,
+    /// Bytes of header.
+    size: usize,
+}
+
+impl FrameHead {
+    /// `None`: the header is not all there yet.
+    #[inline(always)]
+    fn parse(input: &[u8]) -> Option<FrameHead> {
+        let [first, second, ..] = *input else {
+            return None;
+        };
+        let (len, mut size) = match second & 0x7f {
+            126 => {
+                let b = input.get(2..4)?;
+                (u64::from(u16::from_be_bytes([b[0], b[1]])), 4)
+            }
+            127 => {
+                let b: [u8; 8] = input.get(2..10)?.try_into().ok()?;
+                (u64::from_be_bytes(b), 10)
+            }
+            n => (u64::from(n), 2),
+        };
+        let mask = if second & 0x80 != 0 {
+            let m = input.get(size..size + 4)?;
+            size += 4;
+            Some([m[0], m[1], m[2], m[3]])
+        } else {
+            None
+        };
+        Some(FrameHead {
+            is_final: first & 0x80 != 0,
+            rsv: first & 0x70 != 0,
+            opcode: first & 0x0f,
+            mask,
+            len,
+            size,
+        })
+    }
+}
+
+/// The reason given for a reserved opcode: tungstenite's words, as before.
+#[cold]
+fn invalid_opcode(opcode: u8) -> String {
+    use tungstenite::error::{Error, ProtocolError};
+    Error::Protocol(ProtocolError::InvalidOpcode(opcode)).to_string()
+}
+
+/// Whether a text payload is UTF-8; ASCII (the usual case) is checked a
+/// word at a time before the full validation.
+#[inline]
+fn is_utf8(bytes: &[u8]) -> bool {
+    bytes.is_ascii() || std::str::from_utf8(bytes).is_ok()
 }
 
 /// A key for one client frame: RFC 6455 wants it unpredictable.
@@ -728,6 +794,44 @@ mod tests {
                 other => panic!("{wire:?}: {other:?}"),
             }
             assert_eq!(&out[..4], &close_frame(code), "close frame sent");
+        }
+    }
+
+    #[test]
+    fn header_parse_matches_tungstenite() {
+        use tungstenite::protocol::frame::FrameHeader;
+        let mut cases = vec![vec![], vec![0x81], vec![0x81, 0x85, 1, 2, 3]];
+        for first in [0x00, 0x01, 0x82, 0x83, 0x88, 0x8b, 0xc1, 0x21, 0x91] {
+            for len in [0u8, 5, 125, 126, 127, 0x80 | 5, 0x80 | 126, 0x80 | 127] {
+                let mut v = vec![first, len];
+                v.extend(1..=12u8);
+                cases.extend((0..=v.len()).map(|n| v[..n].to_vec()));
+            }
+        }
+        for wire in cases {
+            let theirs = FrameHeader::parse(&mut std::io::Cursor::new(&wire[..]));
+            let ours = FrameHead::parse(&wire);
+            match (theirs, ours) {
+                (Ok(None), None) => {}
+                (Err(e), Some(h)) => {
+                    assert!(matches!(h.opcode, 3..=7 | 11..=15), "{wire:?}");
+                    assert_eq!(e.to_string(), invalid_opcode(h.opcode));
+                }
+                (Ok(Some((t, len))), Some(h)) => {
+                    let rsv = t.rsv1 || t.rsv2 || t.rsv3;
+                    assert_eq!(
+                        (t.is_final, rsv, u8::from(t.opcode), t.mask, len),
+                        (h.is_final, h.rsv, h.opcode, h.mask, h.len),
+                        "{wire:?}"
+                    );
+                    assert!(!matches!(h.opcode, 3..=7 | 11..=15));
+                    let size = 2
+                        + [0, 2, 8][usize::from((len > 125) as u8 + (len > 0xffff) as u8)]
+                        + 4 * usize::from(t.mask.is_some());
+                    assert_eq!(h.size, size, "{wire:?}");
+                }
+                (t, o) => panic!("{wire:?}: {t:?} vs {:?}", o.map(|h| h.len)),
+            }
         }
     }
 

@@ -135,34 +135,51 @@ impl Conn {
     /// Writes `parts` as one message: straight to the socket when nothing is
     /// queued (one syscall), the rest into the send buffer.
     /// Returns true when all of it went out.
+    // Inlined: while a read is dispatched (corked) every reply lands here
+    // and only appends to the buffer.
+    #[inline]
     pub fn write_parts(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
-        let mut written = 0;
         // While connecting or corked, everything waits in the buffer.
         if self.pending() == 0 && self.state != State::Connecting && !self.corked {
-            debug_assert!(parts.len() <= 3);
-            let total: usize = parts.iter().map(|p| p.len()).sum();
-            written = if total <= SMALL_SEND && parts.len() > 1 {
-                // Joined on the stack and sent with one plain `send`: cheaper
-                // in the kernel than `writev` over the pieces, which shows
-                // when one message goes to thousands of sockets.
-                let mut small = [0u8; SMALL_SEND];
-                let mut at = 0;
-                for p in parts {
-                    small[at..at + p.len()].copy_from_slice(p);
-                    at += p.len();
-                }
-                write_now(|| self.sock.write(&small[..total]))?
-            } else {
-                let slices: [IoSlice<'_>; 3] = [
-                    IoSlice::new(parts.first().copied().unwrap_or_default()),
-                    IoSlice::new(parts.get(1).copied().unwrap_or_default()),
-                    IoSlice::new(parts.get(2).copied().unwrap_or_default()),
-                ];
-                write_now(|| self.sock.write_vectored(&slices))?
-            };
-            self.bytes_written += written as u64;
+            return self.write_parts_now(parts);
         }
-        let mut skip = written;
+        self.queue(parts, 0);
+        Ok(self.pending() == 0)
+    }
+
+    /// `write_parts` with nothing queued: one syscall, the rest buffered.
+    #[inline(never)]
+    fn write_parts_now(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
+        debug_assert!(parts.len() <= 3);
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let written = if total <= SMALL_SEND && parts.len() > 1 {
+            // Joined on the stack and sent with one plain `send`: cheaper
+            // in the kernel than `writev` over the pieces, which shows
+            // when one message goes to thousands of sockets.
+            let mut small = [0u8; SMALL_SEND];
+            let mut at = 0;
+            for p in parts {
+                small[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            write_now(|| self.sock.write(&small[..total]))?
+        } else {
+            let slices: [IoSlice<'_>; 3] = [
+                IoSlice::new(parts.first().copied().unwrap_or_default()),
+                IoSlice::new(parts.get(1).copied().unwrap_or_default()),
+                IoSlice::new(parts.get(2).copied().unwrap_or_default()),
+            ];
+            write_now(|| self.sock.write_vectored(&slices))?
+        };
+        self.bytes_written += written as u64;
+        self.queue(parts, written);
+        Ok(self.pending() == 0)
+    }
+
+    /// Appends `parts` to the send buffer, less their first `skip` bytes
+    /// (those were written).
+    #[inline]
+    fn queue(&mut self, parts: &[&[u8]], mut skip: usize) {
         for part in parts {
             if skip >= part.len() {
                 skip -= part.len();
@@ -171,7 +188,6 @@ impl Conn {
             self.out.extend_from_slice(&part[skip..]);
             skip = 0;
         }
-        Ok(self.pending() == 0)
     }
 
     /// Writes queued bytes. Returns true when the buffer is empty.
