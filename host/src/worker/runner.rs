@@ -186,7 +186,17 @@ impl Runner {
     /// Runs what host work queued, in a callback or outside one (a read, a
     /// bus frame, a timer sweep): buffer events, errors, and the `on_close`
     /// of connections torn down, until nothing is left.
+    #[inline]
     pub fn settle(&self, core: &mut Core) {
+        // Most callbacks queue nothing: skip the loop on the hot path.
+        if core.deferred.is_empty() && core.closing.is_empty() {
+            return;
+        }
+        self.settle_queued(core);
+    }
+
+    #[inline(never)]
+    fn settle_queued(&self, core: &mut Core) {
         loop {
             if let Some(d) = core.deferred.pop_front() {
                 match &d {
