@@ -305,6 +305,7 @@ pub fn decode(frame: &[u8]) -> Result<BusMsg, postcard::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipc::tests::Pending;
 
     #[test]
     fn membership_follows_joins_leaves_binds_and_departures() {
@@ -433,21 +434,6 @@ mod tests {
             got.extend(frames.iter().map(|f| decode(f).unwrap()));
         }
         assert_eq!(got, msgs);
-    }
-
-    /// A reader that has `data` and then would block, as a socket does.
-    struct Pending<'a>(&'a [u8]);
-
-    impl Read for Pending<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            if self.0.is_empty() {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let n = buf.len().min(self.0.len());
-            buf[..n].copy_from_slice(&self.0[..n]);
-            self.0 = &self.0[n..];
-            Ok(n)
-        }
     }
 
     #[test]

@@ -366,7 +366,7 @@ impl LineBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -390,7 +390,7 @@ mod tests {
     }
 
     /// A reader that has `data` and then would block, as a socket does.
-    struct Pending<'a>(&'a [u8]);
+    pub(crate) struct Pending<'a>(pub(crate) &'a [u8]);
 
     impl Read for Pending<'_> {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {

@@ -57,8 +57,13 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
-pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + DEADLINE;
+pub fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_for_within(what, DEADLINE, f)
+}
+
+/// [`wait_for`] with a deadline of its own, for what takes longer.
+pub fn wait_for_within<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + within;
     loop {
         if let Some(v) = f() {
             return v;
@@ -395,4 +400,35 @@ pub fn test_build(tag: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// The pid of the worker serving `c` (test-plugin's `whoami`).
+pub fn pid_of(c: &mut TextClient) -> u32 {
+    let who = c.call("whoami");
+    who.split_whitespace()
+        .find_map(|f| f.strip_prefix("pid="))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Opens clients until every one of the `workers` processes holds one;
+/// returns one client per worker pid.
+pub fn one_client_per_worker(
+    port: u16,
+    workers: usize,
+) -> std::collections::BTreeMap<u32, TextClient> {
+    let mut by_pid = std::collections::BTreeMap::new();
+    for _ in 0..500 {
+        let mut c = TextClient::connect(port);
+        let pid = pid_of(&mut c);
+        by_pid.entry(pid).or_insert(c);
+        if by_pid.len() == workers {
+            return by_pid;
+        }
+    }
+    panic!(
+        "connections never reached all {workers} workers: {:?}",
+        by_pid.keys()
+    );
 }

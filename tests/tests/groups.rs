@@ -1,35 +1,6 @@
 //! Groups, uids, broadcast and publish across worker processes.
 
-use std::collections::BTreeMap;
-
 use wm_e2e::*;
-
-fn pid_of(c: &mut TextClient) -> u32 {
-    let who = c.call("whoami");
-    who.split_whitespace()
-        .find_map(|f| f.strip_prefix("pid="))
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-/// Opens clients until every one of the `workers` processes holds one;
-/// returns one client per worker pid.
-fn one_client_per_worker(port: u16, workers: usize) -> BTreeMap<u32, TextClient> {
-    let mut by_pid = BTreeMap::new();
-    for _ in 0..500 {
-        let mut c = TextClient::connect(port);
-        let pid = pid_of(&mut c);
-        by_pid.entry(pid).or_insert(c);
-        if by_pid.len() == workers {
-            return by_pid;
-        }
-    }
-    panic!(
-        "connections never reached all {workers} workers: {:?}",
-        by_pid.keys()
-    );
-}
 
 fn server(count: u32) -> (Server, u16) {
     let port = free_port();

@@ -60,40 +60,6 @@ fn a_worker_killed_from_outside_each_time_it_is_back_is_respawned_at_once() {
     server.stop();
 }
 
-fn pid_of(c: &mut TextClient) -> u32 {
-    let who = c.call("whoami");
-    who.split_whitespace()
-        .find_map(|f| f.strip_prefix("pid="))
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-/// One client per worker process of a `count`-worker listener, by pid.
-fn one_client_per_worker(port: u16, count: usize) -> Vec<(u32, TextClient)> {
-    let mut by_pid = std::collections::BTreeMap::new();
-    for _ in 0..500 {
-        let mut c = TextClient::connect(port);
-        by_pid.entry(pid_of(&mut c)).or_insert(c);
-        if by_pid.len() == count {
-            return by_pid.into_iter().collect();
-        }
-    }
-    panic!("connections never reached all {count} workers");
-}
-
-/// `wait_for` with a deadline of its own.
-fn wait_long<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Resident memory of a process, in bytes.
 fn vm_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -113,7 +79,7 @@ fn a_stopped_worker_cannot_grow_the_master_and_is_replaced_after_stuck_timeout()
     let server = Server::new(&test_worker("t", port, 2, "stuck_timeout = \"20s\""));
     server.start();
     let master = server.master_pid().unwrap();
-    let mut clients = one_client_per_worker(port, 2);
+    let mut clients: Vec<_> = one_client_per_worker(port, 2).into_iter().collect();
     for (_, c) in clients.iter_mut() {
         assert_eq!(c.call("join room"), "ok");
     }
@@ -169,7 +135,7 @@ fn a_stopped_worker_cannot_grow_the_master_and_is_replaced_after_stuck_timeout()
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("bus_dropped"), "{table}");
     // Stuck past stuck_timeout: killed and replaced under the same id.
-    let replacement = wait_long("the stopped worker to be replaced", 60 * SEC, || {
+    let replacement = wait_for_within("the stopped worker to be replaced", 60 * SEC, || {
         let (pid, ready) = slot(&server.try_status()?, "t", victim_id)?;
         (pid != victim && ready && !pid_alive(victim)).then_some(pid)
     });
@@ -209,7 +175,7 @@ fn a_worker_past_max_requests_is_replaced_without_a_failed_request() {
     // be answered while workers are recycled behind the listener.
     let mut served_by = std::collections::BTreeSet::new();
     let mut i = 0;
-    let after = wait_long("both workers to be recycled", 60 * SEC, || {
+    let after = wait_for_within("both workers to be recycled", 60 * SEC, || {
         for _ in 0..20 {
             let mut c = TextClient::connect(port);
             let msg = format!("ping {i}");
@@ -256,7 +222,7 @@ fn a_retiring_worker_killed_at_stop_timeout_is_logged_once() {
         String::from_utf8_lossy(&out.stderr)
     );
     let warning = "did not stop within stop_timeout; killing it";
-    wait_long(
+    wait_for_within(
         "both retiring workers to be killed and reaped",
         30 * SEC,
         || {
