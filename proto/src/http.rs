@@ -11,6 +11,7 @@ use std::mem::{self, MaybeUninit};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use abi_stable::std_types::{RStr, Tuple2};
+use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// More header fields than this is answered like an oversize head (431).
@@ -170,12 +171,12 @@ impl HttpError {
 }
 
 /// Per-connection decoder. After an error its state is meaningless: close.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct HttpDecoder {
     state: State,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 enum State {
     /// `scanned` bytes at the start of the input are known not to end the
     /// head, so a head arriving in many reads is scanned once.
@@ -193,7 +194,7 @@ impl Default for State {
 
 /// A request whose head is checked and whose body is still arriving. Only
 /// how its body is framed is kept, not the head: the input still holds it.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Pending {
     head_len: usize,
     body: Body,
@@ -201,7 +202,7 @@ struct Pending {
     owe_continue: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 enum Body {
     /// `len` bytes right after the head.
     Fixed { len: usize },
@@ -214,7 +215,7 @@ enum Body {
     },
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 enum Step {
     Size,
     Data(u64),
@@ -1120,6 +1121,32 @@ mod tests {
                 .iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))?;
             Some(v)
+        }
+    }
+
+    /// A request whose body is still arriving when its connection is handed
+    /// to another process: the decoder's state travels through serde with
+    /// the kept input, and `100 Continue` is not owed twice.
+    #[test]
+    fn a_request_mid_body_survives_serialization() {
+        let mut d = HttpDecoder::new();
+        let head = b"POST /up HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nab";
+        let mut scratch = Scratch::new();
+        let ev = d.decode(head, &limits(), &mut scratch).unwrap();
+        assert!(matches!(ev, Some(Event::Continue)));
+        let saved = postcard::to_allocvec(&d).unwrap();
+        let mut moved: HttpDecoder = postcard::from_bytes(&saved).unwrap();
+        let mut input = head.to_vec();
+        let mut scratch = Scratch::new();
+        assert!(moved.decode(&input, &limits(), &mut scratch).unwrap().is_none());
+        input.extend_from_slice(b"cde");
+        let mut scratch = Scratch::new();
+        match moved.decode(&input, &limits(), &mut scratch).unwrap() {
+            Some(Event::Request { request, consumed }) => {
+                assert_eq!(request.body, b"abcde");
+                assert_eq!(consumed, input.len());
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -13,6 +13,8 @@ pub mod websocket;
 
 use std::borrow::Cow;
 
+use serde::{Deserialize, Serialize};
+
 pub use scheme::Scheme;
 
 /// Where one complete message sits in the input (text and frame framing).
@@ -50,7 +52,7 @@ pub enum ProtocolError {
 
 /// The framing of a message: how an incoming one came, or how to send one
 /// where the protocol has a choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
     Default,
     Text,
@@ -164,7 +166,9 @@ impl Wire {
     }
 }
 
-/// Per-connection decoder state.
+/// Per-connection decoder state. It serializes, so a connection handed to
+/// another process on reload carries on mid-message.
+#[derive(Serialize, Deserialize)]
 pub enum Codec {
     /// Each read is one message.
     Tcp,
@@ -179,13 +183,13 @@ pub enum Codec {
 
 /// An HTTP connection: the request decoder and the requests still owed an
 /// answer, oldest first (answers go out in request order).
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 pub struct HttpConn {
     pub decoder: http::HttpDecoder,
     pub pending: std::collections::VecDeque<Pending>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Pending {
     pub keep_alive: bool,
     /// A HEAD request: answer with headers only.

@@ -1,9 +1,11 @@
 //! `text://`: one message per line. `\n` ends a message, a `\r` before it is
 //! dropped, and `send` appends `\n` (Workerman's Text protocol).
 
+use serde::{Deserialize, Serialize};
+
 use super::{Message, ProtocolError};
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct TextDecoder {
     /// Bytes at the start of the input already known to hold no `\n`, so a
     /// long line arriving in many reads is scanned once, not once per read.

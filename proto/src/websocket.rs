@@ -8,6 +8,7 @@
 use std::borrow::Cow;
 
 use tungstenite::protocol::frame::coding::CloseCode;
+use serde::{Deserialize, Serialize};
 
 use crate::{http, DecodeCx, Error, Kind, Step, Wire};
 
@@ -97,7 +98,7 @@ pub fn close_frame(code: u16) -> [u8; 4] {
 
 /// Which side of the connection we are: the server expects masked frames
 /// and sends unmasked ones, a client the reverse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
     Server,
     Client,
@@ -115,11 +116,13 @@ const OP_PONG: u8 = 0xa;
 const MAX_ANSWER: usize = 16 * 1024;
 
 /// One websocket connection, either side: handshake, then frames.
+#[derive(Serialize, Deserialize)]
 pub struct WsCodec {
     role: Role,
     stage: Stage,
 }
 
+#[derive(Serialize, Deserialize)]
 enum Stage {
     /// Server: waiting for the upgrade request.
     Request,
@@ -948,6 +951,22 @@ mod tests {
         let mut r = client(100);
         let (ev, _) = feed_all(&mut r, &[&client_frame(true, 1, b"hi")]);
         assert_eq!(ev, vec![Ev::Failed(1002)]);
+    }
+
+    /// A connection handed to another process mid-message (reload): the
+    /// codec's state goes through serde and the new copy finishes it.
+    #[test]
+    fn a_fragmented_message_survives_serialization() {
+        let mut codec = Codec::Websocket(Box::new(WsCodec::open(Role::Server)));
+        let first = client_frame(false, OP_TEXT, b"hel");
+        let (ev, _) = run(&mut codec, &[&first], 1 << 20, None);
+        assert!(ev.is_empty(), "{ev:?}");
+        let saved = postcard::to_allocvec(&codec).unwrap();
+        drop(codec);
+        let mut moved: Codec = postcard::from_bytes(&saved).unwrap();
+        let last = client_frame(true, OP_CONTINUATION, b"lo");
+        let (ev, _) = run(&mut moved, &[&last], 1 << 20, None);
+        assert_eq!(ev, [T::Msg(Kind::Text, b"hello".to_vec())]);
     }
 
     #[test]
