@@ -58,6 +58,14 @@ pub enum BusMsg {
         topic: String,
         data: Vec<u8>,
     },
+    /// Master to the two workers of a handover, at the same point of the
+    /// relay's order: the old worker exports its connections here; the new
+    /// one delivers to them what comes after it (see `worker/handover.rs`).
+    Cut,
+    /// Old worker to master, right after its export: the end of what it
+    /// delivered itself (the master stops holding back its sends from the
+    /// new worker here). Never relayed.
+    Exported,
 }
 
 /// Who is in which group, and which connections carry which uid.
@@ -297,6 +305,21 @@ pub fn is_membership(frame: &[u8]) -> bool {
     frame.get(4).is_some_and(|&v| v <= 4)
 }
 
+/// Whether a frame is a delivery to connections (group, uid, everyone).
+pub fn is_delivery(frame: &[u8]) -> bool {
+    frame.get(4).is_some_and(|&v| (5..=7).contains(&v))
+}
+
+/// Whether a frame is the handover marker `Cut`.
+pub fn is_cut(frame: &[u8]) -> bool {
+    frame.get(4) == Some(&9) && frame.len() == 5
+}
+
+/// Whether a frame is the old worker's `Exported` marker.
+pub fn is_exported(frame: &[u8]) -> bool {
+    frame.get(4) == Some(&10) && frame.len() == 5
+}
+
 /// Decodes a frame made by [`encode`].
 pub fn decode(frame: &[u8]) -> Result<BusMsg, postcard::Error> {
     postcard::from_bytes(&frame[4.min(frame.len())..])
@@ -306,6 +329,46 @@ pub fn decode(frame: &[u8]) -> Result<BusMsg, postcard::Error> {
 mod tests {
     use super::*;
     use crate::ipc::tests::Pending;
+
+    #[test]
+    fn frames_are_told_apart_by_their_first_byte() {
+        let f = |m: &BusMsg| {
+            let mut v = Vec::new();
+            encode(m, &mut v);
+            v
+        };
+        let group = f(&BusMsg::ToGroup {
+            group: "g".into(),
+            kind: 0,
+            exclude: None,
+            data: vec![9],
+        });
+        let uid = f(&BusMsg::ToUid {
+            uid: "u".into(),
+            kind: 0,
+            data: vec![],
+        });
+        let all = f(&BusMsg::ToAll {
+            kind: 0,
+            exclude: None,
+            data: vec![],
+        });
+        for d in [&group, &uid, &all] {
+            assert!(is_delivery(d) && !is_membership(d) && !is_cut(d));
+        }
+        let join = f(&BusMsg::Join {
+            group: "g".into(),
+            conn: (1, 1),
+        });
+        assert!(is_membership(&join) && !is_delivery(&join));
+        let publish = f(&BusMsg::Publish {
+            topic: "t".into(),
+            data: vec![],
+        });
+        assert!(!is_delivery(&publish) && !is_membership(&publish));
+        assert!(is_cut(&f(&BusMsg::Cut)) && !is_exported(&f(&BusMsg::Cut)));
+        assert!(is_exported(&f(&BusMsg::Exported)));
+    }
 
     #[test]
     fn membership_follows_joins_leaves_binds_and_departures() {

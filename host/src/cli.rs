@@ -212,6 +212,13 @@ pub fn reload(path: &Path, graceful: bool) -> Result<()> {
                 g.millis as f64 / 1000.0
             ),
         }
+        if let Some(h) = &g.handover {
+            println!("  {}", crate::report::handover_line(h));
+        } else if g.error.is_none() && !g.kept && g.rolled > 0 {
+            println!(
+                "  connections drained (reload_mode = \"drain\", or the new build cannot import)"
+            );
+        }
     }
     if !report.ok() {
         bail!("reload failed; the old build keeps serving");

@@ -116,6 +116,22 @@ pub struct WorkerConfig {
     pub max_requests: Option<u64>,
     /// Recycle a worker once its resident memory is over this many bytes.
     pub max_memory: Option<u64>,
+    /// How a reload replaces this group's workers.
+    #[serde(default)]
+    pub reload_mode: ReloadMode,
+}
+
+/// `reload_mode`: what happens to established connections on a reload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReloadMode {
+    /// Each old worker hands its connections, and the plugin's state, to
+    /// its replacement (when the new build supports it; else `Drain`).
+    #[default]
+    Handover,
+    /// The old worker stops accepting, answers what arrived and closes its
+    /// connections cleanly (websocket 1001, HTTP `Connection: close`).
+    Drain,
 }
 
 /// `stuck_timeout` when not set.
@@ -206,6 +222,7 @@ struct RawWorker {
     stuck_timeout: Option<Spanned<Dur>>,
     max_requests: Option<Spanned<u64>>,
     max_memory: Option<Spanned<Size>>,
+    reload_mode: Option<ReloadMode>,
 }
 
 fn one() -> Spanned<u32> {
@@ -537,6 +554,7 @@ impl Config {
                 stuck_timeout,
                 max_requests,
                 max_memory,
+                reload_mode: w.reload_mode.unwrap_or_default(),
                 name,
             });
         }

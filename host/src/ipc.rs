@@ -19,6 +19,9 @@ pub enum ToWorker {
     Connections { req: u64 },
     /// A reload was asked for and this worker is kept: run `on_worker_reload`.
     Reload,
+    /// Hand your connections to your replacement over the unix socket sent
+    /// with this message (SCM_RIGHTS), at the `Cut` on your bus.
+    Handover,
 }
 
 /// Worker to master.
@@ -28,7 +31,13 @@ pub enum FromWorker {
     /// Plugin loaded and `on_worker_start` returned: accepting now.
     Ready {
         plugin: String,
+        /// Started to take over connections, and its plugin can import
+        /// them: it waits for the handover before accepting.
+        #[serde(default)]
+        handover: bool,
     },
+    /// The handover a replacement waited for is over (see `Ready`).
+    HandedOver(HandoverReport),
     /// The worker cannot start; it exits right after.
     Failed {
         error: String,
@@ -51,7 +60,7 @@ impl FromWorker {
     pub fn req(&self) -> u64 {
         match self {
             FromWorker::Stats { req, .. } | FromWorker::Connections { req, .. } => *req,
-            FromWorker::Ready { .. } | FromWorker::Failed { .. } => 0,
+            FromWorker::Ready { .. } | FromWorker::Failed { .. } | FromWorker::HandedOver(_) => 0,
         }
     }
 }
@@ -85,6 +94,29 @@ pub enum Response {
     Error { message: String },
 }
 
+/// One handover, as the new worker saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverReport {
+    /// Connections taken over and accepted by the new build.
+    pub moved: u64,
+    /// Taken over, but refused by the new build's import: closed cleanly.
+    pub refused: u64,
+    /// Left with the old worker, which closes them cleanly (outbound
+    /// connections, pipes, HTTP requests still owed an answer).
+    pub closed: u64,
+    /// From the old worker's export to the new one accepting them all.
+    pub millis: u64,
+}
+
+impl HandoverReport {
+    pub fn add(&mut self, o: &HandoverReport) {
+        self.moved += o.moved;
+        self.refused += o.refused;
+        self.closed += o.closed;
+        self.millis += o.millis;
+    }
+}
+
 /// What `wm-host reload` prints, per group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupReport {
@@ -97,6 +129,10 @@ pub struct GroupReport {
     /// `reloadable = false`: workers kept, `on_worker_reload` run.
     pub kept: bool,
     pub error: Option<String>,
+    /// Connections handed to the new build, summed over the group's
+    /// workers; `None` when the group drained instead.
+    #[serde(default)]
+    pub handover: Option<HandoverReport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +179,9 @@ pub struct GroupRow {
     /// `max_requests`, `max_memory`.
     #[serde(default)]
     pub restarts: BTreeMap<String, u64>,
+    /// What the last reload that handed connections over did.
+    #[serde(default)]
+    pub last_handover: Option<HandoverReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -362,6 +401,11 @@ impl LineBuf {
     /// Writes what it can; Err on a dead peer.
     pub fn flush(&mut self, w: &mut impl Write) -> io::Result<()> {
         flush_buf(&mut self.outbuf, w)
+    }
+
+    /// Nothing waits to be written.
+    pub fn flushed(&self) -> bool {
+        self.outbuf.is_empty()
     }
 }
 

@@ -99,6 +99,18 @@ impl LoadedPlugin {
         f(self.vt, self.state, ctx)
     }
 
+    /// Whether the plugin can import connections on a reload.
+    pub fn handover(&self) -> bool {
+        false
+    }
+
+    /// The plugin crate's name and version.
+    pub fn name_version(&self) -> (String, String) {
+        let mut parts = self.label.splitn(2, ' ');
+        let name = parts.next().unwrap_or_default().to_string();
+        (name, parts.next().unwrap_or_default().to_string())
+    }
+
     /// What the last `Failed` or `Panicked` outcome was about.
     pub fn failure(&self) -> String {
         (self.vt.take_failure())().into_string()

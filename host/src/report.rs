@@ -83,6 +83,11 @@ pub fn render_status(r: &StatusReport) -> String {
         ],
         &group_rows,
     ));
+    for g in &r.groups {
+        if let Some(h) = &g.last_handover {
+            out.push_str(&format!("{} last reload: {}\n", g.name, handover_line(h)));
+        }
+    }
     out.push_str(
         "---------------------------------------- PROCESS STATUS ---------------------------------------\n",
     );
@@ -215,4 +220,12 @@ pub fn render_connections(r: &ConnectionsReport) -> String {
         ));
     }
     out
+}
+
+/// One line about a handover: connections moved, refused, closed, time.
+pub fn handover_line(h: &crate::ipc::HandoverReport) -> String {
+    format!(
+        "connections: {} handed over, {} refused, {} closed, in {} ms",
+        h.moved, h.refused, h.closed, h.millis
+    )
 }

@@ -1130,7 +1130,8 @@ mod tests {
     #[test]
     fn a_request_mid_body_survives_serialization() {
         let mut d = HttpDecoder::new();
-        let head = b"POST /up HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nab";
+        let head =
+            b"POST /up HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nab";
         let mut scratch = Scratch::new();
         let ev = d.decode(head, &limits(), &mut scratch).unwrap();
         assert!(matches!(ev, Some(Event::Continue)));
@@ -1138,7 +1139,10 @@ mod tests {
         let mut moved: HttpDecoder = postcard::from_bytes(&saved).unwrap();
         let mut input = head.to_vec();
         let mut scratch = Scratch::new();
-        assert!(moved.decode(&input, &limits(), &mut scratch).unwrap().is_none());
+        assert!(moved
+            .decode(&input, &limits(), &mut scratch)
+            .unwrap()
+            .is_none());
         input.extend_from_slice(b"cde");
         let mut scratch = Scratch::new();
         match moved.decode(&input, &limits(), &mut scratch).unwrap() {

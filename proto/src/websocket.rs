@@ -7,8 +7,8 @@
 
 use std::borrow::Cow;
 
-use tungstenite::protocol::frame::coding::CloseCode;
 use serde::{Deserialize, Serialize};
+use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::{http, DecodeCx, Error, Kind, Step, Wire};
 
@@ -207,6 +207,19 @@ impl WsCodec {
     pub fn goodbye(&self) -> Option<[u8; 4]> {
         let open = matches!(self.stage, Stage::Open { closing: false, .. });
         (self.role == Role::Server && open).then(|| close_frame(1000))
+    }
+
+    /// Like [`goodbye`](Self::goodbye), for a server going away (a worker
+    /// replaced by a reload): 1001 "going away", so the client knows to
+    /// reconnect.
+    pub fn going_away(&self) -> Option<[u8; 14]> {
+        let open = matches!(self.stage, Stage::Open { closing: false, .. });
+        (self.role == Role::Server && open).then(|| {
+            let mut f = [0u8; 14];
+            f[..4].copy_from_slice(&[0x88, 12, 0x03, 0xe9]);
+            f[4..].copy_from_slice(b"going away");
+            f
+        })
     }
 
     /// The client's handshake request, with this codec's key.

@@ -93,6 +93,9 @@ struct WorkerIo {
     buf: LineBuf,
     plugin: String,
     loaded_at: SystemTime,
+    /// A replacement's handover socket, our end: sent to the old worker
+    /// when the handover begins.
+    handover_end: Option<OwnedFd>,
 }
 
 pub struct Master {
@@ -137,6 +140,7 @@ impl Master {
                 plugin: w.plugin.clone(),
                 max_requests: w.max_requests,
                 max_memory: w.max_memory,
+                handover: w.reload_mode == crate::config::ReloadMode::Handover,
             };
             groups.push((spec, build));
         }
@@ -299,8 +303,9 @@ impl Master {
                 group,
                 id,
                 build,
+                handover,
             } => {
-                if let Err(e) = self.spawn(worker, group, id, &build.copy) {
+                if let Err(e) = self.spawn(worker, group, id, &build.copy, handover) {
                     return Some(Event::SpawnFailed {
                         worker,
                         error: e.to_string(),
@@ -320,6 +325,7 @@ impl Master {
                     process::kill_now(w.pid);
                 }
             }
+            Action::Handover { from, to } => self.begin_handover(from, to),
             Action::Reload { worker } => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.buf.queue(&ToWorker::Reload);
@@ -345,8 +351,16 @@ impl Master {
         group: usize,
         id: u32,
         build: &std::path::Path,
+        handover: bool,
     ) -> io::Result<()> {
         let cfg = &self.cfg.workers[group];
+        let pair: Option<(OwnedFd, OwnedFd)> = match handover {
+            true => {
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+                Some((ours.into(), theirs.into()))
+            }
+            false => None,
+        };
         let child = process::spawn_worker(
             &self.exe,
             cfg,
@@ -354,7 +368,10 @@ impl Master {
             build,
             &self.sockets[group][id as usize],
             self.worker_log.as_ref(),
+            pair.as_ref().map(|p| &p.1),
         )?;
+        // Theirs is the child's now; ours waits for the handover.
+        let handover_end = pair.map(|(ours, _theirs)| ours);
         let pid = child.pid;
         let mut ctl = child.ctl;
         let registered = self
@@ -392,9 +409,44 @@ impl Master {
                 buf: LineBuf::default(),
                 plugin: String::new(),
                 loaded_at: SystemTime::now(),
+                handover_end,
             },
         );
         Ok(())
+    }
+
+    /// Sends `to`'s handover socket to `from` with `ToWorker::Handover`,
+    /// and marks the cut on both their buses. Without an old worker (or if
+    /// it cannot be told), the socket is closed: `to` then starts afresh.
+    fn begin_handover(&mut self, from: Option<WorkerId>, to: WorkerId) {
+        let Some(end) = self
+            .workers
+            .get_mut(&to)
+            .and_then(|w| w.handover_end.take())
+        else {
+            return;
+        };
+        let Some(from) = from else { return };
+        let Some(w) = self.workers.get_mut(&from) else {
+            return;
+        };
+        let line = crate::ipc::encode(&ToWorker::Handover);
+        // Lines before it must go first, or the descriptor would come with
+        // the wrong one.
+        let sent = w
+            .buf
+            .flush(&mut w.ctl)
+            .and_then(|()| match w.buf.flushed() {
+                true => control::send_with_fd(&w.ctl, &line, &end),
+                false => Err(io::Error::other("its control channel is full")),
+            });
+        match sent {
+            Ok(()) => self.relay.cut(from, to, Instant::now()),
+            Err(e) => tracing::warn!(
+                pid = w.pid.as_raw(),
+                "cannot ask the old worker for its connections: {e}; its replacement starts afresh"
+            ),
+        }
     }
 
     fn on_time(&mut self) {
@@ -494,13 +546,18 @@ impl Master {
         let pid = w.pid;
         for msg in msgs {
             match msg {
-                Ok(FromWorker::Ready { plugin }) => {
+                Ok(FromWorker::Ready { plugin, handover }) => {
                     if let Some(w) = self.workers.get_mut(&worker) {
                         w.plugin = plugin;
                         w.loaded_at = SystemTime::now();
                     }
                     self.relay.ready(worker, Instant::now());
-                    self.dispatch(Event::Ready { worker });
+                    self.dispatch(Event::Ready { worker, handover });
+                }
+                Ok(FromWorker::HandedOver(report)) => {
+                    self.relay
+                        .handed_over(worker, report.moved + report.refused > 0);
+                    self.dispatch(Event::HandedOver { worker, report });
                 }
                 Ok(FromWorker::Failed { error }) => self.dispatch(Event::Failed { worker, error }),
                 Ok(msg @ (FromWorker::Stats { .. } | FromWorker::Connections { .. })) => {
@@ -685,6 +742,7 @@ impl Master {
                     .filter(|(group, ..)| *group == g.name)
                     .map(|(_, cause, n)| (cause.name().to_string(), n))
                     .collect(),
+                last_handover: self.sup.last_handover(gi),
             })
             .collect();
         let exits = self

@@ -20,7 +20,7 @@ use nix::unistd::Pid;
 
 use crate::config::WorkerConfig;
 use crate::logging::{LOG_FD, LOG_FD_ENV};
-use crate::worker::{Spec, BUS_FD, CONTROL_FD, LISTEN_FD, SPEC_ENV};
+use crate::worker::{Spec, BUS_FD, CONTROL_FD, HANDOVER_FD, LISTEN_FD, SPEC_ENV};
 
 pub struct Child {
     pub pid: Pid,
@@ -38,6 +38,7 @@ pub fn spawn_worker(
     build: &Path,
     listener: &OwnedFd,
     log: Option<&std::fs::File>,
+    handover: Option<&OwnedFd>,
 ) -> io::Result<Child> {
     let (ours, theirs) = StdUnixStream::pair()?;
     let (bus_ours, bus_theirs) = StdUnixStream::pair()?;
@@ -45,6 +46,7 @@ pub fn spawn_worker(
         worker: cfg.clone(),
         id,
         load_from: build.to_path_buf(),
+        handover: handover.is_some(),
     };
     let spec = serde_json::to_string(&spec).map_err(io::Error::other)?;
     let listen_fd = listener.as_raw_fd();
@@ -53,6 +55,7 @@ pub fn spawn_worker(
     // The daemon's log file, handed over open: a worker running as another
     // user could not open it by path.
     let log_fd = log.map(|f| f.as_raw_fd()).unwrap_or(-1);
+    let handover_fd = handover.map(|f| f.as_raw_fd()).unwrap_or(-1);
     let run_as = cfg.run_as;
     let mut cmd = Command::new(exe);
     cmd.arg("worker").env(SPEC_ENV, spec).stdin(Stdio::null());
@@ -61,13 +64,13 @@ pub fn spawn_worker(
     }
     // SAFETY: only fcntl/dup2/setgroups/setgid/setuid run in the child
     // before exec; all are async-signal-safe syscalls. The fds are first
-    // copied above 10 so that moving one to 3..6 cannot overwrite another,
+    // copied above 10 so that moving one to 3..7 cannot overwrite another,
     // and dup2 onto a different number clears close-on-exec.
     unsafe {
         cmd.pre_exec(move || {
-            let from = [listen_fd, ctl_fd, bus_fd, log_fd];
-            let to = [LISTEN_FD, CONTROL_FD, BUS_FD, LOG_FD];
-            let mut high = [-1; 4];
+            let from = [listen_fd, ctl_fd, bus_fd, log_fd, handover_fd];
+            let to = [LISTEN_FD, CONTROL_FD, BUS_FD, LOG_FD, HANDOVER_FD];
+            let mut high = [-1; 5];
             for (h, &f) in high.iter_mut().zip(&from) {
                 if f < 0 {
                     continue;

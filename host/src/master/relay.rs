@@ -43,6 +43,9 @@ struct Peer {
     /// Nothing more is queued for it: it sent a frame over the limit, or its
     /// socket failed (it is dying; its exit is reaped soon).
     closed: bool,
+    /// The nodes (gid pids) whose connections it holds: its own, and those
+    /// of workers that handed their connections over to it.
+    nodes: Vec<u32>,
 }
 
 impl Peer {
@@ -116,9 +119,20 @@ impl Peer {
     }
 }
 
+/// A handover between two workers, from the cut until the new one says
+/// it is over.
+struct Handover {
+    from: WorkerId,
+    to: WorkerId,
+    /// The old worker's `Exported` marker came: its later sends are for
+    /// the new one to deliver too.
+    exported: bool,
+}
+
 #[derive(Default)]
 pub struct Relay {
     peers: BTreeMap<WorkerId, Peer>,
+    handovers: Vec<Handover>,
     /// Group membership across workers, to hand to workers that start.
     registry: bus::Registry,
     /// Frames dropped per group since start, workers gone included.
@@ -160,6 +174,7 @@ impl Relay {
             dropped: 0,
             dropping: 0,
             closed: false,
+            nodes: vec![pid],
         };
         // Not bounded: without it the worker's view of the groups is wrong.
         for msg in self.registry.snapshot() {
@@ -188,15 +203,64 @@ impl Relay {
         };
         // Already deregistered if its bus was closed for an oversize frame.
         let _ = registry.deregister(&mut peer.stream);
-        let msg = BusMsg::NodeGone { node: peer.pid };
-        self.registry.apply(&msg);
+        self.handovers
+            .retain(|h| h.from != worker && h.to != worker);
         let mut frame = Vec::new();
-        bus::encode(&msg, &mut frame);
+        for node in peer.nodes {
+            let msg = BusMsg::NodeGone { node };
+            self.registry.apply(&msg);
+            bus::encode(&msg, &mut frame);
+        }
+        if frame.is_empty() {
+            return;
+        }
         for p in self.peers.values_mut() {
             if p.push(&frame) {
                 *self.group_dropped.entry(p.group).or_default() += 1;
             }
             p.flush(now);
+        }
+    }
+
+    /// A handover begins: both workers get a `Cut` at this point of the
+    /// order. Until the old one's `Exported`, its deliveries are not
+    /// relayed to the new one: it delivered them to the exported
+    /// connections itself.
+    pub fn cut(&mut self, from: WorkerId, to: WorkerId, now: Instant) {
+        let mut frame = Vec::new();
+        bus::encode(&BusMsg::Cut, &mut frame);
+        for w in [from, to] {
+            if let Some(p) = self.peers.get_mut(&w) {
+                // Never dropped: without it the handover would hang.
+                p.buf.outbuf.extend_from_slice(&frame);
+                p.flush(now);
+            }
+        }
+        self.handovers.retain(|h| h.to != to);
+        self.handovers.push(Handover {
+            from,
+            to,
+            exported: false,
+        });
+    }
+
+    /// The new worker finished its handover: when it took connections,
+    /// it holds the old worker's nodes from now on (their gids live on),
+    /// so the old worker's exit does not end them.
+    pub fn handed_over(&mut self, to: WorkerId, took_any: bool) {
+        let Some(i) = self.handovers.iter().position(|h| h.to == to) else {
+            return;
+        };
+        let h = self.handovers.remove(i);
+        if !took_any {
+            return;
+        }
+        let nodes = match self.peers.get_mut(&h.from) {
+            Some(p) => std::mem::take(&mut p.nodes),
+            None => return,
+        };
+        if let Some(p) = self.peers.get_mut(&to) {
+            p.nodes.extend(nodes);
         }
     }
 
@@ -226,6 +290,21 @@ impl Relay {
         if frames.is_empty() {
             return;
         }
+        // A handover's old worker: deliveries up to its `Exported` are
+        // kept from its replacement, the marker itself from everyone.
+        let mut held_from = None;
+        let mut frames = frames;
+        if let Some(h) = self.handovers.iter_mut().find(|h| h.from == worker) {
+            if let Some(i) = frames.iter().position(|f| bus::is_exported(f)) {
+                frames.remove(i);
+                if !h.exported {
+                    held_from = Some((h.to, i));
+                }
+                h.exported = true;
+            } else if !h.exported {
+                held_from = Some((h.to, frames.len()));
+            }
+        }
         for f in &frames {
             // Only membership changes matter to the master's registry; the
             // payload of a broadcast is not decoded.
@@ -240,7 +319,11 @@ impl Relay {
                 continue;
             }
             let mut dropped = 0;
-            for f in &frames {
+            for (i, f) in frames.iter().enumerate() {
+                let held = held_from.is_some_and(|(to, end)| to == k && i < end);
+                if held && bus::is_delivery(f) {
+                    continue;
+                }
                 dropped += u64::from(other.push(f));
             }
             if dropped > 0 {

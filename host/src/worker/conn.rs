@@ -64,6 +64,11 @@ pub struct Conn {
     /// While its input is dispatched, replies are gathered and written
     /// with one syscall afterwards instead of one per message.
     pub corked: bool,
+    /// Exported to a replacement that has not confirmed yet: neither read
+    /// nor written (sends wait in the buffer) until it is resumed or gone.
+    pub frozen: bool,
+    /// Refused by the plugin's import: it never knew it, so no `on_close`.
+    pub unknown: bool,
 }
 
 impl Conn {
@@ -95,7 +100,20 @@ impl Conn {
             pipe_from: None,
             pipe_paused: false,
             corked: false,
+            frozen: false,
+            unknown: false,
         }
+    }
+
+    /// What waits in the send buffer (copied into a handover).
+    pub fn output(&self) -> &[u8] {
+        &self.out[self.out_pos..]
+    }
+
+    /// Output carried over from the previous worker, to go out first.
+    pub fn set_output(&mut self, out: Vec<u8>) {
+        self.out = out;
+        self.out_pos = 0;
     }
 
     /// Lends the worker's reply buffer for one corked read, so gathering

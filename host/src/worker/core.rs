@@ -6,7 +6,7 @@
 //! groups and introspection are in modules of their own.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use slab::Slab;
 
 use super::conn::{Conn, State};
 use super::timers::Timers;
-use crate::bus::{self, Registry};
+use crate::bus::{self, Gid, Registry};
 use crate::ipc::WorkerStats;
 use crate::plugin::CustomProtocol;
 use wm_proto::{http, Codec, Framer, Kind, ProtocolError, Wire};
@@ -24,8 +24,9 @@ use wm_proto::{http, Codec, Framer, Kind, ProtocolError, Wire};
 /// How long a connection half-closed by `end()` may linger (Workerman: 1 s).
 pub const LINGER: Duration = Duration::from_secs(1);
 
-/// Poll tokens of connections start here (below: listener, control, bus).
-pub const FIRST_CONN: usize = 3;
+/// Poll tokens of connections start here (below: listener, control, bus,
+/// handover).
+pub const FIRST_CONN: usize = 4;
 
 /// A plugin callback owed once the current one returns.
 #[derive(Debug)]
@@ -80,6 +81,16 @@ pub struct Core {
     pub(super) heads: http::HeadCache,
     /// The `Date` of answers, read from the clock once per wake-up.
     pub(super) date: http::DateCache,
+    /// Connections taken over from another worker, which keep their gid on
+    /// the bus: local id -> gid, and back.
+    pub adopted: HashMap<u64, Gid>,
+    pub adopted_gids: HashMap<Gid, u64>,
+    /// While bus frames from before a handover's cut are delivered: the
+    /// old worker delivered those to the adopted connections already.
+    pub skip_adopted: bool,
+    /// The worker is being replaced: HTTP answers say `Connection: close`
+    /// and websockets are closed with 1001 (going away).
+    pub retiring: bool,
 }
 
 /// Slab index of a connection id: the low 32 bits. The high 32 bits are a
@@ -124,6 +135,10 @@ impl Core {
             spare_out: Vec::new(),
             heads: http::HeadCache::default(),
             date: http::DateCache::default(),
+            adopted: HashMap::new(),
+            adopted_gids: HashMap::new(),
+            skip_adopted: false,
+            retiring: false,
         }
     }
 
@@ -240,13 +255,15 @@ impl Core {
         if let Some(last) = last {
             self.send(id, last);
         }
+        let retiring = self.retiring;
         let Some(conn) = self.get(id) else {
             return true;
         };
         if conn.state == State::Open {
             // A websocket says goodbye with a close frame (1000: normal).
             if let Some(bye) = match &conn.codec {
-                Codec::Websocket(ws) => ws.goodbye(),
+                Codec::Websocket(ws) if retiring => ws.going_away().map(|f| f.to_vec()),
+                Codec::Websocket(ws) => ws.goodbye().map(|f| f.to_vec()),
                 _ => None,
             } {
                 let _ = conn.write_parts(&[&bye]);
@@ -372,6 +389,9 @@ impl Core {
         let Some(conn) = lookup(&mut self.conns, id) else {
             return;
         };
+        if conn.frozen {
+            return;
+        }
         match conn.flush() {
             Ok(true) => {
                 if conn.full {

@@ -26,8 +26,27 @@ pub fn kind_from(code: u8) -> Kind {
 /// Groups, uids and broadcasts: local delivery now, and the same message on
 /// the bus for the other workers.
 impl Core {
-    fn gid(&self, conn: u64) -> Gid {
-        (self.node, conn)
+    /// A connection's id on the bus: this worker's pid and its id here,
+    /// unless it came from another worker in a handover and kept its gid.
+    pub(super) fn gid(&self, conn: u64) -> Gid {
+        if self.adopted.is_empty() {
+            return (self.node, conn);
+        }
+        self.adopted
+            .get(&conn)
+            .copied()
+            .unwrap_or((self.node, conn))
+    }
+
+    /// The connection here that a gid names, if it is here.
+    fn local_of(&self, g: Gid) -> Option<u64> {
+        if g.0 == self.node {
+            return (!self.skip_adopted || !self.adopted.contains_key(&g.1)).then_some(g.1);
+        }
+        if self.skip_adopted {
+            return None;
+        }
+        self.adopted_gids.get(&g).copied()
     }
 
     fn publish_bus(&mut self, msg: &BusMsg) {
@@ -81,9 +100,11 @@ impl Core {
 
     /// A connection closed: drop its memberships here and everywhere.
     pub fn forget_conn(&mut self, conn: u64) {
-        let msg = BusMsg::Gone {
-            conn: self.gid(conn),
-        };
+        let gid = self.gid(conn);
+        if self.adopted.remove(&conn).is_some() {
+            self.adopted_gids.remove(&gid);
+        }
+        let msg = BusMsg::Gone { conn: gid };
         if self.registry.apply(&msg) {
             self.publish_bus(&msg);
         }
@@ -143,7 +164,6 @@ impl Core {
 
     /// Sends a routed message to this worker's connections it targets.
     pub fn deliver(&mut self, msg: &BusMsg) {
-        let node = self.node;
         let (targets, kind, data): (Vec<u64>, u8, &[u8]) = match msg {
             BusMsg::ToGroup {
                 group,
@@ -153,8 +173,8 @@ impl Core {
             } => (
                 self.registry
                     .members(group)
-                    .filter(|g| g.0 == node && Some(*g) != *exclude)
-                    .map(|g| g.1)
+                    .filter(|g| Some(*g) != *exclude)
+                    .filter_map(|g| self.local_of(g))
                     .collect(),
                 *kind,
                 data,
@@ -162,8 +182,7 @@ impl Core {
             BusMsg::ToUid { uid, kind, data } => (
                 self.registry
                     .uid_conns(uid)
-                    .filter(|g| g.0 == node)
-                    .map(|g| g.1)
+                    .filter_map(|g| self.local_of(g))
                     .collect(),
                 *kind,
                 data,
@@ -177,7 +196,8 @@ impl Core {
                     .iter()
                     .filter(|(_, c)| c.state == State::Open && c.codec.established())
                     .map(|(_, c)| c.id)
-                    .filter(|id| Some((node, *id)) != *exclude)
+                    .filter(|id| !(self.skip_adopted && self.adopted.contains_key(id)))
+                    .filter(|id| Some(self.gid(*id)) != *exclude)
                     .collect(),
                 *kind,
                 data,

@@ -150,7 +150,7 @@ impl Guard {
         self.next_sweep = Some(now + every);
         let mut late = Vec::new();
         for (_, c) in core.conns.iter_mut() {
-            if c.state != State::Open || c.outbound.is_some() {
+            if c.state != State::Open || c.outbound.is_some() || c.frozen {
                 continue;
             }
             if c.paused {

@@ -6,8 +6,10 @@ mod conn;
 mod core;
 mod groups;
 mod guard;
+pub mod handover;
 mod host_api;
 pub(crate) mod logs;
+mod migrate;
 mod outbound;
 mod respond;
 mod runner;
@@ -40,6 +42,7 @@ use wm_proto::{http, websocket, Codec, DecodeCx, Error, Framer, Step};
 pub const LISTEN_FD: i32 = 3;
 pub const CONTROL_FD: i32 = 4;
 pub const BUS_FD: i32 = 5;
+pub use handover::HANDOVER_FD;
 /// Environment variable carrying the [`Spec`] as JSON.
 pub const SPEC_ENV: &str = "WM_WORKER_SPEC";
 
@@ -102,7 +105,7 @@ impl Housekeeping {
                 let ids: Vec<u64> = core
                     .conns
                     .iter()
-                    .filter(|(_, c)| c.state == State::Open)
+                    .filter(|(_, c)| c.state == State::Open && !c.frozen)
                     .filter(|(_, c)| {
                         matches!(&c.codec, Codec::Websocket(ws)
                             if ws.role() == websocket::Role::Server && ws.is_open())
@@ -124,7 +127,9 @@ impl Housekeeping {
         let quiet: Vec<u64> = core
             .conns
             .iter()
-            .filter(|(_, c)| c.state == State::Open && now.duration_since(c.last_active) >= idle)
+            .filter(|(_, c)| {
+                c.state == State::Open && !c.frozen && now.duration_since(c.last_active) >= idle
+            })
             .map(|(_, c)| c.id)
             .collect();
         for id in &quiet {
@@ -343,6 +348,10 @@ pub struct Spec {
     pub id: u32,
     /// The private copy of `worker.plugin` to load.
     pub load_from: std::path::PathBuf,
+    /// A replacement that takes over its predecessor's connections: it
+    /// finds the handover socket on [`HANDOVER_FD`].
+    #[serde(default)]
+    pub handover: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -383,6 +392,18 @@ struct Worker {
     /// When a stop closes the remaining connections.
     close_at: Option<Instant>,
     full_logged: bool,
+    /// Not accepting while a handover runs (either side).
+    parked_listener: Option<TcpListener>,
+    /// Descriptors that came with control messages.
+    ctl_fds: migrate::CtlFds,
+    /// Old worker: the socket to the replacement, until the `Cut`…
+    handover_fd: Option<OwnedFd>,
+    /// …or bus frames after a `Cut` that came before the socket.
+    cut_pending: Option<Vec<Vec<u8>>>,
+    /// Old worker: exported, waiting for the replacement's answer.
+    outgoing: Option<migrate::Outgoing>,
+    /// New worker: waiting for the export.
+    incoming: Option<migrate::Incoming>,
 }
 
 /// Entry point of `wm-host worker`. Returns the process exit code.
@@ -394,7 +415,11 @@ pub fn run(spec: Spec) -> i32 {
     let ctl = unsafe { StdUnixStream::from_raw_fd(CONTROL_FD) };
     let listener = unsafe { std::net::TcpListener::from(OwnedFd::from_raw_fd(LISTEN_FD)) };
     let bus = unsafe { StdUnixStream::from(OwnedFd::from_raw_fd(BUS_FD)) };
-    serve(spec, ctl, listener, bus)
+    // SAFETY: the master passes it to replacements that take over.
+    let handover = spec
+        .handover
+        .then(|| unsafe { StdUnixStream::from(OwnedFd::from_raw_fd(HANDOVER_FD)) });
+    serve_with(spec, ctl, listener, bus, handover)
 }
 
 /// Runs a worker on these sockets until it is told to stop over `ctl` (or
@@ -407,8 +432,20 @@ pub fn serve(
     listener: std::net::TcpListener,
     bus: StdUnixStream,
 ) -> i32 {
+    serve_with(spec, ctl, listener, bus, None)
+}
+
+/// [`serve`], for a replacement that takes over the connections of the
+/// worker at the other end of `handover`.
+pub fn serve_with(
+    spec: Spec,
+    ctl: StdUnixStream,
+    listener: std::net::TcpListener,
+    bus: StdUnixStream,
+    handover: Option<StdUnixStream>,
+) -> i32 {
     let _span = tracing::info_span!("worker", name = %spec.worker.name, id = spec.id, pid = std::process::id()).entered();
-    match start(spec, ctl, listener, bus) {
+    match start(spec, ctl, listener, bus, handover) {
         Ok(mut worker) => match worker.run() {
             Ok(()) => 0,
             Err(e) => {
@@ -479,6 +516,7 @@ fn start(
     ctl_std: StdUnixStream,
     std_listener: std::net::TcpListener,
     bus_std: StdUnixStream,
+    handover: Option<StdUnixStream>,
 ) -> Result<Worker, (StdUnixStream, String)> {
     let plugin = match LoadedPlugin::load(&spec.load_from, &spec.worker.plugin) {
         Ok(p) => p,
@@ -574,10 +612,32 @@ fn start(
         shed: 0,
         close_at: None,
         full_logged: false,
+        parked_listener: None,
+        ctl_fds: Default::default(),
+        handover_fd: None,
+        cut_pending: None,
+        outgoing: None,
+        incoming: None,
         runner,
     };
+    // Only a build that can import waits for the old worker's connections.
+    if let Some(sock) = handover.filter(|_| worker.runner.plugin.handover()) {
+        if let Err(e) = worker.await_handover(sock) {
+            return Err((ctl_std, format!("handover socket: {e}")));
+        }
+    }
+    // What on_worker_start sent on the bus reaches the master before we say
+    // ready: a handover's cut comes after it (see `handover.rs`).
+    if let Some(bus) = worker.core.bus.as_mut() {
+        let _ = handover::write_all_within(
+            bus,
+            &mut worker.core.bus_buf.outbuf,
+            Duration::from_secs(1),
+        );
+    }
     worker.ctl_buf.queue(&FromWorker::Ready {
         plugin: worker.runner.plugin.label.clone(),
+        handover: worker.incoming.is_some(),
     });
     let _ = worker.ctl_buf.flush(&mut worker.ctl);
     tracing::info!(
@@ -629,6 +689,7 @@ impl Worker {
                     LISTENER => self.accept(),
                     CONTROL => self.control(),
                     BUS => self.bus_in(),
+                    migrate::HANDOVER => self.handover_io(),
                     Token(t) => {
                         let idx = t - FIRST_CONN;
                         let Some(id) = self.core.conns.get(idx).map(|c| c.id) else {
@@ -770,6 +831,10 @@ impl Worker {
     }
 
     fn fire_timers(&mut self) {
+        // A replacement runs no plugin code before its import.
+        if self.incoming.is_some() {
+            return;
+        }
         let now = Instant::now();
         while let Some(id) = self.core.timers.pop_due(now) {
             self.runner.invoke(&mut self.core, Call::Timer(id));
@@ -841,7 +906,7 @@ impl Worker {
             let Some(conn) = self.core.get(id) else {
                 return;
             };
-            if conn.state != State::Open || conn.paused {
+            if conn.state != State::Open || conn.paused || conn.frozen {
                 return;
             }
             match conn.sock.read(&mut self.read_buf) {
@@ -925,13 +990,34 @@ impl Worker {
         };
         let (frames, closed) = self.core.bus_buf.read_frames(sock);
         for f in frames {
-            self.core.on_bus_frame(&f);
-            self.runner.settle(&mut self.core);
+            self.bus_frame_in(f);
         }
         if closed {
             tracing::warn!("bus to the master closed");
         }
         self.flush_bus();
+        self.try_import();
+    }
+
+    /// A bus frame as it arrives: held while a handover needs it to wait.
+    fn bus_frame_in(&mut self, f: Vec<u8>) {
+        if self.incoming.is_some() {
+            return self.hold_bus_frame(f);
+        }
+        if let Some(held) = self.cut_pending.as_mut() {
+            held.push(f);
+            return;
+        }
+        if crate::bus::is_cut(&f) {
+            self.at_cut();
+            return;
+        }
+        self.bus_frame(&f);
+    }
+
+    fn bus_frame(&mut self, f: &[u8]) {
+        self.core.on_bus_frame(f);
+        self.runner.settle(&mut self.core);
     }
 
     fn flush_bus(&mut self) {
@@ -939,9 +1025,14 @@ impl Worker {
     }
 
     fn control(&mut self) {
-        let (msgs, closed) = self.ctl_buf.read_from::<ToWorker>(&mut self.ctl);
+        let mut from = handover::FdReader {
+            sock: &self.ctl,
+            fds: &mut self.ctl_fds,
+        };
+        let (msgs, closed) = self.ctl_buf.read_from::<ToWorker>(&mut from);
         for msg in msgs {
             match msg {
+                Ok(ToWorker::Handover) => self.handover_asked(),
                 Ok(ToWorker::Stop { graceful }) => {
                     self.begin_stop(if graceful { Stop::Graceful } else { Stop::Now })
                 }
@@ -979,6 +1070,18 @@ impl Worker {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
+        // Clients hear that we go: websockets get 1001, HTTP answers
+        // `Connection: close`, and idle keep-alive connections a FIN now.
+        self.core.retiring = true;
+        let idle: Vec<u64> = (self.core.conns.iter())
+            .filter(|(_, c)| c.state == State::Open && !c.frozen && c.inbuf.is_empty())
+            .filter(|(_, c)| matches!(&c.codec, Codec::Http(h) if h.pending.is_empty()))
+            .map(|(_, c)| c.id)
+            .collect();
+        for id in idle {
+            self.core.close(id, None);
+        }
+        self.runner.settle(&mut self.core);
         if mode == Stop::Now {
             self.close_at = Some(Instant::now() + DRAIN);
         }
@@ -986,7 +1089,11 @@ impl Worker {
 
     /// Closes every connection once what it is owed is written.
     fn close_all(&mut self) {
-        let ids: Vec<u64> = self.core.conns.iter().map(|(_, c)| c.id).collect();
+        // Exported ones are the replacement's, or resumed and closed later.
+        let ids: Vec<u64> = (self.core.conns.iter())
+            .filter(|(_, c)| !c.frozen)
+            .map(|(_, c)| c.id)
+            .collect();
         for id in ids {
             self.core.close(id, None);
         }

@@ -31,7 +31,7 @@ impl Core {
         let head = http::ResponseHead {
             status,
             body_len: body.len(),
-            keep_alive: req.keep_alive,
+            keep_alive: req.keep_alive && !self.retiring,
             head_only: req.head,
         };
         let (head, with_body, keep_alive) = self.heads.encode(&head, fields, self.date.current());

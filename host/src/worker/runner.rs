@@ -31,6 +31,10 @@ pub enum Call<'a> {
     WebsocketConnect(u64, &'a RawRequest<'a>),
     Request(u64, &'a RawRequest<'a>),
     Publish(&'a str, &'a [u8]),
+    Export(&'a mut Vec<u8>),
+    ExportConn(u64, &'a mut Vec<u8>),
+    Import(&'a super::handover::BuildInfo, &'a [u8]),
+    ImportConn(u64, &'a super::handover::BuildInfo, &'a [u8]),
 }
 
 impl Call<'_> {
@@ -49,6 +53,10 @@ impl Call<'_> {
             Call::WebsocketConnect(..) => "on_websocket_connect",
             Call::Request(..) => "on_request",
             Call::Publish(..) => "on_publish",
+            Call::Export(_) => "on_export",
+            Call::ExportConn(..) => "on_export_conn",
+            Call::Import(..) => "on_import",
+            Call::ImportConn(..) => "on_import_conn",
         }
     }
 
@@ -126,6 +134,10 @@ impl Runner {
             Call::Request(c, r) => (vt.on_request())(st, ctx, c, r),
             Call::Publish(t, d) => {
                 (vt.on_publish())(st, ctx, RStr::from_str(t), RSlice::from_slice(d))
+            }
+            // Wired to the plugin once the ABI has them.
+            Call::Export(_) | Call::ExportConn(..) | Call::Import(..) | Call::ImportConn(..) => {
+                Outcome::Ok
             }
         });
         if outcome == Outcome::Panicked {
@@ -214,7 +226,7 @@ impl Runner {
                         self.finish_outbound(core, id);
                         continue;
                     }
-                    let known = conn.codec.established();
+                    let known = conn.codec.established() && !conn.unknown;
                     let partners = [conn.pipe_to, conn.pipe_from];
                     // Dropping the socket closes it and takes it out of epoll.
                     let held = core.conns.remove(slot(id)).held;

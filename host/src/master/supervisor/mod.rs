@@ -31,7 +31,7 @@ use self::roll::{Plan, Roll, Step};
 use super::builds::Build;
 use super::control::ClientId;
 use super::watch::Trigger;
-use crate::ipc::{GroupReport, Response};
+use crate::ipc::{GroupReport, HandoverReport, Response};
 
 /// A worker process as the supervisor knows it; never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -49,6 +49,8 @@ pub struct GroupSpec {
     pub max_requests: Option<u64>,
     /// …or once its resident memory is over this many bytes.
     pub max_memory: Option<u64>,
+    /// Replacements take over the old worker's connections (`reload_mode`).
+    pub handover: bool,
 }
 
 /// After a recycle's replacement failed, the slot is not recycled again
@@ -83,8 +85,14 @@ pub enum StartFailure {
 /// What happened, as the event loop saw it.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// The worker loaded its plugin and is accepting.
-    Ready { worker: WorkerId },
+    /// The worker loaded its plugin and is accepting, or (`handover`) is
+    /// a replacement waiting to take over its predecessor's connections.
+    Ready { worker: WorkerId, handover: bool },
+    /// The replacement's handover is over (it is accepting now).
+    HandedOver {
+        worker: WorkerId,
+        report: HandoverReport,
+    },
     /// The worker said why it cannot start (it exits right after).
     Failed { worker: WorkerId, error: String },
     /// A `Spawn` action could not start the process.
@@ -162,6 +170,14 @@ pub enum Action {
         group: usize,
         id: u32,
         build: Build,
+        /// A replacement that may take over its predecessor's connections.
+        handover: bool,
+    },
+    /// Ask `from` to hand its connections to `to` (`None`: there is no
+    /// worker to take them from; `to` starts afresh).
+    Handover {
+        from: Option<WorkerId>,
+        to: WorkerId,
     },
     /// Tell the worker to stop (kill it if it cannot be told).
     Stop { worker: WorkerId, graceful: bool },
@@ -242,6 +258,8 @@ struct Replacement {
     deadline: Instant,
     /// Started to recycle the slot's worker, not by a roll.
     recycle: Option<Recycle>,
+    /// Ready, and taking over its predecessor's connections.
+    handing_over: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -306,6 +324,8 @@ pub struct Supervisor {
     recycles: VecDeque<(WorkerId, Recycle)>,
     /// Clients waiting for the stop to finish.
     stop_waiters: Vec<ClientId>,
+    /// Per group, what the last reload with a handover did (for `status`).
+    last_handover: BTreeMap<usize, HandoverReport>,
     /// Actions of the event being handled.
     out: Vec<Action>,
 }
@@ -342,6 +362,7 @@ impl Supervisor {
             reload: None,
             recycles: VecDeque::new(),
             stop_waiters: Vec::new(),
+            last_handover: BTreeMap::new(),
             out: Vec::new(),
         }
     }
@@ -358,7 +379,8 @@ impl Supervisor {
 
     pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
         match event {
-            Event::Ready { worker } => self.ready(worker, now),
+            Event::Ready { worker, handover } => self.ready(worker, handover, now),
+            Event::HandedOver { worker, report } => self.handed_over(worker, report, now),
             Event::Failed { worker, error } => self.failed(worker, error, now),
             Event::SpawnFailed { worker, error } => self.spawn_failed(worker, error, now),
             Event::Exited {
@@ -416,6 +438,11 @@ impl Supervisor {
     /// A reload is being installed or rolled.
     pub fn reload_busy(&self) -> bool {
         self.reload.is_some()
+    }
+
+    /// What the last reload with a handover did for this group.
+    pub fn last_handover(&self, group: usize) -> Option<HandoverReport> {
+        self.last_handover.get(&group).copied()
     }
 
     pub fn take_start_error(&mut self) -> Option<StartFailure> {
@@ -538,10 +565,11 @@ impl Supervisor {
             group,
             id,
             build,
+            handover: false,
         });
     }
 
-    fn ready(&mut self, worker: WorkerId, now: Instant) {
+    fn ready(&mut self, worker: WorkerId, handover: bool, now: Instant) {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
@@ -551,6 +579,49 @@ impl Supervisor {
         if !matches!(w.role, Role::Replacement) {
             return;
         }
+        if handover {
+            // It takes over the worker serving its slot, if there is one,
+            // and has until the deadline (again) to be done.
+            let from = (self.workers.iter())
+                .find(|(_, o)| {
+                    o.group == group && o.id == id && o.ready && matches!(o.role, Role::Serving)
+                })
+                .map(|(&k, _)| k);
+            let slot = &mut self.groups[group].slots[id as usize];
+            if let Some(rep) = slot.replacement.as_mut().filter(|r| r.worker == worker) {
+                rep.deadline = now + self.timeouts.start;
+                rep.handing_over = true;
+            }
+            self.out.push(Action::Handover { from, to: worker });
+            return;
+        }
+        self.replacement_ready(worker, group, id, now);
+    }
+
+    /// A replacement took over its predecessor's connections.
+    fn handed_over(&mut self, worker: WorkerId, report: HandoverReport, now: Instant) {
+        let Some(w) = self.workers.get(&worker) else {
+            return;
+        };
+        let (group, id) = (w.group, w.id);
+        let slot = &mut self.groups[group].slots[id as usize];
+        let Some(rep) = slot.replacement.as_mut().filter(|r| r.worker == worker) else {
+            return;
+        };
+        rep.handing_over = false;
+        if let Some(Reload {
+            stage: Stage::Rolling(roll),
+            ..
+        }) = &mut self.reload
+        {
+            roll.handed_over(group, id, &report);
+        }
+        self.replacement_ready(worker, group, id, now);
+    }
+
+    /// A replacement is ready and has what it takes over: it serves the
+    /// slot, and the worker it replaces goes.
+    fn replacement_ready(&mut self, worker: WorkerId, group: usize, id: u32, now: Instant) {
         let slot = &mut self.groups[group].slots[id as usize];
         if slot
             .replacement
@@ -1086,6 +1157,7 @@ impl Supervisor {
                 millis: 0,
                 kept: false,
                 error: Some(error),
+                handover: None,
             });
         }
         tracing::info!(graceful, "rolling reload started");
@@ -1130,12 +1202,14 @@ impl Supervisor {
                     build: build.clone(),
                     deadline: now + self.timeouts.start,
                     recycle: None,
+                    handing_over: false,
                 });
                 self.out.push(Action::Spawn {
                     worker,
                     group,
                     id,
                     build,
+                    handover: self.groups[group].spec.handover,
                 });
             }
             Step::Finished => self.finish_roll(),
@@ -1254,12 +1328,14 @@ impl Supervisor {
                 build: build.clone(),
                 deadline: now + self.timeouts.start,
                 recycle: Some(recycle),
+                handing_over: false,
             });
             self.out.push(Action::Spawn {
                 worker,
                 group,
                 id,
                 build,
+                handover: self.groups[group].spec.handover,
             });
             break;
         }
@@ -1303,6 +1379,12 @@ impl Supervisor {
         };
         let report = roll.report;
         for g in &report.groups {
+            if let (Some(h), Some(i)) = (
+                g.handover,
+                self.groups.iter().position(|x| x.spec.name == g.name),
+            ) {
+                self.last_handover.insert(i, h);
+            }
             match &g.error {
                 Some(e) => tracing::error!("reload {}: failed: {e}", g.name),
                 None if g.kept => {

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use crate::ipc::{GroupReport, ReloadReport};
+use crate::ipc::{GroupReport, HandoverReport, ReloadReport};
 use crate::master::builds::Build;
 
 /// What the roll wants next.
@@ -72,6 +72,7 @@ impl Roll {
                 millis: 0,
                 kept: false,
                 error: None,
+                handover: None,
             });
         }
         for (name, build, count) in kept {
@@ -84,6 +85,7 @@ impl Roll {
                 millis: 0,
                 kept: true,
                 error: None,
+                handover: None,
             });
         }
         Roll {
@@ -142,6 +144,20 @@ impl Roll {
         self.report.groups[g.report].rolled += 1;
         self.waiting = None;
         true
+    }
+
+    /// The replacement for the id we wait on took over its predecessor's
+    /// connections: counted in its group's report.
+    pub fn handed_over(&mut self, group: usize, id: u32, report: &HandoverReport) {
+        if self.waiting != Some((group, id)) {
+            return;
+        }
+        if let Some(g) = self.queue.front() {
+            let r = &mut self.report.groups[g.report];
+            r.handover
+                .get_or_insert_with(HandoverReport::default)
+                .add(report);
+        }
     }
 
     /// The replacement failed: stop here, keeping the rest on their build.

@@ -37,6 +37,7 @@ impl H {
                     plugin: PathBuf::from(format!("/src/{name}.so")),
                     max_requests: None,
                     max_memory: None,
+                    handover: false,
                 };
                 (spec, build("a"))
             })
@@ -55,7 +56,12 @@ impl H {
         let (mut h, actions) = H::new(groups);
         let workers: Vec<WorkerId> = spawned(&actions).iter().map(|s| s.0).collect();
         for &w in &workers {
-            assert!(h.ev(Event::Ready { worker: w }).is_empty());
+            assert!(h
+                .ev(Event::Ready {
+                    worker: w,
+                    handover: false
+                })
+                .is_empty());
         }
         assert!(matches!(h.ev(Event::Tick)[..], [Action::Started]));
         assert!(h.sup.is_running());
@@ -116,6 +122,7 @@ fn spawned(actions: &[Action]) -> Vec<(WorkerId, usize, u32, String)> {
                 group,
                 id,
                 build,
+                ..
             } => Some((*worker, *group, *id, build.hash[..1].to_string())),
             _ => None,
         })
@@ -186,7 +193,10 @@ fn roll_through(h: &mut H, mut actions: Vec<Action>, count: usize) -> (Vec<Worke
         assert_eq!(s.len(), 1, "one replacement at a time: {actions:?}");
         new.push(s[0].0);
         h.later(10 * MS);
-        actions = h.ev(Event::Ready { worker: s[0].0 });
+        actions = h.ev(Event::Ready {
+            worker: s[0].0,
+            handover: false,
+        });
     }
     (new, actions)
 }
@@ -197,10 +207,21 @@ fn start_up_fills_every_slot_and_succeeds_once_all_are_ready() {
     let s = spawned(&actions);
     let slots: Vec<(usize, u32)> = s.iter().map(|s| (s.1, s.2)).collect();
     assert_eq!(slots, [(0, 0), (0, 1), (1, 0)]);
-    assert!(h.ev(Event::Ready { worker: s[0].0 }).is_empty());
+    assert!(h
+        .ev(Event::Ready {
+            worker: s[0].0,
+            handover: false
+        })
+        .is_empty());
     assert!(h.ev(Event::Tick).is_empty(), "not all ready yet");
-    h.ev(Event::Ready { worker: s[1].0 });
-    h.ev(Event::Ready { worker: s[2].0 });
+    h.ev(Event::Ready {
+        worker: s[1].0,
+        handover: false,
+    });
+    h.ev(Event::Ready {
+        worker: s[2].0,
+        handover: false,
+    });
     assert!(matches!(h.ev(Event::Tick)[..], [Action::Started]));
     assert_eq!(h.sup.processes(0), 2);
     assert!(h.sup.take_start_error().is_none());
@@ -210,7 +231,10 @@ fn start_up_fills_every_slot_and_succeeds_once_all_are_ready() {
 fn a_worker_that_fails_at_start_fails_the_start_and_stops_the_others() {
     let (mut h, actions) = H::new(&[("t", 2, true)]);
     let s = spawned(&actions);
-    h.ev(Event::Ready { worker: s[0].0 });
+    h.ev(Event::Ready {
+        worker: s[0].0,
+        handover: false,
+    });
     let a = h.ev(Event::Failed {
         worker: s[1].0,
         error: "plugin x: not a wm-host plugin".into(),
@@ -315,7 +339,10 @@ fn a_crash_loop_backs_off_and_a_long_life_is_forgiven() {
     assert_eq!(h.sup.next_deadline(), Some(h.now + 200 * MS));
     h.later(200 * MS);
     let s = spawned(&h.ev(Event::Tick));
-    h.ev(Event::Ready { worker: s[0].0 });
+    h.ev(Event::Ready {
+        worker: s[0].0,
+        handover: false,
+    });
     // A respawn that cannot start is retried with the backoff too.
     h.later(Duration::from_secs(60));
     h.exited(s[0].0, "exit code 3");
@@ -344,7 +371,10 @@ fn respawn_after(h: &mut H, delay: Duration) -> WorkerId {
     h.later(delay);
     let s = spawned(&h.ev(Event::Tick));
     assert_eq!(s.len(), 1, "respawned once");
-    h.ev(Event::Ready { worker: s[0].0 });
+    h.ev(Event::Ready {
+        worker: s[0].0,
+        handover: false,
+    });
     s[0].0
 }
 
@@ -416,7 +446,10 @@ fn a_roll_replaces_one_id_at_a_time_and_reports() {
     assert_eq!(h.build_of(s[0].0), "b");
     assert_eq!(h.sup.processes(0), 3, "capacity never dips");
     h.later(10 * MS);
-    let a = h.ev(Event::Ready { worker: s[0].0 });
+    let a = h.ev(Event::Ready {
+        worker: s[0].0,
+        handover: false,
+    });
     assert_eq!(
         stopped(&a),
         [old[0]],
@@ -429,7 +462,10 @@ fn a_roll_replaces_one_id_at_a_time_and_reports() {
     );
     let s2 = spawned(&a);
     assert_eq!((s2[0].2, s2[0].3.as_str()), (1, "b"));
-    let a = h.ev(Event::Ready { worker: s2[0].0 });
+    let a = h.ev(Event::Ready {
+        worker: s2[0].0,
+        handover: false,
+    });
     assert_eq!(stopped(&a), [old[1]]);
     let report = reloaded(&a, 7);
     assert!(report.ok());
@@ -521,7 +557,12 @@ fn a_replacement_not_ready_in_time_is_killed_and_fails_the_roll() {
         Some("not ready within start_timeout (5s)")
     );
     // Ready too late: it is not promoted.
-    assert!(h.ev(Event::Ready { worker: r }).is_empty());
+    assert!(h
+        .ev(Event::Ready {
+            worker: r,
+            handover: false
+        })
+        .is_empty());
     assert!(h.exited(r, "signal SIGKILL").is_empty());
     assert_eq!(h.build_of(old[0]), "a");
     assert_eq!(h.exits(), [("t".into(), "signal SIGKILL".into(), 1)]);
@@ -678,7 +719,10 @@ fn a_serving_worker_that_dies_mid_roll_is_replaced_once() {
     h.later(Duration::from_secs(10));
     h.exited(old[0], "signal SIGKILL");
     // The replacement is ready before the respawn is due: it fills the slot.
-    let a = h.ev(Event::Ready { worker: r });
+    let a = h.ev(Event::Ready {
+        worker: r,
+        handover: false,
+    });
     assert!(reloaded(&a, 1).ok());
     assert!(stopped(&a).is_empty(), "nothing left to retire");
     assert!(
@@ -710,7 +754,10 @@ fn watched_changes_roll_only_groups_whose_content_changed() {
     watch(&mut h, vec![Trigger::Extra(1)]);
     let s = spawned(&h.installed(1, Ok(build("a"))));
     assert_eq!((s[0].1, s[0].3.as_str()), (1, "a"));
-    h.ev(Event::Ready { worker: s[0].0 });
+    h.ev(Event::Ready {
+        worker: s[0].0,
+        handover: false,
+    });
     assert!(!h.sup.reload_busy());
     // New content: rolled.
     watch(&mut h, vec![Trigger::Plugin(0)]);
@@ -778,6 +825,7 @@ fn recycling(count: u32, max_requests: Option<u64>, max_memory: Option<u64>) -> 
         plugin: PathBuf::from("/src/t.so"),
         max_requests,
         max_memory,
+        handover: false,
     };
     let timeouts = Timeouts {
         start: START,
@@ -787,7 +835,10 @@ fn recycling(count: u32, max_requests: Option<u64>, max_memory: Option<u64>) -> 
     let workers: Vec<WorkerId> = spawned(&sup.start(now)).iter().map(|s| s.0).collect();
     let mut h = H { sup, now };
     for &w in &workers {
-        h.ev(Event::Ready { worker: w });
+        h.ev(Event::Ready {
+            worker: w,
+            handover: false,
+        });
     }
     assert!(matches!(h.ev(Event::Tick)[..], [Action::Started]));
     (h, workers)
@@ -821,12 +872,18 @@ fn a_worker_past_max_requests_is_recycled_new_before_old_one_at_a_time() {
     // The other one is over too: it waits for its turn.
     assert!(requests(&mut h, old[1], 150).is_empty());
     h.later(10 * MS);
-    let a = h.ev(Event::Ready { worker: s[0].0 });
+    let a = h.ev(Event::Ready {
+        worker: s[0].0,
+        handover: false,
+    });
     assert_eq!(stopped(&a), [old[0]]);
     let s2 = spawned(&a);
     assert_eq!((s2[0].2, s2[0].3.as_str()), (1, "a"));
     assert_eq!(restarts(&h), [("t".into(), "max_requests", 1)]);
-    let a = h.ev(Event::Ready { worker: s2[0].0 });
+    let a = h.ev(Event::Ready {
+        worker: s2[0].0,
+        handover: false,
+    });
     assert_eq!(stopped(&a), [old[1]]);
     assert!(spawned(&a).is_empty());
     assert_eq!(restarts(&h), [("t".into(), "max_requests", 2)]);
@@ -857,7 +914,13 @@ fn a_worker_past_max_memory_is_recycled() {
     );
     let s = spawned(&mem(&mut h, 300 << 20));
     assert_eq!(s.len(), 1);
-    assert_eq!(stopped(&h.ev(Event::Ready { worker: s[0].0 })), [old[0]]);
+    assert_eq!(
+        stopped(&h.ev(Event::Ready {
+            worker: s[0].0,
+            handover: false
+        })),
+        [old[0]]
+    );
     assert_eq!(restarts(&h), [("t".into(), "max_memory", 1)]);
 }
 
@@ -918,7 +981,10 @@ fn a_reload_takes_over_a_recycle_and_recycles_wait_for_the_reload() {
 fn usage_is_ignored_while_starting_and_stopping() {
     let (mut h, _) = H::new(&[("t", 1, true)]);
     let w = WorkerId(1);
-    h.ev(Event::Ready { worker: w });
+    h.ev(Event::Ready {
+        worker: w,
+        handover: false,
+    });
     assert!(requests(&mut h, w, u64::MAX).is_empty(), "no limit set");
     let (mut h, old) = recycling(1, Some(1), None);
     h.ev(Event::Stop {
@@ -926,4 +992,159 @@ fn usage_is_ignored_while_starting_and_stopping() {
         client: None,
     });
     assert!(spawned(&requests(&mut h, old[0], 5)).is_empty());
+}
+
+/// Like `H::running`, with `reload_mode = "handover"` for every group.
+fn running_handover(groups: &[(&str, u32, bool)]) -> (H, Vec<WorkerId>) {
+    let (mut h, workers) = H::running(groups);
+    for g in &mut h.sup.groups {
+        g.spec.handover = true;
+    }
+    (h, workers)
+}
+
+fn handovers(actions: &[Action]) -> Vec<(Option<WorkerId>, WorkerId)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Handover { from, to } => Some((*from, *to)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn report(moved: u64) -> HandoverReport {
+    HandoverReport {
+        moved,
+        refused: 1,
+        closed: 2,
+        millis: 3,
+    }
+}
+
+#[test]
+fn a_handover_roll_asks_each_old_worker_for_its_connections_before_it_goes() {
+    let (mut h, old) = running_handover(&[("t", 2, true)]);
+    h.reload(Some(7));
+    let mut actions = h.installed(0, Ok(build("b")));
+    let mut new = Vec::new();
+    for (i, &o) in old.iter().enumerate() {
+        let s = spawned(&actions);
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::Spawn { handover: true, .. })));
+        new.push(s[0].0);
+        // Ready to take over: the old worker is asked, not yet stopped.
+        let a = h.ev(Event::Ready {
+            worker: s[0].0,
+            handover: true,
+        });
+        assert_eq!(handovers(&a), [(Some(o), s[0].0)]);
+        assert!(stopped(&a).is_empty() && spawned(&a).is_empty());
+        // Until it is over, nothing else happens.
+        assert!(h.ev(Event::Tick).is_empty());
+        actions = h.ev(Event::HandedOver {
+            worker: s[0].0,
+            report: report(10 + i as u64),
+        });
+        assert_eq!(stopped(&actions), [o]);
+    }
+    let r = reloaded(&actions, 7);
+    assert!(r.ok());
+    let hv = r.groups[0].handover.expect("counted");
+    assert_eq!((hv.moved, hv.refused, hv.closed), (21, 2, 4));
+    assert_eq!(h.sup.last_handover(0).map(|h| h.moved), Some(21));
+    assert!(new.iter().all(|&w| h.sup.worker(w).unwrap().serving));
+}
+
+#[test]
+fn a_replacement_that_fails_its_import_stops_the_roll_and_the_old_worker_stays() {
+    let (mut h, old) = running_handover(&[("t", 2, true)]);
+    h.reload(Some(7));
+    let actions = h.installed(0, Ok(build("b")));
+    let rep = spawned(&actions)[0].0;
+    h.ev(Event::Ready {
+        worker: rep,
+        handover: true,
+    });
+    let a = h.ev(Event::Failed {
+        worker: rep,
+        error: "on_import failed: boom".into(),
+    });
+    assert_eq!(killed(&a), [rep]);
+    let a = h.exited(rep, "signal SIGKILL");
+    let r = reloaded(&a, 7);
+    assert!(!r.ok());
+    assert!(r.groups[0].error.as_deref().unwrap().contains("boom"));
+    assert!(stopped(&a).is_empty(), "the old worker keeps serving");
+    assert!(h.sup.worker(old[0]).unwrap().serving);
+    assert_eq!(h.build_of(old[0]), "a");
+}
+
+#[test]
+fn a_handover_that_does_not_finish_in_time_fails_like_a_late_start() {
+    let (mut h, old) = running_handover(&[("t", 1, true)]);
+    h.reload(Some(7));
+    let actions = h.installed(0, Ok(build("b")));
+    let rep = spawned(&actions)[0].0;
+    h.later(START - MS);
+    // The deadline starts again when the handover begins.
+    h.ev(Event::Ready {
+        worker: rep,
+        handover: true,
+    });
+    h.later(START - MS);
+    assert!(h.ev(Event::Tick).is_empty());
+    h.later(2 * MS);
+    let a = h.ev(Event::Tick);
+    assert_eq!(killed(&a), [rep]);
+    assert!(!reloaded(&a, 7).ok());
+    assert!(stopped(&a).is_empty());
+    h.exited(rep, "signal SIGKILL");
+    assert!(h.sup.worker(old[0]).unwrap().serving);
+}
+
+#[test]
+fn a_recycle_hands_over_too() {
+    let (mut h, w) = recycling(1, Some(100), None);
+    for g in &mut h.sup.groups {
+        g.spec.handover = true;
+    }
+    let a = h.ev(Event::Usage {
+        worker: w[0],
+        requests: Some(100),
+        memory: None,
+    });
+    let rep = spawned(&a)[0].0;
+    let a = h.ev(Event::Ready {
+        worker: rep,
+        handover: true,
+    });
+    assert_eq!(handovers(&a), [(Some(w[0]), rep)]);
+    let a = h.ev(Event::HandedOver {
+        worker: rep,
+        report: report(5),
+    });
+    assert_eq!(stopped(&a), [w[0]]);
+}
+
+#[test]
+fn a_replacement_whose_slot_has_no_worker_left_starts_afresh() {
+    let (mut h, old) = running_handover(&[("t", 1, true)]);
+    h.reload(Some(7));
+    let actions = h.installed(0, Ok(build("b")));
+    let rep = spawned(&actions)[0].0;
+    // The old worker died meanwhile (its respawn waits for the roll).
+    h.exited(old[0], "signal SIGSEGV");
+    let a = h.ev(Event::Ready {
+        worker: rep,
+        handover: true,
+    });
+    assert_eq!(handovers(&a), [(None, rep)]);
+    let a = h.ev(Event::HandedOver {
+        worker: rep,
+        report: HandoverReport::default(),
+    });
+    assert!(reloaded(&a, 7).ok());
+    assert!(h.sup.worker(rep).unwrap().serving);
 }
