@@ -1,0 +1,143 @@
+//! Live handover on reload: established connections, their unfinished
+//! input and the plugin's state move to the new build; nobody reconnects.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+
+use wm_e2e::*;
+
+/// A server whose group `g` (`count` workers on `scheme`) loads `live.so`,
+/// a copy of test build "a".
+fn setup(scheme: &str, count: u32, extra: &str) -> (Server, u16, PathBuf) {
+    let port = free_port();
+    let s = Server::new(&format!(
+        "[[worker]]\nname = \"g\"\nlisten = \"{scheme}://127.0.0.1:{port}\"\ncount = {count}\nplugin = \"live.so\"\nwatch = false\n{extra}\n"
+    ));
+    let live = s.dir.path().join("live.so");
+    std::fs::copy(test_build("a"), &live).unwrap();
+    (s, port, live)
+}
+
+fn reload(s: &Server) -> (bool, String) {
+    let out = s.cli(&["reload"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Reloads onto `tag` and waits until the old workers are gone.
+fn reload_onto(s: &Server, live: &PathBuf, tag: &str) -> String {
+    let old: Vec<u32> = s.worker_pids("g").iter().map(|p| p.1).collect();
+    std::fs::copy(test_build(tag), live).unwrap();
+    let (ok, out) = reload(s);
+    assert!(ok, "{out}");
+    wait_for("the old workers to exit", || {
+        old.iter().all(|&p| !pid_alive(p)).then_some(())
+    });
+    out
+}
+
+fn ws_call(c: &mut TcpStream, m: &str) -> String {
+    c.write_all(&ws_frame(true, 1, m.as_bytes(), true)).unwrap();
+    let (_, op, data) = ws_read_frame(c).unwrap();
+    assert_eq!(op, 1, "a text frame, not a close: {data:?}");
+    String::from_utf8(data).unwrap()
+}
+
+#[test]
+fn text_connections_stay_open_and_reach_the_new_build() {
+    let (s, port, live) = setup("text", 2, "");
+    s.start();
+    let mut clients: Vec<TextClient> = one_client_per_worker(port, 2).into_values().collect();
+    for c in clients.iter_mut() {
+        assert_eq!(c.call("build"), "a");
+    }
+    let out = reload_onto(&s, &live, "b");
+    assert!(out.contains("2 handed over"), "{out}");
+    for c in clients.iter_mut() {
+        // The same TCP connection, now served by the new build.
+        assert_eq!(c.call("build"), "b");
+        assert_eq!(c.call("hello"), "hello");
+    }
+    let status = s.cli(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("last reload: connections: 2 handed over"), "{text}");
+    s.stop();
+}
+
+#[test]
+fn a_message_cut_in_two_by_a_reload_arrives_whole() {
+    let (s, port, live) = setup("websocket", 1, "");
+    s.start();
+    let mut c = ws_raw(port, "/");
+    assert_eq!(ws_call(&mut c, "build"), "a");
+    // The first fragment of a message, and half of the next frame's bytes.
+    c.write_all(&ws_frame(false, 1, b"hel", true)).unwrap();
+    let last = ws_frame(true, 0, b"lo there", true);
+    c.write_all(&last[..5]).unwrap();
+    // Wait until the old worker has read both halves: it keeps the
+    // frame's 5 bytes (the fragment before it is joined in its codec).
+    wait_for("the worker to read the halves", || {
+        let out = s.cli(&["connections", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let rows = v["connections"].as_array()?.clone();
+        rows.iter().any(|r| r["recv_q"] == 5).then_some(())
+    });
+    reload_onto(&s, &live, "b");
+    c.write_all(&last[5..]).unwrap();
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    let (_, op, data) = ws_read_frame(&mut c).unwrap();
+    assert_eq!((op, data.as_slice()), (1, &b"hello there"[..]));
+    assert_eq!(ws_call(&mut c, "build"), "b");
+    s.stop();
+}
+
+#[test]
+fn http_keep_alive_connections_carry_on_across_a_reload() {
+    let (s, port, live) = setup("http", 1, "");
+    s.start();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    let ask = |c: &mut TcpStream| {
+        c.write_all(b"GET /hello?x HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let head = read_http_head(c);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(!head.to_ascii_lowercase().contains("connection: close"));
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+            .unwrap();
+        let mut body = vec![0; len];
+        c.read_exact(&mut body).unwrap();
+        String::from_utf8(body).unwrap()
+    };
+    assert_eq!(ask(&mut c), "hello GET x");
+    reload_onto(&s, &live, "b");
+    assert_eq!(ask(&mut c), "hello GET x");
+    s.stop();
+}
+
+#[test]
+fn reload_mode_drain_closes_cleanly_instead() {
+    let (s, port, live) = setup("websocket", 1, "reload_mode = \"drain\"");
+    s.start();
+    let mut c = ws_raw(port, "/");
+    assert_eq!(ws_call(&mut c, "build"), "a");
+    std::fs::copy(test_build("b"), &live).unwrap();
+    let (ok, out) = reload(&s);
+    assert!(ok, "{out}");
+    assert!(out.contains("drained"), "{out}");
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    let (_, op, data) = ws_read_frame(&mut c).unwrap();
+    assert_eq!(op, 8, "a close frame");
+    assert_eq!(&data[..2], &1001u16.to_be_bytes(), "going away");
+    // Then a FIN, not a reset.
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    s.stop();
+}
