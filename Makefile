@@ -25,13 +25,17 @@ test-deps:
 	fi
 
 # Two builds of the test plugin that answer `build` differently, for the
-# reload tests; then the default build again.
+# reload tests; then the default build again. And a plugin built against
+# plugin-api before live handover (fixtures/old-api, its own workspace), on
+# the workspace's target dir so it reuses its abi_stable (seconds, not 40 s).
 test-builds: build
 	WM_TEST_BUILD=a $(CARGO) build -p test-plugin
 	cp target/debug/libtest_plugin.so target/debug/libtest_plugin_a.so
 	WM_TEST_BUILD=b $(CARGO) build -p test-plugin
 	cp target/debug/libtest_plugin.so target/debug/libtest_plugin_b.so
 	$(CARGO) build -p test-plugin
+	CARGO_TARGET_DIR=target $(CARGO) build --locked -p old-api-echo \
+		--manifest-path fixtures/old-api/Cargo.toml
 
 lint:
 	$(CARGO) fmt --all -- --check

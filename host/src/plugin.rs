@@ -3,9 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use abi_stable::library::{LibraryError, RootModule};
-use abi_stable::std_types::{RResult, RSlice, RVec};
-use plugin_api::abi::{HostCtx, Outcome, PluginInstance, PluginModRef, PluginVTableRef};
+use abi_stable::library::{AbiHeaderRef, LibraryError, RawLibrary, RootModule};
+use abi_stable::std_types::{RResult, RSlice, RStr, RVec};
+use plugin_api::abi::{
+    HandoverVTableRef, HostCtx, Outcome, PluginInstance, PluginModRef, PluginVTableRef, RawBuild,
+    HANDOVER_SYMBOL,
+};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -23,10 +27,38 @@ pub struct LoadedPlugin {
     pub path: PathBuf,
     /// `crate-name version` as the plugin reports it.
     pub label: String,
+    /// The plugin crate's name, as it reports it.
+    pub name: String,
+    /// The plugin crate's version, as it reports it.
+    pub version: String,
     state: *mut std::ffi::c_void,
     vt: PluginVTableRef,
     /// The plugin's `Protocol` object, if it has one.
     protocol: *mut std::ffi::c_void,
+    /// The handover callbacks; `None` for a plugin built before them.
+    handover_vt: Option<HandoverVTableRef>,
+    /// What the plugin's `handover()` answered when it was built.
+    handover: bool,
+}
+
+/// A plugin build as the other side of a handover sees it (`Build` for
+/// the plugin): crate name and version, and the SHA-256 of the `.so`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildInfo {
+    pub name: String,
+    pub version: String,
+    pub hash: String,
+}
+
+impl BuildInfo {
+    /// The form passed to the plugin.
+    pub fn raw(&self) -> RawBuild<'_> {
+        RawBuild {
+            name: RStr::from_str(&self.name),
+            version: RStr::from_str(&self.version),
+            hash: RStr::from_str(&self.hash),
+        }
+    }
 }
 
 /// A plugin's framing for `custom://`, callable while a plugin callback runs
@@ -66,6 +98,7 @@ impl LoadedPlugin {
             return Err(LoadError::Missing { path: shown });
         }
         let module = PluginModRef::load_from_file(path).map_err(|e| classify(shown.clone(), e))?;
+        let handover_vt = load_handover(path).map_err(|e| classify(shown.clone(), e))?;
         let PluginInstance {
             state,
             protocol,
@@ -74,13 +107,34 @@ impl LoadedPlugin {
             Some(inst) => inst,
             None => return Err(LoadError::CtorPanicked { path: shown }),
         };
+        let handover = handover_vt.is_some_and(|h| (h.handover())(state));
         Ok(LoadedPlugin {
             path: path.to_path_buf(),
             label: format!("{} {}", module.name(), module.version()),
+            name: module.name().to_string(),
+            version: module.version().to_string(),
             state,
             vt,
             protocol,
+            handover_vt,
+            handover,
         })
+    }
+
+    /// Whether the plugin takes part in live handover: it was built with
+    /// the handover callbacks and its `handover()` said yes.
+    pub fn handover(&self) -> bool {
+        self.handover
+    }
+
+    /// This build as a handover's other side sees it; `hash` is the
+    /// SHA-256 of the `.so`, which the host knows and the plugin does not.
+    pub fn build_info(&self, hash: &str) -> BuildInfo {
+        BuildInfo {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            hash: hash.to_string(),
+        }
     }
 
     pub fn protocol(&self) -> Option<CustomProtocol> {
@@ -99,16 +153,17 @@ impl LoadedPlugin {
         f(self.vt, self.state, ctx)
     }
 
-    /// Whether the plugin can import connections on a reload.
-    pub fn handover(&self) -> bool {
-        false
-    }
-
-    /// The plugin crate's name and version.
-    pub fn name_version(&self) -> (String, String) {
-        let mut parts = self.label.splitn(2, ' ');
-        let name = parts.next().unwrap_or_default().to_string();
-        (name, parts.next().unwrap_or_default().to_string())
+    /// Runs one handover callback; `Outcome::Ok` without calling anything
+    /// for a plugin built before them.
+    pub fn call_handover(
+        &self,
+        ctx: HostCtx,
+        f: impl FnOnce(HandoverVTableRef, *mut std::ffi::c_void, HostCtx) -> Outcome,
+    ) -> Outcome {
+        match self.handover_vt {
+            Some(h) => f(h, self.state, ctx),
+            None => Outcome::Ok,
+        }
     }
 
     /// What the last `Failed` or `Panicked` outcome was about.
@@ -121,6 +176,23 @@ impl Drop for LoadedPlugin {
     fn drop(&mut self) {
         (self.vt.drop())(self.state);
     }
+}
+
+/// The handover module of the library at `path` (already loaded for its
+/// main module), checked by abi_stable like the main one; `None` when the
+/// plugin was built before handover existed.
+fn load_handover(path: &Path) -> Result<Option<HandoverVTableRef>, LibraryError> {
+    let lib = RawLibrary::load_at(path)?;
+    // SAFETY: the symbol, when present, is the `LibHeader` static the export
+    // macro defines; the library is never unloaded (forgotten below).
+    let header = match unsafe { lib.get::<AbiHeaderRef>(HANDOVER_SYMBOL) } {
+        Ok(sym) => *sym,
+        Err(LibraryError::GetSymbolError { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    std::mem::forget(lib);
+    let module = header.upgrade()?.init_root_module::<HandoverVTableRef>()?;
+    Ok(Some(module))
 }
 
 fn classify(path: String, e: LibraryError) -> LoadError {

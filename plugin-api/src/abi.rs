@@ -190,6 +190,18 @@ pub struct RawWorkerInfo {
     pub options: RSlice<'static, Tuple2<RStr<'static>, RStr<'static>>>,
 }
 
+/// The build a handover comes from ([`crate::Build`] on the safe side).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct RawBuild<'a> {
+    /// The plugin crate's name.
+    pub name: RStr<'a>,
+    /// The plugin crate's version.
+    pub version: RStr<'a>,
+    /// The host's SHA-256 of the `.so`, in lowercase hex.
+    pub hash: RStr<'a>,
+}
+
 /// Log levels, in `tracing` order.
 #[repr(u8)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -443,6 +455,60 @@ impl RootModule for PluginModRef {
     const NAME: &'static str = "wm_plugin";
     // Compatibility is judged on plugin-api's own version: a different minor
     // (0.x) or major version is refused at load time with a clear error.
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+/// Where the export macro puts the [`HandoverVTable`] module (NUL-terminated).
+pub const HANDOVER_SYMBOL: &[u8] = b"wm_plugin_handover\0";
+
+/// The live-handover callbacks (see [`crate::Plugin::handover`]): a second
+/// root module, exported under [`HANDOVER_SYMBOL`] next to [`PluginMod`].
+///
+/// Not a part of [`PluginVTable`]: abi_stable refuses a library whose prefix
+/// types have fewer fields than the loader's (measured: "too many fields
+/// Expected: 23 Found: 18"), so appending there would lock out every plugin
+/// built before. Plugins built before this module lack the symbol, and have
+/// no handover; their [`PluginMod`] is unchanged. abi_stable checks this
+/// module's layout when the host loads it, like the main one.
+///
+/// `state` and `ctx` are those of [`PluginVTable`]; the same [`Outcome`]s
+/// come back, with their text from `PluginVTable::take_failure`.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = HandoverVTableRef)))]
+pub struct HandoverVTable {
+    /// [`crate::Plugin::handover`]; false if it panicked.
+    pub handover: extern "C" fn(state: *mut c_void) -> bool,
+    /// [`crate::Plugin::on_export`]: appends the worker's state to `out`.
+    pub on_export: extern "C" fn(state: *mut c_void, ctx: HostCtx, out: &mut RVec<u8>) -> Outcome,
+    /// [`crate::Plugin::on_export_conn`]: appends one connection's state to
+    /// `out`.
+    pub on_export_conn:
+        extern "C" fn(state: *mut c_void, ctx: HostCtx, conn: u64, out: &mut RVec<u8>) -> Outcome,
+    /// [`crate::Plugin::on_import`]; `Failed` carries its error.
+    pub on_import: extern "C" fn(
+        state: *mut c_void,
+        ctx: HostCtx,
+        from: &RawBuild<'_>,
+        data: RSlice<'_, u8>,
+    ) -> Outcome,
+    /// [`crate::Plugin::on_import_conn`]; `Refused(0)` when the plugin
+    /// refuses the connection. The last prefix field: fields appended later
+    /// have accessors returning `Option`.
+    #[sabi(last_prefix_field)]
+    pub on_import_conn: extern "C" fn(
+        state: *mut c_void,
+        ctx: HostCtx,
+        conn: u64,
+        from: &RawBuild<'_>,
+        data: RSlice<'_, u8>,
+    ) -> Outcome,
+}
+
+impl RootModule for HandoverVTableRef {
+    declare_root_module_statics! {HandoverVTableRef}
+    const BASE_NAME: &'static str = "wm_plugin_handover";
+    const NAME: &'static str = "wm_plugin_handover";
     const VERSION_STRINGS: VersionStrings = package_version_strings!();
 }
 

@@ -19,9 +19,10 @@ use abi_stable::{
 };
 
 use crate::abi::{
-    HostCtx, Outcome, PluginInstance, PluginMod, PluginModRef, PluginVTable, RawRequest,
+    HandoverVTable, HandoverVTableRef, HostCtx, Outcome, PluginInstance, PluginMod, PluginModRef,
+    PluginVTable, RawBuild, RawRequest,
 };
-use crate::{ConnId, Context, Plugin, Protocol, Request, TimerId};
+use crate::{Build, ConnId, Context, Plugin, Protocol, Request, TimerId};
 
 thread_local! {
     // Where the panic hook leaves "message at file:line" for the wrapper to report.
@@ -229,6 +230,91 @@ extern "C" fn on_publish<P: Plugin>(
     })
 }
 
+extern "C" fn handover<P: Plugin>(state: *mut c_void) -> bool {
+    panic::catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: as above.
+        unsafe { plugin::<P>(state) }.handover()
+    }))
+    .unwrap_or_else(|payload| {
+        std::mem::forget(payload);
+        false
+    })
+}
+
+extern "C" fn on_export<P: Plugin>(
+    state: *mut c_void,
+    ctx: HostCtx,
+    out: &mut RVec<u8>,
+) -> Outcome {
+    guard(|| {
+        // SAFETY: as above.
+        let p = unsafe { plugin::<P>(state) };
+        out.extend_from_slice(&p.on_export(&mut Context::from_raw(ctx)));
+        Ok(())
+    })
+}
+
+extern "C" fn on_export_conn<P: Plugin>(
+    state: *mut c_void,
+    ctx: HostCtx,
+    conn: u64,
+    out: &mut RVec<u8>,
+) -> Outcome {
+    guard(|| {
+        // SAFETY: as above.
+        let p = unsafe { plugin::<P>(state) };
+        out.extend_from_slice(&p.on_export_conn(&mut Context::from_raw(ctx), ConnId(conn)));
+        Ok(())
+    })
+}
+
+fn build<'a>(raw: &'a RawBuild<'_>) -> Build<'a> {
+    Build {
+        name: raw.name.as_str(),
+        version: raw.version.as_str(),
+        hash: raw.hash.as_str(),
+    }
+}
+
+extern "C" fn on_import<P: Plugin>(
+    state: *mut c_void,
+    ctx: HostCtx,
+    from: &RawBuild<'_>,
+    data: RSlice<'_, u8>,
+) -> Outcome {
+    guard(|| {
+        // SAFETY: as above.
+        let p = unsafe { plugin::<P>(state) };
+        p.on_import(&mut Context::from_raw(ctx), &build(from), data.as_slice())
+            .map_err(|e| e.to_string())
+    })
+}
+
+extern "C" fn on_import_conn<P: Plugin>(
+    state: *mut c_void,
+    ctx: HostCtx,
+    conn: u64,
+    from: &RawBuild<'_>,
+    data: RSlice<'_, u8>,
+) -> Outcome {
+    let mut kept = true;
+    let outcome = guard(|| {
+        // SAFETY: as above.
+        let p = unsafe { plugin::<P>(state) };
+        kept = p.on_import_conn(
+            &mut Context::from_raw(ctx),
+            ConnId(conn),
+            &build(from),
+            data.as_slice(),
+        );
+        Ok(())
+    });
+    match (outcome, kept) {
+        (Outcome::Ok, false) => Outcome::Refused(0),
+        (outcome, _) => outcome,
+    }
+}
+
 type ProtoBox = Box<dyn Protocol>;
 
 /// # Safety
@@ -355,6 +441,19 @@ pub fn module(
     .leak_into_prefix()
 }
 
+/// Builds the handover module. Called once, when the host loads the
+/// library.
+pub fn handover_module<P: Plugin>() -> HandoverVTableRef {
+    HandoverVTable {
+        handover: handover::<P>,
+        on_export: on_export::<P>,
+        on_export_conn: on_export_conn::<P>,
+        on_import: on_import::<P>,
+        on_import_conn: on_import_conn::<P>,
+    }
+    .leak_into_prefix()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -363,5 +462,11 @@ mod tests {
             abi_stable::library::ROOT_MODULE_LOADER_NAME,
             "_1as_0lib_1header_0root_bmodule_bloader"
         );
+    }
+
+    #[test]
+    fn handover_symbol_is_the_one_the_macro_exports() {
+        // The macro needs a literal; this pins it to the constant.
+        assert_eq!(crate::abi::HANDOVER_SYMBOL, b"wm_plugin_handover\0");
     }
 }

@@ -32,9 +32,17 @@
 //! [`Plugin::on_worker_start`]. It then calls the other [`Plugin`] methods as
 //! events arrive, one at a time on the worker's single thread, each with a
 //! [`Context`] for talking back to the host. When the worker stops it calls
-//! [`Plugin::on_worker_stop`] and drops the object. A reload starts new
-//! workers on the new build and stops the old ones: state that must survive
-//! a reload belongs outside the process.
+//! [`Plugin::on_worker_stop`] and drops the object.
+//!
+//! A reload starts new workers on the new build and stops the old ones. By
+//! default the old worker finishes with its connections and the new one
+//! starts empty, so state that must survive a reload belongs outside the
+//! process. A plugin that opts in with [`Plugin::handover`] keeps its
+//! clients instead: the old worker hands its live connections (sockets,
+//! buffers, framing state) to its replacement, and the plugin carries its
+//! own state across as bytes ([`Plugin::on_export`],
+//! [`Plugin::on_export_conn`] in the old build; [`Plugin::on_import`],
+//! [`Plugin::on_import_conn`] in the new one). Clients see nothing.
 //!
 //! # Coming from Workerman
 //!
@@ -68,6 +76,20 @@ pub use request::Request;
 /// `.ok_or("…")?` or `Err("…".into())`). Its text is reported by `wm-host
 /// start` and written to the log.
 pub type StartError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The build a handover comes from, passed to [`Plugin::on_import`] and
+/// [`Plugin::on_import_conn`]: enough to migrate state from an older format,
+/// or to refuse a build you do not trust.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Build<'a> {
+    /// The plugin crate's name (`CARGO_PKG_NAME` of the old build).
+    pub name: &'a str,
+    /// The plugin crate's version (`CARGO_PKG_VERSION` of the old build).
+    pub version: &'a str,
+    /// The host's SHA-256 of the old build's `.so`, in lowercase hex: tells
+    /// apart two builds of one version.
+    pub hash: &'a str,
+}
 
 /// Error codes passed to [`Plugin::on_error`], as in Workerman.
 pub mod error_code {
@@ -150,6 +172,97 @@ pub trait Protocol: 'static {
 /// they should not block: the worker serves all its connections from this
 /// thread. A panic is caught and logged; it closes only the connection the
 /// callback was about.
+///
+/// # Live handover on reload
+///
+/// A plugin whose [`Plugin::handover`] returns true keeps its connections
+/// across a reload: the old worker hands them to its replacement on the new
+/// build (when both builds opt in; otherwise the reload goes as without
+/// handover). The plugin's own state travels as bytes it chooses:
+///
+/// 1. Old build: [`Plugin::on_export`] once, then [`Plugin::on_export_conn`]
+///    for each connection that moves. A moved connection is gone from the
+///    old worker without [`Plugin::on_close`]. Exporting must leave the
+///    plugin able to carry on: if the handover is aborted, the old build
+///    keeps every connection and serves on.
+/// 2. New build, after [`Plugin::on_worker_start`]: [`Plugin::on_import`]
+///    once, then [`Plugin::on_import_conn`] for each connection, under its
+///    new [`ConnId`] and before the host reads from it. There is no
+///    `on_connect` for these connections. Their groups and uid bindings
+///    move by themselves; timers do not (start them again here). Sends made
+///    during the import are queued and go out once the handover commits.
+///
+/// An `Err` or a panic in `on_import`, or a panic in an export, aborts the
+/// whole handover: the old build keeps every connection and the reload
+/// fails. `on_import_conn` returning false (or panicking) refuses just that
+/// connection, which the host closes cleanly.
+///
+/// The bytes may come from an older build, or a newer one after a
+/// rollback: put a version in them, and refuse what you cannot read.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use plugin_api::{Build, ConnId, Context, Plugin, StartError};
+///
+/// /// Counts messages per connection; the counts survive reloads.
+/// #[derive(Default)]
+/// struct Counts {
+///     total: u64,
+///     per_conn: HashMap<ConnId, u64>,
+/// }
+///
+/// impl Plugin for Counts {
+///     fn handover(&self) -> bool {
+///         true
+///     }
+///     fn on_message(&mut self, ctx: &mut Context<'_>, conn: ConnId, _data: &[u8]) {
+///         self.total += 1;
+///         let n = self.per_conn.entry(conn).or_default();
+///         *n += 1;
+///         ctx.send(conn, format!("{n} of {}", self.total));
+///     }
+///     fn on_close(&mut self, _ctx: &mut Context<'_>, conn: ConnId) {
+///         self.per_conn.remove(&conn);
+///     }
+///     // Format 1: a version byte, then the count (little-endian).
+///     fn on_export(&mut self, _ctx: &mut Context<'_>) -> Vec<u8> {
+///         [&[1u8][..], &self.total.to_le_bytes()].concat()
+///     }
+///     fn on_export_conn(&mut self, _ctx: &mut Context<'_>, conn: ConnId) -> Vec<u8> {
+///         let n = self.per_conn.get(&conn).copied().unwrap_or(0);
+///         [&[1u8][..], &n.to_le_bytes()].concat()
+///     }
+///     fn on_import(
+///         &mut self,
+///         _ctx: &mut Context<'_>,
+///         from: &Build<'_>,
+///         state: &[u8],
+///     ) -> Result<(), StartError> {
+///         self.total = read_v1(state)
+///             .ok_or_else(|| format!("unknown state from {} {}", from.name, from.version))?;
+///         Ok(())
+///     }
+///     fn on_import_conn(
+///         &mut self,
+///         _ctx: &mut Context<'_>,
+///         conn: ConnId,
+///         _from: &Build<'_>,
+///         state: &[u8],
+///     ) -> bool {
+///         read_v1(state).map(|n| self.per_conn.insert(conn, n)).is_some()
+///     }
+/// }
+///
+/// fn read_v1(state: &[u8]) -> Option<u64> {
+///     match state {
+///         [1, n @ ..] => Some(u64::from_le_bytes(n.try_into().ok()?)),
+///         _ => None,
+///     }
+/// }
+///
+/// assert_eq!(read_v1(&[1, 7, 0, 0, 0, 0, 0, 0, 0]), Some(7));
+/// assert_eq!(read_v1(&[2, 7]), None);
+/// ```
 #[allow(unused_variables)]
 pub trait Plugin: 'static {
     /// The worker process started (Workerman's `onWorkerStart`): set up
@@ -250,6 +363,52 @@ pub trait Plugin: 'static {
     /// host, this one included, in the order each worker published them.
     /// Every worker gets it, whatever its group, as long as it runs a plugin.
     fn on_publish(&mut self, ctx: &mut Context<'_>, topic: &str, data: &[u8]) {}
+    /// Opt in to live handover on reload (see [the trait
+    /// docs](Plugin#live-handover-on-reload)); implement the `on_export*`
+    /// and `on_import*` methods with it. Asked once, right after the plugin
+    /// object is built. Default: false, connections stay with the old build.
+    fn handover(&self) -> bool {
+        false
+    }
+    /// Old build, at the start of a handover: the worker-level state to
+    /// hand to the new build's [`Plugin::on_import`]. Called once, before
+    /// any [`Plugin::on_export_conn`]. Default: nothing.
+    fn on_export(&mut self, ctx: &mut Context<'_>) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Old build: the state of one connection that moves to the new build,
+    /// for its [`Plugin::on_import_conn`]. The connection then leaves this
+    /// worker without [`Plugin::on_close`]. Default: nothing.
+    fn on_export_conn(&mut self, ctx: &mut Context<'_>, conn: ConnId) -> Vec<u8> {
+        Vec::new()
+    }
+    /// New build: the old build's [`Plugin::on_export`], after
+    /// [`Plugin::on_worker_start`] and before any connection is imported.
+    /// `from` names the old build. Returning `Err` (or panicking) aborts the
+    /// whole handover: the old build keeps every connection, and the reload
+    /// fails with this error.
+    fn on_import(
+        &mut self,
+        ctx: &mut Context<'_>,
+        from: &Build<'_>,
+        state: &[u8],
+    ) -> Result<(), StartError> {
+        Ok(())
+    }
+    /// New build: one connection handed over, under its new id `conn`, with
+    /// what the old build's [`Plugin::on_export_conn`] returned for it.
+    /// Called before the host reads from it; its groups and uid binding are
+    /// already in place. Return false to refuse it: the host closes it
+    /// cleanly (and calls no `on_close`). Default: keep it.
+    fn on_import_conn(
+        &mut self,
+        ctx: &mut Context<'_>,
+        conn: ConnId,
+        from: &Build<'_>,
+        state: &[u8],
+    ) -> bool {
+        true
+    }
 }
 
 /// Exports a [`Plugin`] type from a `cdylib` crate.
@@ -305,6 +464,24 @@ macro_rules! export_plugin {
             // SAFETY: `erased` returns the module type named here.
             unsafe {
                 $crate::adapter::LibHeader::from_constructor::<$crate::abi::PluginModRef>(
+                    erased,
+                    $crate::adapter::CheckTypeLayout::Yes,
+                )
+            }
+        };
+        // The handover callbacks, under a symbol of their own (see
+        // `abi::HandoverVTable`); `abi::HANDOVER_SYMBOL` without its NUL.
+        #[export_name = "wm_plugin_handover"]
+        pub static WM_PLUGIN_HANDOVER_HEADER: $crate::adapter::LibHeader = {
+            fn root() -> $crate::abi::HandoverVTableRef {
+                $crate::adapter::handover_module::<$ty>()
+            }
+            extern "C" fn erased() -> $crate::adapter::RootModuleResult {
+                $crate::adapter::call_root_module_loader(root)
+            }
+            // SAFETY: `erased` returns the module type named here.
+            unsafe {
+                $crate::adapter::LibHeader::from_constructor::<$crate::abi::HandoverVTableRef>(
                     erased,
                     $crate::adapter::CheckTypeLayout::Yes,
                 )

@@ -402,6 +402,31 @@ pub fn test_build(tag: &str) -> PathBuf {
     p
 }
 
+/// The echo plugin of `fixtures/old-api`, built against plugin-api as it was
+/// before live handover (it answers `build` with `old-api`). Built here,
+/// once per test process, into this workspace's target dir, so it reuses
+/// the abi_stable already built for the workspace: a few seconds.
+pub fn old_api_plugin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let target = target_dir().parent().expect("target").to_path_buf();
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            // `--offline`: the workspace build fetched everything it uses.
+            let status = Command::new(cargo)
+                .args(["build", "-q", "--locked", "--offline", "-p", "old-api-echo"])
+                .arg("--manifest-path")
+                .arg(root.join("fixtures/old-api/Cargo.toml"))
+                .env("CARGO_TARGET_DIR", &target)
+                .status()
+                .expect("run cargo");
+            assert!(status.success(), "building fixtures/old-api failed");
+            plugin("old_api_echo")
+        })
+        .clone()
+}
+
 /// The pid of the worker serving `c` (test-plugin's `whoami`).
 pub fn pid_of(c: &mut TextClient) -> u32 {
     let who = c.call("whoami");

@@ -65,7 +65,10 @@ fn text_connections_stay_open_and_reach_the_new_build() {
     }
     let status = s.cli(&["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
-    assert!(text.contains("last reload: connections: 2 handed over"), "{text}");
+    assert!(
+        text.contains("last reload: connections: 2 handed over"),
+        "{text}"
+    );
     s.stop();
 }
 
@@ -110,7 +113,11 @@ fn http_keep_alive_connections_carry_on_across_a_reload() {
         assert!(!head.to_ascii_lowercase().contains("connection: close"));
         let len: usize = head
             .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse().unwrap())
+            })
             .unwrap();
         let mut body = vec![0; len];
         c.read_exact(&mut body).unwrap();
@@ -139,5 +146,167 @@ fn reload_mode_drain_closes_cleanly_instead() {
     // Then a FIN, not a reset.
     let mut rest = Vec::new();
     c.read_to_end(&mut rest).unwrap();
+    s.stop();
+}
+
+/// One keep-alive request and its answer; an error names what went wrong.
+fn http_roundtrip(c: &mut TcpStream, i: u64) -> Result<(), String> {
+    let req = format!("GET /hello?{i} HTTP/1.1\r\nHost: t\r\n\r\n");
+    c.write_all(req.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match c.read(&mut byte) {
+            Ok(0) => return Err("closed by the server".into()),
+            Ok(_) => head.push(byte[0]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 200") || head.contains("connection: close") {
+        return Err(format!("answer: {head}"));
+    }
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or("no content-length")?;
+    let mut body = vec![0; len];
+    c.read_exact(&mut body).map_err(|e| format!("body: {e}"))?;
+    let want = format!("hello GET {i}");
+    match body == want.as_bytes() {
+        true => Ok(()),
+        false => Err(format!("body {:?}", String::from_utf8_lossy(&body))),
+    }
+}
+
+#[test]
+fn a_hundred_reloads_under_keep_alive_load_fail_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let (s, port, live) = setup("http", 2, "");
+    s.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    // Many connections, each opened once and never retried: any error or
+    // close across the reloads shows.
+    let load: Vec<_> = (0..16)
+        .map(|_| {
+            let (stop, ok) = (stop.clone(), ok.clone());
+            let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.set_read_timeout(Some(DEADLINE)).unwrap();
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    http_roundtrip(&mut c, i).map_err(|e| format!("request {i}: {e}"))?;
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<u64, String>(i)
+            })
+        })
+        .collect();
+    for i in 0..100 {
+        let tag = if i % 2 == 0 { "b" } else { "a" };
+        std::fs::copy(test_build(tag), &live).unwrap();
+        let (done, out) = reload(&s);
+        assert!(done, "reload {i}: {out}");
+        assert!(out.contains("handed over"), "reload {i}: {out}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let results: Vec<Result<u64, String>> = load.into_iter().map(|t| t.join().unwrap()).collect();
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "connections failed: {failed:?}");
+    assert!(ok.load(Ordering::Relaxed) > 1000, "the load ran");
+    s.stop();
+}
+
+#[test]
+fn a_new_build_that_panics_in_import_leaves_every_connection_with_the_old_one() {
+    let flag = tempfile::NamedTempFile::new().unwrap();
+    let (s, port, live) = setup(
+        "websocket",
+        2,
+        &format!(
+            "[worker.options]\nimport_panic_file = \"{}\"",
+            flag.path().display()
+        ),
+    );
+    s.start();
+    let mut clients: Vec<TcpStream> = (0..6).map(|_| ws_raw(port, "/")).collect();
+    for c in clients.iter_mut() {
+        assert_eq!(ws_call(c, "build"), "a");
+    }
+    let old: Vec<u32> = s.worker_pids("g").iter().map(|p| p.1).collect();
+    std::fs::copy(test_build("b"), &live).unwrap();
+    let (ok, out) = reload(&s);
+    assert!(!ok, "the reload must fail: {out}");
+    assert!(out.contains("on_import"), "{out}");
+    // Every connection is still served, by the old build.
+    for c in clients.iter_mut() {
+        assert_eq!(ws_call(c, "build"), "a");
+        assert_eq!(ws_call(c, "still"), "still");
+    }
+    let now: Vec<u32> = s.worker_pids("g").iter().map(|p| p.1).collect();
+    assert_eq!(now, old);
+    // Once the new build imports, the same connections move.
+    drop(flag);
+    let (ok, out) = reload(&s);
+    assert!(ok, "{out}");
+    for c in clients.iter_mut() {
+        assert_eq!(ws_call(c, "build"), "b");
+    }
+    s.stop();
+}
+
+#[test]
+fn a_plugin_without_import_closes_cleanly_on_reload() {
+    let (ws_port, http_port) = (free_port(), free_port());
+    let s = Server::new(&format!(
+        "{}{}",
+        worker_table(
+            "ws",
+            &format!("websocket://127.0.0.1:{ws_port}"),
+            "echo_plugin",
+            1,
+            "watch = false"
+        ),
+        worker_table(
+            "web",
+            &format!("http://127.0.0.1:{http_port}"),
+            "echo_plugin",
+            1,
+            "watch = false"
+        ),
+    ));
+    s.start();
+    let mut ws = ws_raw(ws_port, "/");
+    assert_eq!(ws_call(&mut ws, "hi"), "hi");
+    let mut web = TcpStream::connect(("127.0.0.1", http_port)).unwrap();
+    web.set_read_timeout(Some(DEADLINE)).unwrap();
+    web.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let head = read_http_head(&mut web);
+    let len: usize = head
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap();
+    web.read_exact(&mut vec![0; len]).unwrap();
+    let (ok, out) = reload(&s);
+    assert!(ok, "{out}");
+    assert!(out.contains("drained"), "{out}");
+    // The websocket hears "going away", then the connection ends with a FIN.
+    let (_, op, data) = ws_read_frame(&mut ws).unwrap();
+    assert_eq!((op, &data[..2]), (8, &1001u16.to_be_bytes()[..]));
+    let mut rest = Vec::new();
+    ws.read_to_end(&mut rest).expect("a FIN, not a reset");
+    // The idle keep-alive connection is closed with a FIN, not a reset.
+    let mut rest = Vec::new();
+    web.read_to_end(&mut rest).expect("a FIN, not a reset");
+    assert!(rest.is_empty());
     s.stop();
 }

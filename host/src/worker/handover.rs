@@ -43,6 +43,7 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use serde::{Deserialize, Serialize};
 
 use crate::bus::Gid;
+use crate::plugin::BuildInfo;
 use wm_proto::Codec;
 
 /// The descriptor a replacement finds its end of the handover socket on.
@@ -54,16 +55,6 @@ pub const BATCH: usize = 200;
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages larger than this are refused (a peer gone wrong).
 const MAX_MSG: usize = 1 << 30;
-
-/// Which build exported: lets the new build migrate or refuse.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BuildInfo {
-    /// The plugin crate's name and version.
-    pub name: String,
-    pub version: String,
-    /// SHA-256 of the `.so`, as the master named its copy.
-    pub hash: String,
-}
 
 /// One connection on its way (the sender's view borrows it).
 #[derive(Serialize)]
@@ -341,7 +332,11 @@ mod tests {
         }
         tx.send(
             &Msg::Header {
-                from: BuildInfo::default(),
+                from: BuildInfo {
+                    name: "p".into(),
+                    version: "1".into(),
+                    hash: "h".into(),
+                },
                 state: vec![1, 2, 3],
                 conns: 3,
             },

@@ -15,11 +15,12 @@ use plugin_api::abi::Outcome;
 
 use super::conn::{Conn, State};
 use super::core::{slot, FIRST_CONN};
-use super::handover::{BuildInfo, Channel, Msg, Record, RecordRef, BATCH};
+use super::handover::{Channel, Msg, Record, RecordRef, BATCH};
 use super::runner::Call;
 use super::Worker;
 use crate::bus::{self, BusMsg};
 use crate::ipc::{FromWorker, HandoverReport};
+use crate::plugin::BuildInfo;
 use wm_proto::{websocket, Codec};
 
 /// The handover socket's poll token (either side).
@@ -86,15 +87,11 @@ fn movable(c: &Conn) -> bool {
 impl Worker {
     /// What this worker's build is, for the new build's import.
     fn build_info(&self) -> BuildInfo {
-        let (name, version) = self.runner.plugin.name_version();
-        BuildInfo {
-            name,
-            version,
-            // The master names each copy by its content's SHA-256.
-            hash: (self.runner.plugin.path.file_stem())
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        }
+        // The master names each copy by its content's SHA-256.
+        let hash = (self.runner.plugin.path.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.runner.plugin.build_info(&hash)
     }
 
     fn watch_handover(&mut self, fd: RawFd) -> io::Result<()> {
@@ -398,7 +395,14 @@ impl Worker {
             started,
         } = inc;
         self.unwatch_handover(chan.raw_fd());
-        let (from, state) = header.unwrap_or_default();
+        let (from, state) = header.unwrap_or_else(|| {
+            let none = BuildInfo {
+                name: String::new(),
+                version: String::new(),
+                hash: String::new(),
+            };
+            (none, Vec::new())
+        });
         let outcome = self
             .runner
             .invoke(&mut self.core, Call::Import(&from, &state));

@@ -42,6 +42,14 @@
 //! | `dial <url> <m>` | connects to url and sends m at once (queued until connected); then relays: `reply <data>`, `error <code>`, `upstream closed` |
 //! | `redial <url> <n>` | connects to url; on each close reconnects (50 ms later) up to n times; `connected` once it works |
 //!
+//! Live handover (this plugin opts in): what these show survives a reload.
+//!
+//! | `note <text>`    | `ok`, after keeping text for this connection    |
+//! | `state`          | `hs=<handshake> sub=<0/1> note=<text> msgs=<n>`: this connection's messages so far, this one included |
+//! | `total`          | messages this worker and the builds it took over from handled, this one included |
+//! | `imported`       | `from=<version>:<build tag> conns=<n> refused=<r>` of the handover this worker took, or `none` |
+//! | `refuse-import`  | `ok`; the next build refuses this connection at the handover |
+//!
 //! `on_buffer_drain` also sends `drained`.
 //!
 //! Options: `fail_start = "error" | "panic"` makes `on_worker_start` fail;
@@ -49,6 +57,11 @@
 //! can make only the workers started later fail); `hold_start_file = PATH`
 //! makes `on_worker_start` wait while that file exists (up to a minute), so a
 //! test can keep a reload's replacement starting for as long as it needs.
+//! Handover: `import_panic_file = PATH` makes `on_import` panic, and
+//! `import_error_file = PATH` return an error, while that file exists;
+//! `export_panic_file = PATH` makes `on_export` panic while it exists;
+//! `import_send = TEXT` makes the new build send TEXT to each connection it
+//! imports (from inside `on_import_conn`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -56,7 +69,7 @@ use std::time::Duration;
 use std::collections::HashSet;
 
 use plugin_api::{
-    export_plugin, ConnId, Context, MessageKind, Plugin, Request, StartError, TimerId,
+    export_plugin, Build, ConnId, Context, MessageKind, Plugin, Request, StartError, TimerId,
 };
 
 /// Set `WM_TEST_BUILD` when building to tell two builds apart.
@@ -77,6 +90,25 @@ pub struct TestPlugin {
     resumes: HashMap<TimerId, ConnId>,
     /// Outbound connection -> (the client that asked, reconnects left).
     dials: HashMap<ConnId, (ConnId, u32)>,
+    /// What `note`, `state` and `refuse-import` keep per connection.
+    conns: HashMap<ConnId, ConnState>,
+    /// Messages handled here and by the builds this worker took over from.
+    total: u64,
+    /// The handover this worker took: `from=… conns=… refused=…`.
+    imported: Option<Imported>,
+}
+
+#[derive(Default, Debug, PartialEq)]
+struct ConnState {
+    note: String,
+    msgs: u64,
+    refuse_import: bool,
+}
+
+struct Imported {
+    from: String,
+    conns: u32,
+    refused: u32,
 }
 
 #[derive(Default)]
@@ -123,9 +155,41 @@ impl Plugin for TestPlugin {
             ctx.send(client, reply);
             return;
         }
+        self.total += 1;
+        self.conns.entry(conn).or_default().msgs += 1;
         let text = String::from_utf8_lossy(data);
         let (cmd, arg) = text.split_once(' ').unwrap_or((&text, ""));
         match cmd {
+            "note" => {
+                // One line: the export format is line-based.
+                self.conns.entry(conn).or_default().note = arg.replace('\n', " ");
+                ctx.send(conn, "ok");
+            }
+            "state" => {
+                let c = &self.conns[&conn];
+                let reply = format!(
+                    "hs={} sub={} note={} msgs={}",
+                    self.handshakes.get(&conn).map_or("", |h| h),
+                    u8::from(self.subscribers.contains(&conn)),
+                    c.note,
+                    c.msgs
+                );
+                ctx.send(conn, reply);
+            }
+            "total" => {
+                ctx.send(conn, self.total.to_string());
+            }
+            "imported" => {
+                let reply = match &self.imported {
+                    Some(i) => format!("from={} conns={} refused={}", i.from, i.conns, i.refused),
+                    None => "none".to_string(),
+                };
+                ctx.send(conn, reply);
+            }
+            "refuse-import" => {
+                self.conns.entry(conn).or_default().refuse_import = true;
+                ctx.send(conn, "ok");
+            }
             "whoami" => {
                 let w = ctx.worker();
                 let reply = format!(
@@ -400,6 +464,167 @@ impl Plugin for TestPlugin {
         self.events.remove(&conn);
         self.tickers.retain(|_, t| t.0 != conn);
         self.resumes.retain(|_, c| *c != conn);
+        self.conns.remove(&conn);
+    }
+
+    fn handover(&self) -> bool {
+        true
+    }
+
+    fn on_export(&mut self, ctx: &mut Context<'_>) -> Vec<u8> {
+        if file_exists(ctx, "export_panic_file") {
+            panic!("export_panic_file exists");
+        }
+        encode(&[("build", BUILD), ("total", &self.total.to_string())])
+    }
+
+    // Timers, pauses and dials stay behind: they belong to the old worker.
+    fn on_export_conn(&mut self, _ctx: &mut Context<'_>, conn: ConnId) -> Vec<u8> {
+        let c = self.conns.get(&conn);
+        let e = self.events.get(&conn);
+        let events = e.map_or("0,0,0,0".to_string(), |e| {
+            format!("{},{},{},{}", e.full, e.drain, e.dropped, e.errors)
+        });
+        encode(&[
+            ("hs", self.handshakes.get(&conn).map_or("", |h| h)),
+            (
+                "sub",
+                if self.subscribers.contains(&conn) {
+                    "1"
+                } else {
+                    "0"
+                },
+            ),
+            ("note", c.map_or("", |c| &c.note)),
+            ("msgs", &c.map_or(0, |c| c.msgs).to_string()),
+            (
+                "refuse",
+                if c.is_some_and(|c| c.refuse_import) {
+                    "1"
+                } else {
+                    "0"
+                },
+            ),
+            ("events", &events),
+        ])
+    }
+
+    fn on_import(
+        &mut self,
+        ctx: &mut Context<'_>,
+        from: &Build<'_>,
+        state: &[u8],
+    ) -> Result<(), StartError> {
+        if file_exists(ctx, "import_panic_file") {
+            panic!("import_panic_file exists");
+        }
+        if file_exists(ctx, "import_error_file") {
+            return Err("import_error_file exists".into());
+        }
+        let f = decode(state).ok_or("unknown worker state format")?;
+        self.total += f
+            .get("total")
+            .and_then(|t| t.parse::<u64>().ok())
+            .unwrap_or(0);
+        let tag = f.get("build").copied().unwrap_or("?");
+        self.imported = Some(Imported {
+            from: format!("{}:{tag}", from.version),
+            conns: 0,
+            refused: 0,
+        });
+        ctx.info(format_args!(
+            "imported from {} {} ({tag})",
+            from.name, from.version
+        ));
+        Ok(())
+    }
+
+    fn on_import_conn(
+        &mut self,
+        ctx: &mut Context<'_>,
+        conn: ConnId,
+        _from: &Build<'_>,
+        state: &[u8],
+    ) -> bool {
+        let imported = self.imported.get_or_insert(Imported {
+            from: "?".to_string(),
+            conns: 0,
+            refused: 0,
+        });
+        let Some(f) = decode(state).filter(|f| f.get("refuse") != Some(&"1")) else {
+            imported.refused += 1;
+            return false;
+        };
+        imported.conns += 1;
+        let field = |k: &str| f.get(k).copied().unwrap_or("");
+        if !field("hs").is_empty() {
+            self.handshakes.insert(conn, field("hs").to_string());
+        }
+        if field("sub") == "1" {
+            self.subscribers.insert(conn);
+        }
+        let mut ev = field("events").split(',').map(|n| n.parse().unwrap_or(0));
+        let mut next = || ev.next().unwrap_or(0);
+        self.events.insert(
+            conn,
+            Events {
+                full: next(),
+                drain: next(),
+                dropped: next(),
+                errors: next(),
+            },
+        );
+        self.conns.insert(
+            conn,
+            ConnState {
+                note: field("note").to_string(),
+                msgs: field("msgs").parse().unwrap_or(0),
+                refuse_import: false,
+            },
+        );
+        if let Some(text) = ctx.option("import_send") {
+            ctx.send(conn, text);
+        }
+        true
+    }
+}
+
+fn file_exists(ctx: &Context<'_>, option: &str) -> bool {
+    ctx.option(option)
+        .is_some_and(|p| std::path::Path::new(p).exists())
+}
+
+/// Handover state: `v1`, then one `key=value` line per field (values hold
+/// no newline).
+fn encode(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = String::from("v1\n");
+    for (k, v) in fields {
+        out.push_str(&format!("{k}={v}\n"));
+    }
+    out.into_bytes()
+}
+
+/// `None` for anything but the `v1` format.
+fn decode(state: &[u8]) -> Option<HashMap<&str, &str>> {
+    let text = std::str::from_utf8(state).ok()?;
+    let mut lines = text.lines();
+    (lines.next()? == "v1").then_some(())?;
+    Some(lines.filter_map(|l| l.split_once('=')).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_unknown_formats_are_refused() {
+        let bytes = encode(&[("note", "a=b c"), ("msgs", "3")]);
+        let f = decode(&bytes).unwrap();
+        assert_eq!(f["note"], "a=b c");
+        assert_eq!(f["msgs"], "3");
+        assert!(decode(b"v2\nnote=x\n").is_none());
+        assert!(decode(b"").is_none());
+        assert!(decode(&[0xff, 0xfe]).is_none());
     }
 }
 
