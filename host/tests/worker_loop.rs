@@ -68,6 +68,7 @@ impl Worker {
             worker: config.workers[0].clone(),
             id: 0,
             load_from: plugin().to_path_buf(),
+            handover: false,
         };
         let (ctl, ctl_worker) = UnixStream::pair().unwrap();
         let (bus, bus_worker) = UnixStream::pair().unwrap();

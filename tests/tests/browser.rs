@@ -95,6 +95,35 @@ fn two_browsers_chat_in_one_room() {
     // Each side also sees its own message once the server echoes it.
     wait_message(&alice, "alice", "alice", "hello from alice");
 
+    // A reload in the middle of the conversation: the pages stay connected
+    // (their #status never changes), and history goes on in the same DOM.
+    let watch = "window.__statusChanges = [];\n\
+        const s = document.getElementById('status');\n\
+        new MutationObserver(() => window.__statusChanges.push(s.textContent))\n\
+          .observe(s, {childList: true, characterData: true, subtree: true, attributes: true});\n\
+        return true;";
+    for page in [&alice, &bob] {
+        assert_eq!(page.execute(watch), Value::Bool(true));
+    }
+    let out = server.cli(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("handed over"), "{said}");
+    say(&alice, "after the reload");
+    wait_message(&bob, "bob", "alice", "after the reload");
+    say(&bob, "still here");
+    wait_message(&alice, "alice", "bob", "still here");
+    let texts = bob.texts("#messages .message");
+    for before in ["hello from alice", "hi alice, bob here"] {
+        assert!(texts.iter().any(|m| m.contains(before)), "{texts:?}");
+    }
+    wait_online(&bob, "bob", &["alice", "bob"]);
+    for (who, page) in [("alice", &alice), ("bob", &bob)] {
+        let changes = page.execute("return window.__statusChanges;");
+        assert_eq!(changes, Value::Array(vec![]), "{who}'s #status changed");
+        assert_eq!(page.text("#status").trim(), "connected");
+    }
+
     // For humans: target/browser-chat.png.
     bob.screenshot(&target_dir().parent().unwrap().join("browser-chat.png"));
 

@@ -270,6 +270,29 @@ impl Control {
     }
 }
 
+/// Writes one whole control line to a worker with `fd` attached
+/// (SCM_RIGHTS); the line is short, so a full socket is an error.
+pub fn send_with_fd(
+    sock: &mio::net::UnixStream,
+    line: &[u8],
+    fd: &std::os::fd::OwnedFd,
+) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let fds = [fd.as_raw_fd()];
+    let n = sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[std::io::IoSlice::new(line)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        None,
+    )?;
+    if n < line.len() {
+        return Err(std::io::Error::other("control line cut short"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,27 +528,4 @@ mod tests {
         f.read(a_id);
         assert!(f.control.take_done(t + STATS_WAIT).is_empty());
     }
-}
-
-/// Writes one whole control line to a worker with `fd` attached
-/// (SCM_RIGHTS); the line is short, so a full socket is an error.
-pub fn send_with_fd(
-    sock: &mio::net::UnixStream,
-    line: &[u8],
-    fd: &std::os::fd::OwnedFd,
-) -> std::io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    use std::os::fd::AsRawFd;
-    let fds = [fd.as_raw_fd()];
-    let n = sendmsg::<()>(
-        sock.as_raw_fd(),
-        &[std::io::IoSlice::new(line)],
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-        None,
-    )?;
-    if n < line.len() {
-        return Err(std::io::Error::other("control line cut short"));
-    }
-    Ok(())
 }

@@ -89,6 +89,9 @@ pub enum Msg {
     /// Old to new, first: the build and the plugin's worker state.
     Header {
         from: BuildInfo,
+        /// False when the old build does not take part (it keeps and
+        /// drains its connections, and the new build imports nothing).
+        exported: bool,
         state: Vec<u8>,
         conns: u64,
     },
@@ -102,6 +105,9 @@ pub enum Msg {
     /// New to old: resume them all.
     Abort { why: String },
 }
+
+/// A message and the descriptors that came with it.
+pub type Received = (Msg, Vec<OwnedFd>);
 
 /// A handover socket: framed messages (4-byte length, then postcard),
 /// descriptors attached to the message they belong to. Reads never block;
@@ -165,7 +171,7 @@ impl Channel {
 
     /// Reads what is available. Returns the complete messages with their
     /// descriptors, and whether the peer closed.
-    pub fn recv(&mut self) -> io::Result<(Vec<(Msg, Vec<OwnedFd>)>, bool)> {
+    pub fn recv(&mut self) -> io::Result<(Vec<Received>, bool)> {
         let mut chunk = vec![0u8; 256 * 1024];
         let mut cmsg = nix::cmsg_space!([RawFd; 253]);
         let closed = loop {
@@ -337,6 +343,7 @@ mod tests {
                     version: "1".into(),
                     hash: "h".into(),
                 },
+                exported: true,
                 state: vec![1, 2, 3],
                 conns: 3,
             },

@@ -41,7 +41,8 @@ pub(super) struct Incoming {
     held: Vec<Vec<u8>>,
     /// Where the frames after the cut begin in `held`.
     cut: Option<usize>,
-    header: Option<(BuildInfo, Vec<u8>)>,
+    /// The old build, whether it exported, and its state.
+    header: Option<(BuildInfo, bool, Vec<u8>)>,
     records: Vec<(Vec<u8>, Vec<u8>, OwnedFd)>,
     /// Connections the old worker keeps, once its export is complete.
     end: Option<u64>,
@@ -148,13 +149,17 @@ impl Worker {
             let _ = self.poll.registry().deregister(&mut l);
             self.parked_listener = Some(l);
         }
+        // A build that did not opt in keeps (and drains) them all: its
+        // connections' state would not reach the new build.
+        let opted_in = self.runner.plugin.handover();
         let ids: Vec<u64> = (self.core.conns.iter())
-            .filter(|(_, c)| movable(c))
+            .filter(|(_, c)| opted_in && movable(c))
             .map(|(_, c)| c.id)
             .collect();
         let kept = (self.core.conns.iter())
-            .filter(|(_, c)| c.state != State::Dead && !movable(c))
-            .count() as u64;
+            .filter(|(_, c)| c.state != State::Dead && c.outbound.is_none())
+            .count() as u64
+            - ids.len() as u64;
         // Captured before any plugin code runs: what the plugin sends
         // from here on is delivered by the new worker (group sends) or not
         // at all (direct sends to exported connections).
@@ -189,19 +194,40 @@ impl Worker {
         bus::encode(&BusMsg::Exported, &mut self.core.bus_buf.outbuf);
         self.core.flush_bus();
         let mut state = Vec::new();
-        self.runner.invoke(&mut self.core, Call::Export(&mut state));
+        let mut failed = None;
+        if opted_in {
+            let o = self.runner.invoke(&mut self.core, Call::Export(&mut state));
+            if o != Outcome::Ok {
+                failed = Some(format!("on_export failed: {}", self.runner.failure(o)));
+            }
+        }
         let mut batch = Vec::with_capacity(records.len());
         for (id, rec, fd) in records {
+            if failed.is_some() {
+                break;
+            }
             let mut bytes = Vec::new();
-            self.runner
+            let o = self
+                .runner
                 .invoke(&mut self.core, Call::ExportConn(id, &mut bytes));
+            if o != Outcome::Ok {
+                failed = Some(format!("on_export_conn failed: {}", self.runner.failure(o)));
+            }
             batch.push((id, rec, bytes, fd));
+        }
+        if let Some(why) = failed {
+            // The replacement fails the reload; everything stays here.
+            tracing::error!("handover aborted: {why}");
+            let _ = chan.send(&Msg::Abort { why }, &[]);
+            self.resume(ids);
+            return;
         }
         // The plugin may have closed some meanwhile: those stay here.
         batch.retain(|(id, ..)| self.core.get(*id).is_some_and(|c| c.frozen));
         let frozen: Vec<u64> = batch.iter().map(|b| b.0).collect();
         let header = Msg::Header {
             from: self.build_info(),
+            exported: opted_in,
             state,
             conns: batch.len() as u64,
         };
@@ -340,9 +366,14 @@ impl Worker {
         };
         for (msg, fds) in msgs {
             match msg {
-                Msg::Header { from, state, .. } => {
+                Msg::Header {
+                    from,
+                    exported,
+                    state,
+                    ..
+                } => {
                     inc.started.get_or_insert_with(Instant::now);
-                    inc.header = Some((from, state));
+                    inc.header = Some((from, exported, state));
                 }
                 Msg::Conns(recs) => {
                     for ((rec, plugin), fd) in recs.into_iter().zip(fds) {
@@ -350,7 +381,10 @@ impl Worker {
                     }
                 }
                 Msg::End { kept } => inc.end = Some(kept),
-                _ => {}
+                Msg::Abort { why } => {
+                    return self.handover_failed(format!("the old worker aborted: {why}"));
+                }
+                Msg::Taken => {}
             }
         }
         if closed && inc.end.is_none() {
@@ -395,17 +429,20 @@ impl Worker {
             started,
         } = inc;
         self.unwatch_handover(chan.raw_fd());
-        let (from, state) = header.unwrap_or_else(|| {
+        let (from, exported, state) = header.unwrap_or_else(|| {
             let none = BuildInfo {
                 name: String::new(),
                 version: String::new(),
                 hash: String::new(),
             };
-            (none, Vec::new())
+            (none, false, Vec::new())
         });
-        let outcome = self
-            .runner
-            .invoke(&mut self.core, Call::Import(&from, &state));
+        let outcome = match exported {
+            true => self
+                .runner
+                .invoke(&mut self.core, Call::Import(&from, &state)),
+            false => Outcome::Ok,
+        };
         if outcome != Outcome::Ok {
             let why = format!("on_import failed: {}", self.runner.failure(outcome));
             let _ = chan.send(&Msg::Abort { why: why.clone() }, &[]);
@@ -428,11 +465,8 @@ impl Worker {
                 .invoke(&mut self.core, Call::ImportConn(id, &from, &plugin))
             {
                 Outcome::Ok => accepted.push(id),
-                Outcome::Refused(_) => refused.push(id),
-                o => {
-                    failure = Some(format!("on_import_conn failed: {}", self.runner.failure(o)));
-                    break;
-                }
+                // A panic there refuses only that connection (logged).
+                Outcome::Refused(_) | Outcome::Panicked | Outcome::Failed => refused.push(id),
             }
         }
         if let Some(why) = failure {
