@@ -758,6 +758,22 @@ mod tests {
     }
 
     #[test]
+    fn reload_mode_defaults_to_handover() {
+        assert_eq!(
+            parse(MINIMAL).unwrap().workers[0].reload_mode,
+            ReloadMode::Handover
+        );
+        let c = parse(&format!("{MINIMAL}reload_mode = \"drain\"\n")).unwrap();
+        assert_eq!(c.workers[0].reload_mode, ReloadMode::Drain);
+        let err = parse(&format!("{MINIMAL}reload_mode = \"rolling\"\n")).unwrap_err();
+        assert_eq!(err.line, 5, "{err}");
+        assert!(
+            err.msg.contains("reload_mode") || err.msg.contains("drain"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn missing_key_and_no_workers_are_errors() {
         let err = parse("[[worker]]\nname = \"x\"\nlisten = \"tcp://127.0.0.1:1\"\n").unwrap_err();
         assert!(err.msg.contains("plugin"), "{}", err.msg);
