@@ -5,8 +5,11 @@
 //! abi_stable, which checks the layout of everything reachable from it (and the
 //! `plugin-api` version) before any plugin code runs.
 //!
-//! Both vtables are prefix types, so a later minor version may append functions
-//! at the end without breaking plugins built earlier.
+//! Both vtables are prefix types. That lets a plugin built against a version
+//! with more fields load in an older host, but not the other way round:
+//! abi_stable refuses a plugin whose prefix types have fewer fields than the
+//! host's. So new plugin callbacks come as a module of their own under a new
+//! symbol ([`HandoverVTable`]), which older plugins simply lack.
 //!
 //! How the pieces fit together:
 //!
@@ -493,8 +496,10 @@ pub struct HandoverVTable {
         data: RSlice<'_, u8>,
     ) -> Outcome,
     /// [`crate::Plugin::on_import_conn`]; `Refused(0)` when the plugin
-    /// refuses the connection. The last prefix field: fields appended later
-    /// have accessors returning `Option`.
+    /// refuses the connection.
+    ///
+    /// The last prefix field. Appending fields would lock out plugins built
+    /// before, as above: extend with another module under a new symbol.
     #[sabi(last_prefix_field)]
     pub on_import_conn: extern "C" fn(
         state: *mut c_void,

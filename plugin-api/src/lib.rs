@@ -238,7 +238,7 @@ pub trait Protocol: 'static {
 ///         from: &Build<'_>,
 ///         state: &[u8],
 ///     ) -> Result<(), StartError> {
-///         self.total = read_v1(state)
+///         self.total += read_v1(state)
 ///             .ok_or_else(|| format!("unknown state from {} {}", from.name, from.version))?;
 ///         Ok(())
 ///     }

@@ -446,15 +446,17 @@ mod tests {
                 "old-api-echo",
             ]);
             let name = module_path!().split_once("::").unwrap().1;
-            let status = Command::new(std::env::current_exe().unwrap())
+            let out = Command::new(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
                     &format!("{name}::a_plugin_built_before_handover_has_none"),
                 ])
                 .env(OLD_PLUGIN_ENV, target().join("debug/libold_api_echo.so"))
-                .status()
+                .output()
                 .unwrap();
-            assert!(status.success(), "the child process failed");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "the child process failed: {text}");
+            assert!(text.contains("1 passed"), "the child ran nothing: {text}");
             return;
         };
         let dir = tempfile::tempdir().unwrap();

@@ -82,6 +82,35 @@ impl History {
     pub fn rooms(&self) -> usize {
         self.rooms.len()
     }
+
+    /// Every kept message, the quietest room first, each room oldest
+    /// first: pushed in this order into an empty history, they rebuild
+    /// this one (rooms and their eviction order).
+    pub fn by_age(&self) -> Vec<ChatMessage> {
+        let mut rooms: Vec<&Room> = self.rooms.values().collect();
+        rooms.sort_by_key(|r| r.touched);
+        rooms
+            .into_iter()
+            .flat_map(|r| r.messages.iter().cloned())
+            .collect()
+    }
+
+    /// Puts `older` (a [`History::by_age`] of a worker that saw the same
+    /// publishes up to some point) before what this history holds. Both may
+    /// hold the messages published in between: each is kept once.
+    pub fn merge_older(&mut self, older: Vec<ChatMessage>) {
+        let mine = self.by_age();
+        let mut merged = History::new(self.per_room, self.max_rooms);
+        for msg in older {
+            merged.push(msg);
+        }
+        for msg in mine {
+            if !merged.recent(&msg.room).any(|m| *m == msg) {
+                merged.push(msg);
+            }
+        }
+        *self = merged;
+    }
 }
 
 #[cfg(test)]
@@ -123,6 +152,45 @@ mod tests {
         h.push(msg("r", 3));
         h.push(msg("r", 4));
         assert_eq!(texts(&h, "r"), vec!["m2", "m3", "m4"]);
+    }
+
+    #[test]
+    fn by_age_rebuilds_the_same_history() {
+        let mut h = History::new(3, 2);
+        for (room, n) in [("a", 1), ("b", 2), ("a", 3), ("a", 4), ("a", 5)] {
+            h.push(msg(room, n));
+        }
+        let mut copy = History::new(3, 2);
+        for m in h.by_age() {
+            copy.push(m);
+        }
+        assert_eq!(copy.by_age(), h.by_age());
+        assert_eq!(texts(&copy, "a"), vec!["m3", "m4", "m5"]);
+        // "b" is still the quietest: a new room evicts it, not "a".
+        copy.push(msg("c", 6));
+        assert_eq!(copy.recent("b").count(), 0);
+        assert_eq!(texts(&copy, "a"), vec!["m3", "m4", "m5"]);
+    }
+
+    #[test]
+    fn merging_an_older_history_keeps_each_message_once() {
+        let mut old = History::default();
+        let mut new = History::default();
+        for n in 0..4 {
+            old.push(msg("r", n));
+        }
+        // The new worker saw the last two publishes too, then one more.
+        for n in 2..5 {
+            new.push(msg("r", n));
+        }
+        new.push(msg("s", 9));
+        new.merge_older(old.by_age());
+        assert_eq!(texts(&new, "r"), vec!["m0", "m1", "m2", "m3", "m4"]);
+        assert_eq!(texts(&new, "s"), vec!["m9"]);
+        // Into an empty history: the older one as it was.
+        let mut empty = History::default();
+        empty.merge_older(old.by_age());
+        assert_eq!(empty.by_age(), old.by_age());
     }
 
     #[test]

@@ -10,18 +10,24 @@
 //! - an `http://` group answers `GET /config.json` with the websocket port;
 //!   the page itself is served by the host from `static_dir`.
 //!
+//! On reload each worker hands its connections to its replacement
+//! ([`handover`]): pages stay connected, with history and presence intact,
+//! and nobody sees a leave or a join.
+//!
 //! Options: `idle_timeout_ms` (websocket group, default 55000, 0 = never)
 //! closes connections that sent nothing for that long; `ws_port` (http group)
 //! is the port the page connects to.
 
+pub mod handover;
 pub mod history;
 pub mod protocol;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use plugin_api::{export_plugin, ConnId, Context, Plugin, Request, StartError, TimerId};
+use plugin_api::{export_plugin, Build, ConnId, Context, Plugin, Request, StartError, TimerId};
 
+use crate::handover::{ConnState, WorkerState};
 use crate::history::History;
 use crate::protocol::{ChatMessage, ClientMsg, Invalid};
 
@@ -107,6 +113,8 @@ pub struct Chat {
     /// This worker's connections in each room.
     local: HashMap<String, HashSet<ConnId>>,
     history: History,
+    /// The handover came from another plugin: its connections are refused.
+    foreign: bool,
 }
 
 impl Chat {
@@ -287,6 +295,88 @@ impl Plugin for Chat {
             },
             _ => {}
         }
+    }
+
+    fn handover(&self) -> bool {
+        true
+    }
+
+    // Exports only read: if the handover is aborted, this build serves on.
+    fn on_export(&mut self, _ctx: &mut Context<'_>) -> Vec<u8> {
+        WorkerState::new(self.history.by_age()).encode()
+    }
+
+    fn on_export_conn(&mut self, _ctx: &mut Context<'_>, conn: ConnId) -> Vec<u8> {
+        let s = self.sessions.get(&conn);
+        let quiet = s.map_or(Duration::ZERO, |s| s.last_seen.elapsed());
+        ConnState::new(
+            s.and_then(|s| s.name.clone()),
+            s.and_then(|s| s.room.clone()),
+            u64::try_from(quiet.as_millis()).unwrap_or(u64::MAX),
+        )
+        .encode()
+    }
+
+    fn on_import(
+        &mut self,
+        ctx: &mut Context<'_>,
+        from: &Build<'_>,
+        state: &[u8],
+    ) -> Result<(), StartError> {
+        if from.name != env!("CARGO_PKG_NAME") {
+            // Switching plugins: its clients speak something else.
+            ctx.warn(format_args!(
+                "handover from {} {}: not a chat build, its connections are closed",
+                from.name, from.version
+            ));
+            self.foreign = true;
+            return Ok(());
+        }
+        let old = WorkerState::decode(state)
+            .map_err(|e| format!("{e} (from {} {})", from.name, from.version))?;
+        // Publishes that reached this worker since it started are in both.
+        self.history.merge_older(old.history);
+        Ok(())
+    }
+
+    fn on_import_conn(
+        &mut self,
+        ctx: &mut Context<'_>,
+        conn: ConnId,
+        _from: &Build<'_>,
+        state: &[u8],
+    ) -> bool {
+        if self.foreign {
+            return false;
+        }
+        if self.web {
+            return true;
+        }
+        let c = match ConnState::decode(state) {
+            Ok(c) => c,
+            Err(e) => {
+                ctx.warn(format_args!("refusing connection {conn}: {e}"));
+                return false;
+            }
+        };
+        // Its group and uid came along: no presence to announce.
+        if let Some(room) = &c.room {
+            Self::enter(&mut self.local, conn, room);
+        }
+        let now = Instant::now();
+        self.sessions.insert(
+            conn,
+            Session {
+                // The idle clock carries on where the old build left it.
+                last_seen: now
+                    .checked_sub(Duration::from_millis(c.quiet_ms))
+                    .unwrap_or(now),
+                name: c.name,
+                room: c.room,
+                closing: false,
+            },
+        );
+        true
     }
 
     fn on_request(&mut self, ctx: &mut Context<'_>, conn: ConnId, req: &Request<'_>) {
