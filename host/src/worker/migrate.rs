@@ -25,6 +25,9 @@ use wm_proto::{websocket, Codec};
 
 /// The handover socket's poll token (either side).
 pub(super) const HANDOVER: Token = Token(3);
+/// Bus bytes a replacement holds while it waits for the export; past it the
+/// handover fails (as the master bounds what waits for any worker).
+const MAX_HELD: usize = bus::MAX_FRAME;
 
 /// The old worker's side, from its export until the new one answers.
 pub(super) struct Outgoing {
@@ -39,6 +42,8 @@ pub(super) struct Incoming {
     chan: Channel,
     /// Bus frames held until the import: before the cut, then after it.
     held: Vec<Vec<u8>>,
+    /// Their bytes, bounded by [`MAX_HELD`].
+    held_bytes: usize,
     /// Where the frames after the cut begin in `held`.
     cut: Option<usize>,
     /// The old build, whether it exported, and its state.
@@ -54,6 +59,7 @@ impl Incoming {
         Ok(Incoming {
             chan: Channel::new(sock)?,
             held: Vec::new(),
+            held_bytes: 0,
             cut: None,
             header: None,
             records: Vec::new(),
@@ -404,8 +410,14 @@ impl Worker {
         };
         if bus::is_cut(&frame) {
             inc.cut = Some(inc.held.len());
-        } else {
-            inc.held.push(frame);
+            return;
+        }
+        inc.held_bytes += frame.len();
+        inc.held.push(frame);
+        if inc.held_bytes > MAX_HELD {
+            self.handover_failed(format!(
+                "over {MAX_HELD} bytes of bus messages came while waiting for the old worker"
+            ));
         }
     }
 
@@ -427,6 +439,7 @@ impl Worker {
             records,
             end,
             started,
+            ..
         } = inc;
         self.unwatch_handover(chan.raw_fd());
         let (from, exported, state) = header.unwrap_or_else(|| {
