@@ -310,6 +310,11 @@ pub fn is_delivery(frame: &[u8]) -> bool {
     frame.get(4).is_some_and(|&v| (5..=7).contains(&v))
 }
 
+/// Whether a frame is a `Publish`.
+pub fn is_publish(frame: &[u8]) -> bool {
+    frame.get(4) == Some(&8)
+}
+
 /// Whether a frame is the handover marker `Cut`.
 pub fn is_cut(frame: &[u8]) -> bool {
     frame.get(4) == Some(&9) && frame.len() == 5
@@ -365,7 +370,7 @@ mod tests {
             topic: "t".into(),
             data: vec![],
         });
-        assert!(!is_delivery(&publish) && !is_membership(&publish));
+        assert!(!is_delivery(&publish) && !is_membership(&publish) && is_publish(&publish));
         assert!(is_cut(&f(&BusMsg::Cut)) && !is_exported(&f(&BusMsg::Cut)));
         assert!(is_exported(&f(&BusMsg::Exported)));
     }

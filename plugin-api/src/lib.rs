@@ -191,6 +191,11 @@ pub trait Protocol: 'static {
 ///    `on_connect` for these connections. Their groups and uid bindings
 ///    move by themselves; timers do not (start them again here). Sends made
 ///    during the import are queued and go out once the handover commits.
+///    Publishes and group sends are cut at one point of the host's order:
+///    those before it were seen by the old build (and are in what it
+///    exported), those after it reach the new one, each exactly once.
+///    Outbound connections ([`Context::connect`]) and pipes do not move:
+///    the old build closes them when it stops; open new ones here.
 ///
 /// An `Err` or a panic in `on_import`, or a panic in an export, aborts the
 /// whole handover: the old build keeps every connection and the reload

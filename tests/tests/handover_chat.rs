@@ -221,7 +221,13 @@ fn a_thousand_chatters_over_ten_reloads_notice_nothing() {
         pump_all(&mut clients, Duration::from_millis(5));
     }
     for (ok, out) in reloader.join().unwrap() {
-        assert!(ok && out.contains("4 handed over"), "{out}");
+        let log = s.log();
+        let tail: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
+        assert!(
+            ok && out.contains(&format!("{CLIENTS} handed over")),
+            "{out}\nlog:\n{}",
+            tail[tail.len().saturating_sub(60)..].join("\n")
+        );
     }
     pump_until(&mut clients, "every message everywhere", |cs| {
         cs.iter().all(|c| {

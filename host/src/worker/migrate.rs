@@ -505,10 +505,14 @@ impl Worker {
             self.core.close(id, None);
         }
         // Frames from before the cut reached the adopted connections
-        // through the old worker; those after, from us.
+        // through the old worker; those after, from us. Publishes before
+        // it are in the state the plugin imported already.
         let cut = cut.unwrap_or(held.len()).min(held.len());
         self.core.skip_adopted = true;
         for f in &held[..cut] {
+            if exported && bus::is_publish(f) {
+                continue;
+            }
             self.bus_frame(f);
         }
         self.core.skip_adopted = false;

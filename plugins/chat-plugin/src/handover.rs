@@ -22,6 +22,9 @@ pub struct WorkerState {
     /// Every kept message, the quietest room first, each room oldest first:
     /// pushed back in this order they make the same history.
     pub history: Vec<ChatMessage>,
+    /// Rooms whose online list was still to be sent.
+    #[serde(default)]
+    pub presence_due: Vec<String>,
 }
 
 /// One connection's state.
@@ -57,6 +60,7 @@ impl WorkerState {
         WorkerState {
             v: VERSION,
             history,
+            presence_due: Vec::new(),
         }
     }
 

@@ -48,6 +48,8 @@ pub const PRESENCE_TOPIC: &str = "chat.presence";
 pub const DEFAULT_IDLE_MS: u64 = 55_000;
 /// The idle check runs at least this often.
 const MAX_SWEEP: Duration = Duration::from_millis(5_000);
+/// Online lists go out at most this often per worker.
+pub const PRESENCE_BATCH: Duration = Duration::from_millis(100);
 
 /// Reads `idle_timeout_ms`: `None` when the timeout is off (`0`).
 pub fn idle_timeout(option: Option<&str>) -> Result<Option<Duration>, String> {
@@ -115,12 +117,28 @@ pub struct Chat {
     history: History,
     /// The handover came from another plugin: its connections are refused.
     foreign: bool,
+    /// Rooms whose online list changed since it was last sent…
+    presence_due: HashSet<String>,
+    /// …sent when this fires: a burst of joins costs one list per member,
+    /// not one per join (which grows with the square of the room).
+    presence_timer: Option<TimerId>,
 }
 
 impl Chat {
     /// Asks every worker to tell its members of `room` who is in it now.
     fn presence_changed(ctx: &mut Context<'_>, room: &str) {
         ctx.publish(PRESENCE_TOPIC, room);
+    }
+
+    /// Sends `room`'s online list to this worker's members soon (within
+    /// [`PRESENCE_BATCH`]), once however often it changes meanwhile.
+    fn presence_later(&mut self, ctx: &mut Context<'_>, room: &str) {
+        if self.local.contains_key(room) {
+            self.presence_due.insert(room.to_string());
+        }
+        if !self.presence_due.is_empty() && self.presence_timer.is_none() {
+            self.presence_timer = Some(ctx.add_timer(PRESENCE_BATCH, false));
+        }
     }
 
     /// Sends the online list to this worker's members of `room`.
@@ -280,6 +298,13 @@ impl Plugin for Chat {
     fn on_timer(&mut self, ctx: &mut Context<'_>, timer: TimerId) {
         if Some(timer) == self.sweep {
             self.close_idle(ctx);
+        } else if Some(timer) == self.presence_timer {
+            self.presence_timer = None;
+            let mut due: Vec<String> = self.presence_due.drain().collect();
+            due.sort();
+            for room in due {
+                self.send_presence(ctx, &room);
+            }
         }
     }
 
@@ -290,7 +315,7 @@ impl Plugin for Chat {
                 None => ctx.warn("ignoring a malformed chat message on the bus"),
             },
             PRESENCE_TOPIC => match std::str::from_utf8(data) {
-                Ok(room) => self.send_presence(ctx, room),
+                Ok(room) => self.presence_later(ctx, room),
                 Err(_) => ctx.warn("ignoring a malformed presence event on the bus"),
             },
             _ => {}
@@ -303,7 +328,9 @@ impl Plugin for Chat {
 
     // Exports only read: if the handover is aborted, this build serves on.
     fn on_export(&mut self, _ctx: &mut Context<'_>) -> Vec<u8> {
-        WorkerState::new(self.history.by_age()).encode()
+        let mut state = WorkerState::new(self.history.by_age());
+        state.presence_due = self.presence_due.iter().cloned().collect();
+        state.encode()
     }
 
     fn on_export_conn(&mut self, _ctx: &mut Context<'_>, conn: ConnId) -> Vec<u8> {
@@ -336,6 +363,11 @@ impl Plugin for Chat {
             .map_err(|e| format!("{e} (from {} {})", from.name, from.version))?;
         // Publishes that reached this worker since it started are in both.
         self.history.merge_older(old.history);
+        // Lists the old build owed; sent once the connections are here.
+        self.presence_due.extend(old.presence_due);
+        if !self.presence_due.is_empty() && self.presence_timer.is_none() {
+            self.presence_timer = Some(ctx.add_timer(PRESENCE_BATCH, false));
+        }
         Ok(())
     }
 
