@@ -286,12 +286,13 @@ fn twenty_reloads_under_load_fail_no_request() {
 }
 
 #[test]
-fn graceful_reload_keeps_long_websocket_connections_open() {
+fn graceful_reload_in_drain_mode_keeps_long_websocket_connections_open() {
     let port = free_port();
+    // Drain mode: connections stay with the old build until they end.
     let s = Server::with_host(
         "",
         &format!(
-            "[[worker]]\nname = \"ws\"\nlisten = \"websocket://127.0.0.1:{port}\"\ncount = 2\nplugin = \"live.so\"\nwatch = false\n"
+            "[[worker]]\nname = \"ws\"\nlisten = \"websocket://127.0.0.1:{port}\"\ncount = 2\nplugin = \"live.so\"\nwatch = false\nreload_mode = \"drain\"\n"
         ),
     );
     // Long enough that the old workers only leave when their clients do.

@@ -211,8 +211,9 @@ fn a_worker_past_max_requests_is_replaced_without_a_failed_request() {
 #[test]
 fn a_retiring_worker_killed_at_stop_timeout_is_logged_once() {
     let port = free_port();
-    // stop_timeout is 3 s in the harness; graceful reload keeps connections.
-    let server = Server::new(&test_worker("t", port, 2, ""));
+    // stop_timeout is 3 s in the harness; a graceful reload in drain mode
+    // leaves connections with the old workers.
+    let server = Server::new(&test_worker("t", port, 2, "reload_mode = \"drain\""));
     server.start();
     let clients = one_client_per_worker(port, 2);
     let out = server.cli(&["reload", "-g"]);
