@@ -310,3 +310,96 @@ fn a_plugin_without_import_closes_cleanly_on_reload() {
     assert!(rest.is_empty());
     s.stop();
 }
+
+/// Waits until the server holds `n` bytes of unfinished input on a
+/// connection (the first part of a message the reload will cut in two).
+fn wait_recv_q(s: &Server, n: u64) {
+    wait_for("the worker to read the first part", || {
+        let out = s.cli(&["connections", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let rows = v["connections"].as_array()?.clone();
+        rows.iter().any(|r| r["recv_q"] == n).then_some(())
+    });
+}
+
+#[test]
+fn frame_custom_and_tcp_connections_move_too() {
+    // frame://: half a frame before the reload, the rest after.
+    let (s, port, live) = setup("frame", 1, "");
+    s.start();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    c.write_all(&frame(b"build")).unwrap();
+    assert_eq!(read_frame(&mut c).unwrap(), b"a");
+    let msg = frame(b"split frame");
+    c.write_all(&msg[..6]).unwrap();
+    wait_recv_q(&s, 6);
+    reload_onto(&s, &live, "b");
+    c.write_all(&msg[6..]).unwrap();
+    assert_eq!(read_frame(&mut c).unwrap(), b"split frame");
+    c.write_all(&frame(b"build")).unwrap();
+    assert_eq!(read_frame(&mut c).unwrap(), b"b");
+    s.stop();
+
+    // custom:// (the test plugin's CRLF framing).
+    let (s, port, live) = setup("custom", 1, "");
+    s.start();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut line = |c: &mut TcpStream| {
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n") {
+            assert_eq!(c.read(&mut b).unwrap(), 1, "closed after {got:?}");
+            got.push(b[0]);
+        }
+        String::from_utf8(got[..got.len() - 2].to_vec()).unwrap()
+    };
+    c.write_all(b"build\r\n").unwrap();
+    assert_eq!(line(&mut c), "a");
+    c.write_all(b"half a").unwrap();
+    wait_recv_q(&s, 6);
+    reload_onto(&s, &live, "b");
+    c.write_all(b" line\r\nbuild\r\n").unwrap();
+    assert_eq!(line(&mut c), "half a line");
+    assert_eq!(line(&mut c), "b");
+    s.stop();
+
+    // tcp://: each read is a message; the connection carries on.
+    let (s, port, live) = setup("tcp", 1, "");
+    s.start();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut ask = |c: &mut TcpStream, m: &str| {
+        c.write_all(m.as_bytes()).unwrap();
+        let mut b = [0u8; 64];
+        let n = c.read(&mut b).unwrap();
+        String::from_utf8(b[..n].to_vec()).unwrap()
+    };
+    assert_eq!(ask(&mut c, "build"), "a");
+    reload_onto(&s, &live, "b");
+    assert_eq!(ask(&mut c, "build"), "b");
+    s.stop();
+}
+
+#[test]
+fn a_connection_the_new_build_refuses_is_closed_cleanly_and_the_others_carry_on() {
+    let (s, port, live) = setup("websocket", 1, "");
+    s.start();
+    let mut keep = ws_raw(port, "/");
+    let mut refuse = ws_raw(port, "/");
+    assert_eq!(ws_call(&mut keep, "note kept"), "ok");
+    assert_eq!(ws_call(&mut refuse, "refuse-import"), "ok");
+    let out = reload_onto(&s, &live, "b");
+    assert!(out.contains("1 handed over, 1 refused"), "{out}");
+    // The refused one hears a close frame, then a FIN.
+    let (_, op, _) = ws_read_frame(&mut refuse).unwrap();
+    assert_eq!(op, 8, "a close frame");
+    let mut rest = Vec::new();
+    refuse.read_to_end(&mut rest).expect("a FIN, not a reset");
+    // The other one kept its state and serves on in the new build.
+    assert_eq!(ws_call(&mut keep, "build"), "b");
+    assert!(ws_call(&mut keep, "state").contains("note=kept"));
+    assert!(ws_call(&mut keep, "imported").contains("conns=1 refused=1"));
+    s.stop();
+}

@@ -50,7 +50,8 @@
 //! | `imported`       | `from=<version>:<build tag> conns=<n> refused=<r>` of the handover this worker took, or `none` |
 //! | `refuse-import`  | `ok`; the next build refuses this connection at the handover |
 //!
-//! `on_buffer_drain` also sends `drained`.
+//! `on_buffer_drain` also sends `drained`. On `custom://` listeners messages
+//! end with `\r\n` (both ways).
 //!
 //! Options: `fail_start = "error" | "panic"` makes `on_worker_start` fail;
 //! `fail_start_file = PATH` makes it panic while that file exists (so a test
@@ -69,7 +70,8 @@ use std::time::Duration;
 use std::collections::HashSet;
 
 use plugin_api::{
-    export_plugin, Build, ConnId, Context, MessageKind, Plugin, Request, StartError, TimerId,
+    export_plugin, Build, ConnId, Context, MessageKind, Plugin, Protocol, Request, StartError,
+    TimerId,
 };
 
 /// Set `WM_TEST_BUILD` when building to tell two builds apart.
@@ -117,6 +119,22 @@ struct Events {
     drain: u32,
     dropped: u32,
     errors: u32,
+}
+
+/// `custom://` framing for the tests: messages end with `\r\n`.
+struct CrLf;
+
+impl Protocol for CrLf {
+    fn input(&mut self, buf: &[u8]) -> Result<Option<usize>, String> {
+        Ok(buf.windows(2).position(|w| w == b"\r\n").map(|i| i + 2))
+    }
+    fn decode<'a>(&mut self, packet: &'a [u8]) -> &'a [u8] {
+        &packet[..packet.len() - 2]
+    }
+    fn encode(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 impl Plugin for TestPlugin {
@@ -465,6 +483,11 @@ impl Plugin for TestPlugin {
         self.tickers.retain(|_, t| t.0 != conn);
         self.resumes.retain(|_, c| *c != conn);
         self.conns.remove(&conn);
+    }
+
+    /// On `custom://` listeners: messages end with `\r\n`.
+    fn protocol(&mut self) -> Option<Box<dyn Protocol>> {
+        Some(Box::new(CrLf))
     }
 
     fn handover(&self) -> bool {
