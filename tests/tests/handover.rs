@@ -346,7 +346,7 @@ fn frame_custom_and_tcp_connections_move_too() {
     s.start();
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut line = |c: &mut TcpStream| {
+    let line = |c: &mut TcpStream| {
         let mut got = Vec::new();
         let mut b = [0u8; 1];
         while !got.ends_with(b"\r\n") {
@@ -370,7 +370,7 @@ fn frame_custom_and_tcp_connections_move_too() {
     s.start();
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut ask = |c: &mut TcpStream, m: &str| {
+    let ask = |c: &mut TcpStream, m: &str| {
         c.write_all(m.as_bytes()).unwrap();
         let mut b = [0u8; 64];
         let n = c.read(&mut b).unwrap();
