@@ -34,11 +34,26 @@ pub enum LoadError {
 
 pub use wm_proto::Scheme;
 
-/// A parsed `listen = "scheme://host:port"`.
+/// What carries a listener's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Tcp,
+    /// `udp://`: each datagram is a message.
+    Udp,
+    /// `unix:///path`: a unix stream socket.
+    Unix,
+}
+
+/// A parsed `listen = "scheme://host:port"` (or `unix:///path`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Listen {
     pub scheme: Scheme,
+    pub transport: Transport,
+    /// tcp and udp: where to bind (unix: unspecified).
     pub addr: SocketAddr,
+    /// unix: the socket file.
+    pub path: Option<PathBuf>,
     /// As written, for logs and status.
     pub text: String,
 }
@@ -48,9 +63,29 @@ impl Listen {
         let (scheme, rest) = text
             .split_once("://")
             .ok_or_else(|| format!("expected scheme://host:port, got {text:?}"))?;
-        let scheme = Scheme::parse(scheme).ok_or_else(|| {
-            format!("unknown protocol {scheme:?} (supported: tcp, text, frame, websocket, http, custom)")
-        })?;
+        if scheme == "unix" {
+            if !rest.starts_with('/') {
+                return Err(format!(
+                    "unix:// needs an absolute path (unix:///run/app.sock), got {text:?}"
+                ));
+            }
+            return Ok(Listen {
+                scheme: Scheme::Tcp,
+                transport: Transport::Unix,
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                path: Some(PathBuf::from(rest)),
+                text: text.to_string(),
+            });
+        }
+        let (scheme, transport) = match scheme {
+            "udp" => (Scheme::Tcp, Transport::Udp),
+            s => (
+                Scheme::parse(s).ok_or_else(|| {
+                    format!("unknown protocol {s:?} (supported: tcp, text, frame, websocket, http, custom, udp, unix)")
+                })?,
+                Transport::Tcp,
+            ),
+        };
         let addr = rest
             .to_socket_addrs()
             .map_err(|e| format!("bad address {rest:?}: {e}"))?
@@ -58,10 +93,21 @@ impl Listen {
             .ok_or_else(|| format!("address {rest:?} resolves to nothing"))?;
         Ok(Listen {
             scheme,
+            transport,
             addr,
+            path: None,
             text: text.to_string(),
         })
     }
+}
+
+/// `[worker.unix]`: who may use a unix:// listener's socket file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixPerms {
+    /// File mode (e.g. 0o660).
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
 }
 
 impl fmt::Display for Listen {
@@ -74,7 +120,12 @@ impl fmt::Display for Listen {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerConfig {
     pub name: String,
-    pub listen: Listen,
+    /// `None`: a worker without a listener (timers, publish, outbound
+    /// connections only).
+    pub listen: Option<Listen>,
+    /// unix:// only: mode and owner of the socket file.
+    #[serde(default)]
+    pub unix: Option<UnixPerms>,
     pub count: u32,
     pub plugin: PathBuf,
     pub reloadable: bool,
@@ -132,6 +183,18 @@ pub enum ReloadMode {
     /// The old worker stops accepting, answers what arrived and closes its
     /// connections cleanly (websocket 1001, HTTP `Connection: close`).
     Drain,
+}
+
+impl WorkerConfig {
+    /// The listen address as written, or "-" for a worker without one.
+    pub fn listen_text(&self) -> &str {
+        self.listen.as_ref().map_or("-", |l| l.text.as_str())
+    }
+
+    /// The listener's protocol, if it has a listener.
+    pub fn scheme(&self) -> Option<Scheme> {
+        self.listen.as_ref().map(|l| l.scheme)
+    }
 }
 
 /// `stuck_timeout` when not set.
@@ -198,7 +261,8 @@ struct RawHost {
 #[serde(deny_unknown_fields)]
 struct RawWorker {
     name: Spanned<String>,
-    listen: Spanned<String>,
+    listen: Option<Spanned<String>>,
+    unix: Option<Spanned<RawUnix>>,
     #[serde(default = "one")]
     count: Spanned<u32>,
     plugin: Spanned<String>,
@@ -223,6 +287,14 @@ struct RawWorker {
     max_requests: Option<Spanned<u64>>,
     max_memory: Option<Spanned<Size>>,
     reload_mode: Option<ReloadMode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnix {
+    mode: Option<String>,
+    owner: Option<String>,
+    group: Option<String>,
 }
 
 fn one() -> Spanned<u32> {
@@ -386,8 +458,76 @@ impl Config {
                     format!("duplicate worker name {name:?}"),
                 ));
             }
-            let listen = Listen::parse(w.listen.get_ref())
-                .map_err(|e| src.key_error(w.listen.span(), "listen", e))?;
+            let listen = match &w.listen {
+                Some(l) => Some(
+                    Listen::parse(l.get_ref()).map_err(|e| src.key_error(l.span(), "listen", e))?,
+                ),
+                None => None,
+            };
+            let scheme = listen.as_ref().map(|l| l.scheme);
+            let unix = match &w.unix {
+                None => None,
+                Some(u) if listen.as_ref().map(|l| l.transport) != Some(Transport::Unix) => {
+                    return Err(src.key_error(
+                        u.span(),
+                        "unix",
+                        "only unix:// listeners have a socket file",
+                    ));
+                }
+                Some(u) => {
+                    let r = u.get_ref();
+                    let mode = match &r.mode {
+                        Some(m) => Some(
+                            u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                                .ok()
+                                .filter(|m| *m <= 0o777)
+                                .ok_or_else(|| {
+                                    src.key_error(
+                                        u.span(),
+                                        "unix.mode",
+                                        format!("{m:?} is not an octal file mode such as \"0660\""),
+                                    )
+                                })?,
+                        ),
+                        None => None,
+                    };
+                    let uid = match &r.owner {
+                        Some(o) => Some(
+                            nix::unistd::User::from_name(o)
+                                .ok()
+                                .flatten()
+                                .ok_or_else(|| {
+                                    src.key_error(
+                                        u.span(),
+                                        "unix.owner",
+                                        format!("no such user {o:?}"),
+                                    )
+                                })?
+                                .uid
+                                .as_raw(),
+                        ),
+                        None => None,
+                    };
+                    let gid = match &r.group {
+                        Some(g) => Some(
+                            nix::unistd::Group::from_name(g)
+                                .ok()
+                                .flatten()
+                                .ok_or_else(|| {
+                                    src.key_error(
+                                        u.span(),
+                                        "unix.group",
+                                        format!("no such group {g:?}"),
+                                    )
+                                })?
+                                .gid
+                                .as_raw(),
+                        ),
+                        None => None,
+                    };
+                    Some(UnixPerms { mode, uid, gid })
+                }
+            };
             if *w.count.get_ref() == 0 {
                 return Err(src.key_error(w.count.span(), "count", "must be at least 1"));
             }
@@ -429,7 +569,7 @@ impl Config {
                 }
             };
             let ws_ping_interval = match &w.ws_ping_interval {
-                Some(d) if listen.scheme != Scheme::Websocket => {
+                Some(d) if scheme != Some(Scheme::Websocket) => {
                     return Err(src.key_error(
                         d.span(),
                         "ws_ping_interval",
@@ -440,7 +580,7 @@ impl Config {
                 None => None,
             };
             let header_timeout = match &w.header_timeout {
-                Some(d) if !matches!(listen.scheme, Scheme::Http | Scheme::Websocket) => {
+                Some(d) if !matches!(scheme, Some(Scheme::Http | Scheme::Websocket)) => {
                     return Err(src.key_error(
                         d.span(),
                         "header_timeout",
@@ -448,7 +588,7 @@ impl Config {
                     ));
                 }
                 Some(d) => Some(d.get_ref().0).filter(|d| !d.is_zero()),
-                None => matches!(listen.scheme, Scheme::Http | Scheme::Websocket)
+                None => matches!(scheme, Some(Scheme::Http | Scheme::Websocket))
                     .then_some(DEFAULT_HEADER_TIMEOUT),
             };
             let message_timeout = match &w.message_timeout {
@@ -456,7 +596,7 @@ impl Config {
                 None => Some(DEFAULT_MESSAGE_TIMEOUT),
             };
             let static_dir = match &w.static_dir {
-                Some(d) if listen.scheme != Scheme::Http => {
+                Some(d) if scheme != Some(Scheme::Http) => {
                     return Err(src.key_error(
                         d.span(),
                         "static_dir",
@@ -513,6 +653,7 @@ impl Config {
             };
             workers.push(WorkerConfig {
                 listen,
+                unix,
                 count: *w.count.get_ref(),
                 plugin: rel(w.plugin.get_ref()),
                 reloadable: w.reloadable,
@@ -628,8 +769,9 @@ mod tests {
         assert_eq!(w.plugin, Path::new("/srv/app/libecho.so"));
         let c = parse(&MINIMAL.replace("libecho.so", "../target/./libecho.so")).unwrap();
         assert_eq!(c.workers[0].plugin, Path::new("/srv/target/libecho.so"));
-        assert_eq!(w.listen.scheme, Scheme::Text);
-        assert_eq!(w.listen.addr, "127.0.0.1:2347".parse().unwrap());
+        let l = w.listen.as_ref().unwrap();
+        assert_eq!(l.scheme, Scheme::Text);
+        assert_eq!(l.addr, "127.0.0.1:2347".parse().unwrap());
         assert_eq!(w.max_package_size, DEFAULT_MAX_PACKAGE);
         assert!(c.host.strict_modes, "StrictModes are on unless turned off");
     }

@@ -72,8 +72,9 @@ impl Worker {
         };
         let (ctl, ctl_worker) = UnixStream::pair().unwrap();
         let (bus, bus_worker) = UnixStream::pair().unwrap();
-        let thread =
-            std::thread::spawn(move || worker::serve(spec, ctl_worker, listener, bus_worker));
+        let thread = std::thread::spawn(move || {
+            worker::serve(spec, ctl_worker, Some(listener.into()), bus_worker)
+        });
         ctl.set_read_timeout(Some(DEADLINE)).unwrap();
         let mut ctl = BufReader::new(ctl);
         let mut line = String::new();

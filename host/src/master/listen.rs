@@ -13,7 +13,10 @@ use std::os::fd::OwnedFd;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::WorkerConfig;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use crate::config::{Transport, UnixPerms, WorkerConfig};
 
 /// Workerman's backlog; the kernel caps it at net.core.somaxconn.
 const BACKLOG: i32 = 102_400;
@@ -26,27 +29,39 @@ pub struct BindError {
     source: io::Error,
 }
 
-fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+fn new_socket(addr: SocketAddr, udp: bool) -> io::Result<Socket> {
+    let s = match udp {
+        true => Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?,
+        false => Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?,
+    };
     s.set_reuse_address(true)?;
     Ok(s)
 }
 
 fn bind_all(w: &WorkerConfig) -> io::Result<Vec<OwnedFd>> {
-    let mut addr = w.listen.addr;
+    let Some(listen) = &w.listen else {
+        return Ok(Vec::new());
+    };
+    if let (Transport::Unix, Some(path)) = (listen.transport, &listen.path) {
+        return bind_unix(path, w.unix.as_ref(), w.count);
+    }
+    let udp = listen.transport == Transport::Udp;
+    let mut addr = listen.addr;
     // SO_REUSEPORT would let us share a port with another process of the same
     // user; a plain bind first tells us whether anyone holds it.
     if addr.port() != 0 {
-        let probe = new_socket(addr)?;
+        let probe = new_socket(addr, udp)?;
         probe.bind(&addr.into())?;
     }
     let mut fds = Vec::new();
     for _ in 0..w.count {
-        let s = new_socket(addr)?;
+        let s = new_socket(addr, udp)?;
         s.set_reuse_port(true)?;
-        s.set_keepalive(true)?;
         s.bind(&addr.into())?;
-        s.listen(BACKLOG)?;
+        if !udp {
+            s.set_keepalive(true)?;
+            s.listen(BACKLOG)?;
+        }
         if addr.port() == 0 {
             // Port 0: the first socket picks the port, the others join it.
             addr = s.local_addr()?.as_socket().unwrap_or(addr);
@@ -56,11 +71,46 @@ fn bind_all(w: &WorkerConfig) -> io::Result<Vec<OwnedFd>> {
     Ok(fds)
 }
 
-/// Binds `count` sockets for a group.
+/// A unix stream listener: one socket, shared by the group's workers (the
+/// kernel hands each connection to one of them). A socket file left by a
+/// master that died is replaced; one that answers is someone else's.
+fn bind_unix(path: &Path, perms: Option<&UnixPerms>, count: u32) -> io::Result<Vec<OwnedFd>> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is in use by another process", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path)?;
+    if let Some(p) = perms {
+        if let Some(mode) = p.mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        }
+        if p.uid.is_some() || p.gid.is_some() {
+            std::os::unix::fs::chown(path, p.uid, p.gid)?;
+        }
+    }
+    let fd = OwnedFd::from(l);
+    (0..count).map(|_| fd.try_clone()).collect()
+}
+
+/// Binds `count` sockets for a group (none for a group without `listen`).
 pub fn bind(w: &WorkerConfig) -> Result<Vec<OwnedFd>, BindError> {
     bind_all(w).map_err(|source| BindError {
-        listen: w.listen.text.clone(),
+        listen: w.listen_text().to_string(),
         name: w.name.clone(),
         source,
     })
+}
+
+/// Removes the socket files of unix:// listeners (the master stops).
+pub fn remove_unix_files(workers: &[WorkerConfig]) {
+    for w in workers {
+        if let Some(path) = w.listen.as_ref().and_then(|l| l.path.as_ref()) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }

@@ -366,7 +366,7 @@ impl Master {
             cfg,
             id,
             build,
-            &self.sockets[group][id as usize],
+            self.sockets[group].get(id as usize),
             self.worker_log.as_ref(),
             pair.as_ref().map(|p| &p.1),
         )?;
@@ -704,7 +704,7 @@ impl Master {
                 pid: w.pid.as_raw() as u32,
                 group: g.name.clone(),
                 id: v.id,
-                listen: g.listen.text.clone(),
+                listen: g.listen_text().to_string(),
                 rss_bytes: process::rss_bytes(w.pid),
                 plugin: g.plugin.display().to_string(),
                 build: v.build.short().to_string(),
@@ -732,7 +732,7 @@ impl Master {
             .enumerate()
             .map(|(gi, g)| GroupRow {
                 name: g.name.clone(),
-                listen: g.listen.text.clone(),
+                listen: g.listen_text().to_string(),
                 count: g.count,
                 processes: self.sup.processes(gi),
                 bus_dropped: self.relay.group_dropped(gi),
@@ -810,10 +810,16 @@ impl Master {
             .iter()
             .map(|g| {
                 vec![
-                    g.listen.scheme.name().to_string(),
+                    match &g.listen {
+                        Some(l) if l.transport != crate::config::Transport::Tcp => {
+                            format!("{:?}", l.transport).to_lowercase()
+                        }
+                        Some(l) => l.scheme.name().to_string(),
+                        None => "none".to_string(),
+                    },
                     g.user.clone().unwrap_or_else(|| user.clone()),
                     g.name.clone(),
-                    g.listen.text.clone(),
+                    g.listen_text().to_string(),
                     g.count.to_string(),
                     "[OK]".to_string(),
                 ]
@@ -832,6 +838,7 @@ impl Master {
 
     fn finish(&mut self) {
         let _ = std::fs::remove_file(self.cfg.control_socket());
+        listen::remove_unix_files(&self.cfg.workers);
         let actions = self.sup.finish();
         self.carry_out(actions);
         tracing::info!("master stopped");

@@ -36,7 +36,7 @@ pub fn spawn_worker(
     cfg: &WorkerConfig,
     id: u32,
     build: &Path,
-    listener: &OwnedFd,
+    listener: Option<&OwnedFd>,
     log: Option<&std::fs::File>,
     handover: Option<&OwnedFd>,
 ) -> io::Result<Child> {
@@ -49,7 +49,8 @@ pub fn spawn_worker(
         handover: handover.is_some(),
     };
     let spec = serde_json::to_string(&spec).map_err(io::Error::other)?;
-    let listen_fd = listener.as_raw_fd();
+    // A worker without a listener gets nothing on its descriptor 3.
+    let listen_fd = listener.map(|l| l.as_raw_fd()).unwrap_or(-1);
     let ctl_fd = theirs.as_raw_fd();
     let bus_fd = bus_theirs.as_raw_fd();
     // The daemon's log file, handed over open: a worker running as another

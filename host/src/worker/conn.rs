@@ -4,7 +4,7 @@ use std::io::{self, IoSlice, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use mio::net::TcpStream;
+use super::sock::Sock;
 
 use wm_proto::Codec;
 
@@ -24,7 +24,7 @@ const SMALL_SEND: usize = 256;
 
 pub struct Conn {
     pub id: u64,
-    pub sock: TcpStream,
+    pub sock: Sock,
     pub codec: Codec,
     /// Unconsumed input: a partial message. Empty while idle.
     pub inbuf: Vec<u8>,
@@ -72,7 +72,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(id: u64, sock: TcpStream, codec: Codec, max_send: usize) -> Conn {
+    pub fn new(id: u64, sock: Sock, codec: Codec, max_send: usize) -> Conn {
         let remote = sock.peer_addr().ok();
         let local = sock.local_addr().ok();
         Conn {

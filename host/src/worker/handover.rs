@@ -68,6 +68,8 @@ pub struct RecordRef<'a> {
     pub paused: bool,
     pub max_send: u64,
     pub full: bool,
+    /// A unix stream, not TCP.
+    pub unix: bool,
 }
 
 /// One connection as received; the same fields as [`RecordRef`].
@@ -82,6 +84,8 @@ pub struct Record {
     pub paused: bool,
     pub max_send: u64,
     pub full: bool,
+    /// A unix stream, not TCP.
+    pub unix: bool,
 }
 
 #[derive(Serialize, Deserialize)]

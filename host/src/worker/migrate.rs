@@ -17,6 +17,7 @@ use super::conn::{Conn, State};
 use super::core::{slot, FIRST_CONN};
 use super::handover::{Channel, Msg, Record, RecordRef, BATCH};
 use super::runner::Call;
+use super::sock::Sock;
 use super::Worker;
 use crate::bus::{self, BusMsg};
 use crate::ipc::{FromWorker, HandoverReport};
@@ -80,6 +81,7 @@ impl Incoming {
 fn movable(c: &Conn) -> bool {
     c.state == State::Open
         && !c.frozen
+        && !c.sock.is_udp()
         && !c.ending
         && c.outbound.is_none()
         && c.pipe_to.is_none()
@@ -163,7 +165,7 @@ impl Worker {
             .map(|(_, c)| c.id)
             .collect();
         let kept = (self.core.conns.iter())
-            .filter(|(_, c)| c.state != State::Dead && c.outbound.is_none())
+            .filter(|(_, c)| c.state != State::Dead && c.outbound.is_none() && !c.sock.is_udp())
             .count() as u64
             - ids.len() as u64;
         // Captured before any plugin code runs: what the plugin sends
@@ -185,6 +187,7 @@ impl Worker {
                 paused: c.paused,
                 max_send: c.max_send as u64,
                 full: c.full,
+                unix: c.sock.is_unix(),
             };
             match postcard::to_allocvec(&rec) {
                 Ok(bytes) => records.push((id, bytes, c.sock.as_raw_fd())),
@@ -541,7 +544,7 @@ impl Worker {
     /// A connection from the export, in this worker's table but not yet
     /// polled: nothing is read or written before the handover is confirmed.
     fn adopt(&mut self, rec: Record, fd: OwnedFd) -> u64 {
-        let sock = mio::net::TcpStream::from_std(std::net::TcpStream::from(fd));
+        let sock = Sock::from_fd(fd, rec.unix);
         let idx = self.core.conns.vacant_entry().key();
         let id = self.core.next_id(idx);
         let mut conn = Conn::new(id, sock, rec.codec, rec.max_send as usize);

@@ -13,6 +13,7 @@ mod migrate;
 mod outbound;
 mod respond;
 mod runner;
+mod sock;
 mod stats;
 mod timers;
 
@@ -22,7 +23,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::time::{Duration, Instant};
 
 use abi_stable::std_types::{RSlice, RStr, Tuple2};
-use mio::net::{TcpListener, UnixStream};
+use mio::net::UnixStream;
 use mio::{Events, Interest, Poll, Token};
 use plugin_api::abi::{Outcome, RawRequest, RawWorkerInfo};
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,7 @@ use self::core::{Core, FIRST_CONN};
 use self::guard::Guard;
 use self::logs::limited;
 use self::runner::{Call, Runner};
+use self::sock::Listener;
 use crate::config::WorkerConfig;
 use crate::ipc::{FromWorker, LineBuf, ToWorker};
 use crate::plugin::LoadedPlugin;
@@ -364,7 +366,7 @@ struct Worker {
     poll: Poll,
     core: Core,
     runner: Runner,
-    listener: Option<TcpListener>,
+    listener: Option<Listener>,
     ctl: UnixStream,
     ctl_buf: LineBuf,
 
@@ -393,7 +395,7 @@ struct Worker {
     close_at: Option<Instant>,
     full_logged: bool,
     /// Not accepting while a handover runs (either side).
-    parked_listener: Option<TcpListener>,
+    parked_listener: Option<Listener>,
     /// Descriptors that came with control messages.
     ctl_fds: migrate::CtlFds,
     /// Old worker: the socket to the replacement, until the `Cut`…
@@ -404,7 +406,13 @@ struct Worker {
     outgoing: Option<migrate::Outgoing>,
     /// New worker: waiting for the export.
     incoming: Option<migrate::Incoming>,
+    /// udp:// peers by address, oldest first.
+    udp_peers: std::collections::HashMap<std::net::SocketAddr, u64>,
+    udp_order: std::collections::VecDeque<std::net::SocketAddr>,
 }
+
+/// udp:// peers a worker remembers for later answers.
+const MAX_UDP_PEERS: usize = 4096;
 
 /// Entry point of `wm-host worker`. Returns the process exit code.
 pub fn run(spec: Spec) -> i32 {
@@ -413,7 +421,8 @@ pub fn run(spec: Spec) -> i32 {
     ignore_signals();
     // SAFETY: the master passes these descriptors to every worker, open.
     let ctl = unsafe { StdUnixStream::from_raw_fd(CONTROL_FD) };
-    let listener = unsafe { std::net::TcpListener::from(OwnedFd::from_raw_fd(LISTEN_FD)) };
+    let listener =
+        (spec.worker.listen.is_some()).then(|| unsafe { OwnedFd::from_raw_fd(LISTEN_FD) });
     let bus = unsafe { StdUnixStream::from(OwnedFd::from_raw_fd(BUS_FD)) };
     // SAFETY: the master passes it to replacements that take over.
     let handover = spec
@@ -426,12 +435,7 @@ pub fn run(spec: Spec) -> i32 {
 /// `ctl` closes), and returns its exit code. `run` is this on the inherited
 /// descriptors; tests call it in-process, on a thread. The sockets need not
 /// be non-blocking yet.
-pub fn serve(
-    spec: Spec,
-    ctl: StdUnixStream,
-    listener: std::net::TcpListener,
-    bus: StdUnixStream,
-) -> i32 {
+pub fn serve(spec: Spec, ctl: StdUnixStream, listener: Option<OwnedFd>, bus: StdUnixStream) -> i32 {
     serve_with(spec, ctl, listener, bus, None)
 }
 
@@ -440,7 +444,7 @@ pub fn serve(
 pub fn serve_with(
     spec: Spec,
     ctl: StdUnixStream,
-    listener: std::net::TcpListener,
+    listener: Option<OwnedFd>,
     bus: StdUnixStream,
     handover: Option<StdUnixStream>,
 ) -> i32 {
@@ -506,7 +510,7 @@ fn leak_info(spec: &Spec) -> &'static RawWorkerInfo {
         id: spec.id,
         count: spec.worker.count,
         pid: std::process::id(),
-        listen: leak(&spec.worker.listen.text),
+        listen: leak(spec.worker.listen_text()),
         options: RSlice::from_slice(Box::leak(options.into_boxed_slice())),
     }))
 }
@@ -514,7 +518,7 @@ fn leak_info(spec: &Spec) -> &'static RawWorkerInfo {
 fn start(
     spec: Spec,
     ctl_std: StdUnixStream,
-    std_listener: std::net::TcpListener,
+    listener_fd: Option<OwnedFd>,
     bus_std: StdUnixStream,
     handover: Option<StdUnixStream>,
 ) -> Result<Worker, (StdUnixStream, String)> {
@@ -538,7 +542,7 @@ fn start(
         }
         Err(e) => return Err((ctl_std, format!("epoll: {e}"))),
     };
-    if spec.worker.listen.scheme == crate::config::Scheme::Custom && core.custom.is_none() {
+    if spec.worker.scheme() == Some(crate::config::Scheme::Custom) && core.custom.is_none() {
         let error = format!(
             "plugin {}: custom:// needs a plugin that provides a protocol (Plugin::protocol)",
             spec.worker.plugin.display()
@@ -556,13 +560,13 @@ fn start(
             return Err((ctl_std, format!("on_worker_start panicked: {e}")));
         }
     }
-    let setup = |poll: Poll| -> io::Result<(Poll, TcpListener, UnixStream, UnixStream)> {
-        std_listener.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(std_listener);
+    let setup = |poll: Poll| -> io::Result<(Poll, Option<Listener>, UnixStream, UnixStream)> {
+        let mut listener = listener_fd.map(Listener::from_fd).transpose()?;
         ctl_std.set_nonblocking(true)?;
         let mut ctl = UnixStream::from_std(ctl_std.try_clone()?);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        if let Some(l) = listener.as_mut() {
+            poll.registry().register(l, LISTENER, Interest::READABLE)?;
+        }
         poll.registry()
             .register(&mut ctl, CONTROL, Interest::READABLE | Interest::WRITABLE)?;
         bus_std.set_nonblocking(true)?;
@@ -586,13 +590,13 @@ fn start(
     let mut worker = Worker {
         poll,
         core,
-        listener: Some(listener),
+        listener,
         ctl,
         ctl_buf: LineBuf::default(),
 
         read_buf: vec![0u8; READ_BUF].into_boxed_slice(),
         static_dir,
-        scheme: spec.worker.listen.scheme,
+        scheme: spec.worker.scheme().unwrap_or(crate::config::Scheme::Tcp),
         max_connections: spec
             .worker
             .max_connections
@@ -618,6 +622,8 @@ fn start(
         cut_pending: None,
         outgoing: None,
         incoming: None,
+        udp_peers: Default::default(),
+        udp_order: Default::default(),
         runner,
     };
     // Only a build that can import waits for the old worker's connections.
@@ -641,7 +647,7 @@ fn start(
     });
     let _ = worker.ctl_buf.flush(&mut worker.ctl);
     tracing::info!(
-        listen = %spec.worker.listen,
+        listen = %spec.worker.listen_text(),
         plugin = %spec.worker.plugin.display(),
         copy = %worker.runner.plugin.path.display(),
         "worker ready ({})",
@@ -841,12 +847,85 @@ impl Worker {
         }
     }
 
+    /// udp://: each datagram is a message from a peer that `send` answers.
+    /// Peers get no `on_connect`/`on_close`; the last [`MAX_UDP_PEERS`] are
+    /// kept so a plugin may answer later.
+    fn recv_datagrams(&mut self) {
+        loop {
+            let Some(Listener::Udp(sock, replies)) = self.listener.as_ref() else {
+                return;
+            };
+            let (n, from) = match sock.recv_from(&mut self.read_buf) {
+                Ok(v) => v,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    limited!("udp receive failed: {e}");
+                    return;
+                }
+            };
+            let replies = replies.clone();
+            if n > self.core.max_package_size {
+                limited!(peer = %from, "dropping a datagram of {n} bytes: over max_package_size ({})", self.core.max_package_size);
+                continue;
+            }
+            let id = self.udp_peer(from, replies);
+            self.core.total_messages += 1;
+            let Worker {
+                core,
+                runner,
+                read_buf,
+                ..
+            } = self;
+            runner.invoke(
+                core,
+                Call::Message(id, &read_buf[..n], wm_proto::Kind::Default),
+            );
+        }
+    }
+
+    /// The connection standing for a udp:// peer, made on its first datagram.
+    fn udp_peer(
+        &mut self,
+        from: std::net::SocketAddr,
+        replies: std::rc::Rc<std::net::UdpSocket>,
+    ) -> u64 {
+        if let Some(&id) = self.udp_peers.get(&from) {
+            if self.core.get(id).is_some() {
+                return id;
+            }
+        }
+        while self.udp_peers.len() >= MAX_UDP_PEERS {
+            let Some(old) = self.udp_order.pop_front() else {
+                break;
+            };
+            if let Some(id) = self.udp_peers.remove(&old) {
+                if self.core.get(id).is_some() {
+                    self.core.conns.remove(core::slot(id));
+                }
+            }
+        }
+        let idx = self.core.conns.vacant_entry().key();
+        let id = self.core.next_id(idx);
+        let sock = sock::Sock::Udp(replies, from);
+        let mut conn = Conn::new(id, sock, Codec::Tcp, self.core.max_send_buffer_size);
+        // Not a stream the plugin saw open: no on_close for it.
+        conn.unknown = true;
+        self.core.conns.insert(conn);
+        self.udp_peers.insert(from, id);
+        self.udp_order.push_back(from);
+        id
+    }
+
     fn accept(&mut self) {
+        if matches!(self.listener, Some(Listener::Udp(..))) {
+            return self.recv_datagrams();
+        }
         loop {
             let Some(listener) = self.listener.as_ref() else {
                 return;
             };
-            let (mut sock, _) = match listener.accept() {
+            let mut sock = match listener.accept() {
                 Ok(v) => v,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.fds_back();
@@ -874,7 +953,6 @@ impl Worker {
                 continue;
             }
             self.full_logged = false;
-            let _ = sock.set_nodelay(true);
             let entry = self.core.conns.vacant_entry();
             let idx = entry.key();
             if let Err(e) = self.poll.registry().register(

@@ -94,7 +94,12 @@ impl Core {
             .map_err(|e| format!("register: {e}"))?;
         // A websocket codec comes with a fresh key, on every (re)connect.
         let codec = Codec::client(target.scheme);
-        let mut conn = Conn::new(id, sock, codec, self.max_send_buffer_size);
+        let mut conn = Conn::new(
+            id,
+            super::sock::Sock::Tcp(sock),
+            codec,
+            self.max_send_buffer_size,
+        );
         conn.state = State::Connecting;
         conn.remote = Some(target.addr);
         self.connect_deadlines

@@ -50,6 +50,9 @@
 //! | `imported`       | `from=<version>:<build tag> conns=<n> refused=<r>` of the handover this worker took, or `none` |
 //! | `refuse-import`  | `ok`; the next build refuses this connection at the handover |
 //!
+//! `publish_every_ms = N` publishes `<group> <listen> <n>` on topic `tick`
+//! every N ms (for workers without a listener).
+//!
 //! `on_buffer_drain` also sends `drained`. On `custom://` listeners messages
 //! end with `\r\n` (both ways).
 //!
@@ -98,6 +101,9 @@ pub struct TestPlugin {
     total: u64,
     /// The handover this worker took: `from=… conns=… refused=…`.
     imported: Option<Imported>,
+    /// `publish_every_ms`: the timer, and how many ticks went out.
+    publisher: Option<TimerId>,
+    published: u64,
 }
 
 #[derive(Default, Debug, PartialEq)]
@@ -156,6 +162,10 @@ impl Plugin for TestPlugin {
                     }
                 }
                 ctx.info(format_args!("test plugin build {BUILD} started"));
+                if let Some(ms) = ctx.option("publish_every_ms") {
+                    let ms: u64 = ms.parse().map_err(|_| "publish_every_ms: not a number")?;
+                    self.publisher = Some(ctx.add_timer(Duration::from_millis(ms), true));
+                }
                 Ok(())
             }
         }
@@ -429,6 +439,12 @@ impl Plugin for TestPlugin {
     }
 
     fn on_timer(&mut self, ctx: &mut Context<'_>, timer: TimerId) {
+        if Some(timer) == self.publisher {
+            self.published += 1;
+            let w = ctx.worker();
+            let data = format!("{} {} {}", w.name, w.listen, self.published);
+            ctx.publish("tick", data.as_bytes());
+        }
         if let Some(conn) = self.timers.remove(&timer) {
             ctx.send(conn, "timer fired");
         }
