@@ -223,9 +223,9 @@ impl Relay {
     }
 
     /// A handover begins: both workers get a `Cut` at this point of the
-    /// order. Until the old one's `Exported`, its deliveries are not
-    /// relayed to the new one: it delivered them to the exported
-    /// connections itself.
+    /// order. Until the old one's `Exported`, its deliveries and publishes
+    /// are not relayed to the new one: it delivered them to the exported
+    /// connections itself, and its exported state has its publishes.
     pub fn cut(&mut self, from: WorkerId, to: WorkerId, now: Instant) {
         let mut frame = Vec::new();
         bus::encode(&BusMsg::Cut, &mut frame);
@@ -321,7 +321,9 @@ impl Relay {
             let mut dropped = 0;
             for (i, f) in frames.iter().enumerate() {
                 let held = held_from.is_some_and(|(to, end)| to == k && i < end);
-                if held && bus::is_delivery(f) {
+                // The old worker delivered these and ran their `on_publish`
+                // before it exported: the new one has them in what it imports.
+                if held && (bus::is_delivery(f) || bus::is_publish(f)) {
                     continue;
                 }
                 dropped += u64::from(other.push(f));
@@ -443,6 +445,75 @@ mod tests {
             }
             self.event(from);
         }
+    }
+
+    /// Reads `n` frames from a worker's end of the bus.
+    fn read_frames(end: &mut StdStream, n: usize) -> Vec<BusMsg> {
+        (0..n)
+            .map(|_| {
+                let mut len = [0u8; 4];
+                end.read_exact(&mut len).unwrap();
+                let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+                end.read_exact(&mut body).unwrap();
+                postcard::from_bytes(&body).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_handover_keeps_the_old_workers_own_sends_from_its_replacement_until_exported() {
+        let mut f = F::new();
+        let mut old = f.add(1, 0);
+        let mut new = f.add(2, 0);
+        let mut other = f.add(3, 0);
+        f.relay.cut(WorkerId(1), WorkerId(2), f.now);
+        assert_eq!(read_frames(&mut old, 1), [BusMsg::Cut]);
+        assert_eq!(read_frames(&mut new, 1), [BusMsg::Cut]);
+        let say = |t: &str| BusMsg::ToGroup {
+            group: "g".into(),
+            kind: 0,
+            exclude: None,
+            data: t.as_bytes().to_vec(),
+        };
+        let join = BusMsg::Join {
+            group: "g".into(),
+            conn: (100, 9),
+        };
+        let publish = BusMsg::Publish {
+            topic: "t".into(),
+            data: vec![1],
+        };
+        // Sent before the old worker reached its cut, read by the master after.
+        let mut wire = Vec::new();
+        for m in [
+            say("before"),
+            join.clone(),
+            publish.clone(),
+            BusMsg::Exported,
+            say("after"),
+        ] {
+            bus::encode(&m, &mut wire);
+        }
+        f.send(1, &mut old, &wire);
+        // The replacement gets the membership change, then only what came
+        // after the export; the marker itself goes nowhere.
+        assert_eq!(read_frames(&mut new, 2), [join.clone(), say("after")]);
+        assert_eq!(
+            read_frames(&mut other, 4),
+            [say("before"), join, publish, say("after")]
+        );
+        // Once over, the old worker's nodes belong to the replacement: its
+        // exit does not end the connections it handed over.
+        f.relay.handed_over(WorkerId(2), true);
+        f.relay.remove(WorkerId(1), f.poll.registry(), f.now);
+        f.relay.remove(WorkerId(2), f.poll.registry(), f.now);
+        assert_eq!(
+            read_frames(&mut other, 2),
+            [
+                BusMsg::NodeGone { node: 200 },
+                BusMsg::NodeGone { node: 100 }
+            ]
+        );
     }
 
     #[test]

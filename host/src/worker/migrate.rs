@@ -399,7 +399,7 @@ impl Worker {
         if closed && inc.end.is_none() {
             if inc.header.is_none() {
                 // Nothing comes: the master had no old worker to ask.
-                return self.finish_incoming(HandoverReport::default());
+                return self.finish_incoming(Some(HandoverReport::default()));
             }
             return self.handover_failed("the old worker broke the handover off".into());
         }
@@ -497,6 +497,16 @@ impl Worker {
             // The old worker is gone: the connections are ours anyway.
             tracing::warn!("could not confirm the handover: {e}");
         }
+        // The connections are ours from here: the master must know at once
+        // (it would kill a replacement that is late, and them with it).
+        let report = HandoverReport {
+            moved: accepted.len() as u64,
+            refused: refused.len() as u64,
+            closed: end.unwrap_or(0),
+            millis: started.map_or(0, |s| s.elapsed().as_millis() as u64),
+        };
+        self.ctl_buf.queue(&FromWorker::HandedOver(report));
+        let _ = self.ctl_buf.flush(&mut self.ctl);
         for &id in &accepted {
             self.activate(id);
         }
@@ -522,12 +532,6 @@ impl Worker {
         for f in &held[cut..] {
             self.bus_frame(f);
         }
-        let report = HandoverReport {
-            moved: accepted.len() as u64,
-            refused: refused.len() as u64,
-            closed: end.unwrap_or(0),
-            millis: started.map_or(0, |s| s.elapsed().as_millis() as u64),
-        };
         tracing::info!(
             moved = report.moved,
             refused = report.refused,
@@ -538,7 +542,7 @@ impl Worker {
             report.millis
         );
         self.runner.settle(&mut self.core);
-        self.finish_incoming(report);
+        self.finish_incoming(None);
     }
 
     /// A connection from the export, in this worker's table but not yet
@@ -617,7 +621,8 @@ impl Worker {
     }
 
     /// The handover is over (or never came): accept, fire timers, and say so.
-    fn finish_incoming(&mut self, report: HandoverReport) {
+    /// `report`: what to tell the master, unless it was told already.
+    fn finish_incoming(&mut self, report: Option<HandoverReport>) {
         if let Some(inc) = self.incoming.take() {
             self.unwatch_handover(inc.raw_fd());
             for f in inc.held {
@@ -634,8 +639,10 @@ impl Worker {
                 Err(e) => return self.give_up(format!("cannot accept: {e}")),
             }
         }
-        self.ctl_buf.queue(&FromWorker::HandedOver(report));
-        let _ = self.ctl_buf.flush(&mut self.ctl);
+        if let Some(report) = report {
+            self.ctl_buf.queue(&FromWorker::HandedOver(report));
+            let _ = self.ctl_buf.flush(&mut self.ctl);
+        }
         self.accept();
     }
 
