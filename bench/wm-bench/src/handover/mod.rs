@@ -1,0 +1,962 @@
+//! Live handover on reload, measured (issue 11's benchmark): how long
+//! moving idle websocket connections to a new worker takes, what reloads
+//! every 200 ms do to echo latency, and how many keep-alive HTTP requests
+//! 100 reloads under `wrk` cost, with `reload_mode = "drain"` for contrast.
+//!
+//! Part of `wm-bench suite` (a section of its own at the end of the
+//! report), or alone: `wm-bench handover --out bench/RESULTS.md` replaces
+//! just that section of the file. Every scenario runs wm-host with
+//! bench-hello-plugin, which opts in to handover and carries no state.
+
+mod fleet;
+mod host;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fleet::Fleet;
+use host::{Host, Reload};
+
+use crate::suite::{auto_sources, free_port, Bins};
+use crate::sys;
+
+/// The handover scenarios' settings (also `wm-bench suite`'s).
+#[derive(clap::Args, Debug, Clone)]
+pub struct HandoverOpts {
+    /// Idle websocket connection counts whose handover is timed (one worker).
+    #[arg(
+        long = "handover-conns",
+        value_delimiter = ',',
+        default_value = "1000,10000"
+    )]
+    pub conns: Vec<usize>,
+    /// Workers of one more row at the largest count (0 or 1: no such row).
+    #[arg(long = "handover-workers", default_value_t = 4)]
+    pub workers: usize,
+    /// Echo latency under reloads: connections…
+    #[arg(long = "handover-latency-conns", default_value_t = 200)]
+    pub latency_conns: usize,
+    /// …messages per second over all of them (a fixed schedule)…
+    #[arg(long = "handover-latency-rate", default_value_t = 10_000)]
+    pub latency_rate: u64,
+    /// …seconds measured without reloads, and as many with them…
+    #[arg(long = "handover-latency-secs", default_value = "5", value_parser = crate::parse_secs)]
+    pub latency_secs: Duration,
+    /// …and seconds from one reload's start to the next.
+    #[arg(long = "handover-reload-every", default_value = "0.2", value_parser = crate::parse_secs)]
+    pub reload_every: Duration,
+    /// Reloads under wrk's keep-alive load (each reload mode).
+    #[arg(long = "handover-reloads", default_value_t = 100)]
+    pub reloads: usize,
+    /// wrk's connections.
+    #[arg(long = "handover-wrk-conns", default_value_t = 50)]
+    pub wrk_conns: usize,
+    /// Leave the handover scenarios out.
+    #[arg(long = "no-handover")]
+    pub skip: bool,
+}
+
+/// `wm-bench handover`: the handover scenarios alone.
+#[derive(clap::Args, Debug)]
+pub struct HandoverCmd {
+    #[command(flatten)]
+    pub opts: HandoverOpts,
+    /// Only scenarios whose name contains this text.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Markdown file whose `## Handover` section is replaced (or appended).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub server_cpu: usize,
+    #[arg(long, default_value_t = 1)]
+    pub client_cpu: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    /// `conns` idle websocket connections over `workers` workers, one reload.
+    Time { conns: usize, workers: usize },
+    /// Echo at a fixed rate, without reloads, then with reloads.
+    Latency,
+    /// wrk keep-alive over many reloads, handover then drain.
+    Http,
+}
+
+struct Scenario {
+    name: String,
+    kind: Kind,
+}
+
+fn scenarios(o: &HandoverOpts) -> Vec<Scenario> {
+    let mut v = Vec::new();
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    for &conns in &o.conns {
+        v.push(Scenario {
+            name: format!("handover: {conns} idle websocket connections, 1 worker"),
+            kind: Kind::Time { conns, workers: 1 },
+        });
+    }
+    if let Some(&most) = o.conns.iter().max() {
+        if o.workers > 1 {
+            v.push(Scenario {
+                name: format!(
+                    "handover: {most} idle websocket connections, {} worker{}",
+                    o.workers,
+                    plural(o.workers)
+                ),
+                kind: Kind::Time {
+                    conns: most,
+                    workers: o.workers,
+                },
+            });
+        }
+    }
+    v.push(Scenario {
+        name: format!(
+            "handover: websocket echo, {} conns, {} msg/s in all, reloads every {} ms vs none",
+            o.latency_conns,
+            o.latency_rate,
+            o.reload_every.as_millis()
+        ),
+        kind: Kind::Latency,
+    });
+    v.push(Scenario {
+        name: format!(
+            "handover: HTTP keep-alive, wrk 1 thread × {} conns, {} reloads",
+            o.wrk_conns, o.reloads
+        ),
+        kind: Kind::Http,
+    });
+    v
+}
+
+/// One table row after the scenario's name.
+pub struct Row {
+    what: String,
+    value: String,
+    reference: String,
+    ratio: String,
+    target: String,
+}
+
+fn row(
+    what: impl Into<String>,
+    value: String,
+    reference: String,
+    ratio: String,
+    target: &str,
+) -> Row {
+    Row {
+        what: what.into(),
+        value,
+        reference,
+        ratio,
+        target: target.into(),
+    }
+}
+
+/// One scenario's outcome.
+pub struct Done {
+    name: String,
+    command: String,
+    result: Result<(Vec<Row>, String), String>,
+}
+
+/// Runs the scenarios whose name contains `only` (all without it).
+pub fn run(
+    bins: &Bins,
+    o: &HandoverOpts,
+    only: Option<&str>,
+    server_cpu: usize,
+    client_cpu: usize,
+) -> Vec<Done> {
+    if o.skip {
+        return Vec::new();
+    }
+    let cpus = Cpus {
+        server: server_cpu,
+        client: client_cpu,
+    };
+    let mut done = Vec::new();
+    for sc in scenarios(o) {
+        if only.is_some_and(|t| !sc.name.contains(t)) {
+            continue;
+        }
+        eprintln!("== {}", sc.name);
+        let command = command(sc.kind, o, cpus);
+        let result = match sc.kind {
+            Kind::Time { conns, workers } => time(bins, conns, workers, cpus),
+            Kind::Latency => latency(bins, o, cpus),
+            Kind::Http => http(bins, o, cpus),
+        };
+        match &result {
+            Ok((rows, details)) => {
+                for r in rows {
+                    eprintln!(
+                        "   {}: {} (reference {}) {}",
+                        r.what, r.value, r.reference, r.ratio
+                    );
+                }
+                eprintln!("   {details}");
+            }
+            Err(e) => eprintln!("   FAILED: {e}"),
+        }
+        done.push(Done {
+            name: sc.name,
+            command,
+            result,
+        });
+    }
+    done
+}
+
+#[derive(Clone, Copy)]
+struct Cpus {
+    server: usize,
+    client: usize,
+}
+
+fn command(kind: Kind, o: &HandoverOpts, cpus: Cpus) -> String {
+    let s = cpus.server;
+    match kind {
+        Kind::Time { conns, workers } => format!(
+            "`taskset -c {s} wm-host start -d` (`websocket://`, `count = {workers}`, \
+             bench-hello-plugin); {conns} websocket connections from {} source addresses, each \
+             with its handshake and one echo; one echo on each (the reference); then \
+             `wm-host reload`, and right after it returns one echo on each again",
+            auto_sources(conns)
+        ),
+        Kind::Latency => format!(
+            "`taskset -c {s} wm-host start -d` (`websocket://`, `count = 1`, bench-hello-plugin); \
+             {} connections, one {} B message every {:.0} µs in turn (open loop: nothing waits \
+             for an echo); 1 s warm-up, {:.0} s without reloads, then {:.0} s with `wm-host \
+             reload` started every {} ms (or as soon as the previous one returned)",
+            o.latency_conns,
+            fleet::SIZE,
+            1e6 / o.latency_rate.max(1) as f64,
+            o.latency_secs.as_secs_f64(),
+            o.latency_secs.as_secs_f64(),
+            o.reload_every.as_millis()
+        ),
+        Kind::Http => format!(
+            "`taskset -c {s} wm-host start -d` (`http://`, `count = 1`, bench-hello-plugin, \
+             `reload_mode = \"handover\"`, then a fresh one with `\"drain\"`); `taskset -c {c} \
+             wrk -t1 -c{} -d300s --latency http://127.0.0.1:PORT/`; after 1 s, {} `wm-host \
+             reload` one after the other; 1 s later wrk is stopped by SIGINT and prints its totals",
+            o.wrk_conns,
+            o.reloads,
+            c = cpus.client
+        ),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Handover time for `conns` idle websocket connections.
+fn time(
+    bins: &Bins,
+    conns: usize,
+    workers: usize,
+    cpus: Cpus,
+) -> Result<(Vec<Row>, String), String> {
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let host = Host::start(bins, "websocket", workers, port, false, cpus.server)?;
+    let t = Instant::now();
+    let mut fleet = Fleet::open(addr, conns, auto_sources(conns), Duration::from_secs(60))
+        .map_err(|e| format!("opening {conns} connections: {e}"))?;
+    let opened = t.elapsed();
+    if fleet.open_count() != conns {
+        return Err(format!(
+            "{} of {conns} connections opened: {}",
+            fleet.open_count(),
+            fleet.first_error().unwrap_or("")
+        ));
+    }
+    let before = host.workers();
+    let held: u64 = before.iter().map(|w| w.1).sum();
+    if held != conns as u64 {
+        return Err(format!(
+            "the clients hold {conns} connections, wm-host status counts {held}"
+        ));
+    }
+    let (answered, probe_before) = fleet
+        .probe_all(Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    if answered != conns {
+        return Err(format!("{answered} of {conns} answered before the reload"));
+    }
+    let log0 = host.log_len();
+    let t0 = Instant::now();
+    let r = host.reload();
+    if !r.ok {
+        return Err(format!("wm-host reload failed: {}", r.out.trim()));
+    }
+    let p0 = t0.elapsed();
+    let (answered, probe_after) = fleet
+        .probe_all(Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let outside = p0 + probe_after;
+    let after = host.workers();
+    let st = host.status();
+    // The old workers go once they handed everything over.
+    let end = Instant::now() + Duration::from_secs(5);
+    while before.iter().any(|w| pid_alive(w.0)) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let old_alive = before.iter().filter(|w| pid_alive(w.0)).count();
+    let replaced = after.iter().all(|a| before.iter().all(|b| b.0 != a.0));
+    let held_after: u64 = after.iter().map(|w| w.1).sum();
+    let log = host.log_since(log0);
+    let handed = host::handed_over(&log);
+    let took = host::took_over(&log);
+    let lost = conns - answered;
+    let host_ms = r
+        .host_ms
+        .ok_or_else(|| format!("no handover in the reload report: {}", r.out.trim()))?;
+    let target = if conns >= 10_000 { "< 200 ms" } else { "" };
+    let per = |v: &[(u64, f64)]| -> String {
+        v.iter()
+            .map(|(n, ms)| format!("{n} in {ms:.1} ms"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let last = st
+        .as_ref()
+        .map(|s| s["groups"][0]["last_handover"].to_string())
+        .unwrap_or_default();
+    let rows = vec![
+        row(
+            "moved in, per `wm-host reload` (new workers, summed)",
+            format!("{host_ms} ms"),
+            String::new(),
+            "–".into(),
+            target,
+        ),
+        row(
+            "from `reload` to every connection echoing from the new build (outside)",
+            format!("{:.1} ms", ms(outside)),
+            format!("{:.1} ms", ms(probe_before)),
+            "–".into(),
+            "",
+        ),
+        row(
+            "connections lost",
+            format!("{} of {conns}", lost as u64 + fleet.lost()),
+            String::new(),
+            "–".into(),
+            "0",
+        ),
+    ];
+    let details = format!(
+        "reload report: {} handed over, {} refused, {} closed, in {host_ms} ms; `wm-host reload` \
+         returned after {:.1} ms, then one echo on every connection took {:.1} ms (before the \
+         reload, the reference: {:.1} ms); old worker log \"handed N connections over\" (its \
+         export's start to the new worker's confirmation): {}; new worker log \"took over N \
+         connections\" (first export message to all adopted): {}; `status` last handover {last}; \
+         connections per worker before {} and after {} (pids all new: {}; {old_alive} old \
+         worker(s) still alive 5 s later); {} answered, {} wrong, {} connections failed{}; \
+         opening took {:.1} s",
+        r.moved,
+        r.refused,
+        r.closed,
+        ms(p0),
+        ms(probe_after),
+        ms(probe_before),
+        per(&handed),
+        per(&took),
+        spread(&before),
+        spread(&after),
+        if replaced { "yes" } else { "NO" },
+        answered,
+        fleet.wrong(),
+        fleet.dead(),
+        fleet
+            .first_error()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default(),
+        opened.as_secs_f64(),
+    );
+    if held_after != conns as u64 || lost > 0 || !replaced || fleet.wrong() > 0 {
+        eprintln!("   suspicious: status counts {held_after} after the reload; {details}");
+    }
+    Ok((rows, details))
+}
+
+fn spread(w: &[(u32, u64)]) -> String {
+    w.iter()
+        .map(|(p, n)| format!("{n} (pid {p})"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// Latencies (ns) of one phase.
+#[derive(Default)]
+struct Phase {
+    lat: Vec<u64>,
+    sent: u64,
+}
+
+impl Phase {
+    fn pct(&mut self, p: f64) -> f64 {
+        if self.lat.is_empty() {
+            return 0.0;
+        }
+        self.lat.sort_unstable();
+        self.lat[((self.lat.len() - 1) as f64 * p).round() as usize] as f64 / 1e3
+    }
+}
+
+/// Echo latency with and without reloads, on the same connections.
+fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, String), String> {
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let host = Host::start(bins, "websocket", 1, port, false, cpus.server)?;
+    let n = o.latency_conns.max(1);
+    let mut fleet = Fleet::open(addr, n, 1, Duration::from_secs(30))
+        .map_err(|e| format!("opening {n} connections: {e}"))?;
+    if fleet.open_count() != n {
+        return Err(format!("{} of {n} connections opened", fleet.open_count()));
+    }
+    let interval = Duration::from_secs_f64(1.0 / o.latency_rate.max(1) as f64);
+    let start = Instant::now();
+    let quiet_at = start + Duration::from_secs(1);
+    let reload_at = quiet_at + o.latency_secs;
+    let end = reload_at + o.latency_secs;
+    let mut phases = [Phase::default(), Phase::default()];
+    let stop = AtomicBool::new(false);
+    let mut reloads: Vec<Reload> = Vec::new();
+    let result = std::thread::scope(|s| -> Result<(), String> {
+        let reloader = s.spawn(|| {
+            let mut done = Vec::new();
+            while Instant::now() < reload_at {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                done.push(host.reload());
+                std::thread::sleep(o.reload_every.saturating_sub(t.elapsed()));
+            }
+            done
+        });
+        let mut next = start;
+        let mut i = 0;
+        let mut record = |_: usize, sent: Instant, lat: Duration| {
+            let k = if sent < quiet_at {
+                return;
+            } else if sent < reload_at {
+                0
+            } else {
+                1
+            };
+            phases[k].lat.push(lat.as_nanos() as u64);
+        };
+        let mut sent = [0u64; 2];
+        let run = (|| -> std::io::Result<()> {
+            loop {
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                while next <= now {
+                    if fleet.send(i, now) && now >= quiet_at {
+                        sent[usize::from(now >= reload_at)] += 1;
+                    }
+                    i = (i + 1) % n;
+                    next += interval;
+                }
+                let wait = next.saturating_duration_since(Instant::now());
+                fleet.pump(wait.min(Duration::from_millis(5)), &mut record)?;
+            }
+            stop.store(true, Ordering::Relaxed);
+            // Answers keep coming while the last reload finishes.
+            while !reloader.is_finished() {
+                fleet.pump(Duration::from_millis(5), &mut record)?;
+            }
+            fleet.drain(Duration::from_secs(3), &mut record)
+        })();
+        stop.store(true, Ordering::Relaxed);
+        reloads = reloader.join().unwrap_or_default();
+        phases[0].sent = sent[0];
+        phases[1].sent = sent[1];
+        run.map_err(|e| e.to_string())
+    });
+    result?;
+    let unanswered = fleet.in_flight();
+    let failed = reloads.iter().filter(|r| !r.ok).count();
+    let mut walls: Vec<f64> = reloads.iter().map(|r| ms(r.wall)).collect();
+    let mut hosts: Vec<f64> = reloads
+        .iter()
+        .filter_map(|r| r.host_ms)
+        .map(|v| v as f64)
+        .collect();
+    let moved: Vec<u64> = reloads.iter().map(|r| r.moved).collect();
+    let [mut quiet, mut busy] = phases;
+    let mut rows = Vec::new();
+    for (what, p) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
+        let (w, q) = (busy.pct(p), quiet.pct(p));
+        rows.push(row(
+            format!("{what} echo latency, with reloads (reference: without)"),
+            format!("{w:.0} µs"),
+            format!("{q:.0} µs"),
+            format!("{:.2}", if q > 0.0 { w / q } else { 0.0 }),
+            "",
+        ));
+    }
+    rows.push(row(
+        "messages lost, connections lost, wrong echoes",
+        format!(
+            "{unanswered}, {}, {} of {} sent",
+            fleet.lost(),
+            fleet.wrong(),
+            busy.sent
+        ),
+        format!("of {} sent", quiet.sent),
+        "–".into(),
+        "0",
+    ));
+    let details = format!(
+        "without: {} echoes of {} sent in {:.0} s; with: {} echoes of {} sent, {} reloads ({} \
+         failed{}), `wm-host reload` took {:.1} ms median, {:.1} ms max, the reports' handover \
+         time {:.0} ms median, {:.0} ms max, connections handed over per reload {}; after the \
+         last send and 3 s to drain, {unanswered} messages unanswered and {} connections failed{}",
+        quiet.lat.len(),
+        quiet.sent,
+        o.latency_secs.as_secs_f64(),
+        busy.lat.len(),
+        busy.sent,
+        reloads.len(),
+        failed,
+        reloads
+            .iter()
+            .find(|r| !r.ok)
+            .map(|r| format!(": {}", r.out.trim().replace('\n', " ")))
+            .unwrap_or_default(),
+        median(&mut walls),
+        walls.last().copied().unwrap_or(0.0),
+        median(&mut hosts),
+        hosts.last().copied().unwrap_or(0.0),
+        match (moved.iter().min(), moved.iter().max()) {
+            (Some(a), Some(b)) if a == b => a.to_string(),
+            (Some(a), Some(b)) => format!("{a}–{b}"),
+            _ => "–".into(),
+        },
+        fleet.dead(),
+        fleet
+            .first_error()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default(),
+    );
+    drop(fleet);
+    drop(host);
+    Ok((rows, details))
+}
+
+/// What wrk printed, and the reloads meanwhile.
+#[derive(Default)]
+struct WrkRun {
+    requests: u64,
+    rate: f64,
+    connect: u64,
+    read: u64,
+    write: u64,
+    timeout: u64,
+    non2xx: u64,
+    p99: String,
+    max: String,
+    reloads: Vec<Reload>,
+}
+
+impl WrkRun {
+    fn errors(&self) -> u64 {
+        self.connect + self.read + self.write + self.timeout + self.non2xx
+    }
+
+    fn cell(&self) -> String {
+        format!(
+            "{} (connect {}, read {}, write {}, timeout {}; non-2xx {}) in {:.2} M requests",
+            self.errors(),
+            self.connect,
+            self.read,
+            self.write,
+            self.timeout,
+            self.non2xx,
+            self.requests as f64 / 1e6
+        )
+    }
+
+    fn details(&self, mode: &str) -> String {
+        let mut walls: Vec<f64> = self.reloads.iter().map(|r| ms(r.wall)).collect();
+        let failed = self.reloads.iter().filter(|r| !r.ok).count();
+        let moved: u64 = self.reloads.iter().map(|r| r.moved).sum();
+        let closed: u64 = self.reloads.iter().map(|r| r.closed).sum();
+        let handed = self.reloads.iter().filter(|r| r.host_ms.is_some()).count();
+        format!(
+            "{mode}: {} requests at {:.0}/s, p99 {}, max {}; {} reloads ({failed} failed), {handed} \
+             of them with a handover ({moved} connections handed over, {closed} closed in all), \
+             `wm-host reload` {:.1} ms median, {:.1} ms max",
+            self.requests,
+            self.rate,
+            self.p99,
+            self.max,
+            self.reloads.len(),
+            median(&mut walls),
+            walls.last().copied().unwrap_or(0.0)
+        )
+    }
+}
+
+fn parse_wrk(text: &str, into: &mut WrkRun) -> bool {
+    let mut seen = false;
+    for line in text.lines() {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        let n = |s: &str| s.trim_end_matches(',').parse::<u64>().unwrap_or(0);
+        match t.as_slice() {
+            [r, "requests", "in", ..] => {
+                into.requests = n(r);
+                seen = true;
+            }
+            ["Socket", "errors:", "connect", c, "read", r, "write", w, "timeout", to] => {
+                (into.connect, into.read, into.write, into.timeout) = (n(c), n(r), n(w), n(to));
+            }
+            ["Non-2xx", "or", "3xx", "responses:", v] => into.non2xx = n(v),
+            ["Requests/sec:", v] => into.rate = v.parse().unwrap_or(0.0),
+            ["99%", v] => into.p99 = v.to_string(),
+            ["Latency", _avg, _stdev, max, ..] => into.max = max.to_string(),
+            _ => {}
+        }
+    }
+    seen
+}
+
+fn wrk_under_reloads(
+    bins: &Bins,
+    o: &HandoverOpts,
+    cpus: Cpus,
+    drain: bool,
+) -> Result<WrkRun, String> {
+    let port = free_port();
+    let host = Host::start(bins, "http", 1, port, drain, cpus.server)?;
+    let child = Command::new("taskset")
+        .args(["-c", &cpus.client.to_string(), "wrk", "-t1"])
+        .arg(format!("-c{}", o.wrk_conns))
+        .args(["-d300s", "--latency"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("wrk: {e}"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut run = WrkRun::default();
+    for _ in 0..o.reloads {
+        run.reloads.push(host.reload());
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // wrk prints its totals when interrupted. `taskset` exec'd it: same pid.
+    // SAFETY: signals our own child by its pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().map_err(|e| format!("wrk: {e}"))?;
+    drop(host);
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !parse_wrk(&text, &mut run) {
+        return Err(format!(
+            "unreadable wrk output: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(run)
+}
+
+/// wrk's errors over many reloads: handover, then drain.
+fn http(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, String), String> {
+    let has_wrk = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("wrk").is_file()));
+    if !has_wrk {
+        return Err("wrk is not installed (apt-get install wrk)".into());
+    }
+    let handover = wrk_under_reloads(bins, o, cpus, false)?;
+    let drain = wrk_under_reloads(bins, o, cpus, true);
+    let reference = match &drain {
+        Ok(d) => format!("`reload_mode = \"drain\"`: {}", d.cell()),
+        Err(e) => format!("drain failed: {e}"),
+    };
+    let rows = vec![row(
+        "wrk socket errors and non-2xx answers (reference: `reload_mode = \"drain\"`)",
+        handover.cell(),
+        reference,
+        "–".into(),
+        "0",
+    )];
+    let mut details = handover.details("handover");
+    if let Ok(d) = &drain {
+        let _ = write!(details, "; {}", d.details("drain"));
+    }
+    Ok((rows, details))
+}
+
+fn cmd_out(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// The `## Handover` section of the report.
+pub fn section(
+    done: &[Done],
+    o: &HandoverOpts,
+    server_cpu: usize,
+    client_cpu: usize,
+    took: Duration,
+) -> String {
+    let mut md = String::new();
+    let git = cmd_out("git", &["rev-parse", "--short", "HEAD"]);
+    let dirty = !cmd_out("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    let _ = writeln!(md, "## Handover\n");
+    let _ = writeln!(
+        md,
+        "Live handover on reload (issue 11): connections moved to the new build instead of \
+         closed. Written by `make bench` with the rest, or alone by `make bench-handover`, \
+         which replaces only this section.\n"
+    );
+    let _ = writeln!(
+        md,
+        "- date: {}; commit: {git}{}\n- servers pinned to CPU {server_cpu}; the client \
+         (wm-bench, wrk, the `wm-host reload` commands) to CPU {client_cpu}; these scenarios \
+         took {:.0} s",
+        cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        if dirty {
+            " (with uncommitted changes)"
+        } else {
+            ""
+        },
+        took.as_secs_f64()
+    );
+    let _ = writeln!(md, "\n### Commands\n");
+    let _ = writeln!(
+        md,
+        "```sh\nmake bench-handover\n# which is:\ncommand -v wrk || apt-get install -y wrk\n\
+         cargo build --release --workspace\ntarget/release/wm-bench handover --out bench/RESULTS.md\n\
+         # one of them: … --only 'handover: 10000 idle'\n```\n"
+    );
+    for d in done {
+        let _ = writeln!(md, "- {}: {}", d.name, d.command);
+    }
+    let _ = writeln!(md, "\n### Results\n");
+    let _ = writeln!(
+        md,
+        "The reference is measured in the same run, on the same server and connections where \
+         it can be; ratio = measured ÷ reference.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | measured | reference (same run) | ratio | target |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---|");
+    for d in done {
+        match &d.result {
+            Ok((rows, _)) => {
+                for r in rows {
+                    let _ = writeln!(
+                        md,
+                        "| {}: {} | {} | {} | {} | {} |",
+                        d.name, r.what, r.value, r.reference, r.ratio, r.target
+                    );
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    md,
+                    "| {} | failed: {} | | – | |",
+                    d.name,
+                    e.lines().next().unwrap_or("").replace('|', "/")
+                );
+            }
+        }
+    }
+    let _ = writeln!(md, "\n### Details\n");
+    let _ = writeln!(md, "| scenario | figures |");
+    let _ = writeln!(md, "|---|---|");
+    for d in done {
+        let text = match &d.result {
+            Ok((_, details)) => details.clone(),
+            Err(e) => format!("failed: {}", e.replace('\n', " ")),
+        };
+        let _ = writeln!(md, "| {} | {} |", d.name, text.replace('|', "/"));
+    }
+    let _ = writeln!(md, "\n### Method\n");
+    let _ = writeln!(
+        md,
+        "- Every scenario runs a fresh wm-host with bench-hello-plugin (its `handover()` is \
+         true; it exports and imports nothing) and reloads it onto the same build: a reload \
+         always replaces every worker of a reloadable group, whose new worker takes the old \
+         one's connections over (`reload_mode = \"handover\"`, the default).\n\
+         - Handover time: N websocket connections (handshake and one echo each, then idle), \
+         counted by `wm-host status`. The host's own figure is the `in X ms` of `wm-host \
+         reload`'s `connections: … handed over` line, summed over the group's workers (they \
+         roll one after another): each new worker's time from the first message of the old \
+         worker's export to having adopted every connection (its log line \"took over N \
+         connections … in X ms\"); the Details add the old worker's log line, which starts \
+         earlier, when it begins its export (freezing and serialising the connections), and \
+         ends when the new worker confirms. The outside figure runs from spawning `wm-host \
+         reload` until every connection has echoed one message sent right after the command \
+         returned; it includes starting the new worker and loading the plugin. Its reference \
+         is the same round of one echo per connection just before the reload. \
+         Connections lost: those that did not echo, or were closed, by then; the Details \
+         also check that the workers are new processes and the old ones exited.\n\
+         - Echo latency: one client loop holds the connections and writes one {} B message \
+         every 1/rate seconds, to the connections in turn, whatever the echoes do; latency runs \
+         from writing a message to the `poll` that returned its echo, counted in the phase it \
+         was sent in. The same connections and server first run without reloads, then with a \
+         thread that starts `wm-host reload` every {} ms (the next one once the previous has \
+         returned). Every echo is checked byte for byte and in order; messages lost are those \
+         unanswered 3 s after the last send.\n\
+         - HTTP keep-alive: wrk against `GET /` (`200 Hello, world!`); wrk counts a request on \
+         a keep-alive connection that the server closes after wrk wrote it as a read error, so \
+         `reload_mode = \"drain\"` (connections closed cleanly, `Connection: close`) shows \
+         errors by design; handover shows the connections were kept.",
+        fleet::SIZE,
+        o.reload_every.as_millis()
+    );
+    md
+}
+
+/// Replaces the `## Handover` section of `text` (up to the next `## `
+/// heading), or appends it.
+pub fn splice(text: &str, section: &str) -> String {
+    let mut out = String::new();
+    let mut lines = text.split_inclusive('\n').peekable();
+    let mut placed = false;
+    while let Some(line) = lines.next() {
+        if line.trim_end() == "## Handover" && !placed {
+            out.push_str(section);
+            placed = true;
+            while lines.peek().is_some_and(|l| !l.starts_with("## ")) {
+                lines.next();
+            }
+            if lines.peek().is_some() {
+                out.push('\n');
+            }
+            continue;
+        }
+        out.push_str(line);
+    }
+    if !placed {
+        if !out.is_empty() && !out.ends_with("\n\n") {
+            out.push('\n');
+        }
+        out.push_str(section);
+    }
+    out
+}
+
+/// `wm-bench handover`.
+pub fn main(cmd: HandoverCmd) -> Result<(), String> {
+    let bins = Bins::find()?;
+    let most = cmd.opts.conns.iter().copied().max().unwrap_or(0) as u64;
+    sys::raise_nofile(most + 4096);
+    sys::pin_to_cpu(cmd.client_cpu)
+        .map_err(|e| format!("pinning the client to CPU {}: {e}", cmd.client_cpu))?;
+    let started = Instant::now();
+    let done = run(
+        &bins,
+        &cmd.opts,
+        cmd.only.as_deref(),
+        cmd.server_cpu,
+        cmd.client_cpu,
+    );
+    let md = section(
+        &done,
+        &cmd.opts,
+        cmd.server_cpu,
+        cmd.client_cpu,
+        started.elapsed(),
+    );
+    println!("{md}");
+    if let Some(out) = &cmd.out {
+        let old = std::fs::read_to_string(out).unwrap_or_default();
+        std::fs::write(out, splice(&old, &md)).map_err(|e| format!("{}: {e}", out.display()))?;
+        eprintln!("wrote the Handover section of {}", out.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splices_the_section_in_place() {
+        let s = "## Handover\n\nnew\n";
+        assert_eq!(
+            splice("# R\n\n## A\n\na\n", s),
+            "# R\n\n## A\n\na\n\n## Handover\n\nnew\n"
+        );
+        assert_eq!(
+            splice("# R\n\n## Handover\n\nold\n### x\nold\n\n## B\n\nb\n", s),
+            "# R\n\n## Handover\n\nnew\n\n## B\n\nb\n"
+        );
+        assert_eq!(
+            splice("# R\n\n## Handover\n\nold\n", s),
+            "# R\n\n## Handover\n\nnew\n"
+        );
+    }
+
+    #[test]
+    fn reads_wrk_errors_one_by_one() {
+        let mut r = WrkRun::default();
+        let text = "  1 threads and 50 connections\n    Latency     2.03ms    3.67ms  35.61ms   90.96%\n\
+                    \x20    99%   18.38ms\n  72568 requests in 2.23s, 10.80MB read\n  Socket errors: \
+                    connect 0, read 550, write 2, timeout 1\n  Non-2xx or 3xx responses: 3\n\
+                    Requests/sec:  32575.48\n";
+        assert!(parse_wrk(text, &mut r));
+        assert_eq!(
+            (r.requests, r.connect, r.read, r.write, r.timeout, r.non2xx),
+            (72568, 0, 550, 2, 1, 3)
+        );
+        assert_eq!((r.p99.as_str(), r.max.as_str()), ("18.38ms", "35.61ms"));
+        assert_eq!(r.errors(), 556);
+    }
+
+    #[test]
+    fn names_are_distinct() {
+        let o = HandoverOpts {
+            conns: vec![1000, 10_000],
+            workers: 4,
+            latency_conns: 200,
+            latency_rate: 10_000,
+            latency_secs: Duration::from_secs(5),
+            reload_every: Duration::from_millis(200),
+            reloads: 100,
+            wrk_conns: 50,
+            skip: false,
+        };
+        let s = scenarios(&o);
+        assert_eq!(s.len(), 5);
+        let names: std::collections::HashSet<_> = s.iter().map(|s| &s.name).collect();
+        assert_eq!(names.len(), s.len());
+    }
+}
