@@ -51,8 +51,8 @@ clean:
 .PHONY: bench
 
 ## Benchmark suite: wm-host against a native mio baseline, the plugin ABI against direct
-## calls (criterion), cold start and broadcast fan-out, written to bench/RESULTS.md
-## (under 10 minutes). Installs wrk and valgrind (heap allocations per message,
+## calls (criterion), cold start and broadcast fan-out, then live handover on reload
+## (its own section, see bench-handover), written to bench/RESULTS.md (under 10 minutes). Installs wrk and valgrind (heap allocations per message,
 ## by dhat) when missing (Debian, as root).
 bench:
 	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk"; \

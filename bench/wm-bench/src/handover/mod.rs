@@ -271,6 +271,87 @@ fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Reloads per handover-time scenario (the figures are their medians).
+const TIME_ROUNDS: usize = 3;
+
+/// Busy share of `cpu` over a scenario (every process, ours included): how
+/// disturbed the run was on this shared machine.
+struct Busy {
+    cpu: usize,
+    t0: Instant,
+    busy0: f64,
+}
+
+impl Busy {
+    fn start(cpu: usize) -> Busy {
+        Busy {
+            cpu,
+            t0: Instant::now(),
+            busy0: sys::core_busy_seconds(cpu).unwrap_or(0.0),
+        }
+    }
+
+    /// `ours`: CPU seconds of the server's processes meanwhile, if known.
+    fn text(&self, ours: Option<f64>) -> String {
+        let busy = sys::core_busy_seconds(self.cpu).unwrap_or(0.0) - self.busy0;
+        let secs = self.t0.elapsed().as_secs_f64();
+        let others = match ours {
+            Some(o) => format!(
+                ", {:.0}% by other processes than the server's",
+                100.0 * (busy - o).max(0.0) / secs
+            ),
+            None => " (by every process, the server's included)".into(),
+        };
+        format!(
+            "CPU {} was busy {:.0}% of the {secs:.1} s{others}",
+            self.cpu,
+            100.0 * busy / secs,
+        )
+    }
+}
+
+/// CPU seconds of the whole server so far: the master, with the workers it
+/// has reaped (cutime, cstime), and the workers alive now. The difference
+/// of two readings counts workers that came and went in between.
+fn server_cpu(host: &Host) -> Option<f64> {
+    let st = host.status()?;
+    let master = st["master_pid"].as_u64()? as u32;
+    let stat = std::fs::read_to_string(format!("/proc/{master}/stat")).ok()?;
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime, stime, cutime, cstime: fields 14 to 17, 11 to 14 after "(comm)".
+    let ticks: u64 = (11..15)
+        .map(|i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum::<Option<u64>>()?;
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let workers: f64 = (st["workers"].as_array().cloned().unwrap_or_default().iter())
+        .filter_map(|w| w["pid"].as_u64())
+        .filter_map(|p| sys::cpu_seconds(p as u32))
+        .sum();
+    Some(ticks as f64 / tck + workers)
+}
+
+/// One reload of the handover-time scenario.
+struct Round {
+    r: Reload,
+    /// From spawning `reload` until it returned, and then until every
+    /// connection echoed.
+    returned: Duration,
+    probe: Duration,
+    answered: usize,
+    handed: Vec<(u64, f64)>,
+    took: Vec<(u64, f64)>,
+    after: Vec<(u32, u64)>,
+    replaced: bool,
+    old_alive: usize,
+}
+
+impl Round {
+    fn outside(&self) -> Duration {
+        self.returned + self.probe
+    }
+}
+
 /// Handover time for `conns` idle websocket connections.
 fn time(
     bins: &Bins,
@@ -292,8 +373,8 @@ fn time(
             fleet.first_error().unwrap_or("")
         ));
     }
-    let before = host.workers();
-    let held: u64 = before.iter().map(|w| w.1).sum();
+    let first = host.workers();
+    let held: u64 = first.iter().map(|w| w.1).sum();
     if held != conns as u64 {
         return Err(format!(
             "the clients hold {conns} connections, wm-host status counts {held}"
@@ -305,89 +386,128 @@ fn time(
     if answered != conns {
         return Err(format!("{answered} of {conns} answered before the reload"));
     }
-    let log0 = host.log_len();
-    let t0 = Instant::now();
-    let r = host.reload();
-    if !r.ok {
-        return Err(format!("wm-host reload failed: {}", r.out.trim()));
+    let busy = Busy::start(cpus.server);
+    let cpu0 = server_cpu(&host);
+    let mut rounds = Vec::new();
+    let mut before = first.clone();
+    for _ in 0..TIME_ROUNDS {
+        let log0 = host.log_len();
+        let t0 = Instant::now();
+        let r = host.reload();
+        if !r.ok {
+            return Err(format!("wm-host reload failed: {}", r.out.trim()));
+        }
+        let returned = t0.elapsed();
+        let (answered, probe) = fleet
+            .probe_all(Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        let after = host.workers();
+        // The old workers go once they handed everything over.
+        let end = Instant::now() + Duration::from_secs(5);
+        while before.iter().any(|w| pid_alive(w.0)) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = host.log_since(log0);
+        rounds.push(Round {
+            returned,
+            probe,
+            answered,
+            handed: host::handed_over(&log),
+            took: host::took_over(&log),
+            replaced: after.iter().all(|a| before.iter().all(|b| b.0 != a.0)),
+            old_alive: before.iter().filter(|w| pid_alive(w.0)).count(),
+            after: after.clone(),
+            r,
+        });
+        before = after;
     }
-    let p0 = t0.elapsed();
-    let (answered, probe_after) = fleet
-        .probe_all(Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
-    let outside = p0 + probe_after;
-    let after = host.workers();
+    let disturbed = busy.text(cpu0.zip(server_cpu(&host)).map(|(a, b)| b - a));
     let st = host.status();
-    // The old workers go once they handed everything over.
-    let end = Instant::now() + Duration::from_secs(5);
-    while before.iter().any(|w| pid_alive(w.0)) && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let old_alive = before.iter().filter(|w| pid_alive(w.0)).count();
-    let replaced = after.iter().all(|a| before.iter().all(|b| b.0 != a.0));
-    let held_after: u64 = after.iter().map(|w| w.1).sum();
-    let log = host.log_since(log0);
-    let handed = host::handed_over(&log);
-    let took = host::took_over(&log);
-    let lost = conns - answered;
-    let host_ms = r
-        .host_ms
-        .ok_or_else(|| format!("no handover in the reload report: {}", r.out.trim()))?;
-    let target = if conns >= 10_000 { "< 200 ms" } else { "" };
-    let per = |v: &[(u64, f64)]| -> String {
-        v.iter()
-            .map(|(n, ms)| format!("{n} in {ms:.1} ms"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let last = st
         .as_ref()
         .map(|s| s["groups"][0]["last_handover"].to_string())
         .unwrap_or_default();
+    let host_ms: Vec<f64> = (rounds.iter())
+        .map(|x| x.r.host_ms.map_or(f64::NAN, |v| v as f64))
+        .collect();
+    let outside: Vec<f64> = rounds.iter().map(|x| ms(x.outside())).collect();
+    let old_ms: Vec<f64> = (rounds.iter())
+        .map(|x| x.handed.iter().map(|h| h.1).sum())
+        .collect();
+    let lost = rounds.iter().map(|x| conns - x.answered).max().unwrap_or(0) as u64 + fleet.lost();
+    let all = |v: &[f64], d: usize| -> String {
+        v.iter()
+            .map(|x| format!("{x:.d$}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let target = if conns >= 10_000 { "< 200 ms" } else { "" };
     let rows = vec![
         row(
-            "moved in, per `wm-host reload` (new workers, summed)",
-            format!("{host_ms} ms"),
+            format!("moved in, per `wm-host reload` (median of {TIME_ROUNDS} reloads)"),
+            format!("{:.0} ms", median(&mut host_ms.clone())),
             String::new(),
             "–".into(),
             target,
         ),
         row(
-            "from `reload` to every connection echoing from the new build (outside)",
-            format!("{:.1} ms", ms(outside)),
+            "from `reload` to every connection echoing from the new build (outside; reference: \
+             one echo on each before)",
+            format!("{:.1} ms", median(&mut outside.clone())),
             format!("{:.1} ms", ms(probe_before)),
             "–".into(),
             "",
         ),
         row(
             "connections lost",
-            format!("{} of {conns}", lost as u64 + fleet.lost()),
+            format!("{lost} of {conns}"),
             String::new(),
             "–".into(),
             "0",
         ),
     ];
-    let details = format!(
-        "reload report: {} handed over, {} refused, {} closed, in {host_ms} ms; `wm-host reload` \
-         returned after {:.1} ms, then one echo on every connection took {:.1} ms (before the \
-         reload, the reference: {:.1} ms); old worker log \"handed N connections over\" (its \
-         export's start to the new worker's confirmation): {}; new worker log \"took over N \
-         connections\" (first export message to all adopted): {}; `status` last handover {last}; \
-         connections per worker before {} and after {} (pids all new: {}; {old_alive} old \
-         worker(s) still alive 5 s later); {} answered, {} wrong, {} connections failed{}; \
-         opening took {:.1} s",
-        r.moved,
-        r.refused,
-        r.closed,
-        ms(p0),
-        ms(probe_after),
+    let per = |v: &[(u64, f64)]| -> String {
+        v.iter()
+            .map(|(n, ms)| format!("{n} in {ms:.1} ms"))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    };
+    let mut details = format!(
+        "reloads' handover time (report) {} ms, old workers' (log) {} ms, outside {} ms; \
+         before the reloads one echo on every connection took {:.1} ms; ",
+        all(&host_ms, 0),
+        all(&old_ms, 1),
+        all(&outside, 1),
         ms(probe_before),
-        per(&handed),
-        per(&took),
-        spread(&before),
-        spread(&after),
-        if replaced { "yes" } else { "NO" },
-        answered,
+    );
+    for (i, x) in rounds.iter().enumerate() {
+        let _ = write!(
+            details,
+            "reload {}: {} handed over, {} refused, {} closed, in {} ms; `wm-host reload` \
+             returned after {:.1} ms, then one echo on every connection took {:.1} ms \
+             ({} answered); old worker log \"handed N connections over\" {}; new worker log \
+             \"took over N connections\" {}; workers after {}, all new: {}, old still alive 5 s \
+             later: {}; ",
+            i + 1,
+            x.r.moved,
+            x.r.refused,
+            x.r.closed,
+            x.r.host_ms.unwrap_or(0),
+            ms(x.returned),
+            ms(x.probe),
+            x.answered,
+            per(&x.handed),
+            per(&x.took),
+            spread(&x.after),
+            if x.replaced { "yes" } else { "NO" },
+            x.old_alive,
+        );
+    }
+    let _ = write!(
+        details,
+        "`status` last handover {last}; connections per worker at first {}; {} wrong echoes, \
+         {} connections failed{}; opening took {:.1} s; {disturbed}",
+        spread(&first),
         fleet.wrong(),
         fleet.dead(),
         fleet
@@ -396,9 +516,6 @@ fn time(
             .unwrap_or_default(),
         opened.as_secs_f64(),
     );
-    if held_after != conns as u64 || lost > 0 || !replaced || fleet.wrong() > 0 {
-        eprintln!("   suspicious: status counts {held_after} after the reload; {details}");
-    }
     Ok((rows, details))
 }
 
@@ -426,6 +543,49 @@ impl Phase {
     }
 }
 
+/// The latency scenario's timeline: a warm-up, then cycles of a window
+/// without reloads, one with, and a pause that is not counted (the last
+/// reload's tail), so both sides see the same background.
+struct Timeline {
+    start: Instant,
+    warmup: Duration,
+    window: Duration,
+    pause: Duration,
+    cycles: u32,
+}
+
+impl Timeline {
+    fn cycle(&self) -> Duration {
+        2 * self.window + self.pause
+    }
+
+    fn end(&self) -> Instant {
+        self.start + self.warmup + self.cycle() * self.cycles
+    }
+
+    /// 0: without reloads, 1: with, None: warm-up or pause.
+    fn side(&self, t: Instant) -> Option<usize> {
+        let since = t.checked_duration_since(self.start + self.warmup)?;
+        if since >= self.cycle() * self.cycles {
+            return None;
+        }
+        let into = since.as_secs_f64() % self.cycle().as_secs_f64();
+        let w = self.window.as_secs_f64();
+        if into < w {
+            Some(0)
+        } else if into < 2.0 * w {
+            Some(1)
+        } else {
+            None
+        }
+    }
+
+    /// Where the `k`th window with reloads starts.
+    fn reloads_from(&self, k: u32) -> Instant {
+        self.start + self.warmup + self.cycle() * k + self.window
+    }
+}
+
 /// Echo latency with and without reloads, on the same connections.
 fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, String), String> {
     let port = free_port();
@@ -438,37 +598,52 @@ fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, Strin
         return Err(format!("{} of {n} connections opened", fleet.open_count()));
     }
     let interval = Duration::from_secs_f64(1.0 / o.latency_rate.max(1) as f64);
-    let start = Instant::now();
-    let quiet_at = start + Duration::from_secs(1);
-    let reload_at = quiet_at + o.latency_secs;
-    let end = reload_at + o.latency_secs;
+    let window = Duration::from_secs(1);
+    let tl = Timeline {
+        start: Instant::now(),
+        warmup: Duration::from_secs(1),
+        window,
+        pause: Duration::from_millis(300),
+        cycles: (o.latency_secs.as_secs_f64() / window.as_secs_f64())
+            .ceil()
+            .max(1.0) as u32,
+    };
+    let busy = Busy::start(cpus.server);
+    let cpu0 = server_cpu(&host);
+    let end = tl.end();
     let mut phases = [Phase::default(), Phase::default()];
     let stop = AtomicBool::new(false);
     let mut reloads: Vec<Reload> = Vec::new();
     let result = std::thread::scope(|s| -> Result<(), String> {
         let reloader = s.spawn(|| {
             let mut done = Vec::new();
-            while Instant::now() < reload_at {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                done.push(host.reload());
-                std::thread::sleep(o.reload_every.saturating_sub(t.elapsed()));
+            // Reloads start at fixed points of each window with reloads
+            // (or as soon as the previous one returned).
+            let every = o.reload_every.max(Duration::from_millis(1));
+            let per_window = (window.as_nanos() / every.as_nanos()).max(1) as u32;
+            'cycles: for k in 0..tl.cycles {
+                for j in 0..per_window {
+                    let at = tl.reloads_from(k) + every * j;
+                    while Instant::now() < at {
+                        if stop.load(Ordering::Relaxed) {
+                            break 'cycles;
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        break 'cycles;
+                    }
+                    done.push(host.reload());
+                }
             }
             done
         });
-        let mut next = start;
+        let mut next = tl.start;
         let mut i = 0;
         let mut record = |_: usize, sent: Instant, lat: Duration| {
-            let k = if sent < quiet_at {
-                return;
-            } else if sent < reload_at {
-                0
-            } else {
-                1
-            };
-            phases[k].lat.push(lat.as_nanos() as u64);
+            if let Some(k) = tl.side(sent) {
+                phases[k].lat.push(lat.as_nanos() as u64);
+            }
         };
         let mut sent = [0u64; 2];
         let run = (|| -> std::io::Result<()> {
@@ -478,8 +653,10 @@ fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, Strin
                     break;
                 }
                 while next <= now {
-                    if fleet.send(i, now) && now >= quiet_at {
-                        sent[usize::from(now >= reload_at)] += 1;
+                    if fleet.send(i, now) {
+                        if let Some(k) = tl.side(now) {
+                            sent[k] += 1;
+                        }
                     }
                     i = (i + 1) % n;
                     next += interval;
@@ -487,7 +664,6 @@ fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, Strin
                 let wait = next.saturating_duration_since(Instant::now());
                 fleet.pump(wait.min(Duration::from_millis(5)), &mut record)?;
             }
-            stop.store(true, Ordering::Relaxed);
             // Answers keep coming while the last reload finishes.
             while !reloader.is_finished() {
                 fleet.pump(Duration::from_millis(5), &mut record)?;
@@ -501,21 +677,21 @@ fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, Strin
         run.map_err(|e| e.to_string())
     });
     result?;
+    let disturbed = busy.text(cpu0.zip(server_cpu(&host)).map(|(a, b)| b - a));
     let unanswered = fleet.in_flight();
     let failed = reloads.iter().filter(|r| !r.ok).count();
     let mut walls: Vec<f64> = reloads.iter().map(|r| ms(r.wall)).collect();
-    let mut hosts: Vec<f64> = reloads
-        .iter()
+    let mut hosts: Vec<f64> = (reloads.iter())
         .filter_map(|r| r.host_ms)
         .map(|v| v as f64)
         .collect();
     let moved: Vec<u64> = reloads.iter().map(|r| r.moved).collect();
-    let [mut quiet, mut busy] = phases;
+    let [mut quiet, mut busy_side] = phases;
     let mut rows = Vec::new();
     for (what, p) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
-        let (w, q) = (busy.pct(p), quiet.pct(p));
+        let (w, q) = (busy_side.pct(p), quiet.pct(p));
         rows.push(row(
-            format!("{what} echo latency, with reloads (reference: without)"),
+            format!("{what} echo latency with reloads (reference: without)"),
             format!("{w:.0} µs"),
             format!("{q:.0} µs"),
             format!("{:.2}", if q > 0.0 { w / q } else { 0.0 }),
@@ -528,22 +704,27 @@ fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, Strin
             "{unanswered}, {}, {} of {} sent",
             fleet.lost(),
             fleet.wrong(),
-            busy.sent
+            busy_side.sent + quiet.sent
         ),
-        format!("of {} sent", quiet.sent),
+        String::new(),
         "–".into(),
         "0",
     ));
     let details = format!(
-        "without: {} echoes of {} sent in {:.0} s; with: {} echoes of {} sent, {} reloads ({} \
-         failed{}), `wm-host reload` took {:.1} ms median, {:.1} ms max, the reports' handover \
-         time {:.0} ms median, {:.0} ms max, connections handed over per reload {}; after the \
-         last send and 3 s to drain, {unanswered} messages unanswered and {} connections failed{}",
+        "{} cycles of {:.0} ms without reloads, {:.0} ms with, {:.0} ms not counted; without: \
+         {} echoes of {} sent; with: {} echoes of {} sent, {} reloads ({} failed{}), `wm-host \
+         reload` took {:.1} ms median, {:.1} ms max, the reports' handover time {:.0} ms median, \
+         {:.0} ms max, connections handed over per reload {}; 3 s after the last send \
+         {unanswered} messages were unanswered and {} connections had failed{}; {disturbed} \
+         (the client's own `wm-host reload` commands run on CPU {})",
+        tl.cycles,
+        ms(tl.window),
+        ms(tl.window),
+        ms(tl.pause),
         quiet.lat.len(),
         quiet.sent,
-        o.latency_secs.as_secs_f64(),
-        busy.lat.len(),
-        busy.sent,
+        busy_side.lat.len(),
+        busy_side.sent,
         reloads.len(),
         failed,
         reloads
@@ -565,6 +746,7 @@ fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, Strin
             .first_error()
             .map(|e| format!(" (first: {e})"))
             .unwrap_or_default(),
+        cpus.client,
     );
     drop(fleet);
     drop(host);
