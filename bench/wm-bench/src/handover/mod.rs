@@ -271,6 +271,17 @@ fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// TCP segments retransmitted on this machine so far (`/proc/net/snmp`):
+/// on loopback they mean drops, each costing a retransmission timeout
+/// (200 ms or more) to some message, often another process's load.
+fn retransmits() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let i = names.split_whitespace().position(|n| n == "RetransSegs")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
 /// Reloads per handover-time scenario (the figures are their medians).
 const TIME_ROUNDS: usize = 3;
 
@@ -280,6 +291,7 @@ struct Busy {
     cpu: usize,
     t0: Instant,
     busy0: f64,
+    retrans0: Option<u64>,
 }
 
 impl Busy {
@@ -288,22 +300,30 @@ impl Busy {
             cpu,
             t0: Instant::now(),
             busy0: sys::core_busy_seconds(cpu).unwrap_or(0.0),
+            retrans0: retransmits(),
         }
     }
 
-    /// `ours`: CPU seconds of the server's processes meanwhile, if known.
-    fn text(&self, ours: Option<f64>) -> String {
+    /// `ours`: CPU seconds of `whose` processes meanwhile, if known.
+    fn text(&self, ours: Option<f64>, whose: &str) -> String {
         let busy = sys::core_busy_seconds(self.cpu).unwrap_or(0.0) - self.busy0;
         let secs = self.t0.elapsed().as_secs_f64();
         let others = match ours {
             Some(o) => format!(
-                ", {:.0}% by other processes than the server's",
+                ", {:.0}% by other processes than {whose}",
                 100.0 * (busy - o).max(0.0) / secs
             ),
-            None => " (by every process, the server's included)".into(),
+            None => format!(" (by every process, {whose} included)"),
+        };
+        let retrans = match self.retrans0.zip(retransmits()) {
+            Some((a, b)) => format!(
+                "; {} TCP segments retransmitted machine-wide meanwhile",
+                b - a
+            ),
+            None => String::new(),
         };
         format!(
-            "CPU {} was busy {:.0}% of the {secs:.1} s{others}",
+            "CPU {} was busy {:.0}% of the {secs:.1} s{others}{retrans}",
             self.cpu,
             100.0 * busy / secs,
         )
@@ -421,7 +441,10 @@ fn time(
         });
         before = after;
     }
-    let disturbed = busy.text(cpu0.zip(server_cpu(&host)).map(|(a, b)| b - a));
+    let disturbed = busy.text(
+        cpu0.zip(server_cpu(&host)).map(|(a, b)| b - a),
+        "the server's",
+    );
     let st = host.status();
     let last = st
         .as_ref()
@@ -586,6 +609,105 @@ impl Timeline {
     }
 }
 
+/// The open-loop sender: from `start` to `end`, one message every
+/// `interval`, to the connections in turn, whatever the echoes do; a message
+/// counts in `sent[side(t)]` (`None`: not counted).
+fn drive(
+    fleet: &mut Fleet,
+    interval: Duration,
+    start: Instant,
+    end: Instant,
+    side: &dyn Fn(Instant) -> Option<usize>,
+    sent: &mut [u64],
+    record: &mut dyn FnMut(usize, Instant, Duration),
+) -> std::io::Result<()> {
+    let n = fleet.open_count().max(1);
+    let (mut next, mut i) = (start, 0);
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        while next <= now {
+            if fleet.send(i, now) {
+                if let Some(k) = side(now) {
+                    sent[k] += 1;
+                }
+            }
+            i = (i + 1) % n;
+            next += interval;
+        }
+        let wait = next.saturating_duration_since(Instant::now());
+        fleet.pump(wait.min(Duration::from_millis(5)), record)?;
+    }
+}
+
+/// The same open-loop load against `wm-baseline --proto websocket` (no
+/// plugin, no reloads): what this machine and client give at best.
+fn floor(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Phase, u64, String), String> {
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut child = Command::new("taskset")
+        .args(["-c", &cpus.server.to_string()])
+        .arg(&bins.baseline)
+        .args(["--proto", "websocket", "--listen"])
+        .arg(addr.to_string())
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("taskset: {e}"))?;
+    let result = (|| {
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if Instant::now() > end {
+                return Err("wm-baseline did not listen within 10 s".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let n = o.latency_conns.max(1);
+        let mut fleet = Fleet::open(addr, n, 1, Duration::from_secs(30))
+            .map_err(|e| format!("opening {n} connections to wm-baseline: {e}"))?;
+        let interval = Duration::from_secs_f64(1.0 / o.latency_rate.max(1) as f64);
+        let start = Instant::now();
+        let from = start + Duration::from_secs(1);
+        let end = from + o.latency_secs;
+        let mut phase = Phase::default();
+        let mut sent = [0u64];
+        let r0 = retransmits();
+        let side = |t: Instant| (t >= from && t < end).then_some(0);
+        let mut record = |_: usize, t: Instant, lat: Duration| {
+            if side(t).is_some() {
+                phase.lat.push(lat.as_nanos() as u64);
+            }
+        };
+        drive(
+            &mut fleet,
+            interval,
+            start,
+            end,
+            &side,
+            &mut sent,
+            &mut record,
+        )
+        .and_then(|()| fleet.drain(Duration::from_secs(3), &mut record))
+        .map_err(|e| e.to_string())?;
+        phase.sent = sent[0];
+        let retrans = r0
+            .zip(retransmits())
+            .map(|(a, b)| {
+                format!(
+                    ", {} TCP segments retransmitted machine-wide meanwhile",
+                    b - a
+                )
+            })
+            .unwrap_or_default();
+        Ok((phase, fleet.in_flight() as u64 + fleet.lost(), retrans))
+    })();
+    // SAFETY: signals our own child by its pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    result
+}
+
 /// Echo latency with and without reloads, on the same connections.
 fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, String), String> {
     let port = free_port();
@@ -609,6 +731,8 @@ fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, Strin
             .max(1.0) as u32,
     };
     let busy = Busy::start(cpus.server);
+    let client_busy = Busy::start(cpus.client);
+    let client_cpu0 = sys::cpu_seconds(std::process::id());
     let cpu0 = server_cpu(&host);
     let end = tl.end();
     let mut phases = [Phase::default(), Phase::default()];
@@ -638,8 +762,6 @@ fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, Strin
             }
             done
         });
-        let mut next = tl.start;
-        let mut i = 0;
         let mut record = |_: usize, sent: Instant, lat: Duration| {
             if let Some(k) = tl.side(sent) {
                 phases[k].lat.push(lat.as_nanos() as u64);
@@ -647,23 +769,16 @@ fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, Strin
         };
         let mut sent = [0u64; 2];
         let run = (|| -> std::io::Result<()> {
-            loop {
-                let now = Instant::now();
-                if now >= end {
-                    break;
-                }
-                while next <= now {
-                    if fleet.send(i, now) {
-                        if let Some(k) = tl.side(now) {
-                            sent[k] += 1;
-                        }
-                    }
-                    i = (i + 1) % n;
-                    next += interval;
-                }
-                let wait = next.saturating_duration_since(Instant::now());
-                fleet.pump(wait.min(Duration::from_millis(5)), &mut record)?;
-            }
+            let side = |t: Instant| tl.side(t);
+            drive(
+                &mut fleet,
+                interval,
+                tl.start,
+                end,
+                &side,
+                &mut sent,
+                &mut record,
+            )?;
             // Answers keep coming while the last reload finishes.
             while !reloader.is_finished() {
                 fleet.pump(Duration::from_millis(5), &mut record)?;
@@ -677,7 +792,19 @@ fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, Strin
         run.map_err(|e| e.to_string())
     });
     result?;
-    let disturbed = busy.text(cpu0.zip(server_cpu(&host)).map(|(a, b)| b - a));
+    let disturbed = format!(
+        "{}; client side: {} (the `wm-host reload` commands run there too)",
+        busy.text(
+            cpu0.zip(server_cpu(&host)).map(|(a, b)| b - a),
+            "the server's"
+        ),
+        client_busy.text(
+            client_cpu0
+                .zip(sys::cpu_seconds(std::process::id()))
+                .map(|(a, b)| b - a),
+            "this client's",
+        )
+    );
     let unanswered = fleet.in_flight();
     let failed = reloads.iter().filter(|r| !r.ok).count();
     let mut walls: Vec<f64> = reloads.iter().map(|r| ms(r.wall)).collect();
@@ -710,13 +837,21 @@ fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, Strin
         "–".into(),
         "0",
     ));
+    let spread = |p: &mut Phase| -> String {
+        [0.9, 0.95, 0.999]
+            .iter()
+            .map(|&q| format!("p{} {:.0} µs", q * 100.0, p.pct(q)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (spread_busy, spread_quiet) = (spread(&mut busy_side), spread(&mut quiet));
     let details = format!(
-        "{} cycles of {:.0} ms without reloads, {:.0} ms with, {:.0} ms not counted; without: \
+        "with reloads {spread_busy}, without {spread_quiet}; \
+         {} cycles of {:.0} ms without reloads, {:.0} ms with, {:.0} ms not counted; without: \
          {} echoes of {} sent; with: {} echoes of {} sent, {} reloads ({} failed{}), `wm-host \
          reload` took {:.1} ms median, {:.1} ms max, the reports' handover time {:.0} ms median, \
          {:.0} ms max, connections handed over per reload {}; 3 s after the last send \
-         {unanswered} messages were unanswered and {} connections had failed{}; {disturbed} \
-         (the client's own `wm-host reload` commands run on CPU {})",
+         {unanswered} messages were unanswered and {} connections had failed{}; {disturbed}",
         tl.cycles,
         ms(tl.window),
         ms(tl.window),
@@ -746,11 +881,23 @@ fn latency(bins: &Bins, o: &HandoverOpts, cpus: Cpus) -> Result<(Vec<Row>, Strin
             .first_error()
             .map(|e| format!(" (first: {e})"))
             .unwrap_or_default(),
-        cpus.client,
     );
     drop(fleet);
     drop(host);
-    Ok((rows, details))
+    let floor = match floor(bins, o, cpus) {
+        Ok((mut p, lost, retrans)) => format!(
+            "; the same load against wm-baseline (no plugin, no reloads; the floor of this \
+             machine and client) in the same run: p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs, {} \
+             of {} unanswered{retrans}",
+            p.pct(0.5),
+            p.pct(0.99),
+            p.pct(1.0),
+            lost,
+            p.sent
+        ),
+        Err(e) => format!("; the wm-baseline floor failed: {e}"),
+    };
+    Ok((rows, details + &floor))
 }
 
 /// What wrk printed, and the reloads meanwhile.
@@ -1014,8 +1161,16 @@ pub fn section(
          from writing a message to the `poll` that returned its echo, counted in the phase it \
          was sent in. The same connections and server first run without reloads, then with a \
          thread that starts `wm-host reload` every {} ms (the next one once the previous has \
-         returned). Every echo is checked byte for byte and in order; messages lost are those \
-         unanswered 3 s after the last send.\n\
+         returned). Windows of 1 s without and 1 s with reloads alternate (then 300 ms not \
+         counted, for the last reload's tail), so both sides see the same background load. \
+         Every echo is checked byte for byte and in order; messages lost are those \
+         unanswered 3 s after the last send. The Details add the same load against \
+         `wm-baseline --proto websocket` (no plugin, no reloads), the floor of this machine \
+         and client, and how busy both CPUs were and how many TCP segments were \
+         retransmitted machine-wide meanwhile (on loopback a retransmission means a drop and \
+         a timeout of 200 ms or more; this machine is shared with other builds and \
+         benchmarks). A reload also starts a process and loads the plugin on the server's \
+         core; the handover itself is the reports' handover time.\n\
          - HTTP keep-alive: wrk against `GET /` (`200 Hello, world!`); wrk counts a request on \
          a keep-alive connection that the server closes after wrk wrote it as a read error, so \
          `reload_mode = \"drain\"` (connections closed cleanly, `Connection: close`) shows \
