@@ -234,14 +234,16 @@ fn command(kind: Kind, o: &HandoverOpts, cpus: Cpus) -> String {
         Kind::Latency => format!(
             "`taskset -c {s} wm-host start -d` (`websocket://`, `count = 1`, bench-hello-plugin); \
              {} connections, one {} B message every {:.0} µs in turn (open loop: nothing waits \
-             for an echo); 1 s warm-up, {:.0} s without reloads, then {:.0} s with `wm-host \
-             reload` started every {} ms (or as soon as the previous one returned)",
+             for an echo); 1 s warm-up, then {} cycles of 1 s without reloads, 1 s with `wm-host \
+             reload` started every {} ms (or as soon as the previous one returned) and 300 ms \
+             not counted; then the same load for {:.0} s against `taskset -c {s} wm-baseline \
+             --proto websocket` (the floor)",
             o.latency_conns,
             fleet::SIZE,
             1e6 / o.latency_rate.max(1) as f64,
+            o.latency_secs.as_secs_f64().ceil().max(1.0),
+            o.reload_every.as_millis(),
             o.latency_secs.as_secs_f64(),
-            o.latency_secs.as_secs_f64(),
-            o.reload_every.as_millis()
         ),
         Kind::Http => format!(
             "`taskset -c {s} wm-host start -d` (`http://`, `count = 1`, bench-hello-plugin, \
