@@ -1,6 +1,9 @@
 //! The benchmark's plugin: answers `GET /plaintext` as TechEmpower's plaintext
 //! test wants it, every other HTTP request with `Hello, world!`, and sends
 //! every other message back unchanged (like `echo-plugin`).
+//!
+//! It opts in to live handover on reload (it has no state to carry), so the
+//! suite's handover scenarios can move its connections to a new worker.
 
 use plugin_api::{export_plugin, ConnId, Context, Plugin, Request};
 
@@ -17,6 +20,10 @@ pub const PLAINTEXT_HEADERS: &[(&str, &str)] = &[("Content-Type", "text/plain")]
 pub struct Hello;
 
 impl Plugin for Hello {
+    fn handover(&self) -> bool {
+        true
+    }
+
     fn on_message(&mut self, ctx: &mut Context<'_>, conn: ConnId, data: &[u8]) {
         ctx.send(conn, data);
     }

@@ -5,12 +5,14 @@
 //!     wm-bench idle --proto websocket --addr 127.0.0.1:7000 --conns 100000 --server-pid 1,2,…
 //!     wm-bench allocs --proto websocket -n 2000          # needs valgrind
 //!     wm-bench suite --out bench/RESULTS.md     # what `make bench` runs
+//!     wm-bench handover --out bench/RESULTS.md  # its handover section alone
 //!
 //! Pin it away from the server (`taskset -c 1 wm-bench …`); `suite` pins itself.
 
 mod allocs;
 mod client;
 mod fanout;
+mod handover;
 mod idle;
 mod suite;
 mod sys;
@@ -107,6 +109,9 @@ enum Cmd {
     },
     /// Every scenario against wm-host and the native baseline; writes Markdown.
     Suite(suite::SuiteOpts),
+    /// Live handover on reload: handover time, echo latency under reloads,
+    /// wrk errors over reloads; replaces the report's `## Handover` section.
+    Handover(handover::HandoverCmd),
 }
 
 /// A duration given in (fractional) seconds on the command line.
@@ -246,6 +251,7 @@ fn main() {
             server_cpu,
         } => count_allocs(proto, messages, baseline, server_cpu),
         Cmd::Suite(opts) => suite::run(opts),
+        Cmd::Handover(cmd) => handover::main(cmd),
     };
     if let Err(e) = result {
         eprintln!("wm-bench: {e}");

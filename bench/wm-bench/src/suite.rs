@@ -60,6 +60,9 @@ pub struct SuiteOpts {
     /// valgrind; 0: skip it).
     #[arg(long, default_value_t = 2000)]
     pub allocs_messages: usize,
+    /// Live handover scenarios (a section of their own, after the rest).
+    #[command(flatten)]
+    pub handover: crate::handover::HandoverOpts,
 }
 
 /// The release binaries next to this one.
@@ -702,8 +705,27 @@ pub fn run(opts: SuiteOpts) -> Result<(), String> {
             client_cmd,
         });
     }
+    let ho_started = Instant::now();
+    let ho = crate::handover::run(
+        &bins,
+        &opts.handover,
+        opts.only.as_deref(),
+        opts.server_cpu,
+        opts.client_cpu,
+    );
+    let ho_took = ho_started.elapsed();
     let took = started.elapsed();
-    let md = report(&opts, &outcomes, nproc, nofile, took);
+    let mut md = report(&opts, &outcomes, nproc, nofile, took);
+    if !ho.is_empty() {
+        let section = crate::handover::section(
+            &ho,
+            &opts.handover,
+            opts.server_cpu,
+            opts.client_cpu,
+            ho_took,
+        );
+        md = format!("{md}\n{section}");
+    }
     println!("{md}");
     if let Some(out) = &opts.out {
         std::fs::write(out, &md).map_err(|e| format!("{}: {e}", out.display()))?;
