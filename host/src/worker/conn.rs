@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use wm_proto::Codec;
+use wm_proto::{Codec, Kind, ProtocolError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -163,6 +163,18 @@ impl Conn {
         }
         self.queue(parts, 0);
         Ok(self.pending() == 0)
+    }
+
+    /// While corked (a read being dispatched): frames `data` with the
+    /// connection's codec straight into the send buffer, as `write_parts`
+    /// would queue `Codec::encode`'s parts. `None` when not corked, or
+    /// when the codec cannot frame that way (see `Codec::encode_into`).
+    #[inline]
+    pub fn queue_message(&mut self, data: &[u8], kind: Kind) -> Option<Result<(), ProtocolError>> {
+        if !self.corked {
+            return None;
+        }
+        self.codec.encode_into(data, kind, &mut self.out)
     }
 
     /// `write_parts` with nothing queued: one syscall, the rest buffered.

@@ -211,20 +211,31 @@ impl Core {
         if let Codec::Http(_) = conn.codec {
             return self.respond(id, 200, [], data);
         }
-        let framer = self.custom.as_ref().map(|p| p as &dyn Framer);
-        let mut wire = Wire::default();
-        let parts = match conn.codec.encode(data, kind, framer, &mut wire) {
-            Ok(parts) => parts,
-            Err(ProtocolError::Custom(_)) => {
-                self.send_failed(id, "the plugin's protocol failed to encode");
-                return RawSendStatus::Dropped;
-            }
-            Err(_) => {
+        // A reply during a read: framed straight into the send buffer.
+        let queued = match conn.queue_message(data, kind) {
+            Some(Ok(())) => Ok(conn.pending() == 0),
+            Some(Err(_)) => {
                 self.send_failed(id, "message too large for the protocol");
                 return RawSendStatus::Dropped;
             }
+            None => {
+                let framer = self.custom.as_ref().map(|p| p as &dyn Framer);
+                let mut wire = Wire::default();
+                let parts = match conn.codec.encode(data, kind, framer, &mut wire) {
+                    Ok(parts) => parts,
+                    Err(ProtocolError::Custom(_)) => {
+                        self.send_failed(id, "the plugin's protocol failed to encode");
+                        return RawSendStatus::Dropped;
+                    }
+                    Err(_) => {
+                        self.send_failed(id, "message too large for the protocol");
+                        return RawSendStatus::Dropped;
+                    }
+                };
+                conn.write_parts(&parts)
+            }
         };
-        match conn.write_parts(&parts) {
+        match queued {
             Ok(true) => RawSendStatus::Sent,
             Ok(false) => {
                 if conn.pending() >= max && !conn.full {
