@@ -215,7 +215,7 @@ def read_frames(s, buf):
     return out, buf
 
 
-def broadcast_load(port, conns, sends):
+def broadcast_load(port, conns, sends, srv=None):
     socks = []
     for i in range(conns):
         s = socket.socket()
@@ -239,6 +239,10 @@ def broadcast_load(port, conns, sends):
         if got[2:] == str(conns).encode():
             break
         time.sleep(0.2)
+    if srv is not None:
+        time.sleep(1)
+        pids = pids_of(srv.proc)
+        control("-z", pids)
     sel = selectors.DefaultSelector()
     for s in socks:
         s.setblocking(False)
@@ -263,9 +267,54 @@ def broadcast_load(port, conns, sends):
                 if got:
                     assert got == [payload], got
                     waiting.discard(s)
+    if srv is not None:
+        control("-d", pids)
     for s in socks:
         s.close()
     return sends * conns
+
+
+def pids_of(proc):
+    """The valgrind'ed server process and its children (wm-host's workers)."""
+    pids = [proc.pid]
+    r = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    pids += [int(p) for p in r.stdout.split()]
+    return pids
+
+
+def control(flag, pids):
+    for pid in pids:
+        subprocess.run(["callgrind_control", flag, str(pid)], capture_output=True, check=True)
+
+
+def run_broadcast(args):
+    """Counters zeroed once every member joined, dumped after the
+    broadcasts: only the broadcasts count (no second run needed)."""
+    out = tempfile.mkdtemp(prefix="wm-cg-")
+    srv = Server(args, "websocket", "libtest_plugin.so", args.workers, out)
+    sends = args.runs[-1]
+    units = broadcast_load(srv.port, args.conns, sends, srv)
+    srv.stop()
+    total, rows = 0, []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("cg.") and name.count(".") == 2:
+            cmd, ir = "", 0
+            with open(os.path.join(out, name)) as f:
+                for line in f:
+                    if line.startswith("cmd:"):
+                        cmd = line[4:].strip()
+                    elif line.startswith("totals:") or line.startswith("summary:"):
+                        ir = int(line.split()[1])
+            rows.append((name, cmd, ir))
+            total += ir
+    for name, cmd, ir in rows:
+        print(f"  {ir:>14,} Ir  {name} {cmd}")
+    if args.keep:
+        shutil.rmtree(args.keep, ignore_errors=True)
+        shutil.copytree(out, args.keep)
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"{sends} broadcasts to {args.conns}: {total:,} Ir")
+    print(f"per member per broadcast: {total / units:,.0f} instructions")
 
 
 def run(args, units_of):
@@ -318,7 +367,7 @@ def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 20000), hard))
     if args.cmd == "broadcast":
-        run(args, "per member per broadcast")
+        run_broadcast(args)
     else:
         run(args, "per message" if args.proto != "http" else "per request")
 
