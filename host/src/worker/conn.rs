@@ -182,7 +182,10 @@ impl Conn {
     fn write_parts_now(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
         debug_assert!(parts.len() <= 3);
         let total: usize = parts.iter().map(|p| p.len()).sum();
-        let written = if total <= SMALL_SEND && parts.len() > 1 {
+        let written = if let [one] = parts {
+            // Framed already (a broadcast): one plain `send`, no copy.
+            write_now(|| self.sock.write(one))?
+        } else if total <= SMALL_SEND && parts.len() > 1 {
             // Joined on the stack and sent with one plain `send`: cheaper
             // in the kernel than `writev` over the pieces, which shows
             // when one message goes to thousands of sockets.

@@ -252,6 +252,41 @@ impl Core {
         }
     }
 
+    /// `send_kind` of bytes already framed for this connection's codec (a
+    /// broadcast framed once for all its members): the same checks and
+    /// outcomes, without the encoding.
+    pub fn send_framed(&mut self, id: u64, framed: &[u8]) -> RawSendStatus {
+        let Some(conn) = lookup(&mut self.conns, id) else {
+            self.send_failed(id, "client closed");
+            return RawSendStatus::Closed;
+        };
+        let max = conn.max_send;
+        let open = matches!(conn.state, State::Open | State::Connecting);
+        if !open || !conn.codec.sendable() {
+            self.send_failed(id, "client closed");
+            return RawSendStatus::Closed;
+        }
+        if conn.pending() >= max {
+            self.send_failed(id, "send buffer full and drop package");
+            return RawSendStatus::Dropped;
+        }
+        match conn.write_parts(&[framed]) {
+            Ok(true) => RawSendStatus::Sent,
+            Ok(false) => {
+                if conn.pending() >= max && !conn.full {
+                    conn.full = true;
+                    self.deferred.push_back(Deferred::BufferFull(id));
+                }
+                RawSendStatus::Queued
+            }
+            Err(e) => {
+                tracing::debug!(conn = id, "send failed: {e}");
+                self.destroy(id);
+                RawSendStatus::Closed
+            }
+        }
+    }
+
     /// Closes after flushing, optionally sending a last message first.
     pub fn close(&mut self, id: u64, last: Option<&[u8]>) -> bool {
         match self.get(id) {
