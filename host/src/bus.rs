@@ -221,6 +221,9 @@ pub struct BusBuf {
     limit: usize,
     /// The size the frame over the limit claimed.
     overflow: Option<usize>,
+    /// What each read lands in first; kept, so a read does not zero 16 KiB
+    /// (every broadcast is one read in every worker and in the master).
+    chunk: Vec<u8>,
 }
 
 impl Default for BusBuf {
@@ -236,6 +239,7 @@ impl BusBuf {
             outbuf: Vec::new(),
             limit,
             overflow: None,
+            chunk: Vec::new(),
         }
     }
 
@@ -247,7 +251,8 @@ impl BusBuf {
         if self.overflow.is_some() {
             return (frames, true);
         }
-        let mut chunk = [0u8; 16 * 1024];
+        let mut chunk = std::mem::take(&mut self.chunk);
+        chunk.resize(16 * 1024, 0);
         // Frames are taken out after each read, so a header over the limit
         // is caught before its body is buffered.
         let closed = loop {
@@ -266,6 +271,7 @@ impl BusBuf {
                 Err(_) => break true,
             }
         };
+        self.chunk = chunk;
         (frames, closed)
     }
 

@@ -29,7 +29,7 @@ pub struct Meta {
     pub uid: u32,
     pub gid: u32,
     /// The file's group holds no user but its owner; only looked up (and only
-    /// matters) when the file is group-writable.
+    /// matters) when the file is group-writable and not world-writable.
     pub group_private: bool,
 }
 
@@ -162,7 +162,12 @@ fn meta_of(md: &std::fs::Metadata) -> Meta {
         mode,
         uid: md.uid(),
         gid: md.gid(),
-        group_private: mode & GROUP_W != 0 && group_is_private(md.uid(), md.gid()),
+        // Looked up only where it can matter: a world-writable folder
+        // (`/tmp`) is judged by that alone, and the lookup reads the whole
+        // user database (NSS) at every start.
+        group_private: mode & GROUP_W != 0
+            && mode & OTHER_W == 0
+            && group_is_private(md.uid(), md.gid()),
     }
 }
 

@@ -300,14 +300,17 @@ fn find_head_end(
     max: usize,
 ) -> Result<Option<usize>, HttpError> {
     // Blank lines before the request line are ignored (RFC 9112 §2.2).
-    let start = input
-        .iter()
-        .position(|&b| b != b'\r' && b != b'\n')
-        .unwrap_or(input.len());
+    let start = match input.first() {
+        Some(b'\r' | b'\n') => input
+            .iter()
+            .position(|&b| b != b'\r' && b != b'\n')
+            .unwrap_or(input.len()),
+        _ => 0,
+    };
     let mut i = (*scanned).clamp(start, input.len());
     // The head ends at "\n\n" or "\n\r\n"; httparse accepts bare LF too.
     let end = loop {
-        let Some(off) = input[i..].iter().position(|&b| b == b'\n') else {
+        let Some(off) = memchr::memchr(b'\n', &input[i..]) else {
             i = input.len();
             break None;
         };
@@ -335,6 +338,12 @@ fn find_head_end(
     }
 }
 
+/// Header fields `parse_head` notes as it meets them (bits of `seen`).
+const CONTENT_LENGTH: u8 = 1;
+const TRANSFER_ENCODING: u8 = 2;
+const CONNECTION: u8 = 4;
+const EXPECT: u8 = 8;
+
 /// Parses and checks a complete head; the request's header fields go into
 /// `fields`, and values that are not UTF-8 are made so in `lossy`.
 fn parse_head<'a>(
@@ -360,17 +369,37 @@ fn parse_head<'a>(
     else {
         return Err(HttpError::Malformed("incomplete request line".into()));
     };
+    // The fields the decoder reads itself are noted in the one pass that
+    // fills `fields`: how many Host fields there are, and which of the
+    // others occur (only those are looked at again, by name).
+    let mut hosts = 0usize;
+    let mut seen = 0u8;
     let mut n = 0;
     for (field, h) in fields.iter_mut().zip(parsed.headers.iter()) {
-        let value = match std::str::from_utf8(trim_ows(h.value)) {
-            Ok(v) => v,
-            Err(_) => {
-                let text = String::from_utf8_lossy(trim_ows(h.value)).into_owned();
-                lossy.get_or_insert_with(Vec::new).push(text);
-                ""
+        let raw = trim_ows(h.value);
+        let value = if raw.is_ascii() {
+            // SAFETY: ASCII is UTF-8.
+            unsafe { std::str::from_utf8_unchecked(raw) }
+        } else {
+            match std::str::from_utf8(raw) {
+                Ok(v) => v,
+                Err(_) => {
+                    let text = String::from_utf8_lossy(raw).into_owned();
+                    lossy.get_or_insert_with(Vec::new).push(text);
+                    ""
+                }
             }
         };
-        field.write(Tuple2(RStr::from_str(h.name), RStr::from_str(value)));
+        let name = h.name;
+        match name.len() {
+            4 if name.eq_ignore_ascii_case("host") => hosts += 1,
+            6 if name.eq_ignore_ascii_case("expect") => seen |= EXPECT,
+            10 if name.eq_ignore_ascii_case("connection") => seen |= CONNECTION,
+            14 if name.eq_ignore_ascii_case("content-length") => seen |= CONTENT_LENGTH,
+            17 if name.eq_ignore_ascii_case("transfer-encoding") => seen |= TRANSFER_ENCODING,
+            _ => {}
+        }
+        field.write(Tuple2(RStr::from_str(name), RStr::from_str(value)));
         n += 1;
     }
     if let Some(lossy) = lossy {
@@ -401,29 +430,52 @@ fn parse_head<'a>(
             .map(str::trim)
             .filter(|t| !t.is_empty())
     };
+    // Whether one of those elements is `token`: the same answer as
+    // `tokens(name).any(..)`, with the list split by hand (a value is
+    // usually one element, and `split` costs more than the compare).
+    let has_token = |name: &'static str, token: &str| {
+        values(name).any(|v| {
+            let mut rest = v;
+            loop {
+                let (t, more) = match rest.bytes().position(|b| b == b',') {
+                    Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+                    None => (rest, None),
+                };
+                if t.trim().eq_ignore_ascii_case(token) {
+                    return true;
+                }
+                match more {
+                    Some(m) => rest = m,
+                    None => return false,
+                }
+            }
+        })
+    };
 
-    match values("host").count() {
+    match hosts {
         0 if version == 1 => return Err(HttpError::MissingHost),
         0 | 1 => {}
         _ => return Err(HttpError::DuplicateHost),
     }
 
     let mut length: Option<u64> = None;
-    for v in values("content-length") {
-        for part in v.split(',').map(str::trim) {
-            // `parse` alone would accept "+5"; only digits are a length.
-            let n = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| part.parse::<u64>().ok())
-                .flatten()
-                .ok_or_else(|| HttpError::BadContentLength(v.to_owned()))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(HttpError::BadContentLength(v.to_owned()));
+    if seen & CONTENT_LENGTH != 0 {
+        for v in values("content-length") {
+            for part in v.split(',').map(str::trim) {
+                // `parse` alone would accept "+5"; only digits are a length.
+                let n = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| part.parse::<u64>().ok())
+                    .flatten()
+                    .ok_or_else(|| HttpError::BadContentLength(v.to_owned()))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(HttpError::BadContentLength(v.to_owned()));
+                }
+                length = Some(n);
             }
-            length = Some(n);
         }
     }
 
-    let chunked = if values("transfer-encoding").next().is_some() {
+    let chunked = if seen & TRANSFER_ENCODING != 0 {
         // Both framings at once is how requests get smuggled past proxies.
         if length.is_some() {
             return Err(HttpError::LengthAndTransferEncoding);
@@ -446,14 +498,18 @@ fn parse_head<'a>(
         return Err(HttpError::BodyTooLarge { size: length, max });
     }
 
-    let keep_alive = if version == 1 {
-        !tokens("connection").any(|t| t.eq_ignore_ascii_case("close"))
+    // Without a Connection field: HTTP/1.1 keeps the connection, 1.0 not.
+    let keep_alive = if seen & CONNECTION == 0 {
+        version == 1
+    } else if version == 1 {
+        !has_token("connection", "close")
     } else {
-        tokens("connection").any(|t| t.eq_ignore_ascii_case("keep-alive"))
+        has_token("connection", "keep-alive")
     };
     // HTTP/1.0 clients do not know 100 Continue (RFC 9110 §10.1.1).
     let owe_continue = version == 1
         && (chunked || length > 0)
+        && seen & EXPECT != 0
         && values("expect").any(|v| v.eq_ignore_ascii_case("100-continue"));
 
     let (path, query) = split_target(target);
@@ -497,6 +553,13 @@ fn trim_ows(v: &[u8]) -> &[u8] {
 /// Splits a request target into path and query, reducing the absolute form
 /// (which servers must accept, RFC 9112 §3.2.2) to its path.
 fn split_target(target: &str) -> (&str, &str) {
+    // Origin form, what nearly every request has: no scheme to look for.
+    if target.starts_with('/') {
+        return match memchr::memchr(b'?', target.as_bytes()) {
+            Some(i) => (&target[..i], &target[i + 1..]),
+            None => (target, ""),
+        };
+    }
     let has_scheme = |p: &str| {
         target
             .get(..p.len())
@@ -1052,9 +1115,20 @@ impl DateCache {
         if self.secs != Some(secs) {
             // Cannot fail: the text fits exactly.
             let _ = write!(&mut self.text[..], "{}", httpdate::HttpDate::from(now));
+            if !self.text.is_ascii() {
+                // Never so (an IMF-fixdate is ASCII); `text` must stay ASCII.
+                self.text = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+            }
             self.secs = Some(secs);
         }
-        std::str::from_utf8(&self.text).unwrap_or_default()
+        self.text()
+    }
+
+    /// `text` as a string, without validating it for every answer.
+    fn text(&self) -> &str {
+        // SAFETY: `text` is only ever ASCII: its initial zeros, or what
+        // `at` wrote, which it checks.
+        unsafe { std::str::from_utf8_unchecked(&self.text) }
     }
 
     pub fn now(&mut self) -> &str {
@@ -1073,7 +1147,7 @@ impl DateCache {
         if self.secs.is_none() {
             self.refresh();
         }
-        std::str::from_utf8(&self.text).unwrap_or_default()
+        self.text()
     }
 }
 

@@ -308,6 +308,43 @@ impl Codec {
         }
     }
 
+    /// Appends one outgoing message, framed, to `out`: the bytes of
+    /// [`Codec::encode`]'s parts, joined, without a [`Wire`] or the parts
+    /// in between (a reply gathered while a read is dispatched). `None`
+    /// where `encode` must be used: HTTP, `custom://`, a websocket client.
+    #[inline]
+    pub fn encode_into(
+        &self,
+        data: &[u8],
+        kind: Kind,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(), ProtocolError>> {
+        match self {
+            Codec::Tcp => out.extend_from_slice(data),
+            Codec::Text(_) => {
+                out.reserve(data.len() + 1);
+                out.extend_from_slice(data);
+                out.push(b'\n');
+            }
+            Codec::Frame => {
+                let head = match frame::header(data.len()) {
+                    Ok(h) => h,
+                    Err(e) => return Some(Err(e)),
+                };
+                out.reserve(head.len() + data.len());
+                out.extend_from_slice(&head);
+                out.extend_from_slice(data);
+            }
+            Codec::Websocket(ws) => {
+                if !ws.encode_into(data, kind, out) {
+                    return None;
+                }
+            }
+            Codec::Http(_) | Codec::Custom => return None,
+        }
+        Some(Ok(()))
+    }
+
     /// Whether the connection is past any handshake, so the plugin knows it.
     pub fn established(&self) -> bool {
         match self {

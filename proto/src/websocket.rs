@@ -510,6 +510,21 @@ impl WsCodec {
         }
     }
 
+    /// As a server: appends one outgoing data message, framed, to `out`
+    /// (the bytes of [`WsCodec::encode`]'s parts, joined). `false` as a
+    /// client, whose frames are masked: use `encode`.
+    #[inline]
+    pub fn encode_into(&self, data: &[u8], kind: Kind, out: &mut Vec<u8>) -> bool {
+        if self.role != Role::Server {
+            return false;
+        }
+        let (h, n) = frame_header(data.len(), kind == Kind::Binary);
+        out.reserve(n + data.len());
+        out.extend_from_slice(&h[..n]);
+        out.extend_from_slice(data);
+        true
+    }
+
     /// A fresh mask for frames we send as a client; none as a server.
     fn mask(&self) -> Option<[u8; 4]> {
         (self.role == Role::Client).then(random_mask)

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::sock::Sock;
 
-use wm_proto::Codec;
+use wm_proto::{Codec, Kind, ProtocolError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -165,12 +165,27 @@ impl Conn {
         Ok(self.pending() == 0)
     }
 
+    /// While corked (a read being dispatched): frames `data` with the
+    /// connection's codec straight into the send buffer, as `write_parts`
+    /// would queue `Codec::encode`'s parts. `None` when not corked, or
+    /// when the codec cannot frame that way (see `Codec::encode_into`).
+    #[inline]
+    pub fn queue_message(&mut self, data: &[u8], kind: Kind) -> Option<Result<(), ProtocolError>> {
+        if !self.corked {
+            return None;
+        }
+        self.codec.encode_into(data, kind, &mut self.out)
+    }
+
     /// `write_parts` with nothing queued: one syscall, the rest buffered.
     #[inline(never)]
     fn write_parts_now(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
         debug_assert!(parts.len() <= 3);
         let total: usize = parts.iter().map(|p| p.len()).sum();
-        let written = if total <= SMALL_SEND && parts.len() > 1 {
+        let written = if let [one] = parts {
+            // Framed already (a broadcast): one plain `send`, no copy.
+            write_now(|| self.sock.write(one))?
+        } else if total <= SMALL_SEND && parts.len() > 1 {
             // Joined on the stack and sent with one plain `send`: cheaper
             // in the kernel than `writev` over the pieces, which shows
             // when one message goes to thousands of sockets.

@@ -211,20 +211,66 @@ impl Core {
         if let Codec::Http(_) = conn.codec {
             return self.respond(id, 200, [], data);
         }
-        let framer = self.custom.as_ref().map(|p| p as &dyn Framer);
-        let mut wire = Wire::default();
-        let parts = match conn.codec.encode(data, kind, framer, &mut wire) {
-            Ok(parts) => parts,
-            Err(ProtocolError::Custom(_)) => {
-                self.send_failed(id, "the plugin's protocol failed to encode");
-                return RawSendStatus::Dropped;
-            }
-            Err(_) => {
+        // A reply during a read: framed straight into the send buffer.
+        let queued = match conn.queue_message(data, kind) {
+            Some(Ok(())) => Ok(conn.pending() == 0),
+            Some(Err(_)) => {
                 self.send_failed(id, "message too large for the protocol");
                 return RawSendStatus::Dropped;
             }
+            None => {
+                let framer = self.custom.as_ref().map(|p| p as &dyn Framer);
+                let mut wire = Wire::default();
+                let parts = match conn.codec.encode(data, kind, framer, &mut wire) {
+                    Ok(parts) => parts,
+                    Err(ProtocolError::Custom(_)) => {
+                        self.send_failed(id, "the plugin's protocol failed to encode");
+                        return RawSendStatus::Dropped;
+                    }
+                    Err(_) => {
+                        self.send_failed(id, "message too large for the protocol");
+                        return RawSendStatus::Dropped;
+                    }
+                };
+                conn.write_parts(&parts)
+            }
         };
-        match conn.write_parts(&parts) {
+        match queued {
+            Ok(true) => RawSendStatus::Sent,
+            Ok(false) => {
+                if conn.pending() >= max && !conn.full {
+                    conn.full = true;
+                    self.deferred.push_back(Deferred::BufferFull(id));
+                }
+                RawSendStatus::Queued
+            }
+            Err(e) => {
+                tracing::debug!(conn = id, "send failed: {e}");
+                self.destroy(id);
+                RawSendStatus::Closed
+            }
+        }
+    }
+
+    /// `send_kind` of bytes already framed for this connection's codec (a
+    /// broadcast framed once for all its members): the same checks and
+    /// outcomes, without the encoding.
+    pub fn send_framed(&mut self, id: u64, framed: &[u8]) -> RawSendStatus {
+        let Some(conn) = lookup(&mut self.conns, id) else {
+            self.send_failed(id, "client closed");
+            return RawSendStatus::Closed;
+        };
+        let max = conn.max_send;
+        let open = matches!(conn.state, State::Open | State::Connecting);
+        if !open || !conn.codec.sendable() {
+            self.send_failed(id, "client closed");
+            return RawSendStatus::Closed;
+        }
+        if conn.pending() >= max {
+            self.send_failed(id, "send buffer full and drop package");
+            return RawSendStatus::Dropped;
+        }
+        match conn.write_parts(&[framed]) {
             Ok(true) => RawSendStatus::Sent,
             Ok(false) => {
                 if conn.pending() >= max && !conn.full {

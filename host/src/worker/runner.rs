@@ -112,9 +112,36 @@ impl Runner {
     }
 
     /// Runs one callback, then everything it queued.
+    #[inline]
     pub fn invoke(&self, core: &mut Core, call: Call<'_>) -> Outcome {
-        let outcome = self.call(core, call);
+        let outcome = match call {
+            // The one that runs per message: without `call`'s frame.
+            Call::Message(c, d, kind) => self.message(core, c, d, kind),
+            call => self.call(core, call),
+        };
         self.settle(core);
+        outcome
+    }
+
+    /// `call` for `Call::Message`: the same, with the handover variants'
+    /// dispatch and the panic handling out of the way.
+    #[inline]
+    fn message(&self, core: &mut Core, c: u64, d: &[u8], kind: Kind) -> Outcome {
+        let mut scope = Scope {
+            core: core as *mut Core,
+            kind,
+        };
+        // As in `call`: host functions reach the core through `scope`.
+        let ctx = HostCtx {
+            state: &mut scope as *mut Scope as *mut c_void,
+            vt: self.vt,
+        };
+        let outcome = self.plugin.call(ctx, |vt, st, ctx| {
+            (vt.on_message())(st, ctx, c, RSlice::from_slice(d))
+        });
+        if outcome == Outcome::Panicked {
+            self.panicked(core, &Call::Message(c, d, kind));
+        }
         outcome
     }
 
@@ -151,21 +178,28 @@ impl Runner {
             _ => self.plain(ctx, &call),
         };
         if outcome == Outcome::Panicked {
-            let msg = self.plugin.failure();
-            self.panic_text.replace(msg.clone());
-            match call.conn() {
-                Some(conn) => {
-                    tracing::error!(
-                        conn,
-                        "plugin panicked in {}: {msg}; closing the connection",
-                        call.name()
-                    );
-                    core.destroy(conn);
-                }
-                None => tracing::error!("plugin panicked in {}: {msg}", call.name()),
-            }
+            self.panicked(core, &call);
         }
         outcome
+    }
+
+    /// A callback panicked: log it, keep its text, and close the
+    /// connection it was about.
+    #[inline(never)]
+    fn panicked(&self, core: &mut Core, call: &Call<'_>) {
+        let msg = self.plugin.failure();
+        self.panic_text.replace(msg.clone());
+        match call.conn() {
+            Some(conn) => {
+                tracing::error!(
+                    conn,
+                    "plugin panicked in {}: {msg}; closing the connection",
+                    call.name()
+                );
+                core.destroy(conn);
+            }
+            None => tracing::error!("plugin panicked in {}: {msg}", call.name()),
+        }
     }
 
     /// The callbacks of the main vtable, present in every plugin.
