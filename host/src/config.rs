@@ -1000,6 +1000,33 @@ mod tests {
     }
 
     #[test]
+    fn bus_defaults_to_local_and_takes_redis_urls() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.bus, BusConfig::default());
+        assert_eq!(c.bus.redis, None);
+        let c = parse(&format!(
+            "[bus]\nbackend = \"redis://:pw@10.0.0.2:6380/1\"\nnamespace = \"chat\"\n\
+             heartbeat = \"500ms\"\nhost_ttl = \"3s\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.bus.redis.as_deref(), Some("redis://:pw@10.0.0.2:6380/1"));
+        assert_eq!(c.bus.namespace, "chat");
+        assert_eq!(c.bus.heartbeat, Duration::from_millis(500));
+        assert_eq!(c.bus.host_ttl, Duration::from_secs(3));
+        let local = parse(&format!("[bus]\nbackend = \"local\"\n{MINIMAL}")).unwrap();
+        assert_eq!(local.bus.redis, None);
+        let err = parse(&format!("[bus]\nbackend = \"amqp://x\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(err.line, 2, "{err}");
+        assert!(err.msg.starts_with("backend:"), "{err}");
+        let err = parse(&format!(
+            "[bus]\nbackend = \"redis://h\"\nheartbeat = \"2s\"\nhost_ttl = \"3s\"\n{MINIMAL}"
+        ))
+        .unwrap_err();
+        assert_eq!(err.line, 4, "{err}");
+        assert!(err.msg.contains("twice heartbeat"), "{err}");
+    }
+
+    #[test]
     fn reload_mode_defaults_to_handover() {
         assert_eq!(
             parse(MINIMAL).unwrap().workers[0].reload_mode,

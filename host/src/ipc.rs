@@ -163,7 +163,7 @@ pub struct StatusReport {
     pub workers: Vec<WorkerRow>,
     /// The bus between hosts (`[bus]`).
     #[serde(default)]
-    pub bus: BusReport,
+    pub bus: Box<BusReport>,
 }
 
 /// `[bus]` in `status`: the backend and, for Redis, its state and counters.

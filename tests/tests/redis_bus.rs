@@ -225,3 +225,85 @@ fn the_members_of_a_host_killed_with_sigkill_vanish_within_the_bound() {
     let mut c1 = TextClient::connect(pc);
     wait_answer(&mut c1, "count room", "1");
 }
+
+/// A chat client (plugins/chat-plugin, JSON over websocket).
+struct Chat(std::net::TcpStream);
+
+impl Chat {
+    fn connect(port: u16) -> Chat {
+        Chat(ws_raw(port, "/"))
+    }
+
+    fn send(&mut self, json: &str) {
+        use std::io::Write;
+        self.0
+            .write_all(&ws_frame(true, 1, json.as_bytes(), true))
+            .unwrap();
+    }
+
+    /// Reads messages until one satisfies `pred`.
+    fn until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            let (_, op, payload) = ws_read_frame(&mut self.0).expect(what);
+            if op != 1 {
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&payload).unwrap();
+            if pred(&v) {
+                return v;
+            }
+        }
+    }
+}
+
+#[test]
+fn chat_rooms_span_two_hosts() {
+    let redis = Redis::start();
+    let hosts: Vec<(Server, u16)> = (0..2)
+        .map(|_| {
+            let port = free_port();
+            let s = Server::with_host(
+                &bus(&redis.url()),
+                &worker_table(
+                    "chat",
+                    &format!("websocket://127.0.0.1:{port}"),
+                    "chat_plugin",
+                    2,
+                    "",
+                ),
+            );
+            s.start();
+            (s, port)
+        })
+        .collect();
+    let mut ann = Chat::connect(hosts[0].1);
+    let mut bob = Chat::connect(hosts[1].1);
+    ann.send(r#"{"type":"join","room":"lobby","name":"ann"}"#);
+    ann.until("ann's presence", |v| v["type"] == "presence");
+    bob.send(r#"{"type":"join","room":"lobby","name":"bob"}"#);
+    // Presence lists the members of both hosts, on both hosts.
+    let both =
+        |v: &Value| v["type"] == "presence" && v["online"] == serde_json::json!(["ann", "bob"]);
+    bob.until("bob to see ann and bob", both);
+    ann.until("ann to see ann and bob", both);
+    // Messages cross, in order per sender.
+    for i in 0..50 {
+        ann.send(&format!(r#"{{"type":"say","text":"a{i}"}}"#));
+    }
+    for i in 0..50 {
+        let m = bob.until("ann's message", |v| v["type"] == "message");
+        assert_eq!(m["from"], "ann");
+        assert_eq!(m["text"], format!("a{i}"));
+    }
+    bob.send(r#"{"type":"say","text":"hi ann"}"#);
+    ann.until("bob's message", |v| {
+        v["type"] == "message" && v["from"] == "bob" && v["text"] == "hi ann"
+    });
+    // Bob leaves: ann's list shrinks.
+    bob.send(r#"{"type":"leave"}"#);
+    ann.until("ann alone", |v| {
+        v["type"] == "presence" && v["online"] == serde_json::json!(["ann"])
+    });
+}

@@ -804,14 +804,14 @@ impl Master {
             groups,
             exits,
             workers: rows,
-            bus: match &self.redis {
+            bus: Box::new(match &self.redis {
                 Some(r) => r.report(),
                 None => crate::ipc::BusReport {
                     backend: "local".into(),
                     state: "local".into(),
                     ..Default::default()
                 },
-            },
+            }),
         };
         self.control
             .gather(to, req, waiting, Gathered::Status(report), Instant::now());
