@@ -1027,6 +1027,17 @@ mod tests {
     }
 
     #[test]
+    fn the_chat_cluster_example_parses_and_shares_one_redis() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/chat-cluster");
+        let a = Config::load(&dir.join("a/wm.toml")).unwrap();
+        let b = Config::load(&dir.join("b/wm.toml")).unwrap();
+        assert_eq!(a.bus, b.bus);
+        assert!(a.bus.redis.is_some());
+        assert_ne!(a.host.runtime_dir, b.host.runtime_dir);
+        assert_ne!(a.workers[0].listen, b.workers[0].listen);
+    }
+
+    #[test]
     fn reload_mode_defaults_to_handover() {
         assert_eq!(
             parse(MINIMAL).unwrap().workers[0].reload_mode,
