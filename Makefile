@@ -17,11 +17,17 @@ test: test-deps lint test-builds
 	$(CARGO) test --workspace
 
 # What the tests need, installed when missing (Debian, as root): headless
-# Chromium and its WebDriver for the browser test.
+# Chromium and its WebDriver for the browser test, and redis-server for the
+# cross-host bus tests (they start private instances on free ports; the
+# package's own service is not needed).
 test-deps:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
 		echo "installing chromium and chromium-driver"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+	@if [ ! -x /usr/bin/redis-server ]; then \
+		echo "installing redis-server"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	fi
 
 # Two builds of the test plugin that answer `build` differently, for the

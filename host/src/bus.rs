@@ -6,7 +6,8 @@
 //! changes to its own registry and forwards the bytes, in order, to every
 //! other worker. A worker that starts gets the master's registry first, so
 //! counts and member lists are answered locally without a round trip. A
-//! later Redis backend can carry the same `BusMsg`s between machines.
+//! Redis backend (`cluster.rs`, `master/redis.rs`) carries the same
+//! `BusMsg`s between machines.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{self, Read, Write};
@@ -176,6 +177,25 @@ impl Registry {
 
     pub fn uid_conns(&self, uid: &str) -> impl Iterator<Item = Gid> + '_ {
         self.uids.get(uid).into_iter().flatten().copied()
+    }
+
+    /// The groups a connection is in.
+    pub fn groups_of(&self, conn: Gid) -> impl Iterator<Item = &String> + '_ {
+        self.conn_groups.get(&conn).into_iter().flatten()
+    }
+
+    /// The uid a connection is bound to.
+    pub fn uid_of(&self, conn: Gid) -> Option<&String> {
+        self.conn_uid.get(&conn)
+    }
+
+    /// Every connection in a group or bound to a uid.
+    pub fn conns(&self) -> impl Iterator<Item = Gid> + '_ {
+        let bound = self
+            .conn_uid
+            .keys()
+            .filter(|c| !self.conn_groups.contains_key(c));
+        self.conn_groups.keys().chain(bound).copied()
     }
 
     /// The registry as messages that rebuild it, for a worker that starts.

@@ -227,11 +227,39 @@ pub struct HostConfig {
     pub strict_modes: bool,
 }
 
+/// `[bus]`: what carries groups, uids, broadcasts and publish between
+/// worker processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusConfig {
+    /// `None`: `local`, this host only. Else a `redis://` or `rediss://`
+    /// URL: every host sharing it (and `namespace`) shares the bus.
+    pub redis: Option<String>,
+    /// Prefix of the Redis channel and keys, so clusters can share a server.
+    pub namespace: String,
+    /// How often this host tells the others it is alive.
+    pub heartbeat: Duration,
+    /// A host not heard of for this long is gone, its members with it.
+    pub host_ttl: Duration,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            redis: None,
+            namespace: "wm".to_string(),
+            heartbeat: Duration::from_secs(1),
+            host_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
     /// The config file, absolute.
     pub path: PathBuf,
     pub host: HostConfig,
+    #[serde(default)]
+    pub bus: BusConfig,
     pub workers: Vec<WorkerConfig>,
 }
 
@@ -244,6 +272,16 @@ struct RawConfig {
     host: RawHost,
     #[serde(default)]
     worker: Vec<RawWorker>,
+    bus: Option<Spanned<RawBus>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBus {
+    backend: Option<Spanned<String>>,
+    namespace: Option<Spanned<String>>,
+    heartbeat: Option<Spanned<Dur>>,
+    host_ttl: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -438,6 +476,10 @@ impl Config {
             runtime_dir,
         };
 
+        let bus = match &raw.bus {
+            None => BusConfig::default(),
+            Some(b) => parse_bus(&src, b.get_ref())?,
+        };
         if raw.worker.is_empty() {
             return Err(src.error(None, "no [[worker]] table: nothing to run"));
         }
@@ -702,6 +744,7 @@ impl Config {
         Ok(Config {
             path: path.to_path_buf(),
             host,
+            bus,
             workers,
         })
     }
@@ -713,6 +756,63 @@ impl Config {
     pub fn control_socket(&self) -> PathBuf {
         self.host.runtime_dir.join("wm-host.sock")
     }
+}
+
+fn parse_bus(src: &Source<'_>, b: &RawBus) -> Result<BusConfig, ConfigError> {
+    let mut bus = BusConfig::default();
+    if let Some(v) = &b.backend {
+        let text = v.get_ref().trim();
+        if text != "local" {
+            if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
+                return Err(src.key_error(
+                    v.span(),
+                    "backend",
+                    format!("expected \"local\" or a redis:// or rediss:// URL, got {text:?}"),
+                ));
+            }
+            // Parsed (not connected) now, so a bad URL or a TLS URL this
+            // build cannot serve fails at start, with its line.
+            redis::Client::open(text).map_err(|e| {
+                src.key_error(
+                    v.span(),
+                    "backend",
+                    format!("{}: {e}", crate::cluster::redact(text)),
+                )
+            })?;
+            bus.redis = Some(text.to_string());
+        }
+    }
+    if let Some(ns) = &b.namespace {
+        let n = ns.get_ref().trim();
+        if n.is_empty() || n.contains(char::is_whitespace) {
+            return Err(src.key_error(ns.span(), "namespace", "must be non-empty, without spaces"));
+        }
+        bus.namespace = n.to_string();
+    }
+    if let Some(h) = &b.heartbeat {
+        if h.get_ref().0 < Duration::from_millis(10) {
+            return Err(src.key_error(h.span(), "heartbeat", "must be at least 10ms"));
+        }
+        bus.heartbeat = h.get_ref().0;
+    }
+    if let Some(t) = &b.host_ttl {
+        bus.host_ttl = t.get_ref().0;
+    }
+    if bus.host_ttl < 2 * bus.heartbeat {
+        let span = b
+            .host_ttl
+            .as_ref()
+            .or(b.heartbeat.as_ref())
+            .map(|s| s.span());
+        return Err(src.error(
+            span,
+            format!(
+                "host_ttl ({:?}) must be at least twice heartbeat ({:?})",
+                bus.host_ttl, bus.heartbeat
+            ),
+        ));
+    }
+    Ok(bus)
 }
 
 /// Resolves `.` and `..` without touching the file system (the file may not
@@ -897,6 +997,44 @@ mod tests {
         }
         assert_eq!(connection_limit(20_000), 20_000 - FD_RESERVE as usize);
         assert_eq!(connection_limit(10), 1);
+    }
+
+    #[test]
+    fn bus_defaults_to_local_and_takes_redis_urls() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.bus, BusConfig::default());
+        assert_eq!(c.bus.redis, None);
+        let c = parse(&format!(
+            "[bus]\nbackend = \"redis://:pw@10.0.0.2:6380/1\"\nnamespace = \"chat\"\n\
+             heartbeat = \"500ms\"\nhost_ttl = \"3s\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.bus.redis.as_deref(), Some("redis://:pw@10.0.0.2:6380/1"));
+        assert_eq!(c.bus.namespace, "chat");
+        assert_eq!(c.bus.heartbeat, Duration::from_millis(500));
+        assert_eq!(c.bus.host_ttl, Duration::from_secs(3));
+        let local = parse(&format!("[bus]\nbackend = \"local\"\n{MINIMAL}")).unwrap();
+        assert_eq!(local.bus.redis, None);
+        let err = parse(&format!("[bus]\nbackend = \"amqp://x\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(err.line, 2, "{err}");
+        assert!(err.msg.starts_with("backend:"), "{err}");
+        let err = parse(&format!(
+            "[bus]\nbackend = \"redis://h\"\nheartbeat = \"2s\"\nhost_ttl = \"3s\"\n{MINIMAL}"
+        ))
+        .unwrap_err();
+        assert_eq!(err.line, 4, "{err}");
+        assert!(err.msg.contains("twice heartbeat"), "{err}");
+    }
+
+    #[test]
+    fn the_chat_cluster_example_parses_and_shares_one_redis() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/chat-cluster");
+        let a = Config::load(&dir.join("a/wm.toml")).unwrap();
+        let b = Config::load(&dir.join("b/wm.toml")).unwrap();
+        assert_eq!(a.bus, b.bus);
+        assert!(a.bus.redis.is_some());
+        assert_ne!(a.host.runtime_dir, b.host.runtime_dir);
+        assert_ne!(a.workers[0].listen, b.workers[0].listen);
     }
 
     #[test]

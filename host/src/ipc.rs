@@ -161,6 +161,34 @@ pub struct StatusReport {
     #[serde(default)]
     pub exits: Vec<ExitRow>,
     pub workers: Vec<WorkerRow>,
+    /// The bus between hosts (`[bus]`).
+    #[serde(default)]
+    pub bus: Box<BusReport>,
+}
+
+/// `[bus]` in `status`: the backend and, for Redis, its state and counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusReport {
+    /// `local`, or the Redis URL with its password hidden.
+    pub backend: String,
+    /// `local`, `connected` or `reconnecting`.
+    pub state: String,
+    /// This host's id on the bus (hex), empty for `local`.
+    #[serde(default)]
+    pub host_id: String,
+    /// Other hosts heard of within `host_ttl`.
+    #[serde(default)]
+    pub peers: u64,
+    /// Bus messages published for other hosts.
+    pub sent: u64,
+    /// Bus messages received from other hosts.
+    pub received: u64,
+    /// Messages for other hosts not sent (Redis down or too far behind),
+    /// and messages from them lost when this host fell too far behind.
+    pub dropped: u64,
+    /// Times the connection to Redis was lost.
+    #[serde(default)]
+    pub disconnects: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -7,6 +7,7 @@
 
 pub mod bus;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod ipc;
 pub mod logging;

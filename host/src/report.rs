@@ -32,6 +32,16 @@ pub fn render_status(r: &StatusReport) -> String {
         r.groups.len(),
         r.workers.len(),
     );
+    if !r.bus.backend.is_empty() && r.bus.backend != "local" {
+        let b = &r.bus;
+        out.push_str(&format!(
+            "bus: {}    state: {}    host: {}    peers: {}\n\
+             bus messages: sent {}    received {}    dropped {}    disconnects {}\n",
+            b.backend, b.state, b.host_id, b.peers, b.sent, b.received, b.dropped, b.disconnects
+        ));
+    } else {
+        out.push_str("bus: local\n");
+    }
     // One row per group and exit status; `-  0` for a group without deaths.
     // Bus drops and restarts by cause go on the group's first row.
     let mut group_rows = Vec::new();

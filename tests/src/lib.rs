@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
+pub mod redis;
 pub mod webdriver;
 
 /// Generous: CI machines are shared and slow.

@@ -440,6 +440,7 @@ mod tests {
             groups: Vec::new(),
             exits: Vec::new(),
             workers: pids.iter().map(|&p| status_row(p)).collect(),
+            bus: Default::default(),
         })
     }
 

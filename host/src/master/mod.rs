@@ -8,6 +8,7 @@ pub mod builds;
 mod control;
 mod listen;
 mod process;
+mod redis;
 mod relay;
 pub mod supervisor;
 mod watch;
@@ -28,6 +29,7 @@ use signal_hook_mio::v1_0::Signals;
 
 use self::builds::Installer;
 use self::control::{ClientId, Control, Gathered, Sink};
+use self::redis::RedisBus;
 use self::relay::{Attach, Relay};
 use self::supervisor::{Action, Event, GroupSpec, StartFailure, Supervisor, Timeouts, WorkerId};
 use self::watch::Watch;
@@ -109,6 +111,8 @@ pub struct Master {
     workers: BTreeMap<WorkerId, WorkerIo>,
     control: Control,
     relay: Relay,
+    /// `[bus] backend = "redis://…"`: the bus across hosts.
+    redis: Option<RedisBus>,
     installer: Installer,
     watch: Option<Watch>,
     started_at: SystemTime,
@@ -174,6 +178,14 @@ impl Master {
             tracing::warn!("cannot watch plugin files: {e}; reload with `wm-host reload`");
             None
         });
+        let mut relay = Relay::default();
+        let redis = match cfg.bus.redis {
+            Some(_) => {
+                relay.forward_to_hosts();
+                Some(RedisBus::start(&cfg.bus, waker.clone()).map_err(|e| io_err("redis bus", e))?)
+            }
+            None => None,
+        };
         let timeouts = Timeouts {
             start: cfg.host.start_timeout,
             stop: cfg.host.stop_timeout,
@@ -192,7 +204,8 @@ impl Master {
             sockets,
             workers: BTreeMap::new(),
             control,
-            relay: Relay::default(),
+            relay,
+            redis,
             watch,
             started_at: SystemTime::now(),
             readiness: Readiness::Terminal,
@@ -221,6 +234,7 @@ impl Master {
                 self.sup.next_deadline(),
                 self.control.next_deadline(),
                 self.relay.next_deadline(),
+                self.redis.as_ref().and_then(RedisBus::next_deadline),
                 self.usage_due,
                 self.watch.as_ref().and_then(Watch::due),
             ]
@@ -257,6 +271,7 @@ impl Master {
                 }
             }
             self.on_time();
+            self.forward_to_hosts();
         }
         self.finish();
         let result = match self.sup.take_start_error() {
@@ -455,6 +470,9 @@ impl Master {
         for (worker, reason) in self.relay.stuck(now) {
             self.dispatch(Event::Stuck { worker, reason });
         }
+        if let Some(r) = self.redis.as_mut() {
+            r.on_time(&mut self.relay, now);
+        }
         if self.usage_due.is_some_and(|t| t <= now) {
             self.usage_due = Some(now + USAGE_POLL);
             self.poll_usage();
@@ -515,8 +533,20 @@ impl Master {
         }
     }
 
-    /// The waker: file events, or installs that finished.
+    /// What the relay read since last time goes to the other hosts.
+    fn forward_to_hosts(&mut self) {
+        if let Some(r) = self.redis.as_mut() {
+            if let Some(out) = self.relay.take_forward() {
+                r.forward(out);
+            }
+        }
+    }
+
+    /// The waker: file events, installs that finished, or Redis.
     fn on_wake(&mut self) {
+        if let Some(r) = self.redis.as_mut() {
+            r.on_wake(&mut self.relay, Instant::now());
+        }
         if let Some(w) = self.watch.as_mut() {
             w.drain(Instant::now());
         }
@@ -774,6 +804,14 @@ impl Master {
             groups,
             exits,
             workers: rows,
+            bus: Box::new(match &self.redis {
+                Some(r) => r.report(),
+                None => crate::ipc::BusReport {
+                    backend: "local".into(),
+                    state: "local".into(),
+                    ..Default::default()
+                },
+            }),
         };
         self.control
             .gather(to, req, waiting, Gathered::Status(report), Instant::now());
@@ -841,6 +879,9 @@ impl Master {
         listen::remove_unix_files(&self.cfg.workers);
         let actions = self.sup.finish();
         self.carry_out(actions);
+        if let Some(r) = self.redis.as_mut() {
+            r.stop();
+        }
         tracing::info!("master stopped");
     }
 }

@@ -19,6 +19,7 @@ use mio::{Interest, Registry, Token};
 
 use super::supervisor::WorkerId;
 use crate::bus::{self, BusBuf, BusMsg};
+use crate::cluster::{self, HashOp};
 
 /// Bytes that may wait for one worker before frames for it are dropped.
 pub const MAX_PENDING: usize = 64 << 20;
@@ -137,6 +138,22 @@ pub struct Relay {
     registry: bus::Registry,
     /// Frames dropped per group since start, workers gone included.
     group_dropped: BTreeMap<usize, u64>,
+    /// With a Redis bus: what goes to the other hosts (see `Outgoing`).
+    forward: Option<Outgoing>,
+}
+
+/// What the relay read from its workers (and the departures it made)
+/// since last taken, for the other hosts.
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    /// Bus frames, in order.
+    pub bytes: Vec<u8>,
+    pub frames: u64,
+    /// Of them, deliveries and publishes (what counts as dropped when they
+    /// cannot be sent).
+    pub deliveries: u64,
+    /// The changes they make to this host's membership hash.
+    pub ops: Vec<HashOp>,
 }
 
 /// A worker's end of the bus, as the relay is told of it.
@@ -208,6 +225,11 @@ impl Relay {
         let mut frame = Vec::new();
         for node in peer.nodes {
             let msg = BusMsg::NodeGone { node };
+            if let Some(out) = self.forward.as_mut() {
+                cluster::hash_ops(&self.registry, &msg, &mut out.ops);
+                bus::encode(&msg, &mut out.bytes);
+                out.frames += 1;
+            }
             self.registry.apply(&msg);
             bus::encode(&msg, &mut frame);
         }
@@ -306,10 +328,20 @@ impl Relay {
             }
         }
         for f in &frames {
+            if let Some(out) = self.forward.as_mut() {
+                out.bytes.extend_from_slice(f);
+                out.frames += 1;
+                if bus::is_delivery(f) || bus::is_publish(f) {
+                    out.deliveries += 1;
+                }
+            }
             // Only membership changes matter to the master's registry; the
             // payload of a broadcast is not decoded.
             if bus::is_membership(f) {
                 if let Ok(msg) = bus::decode(f) {
+                    if let Some(out) = self.forward.as_mut() {
+                        cluster::hash_ops(&self.registry, &msg, &mut out.ops);
+                    }
                     self.registry.apply(&msg);
                 }
             }
@@ -326,6 +358,57 @@ impl Relay {
                 if held && (bus::is_delivery(f) || bus::is_publish(f)) {
                     continue;
                 }
+                dropped += u64::from(other.push(f));
+            }
+            if dropped > 0 {
+                *self.group_dropped.entry(other.group).or_default() += dropped;
+            }
+            other.flush(now);
+        }
+    }
+
+    /// From now on, what workers send is also kept for other hosts.
+    pub fn forward_to_hosts(&mut self) {
+        self.forward.get_or_insert_with(Outgoing::default);
+    }
+
+    /// What to send to other hosts since last taken (none without Redis).
+    pub fn take_forward(&mut self) -> Option<Outgoing> {
+        let out = self.forward.as_mut()?;
+        if out.frames == 0 {
+            return None;
+        }
+        Some(std::mem::take(out))
+    }
+
+    /// This host's own memberships, as messages that rebuild them.
+    pub fn local_snapshot(&self) -> Vec<BusMsg> {
+        let mut v = self.registry.snapshot();
+        v.retain(|m| match m {
+            BusMsg::Join { conn, .. } | BusMsg::Bind { conn, .. } => cluster::is_local(*conn),
+            _ => false,
+        });
+        v
+    }
+
+    /// Frames from another host (gids already renamed): every worker gets
+    /// them, in order, as from a worker of its own.
+    pub fn inject(&mut self, msgs: &[BusMsg], now: Instant) {
+        let mut wire = Vec::new();
+        for m in msgs {
+            if matches!(m, BusMsg::NodeGone { node: 0 }) {
+                continue;
+            }
+            self.registry.apply(m);
+            bus::encode(m, &mut wire);
+        }
+        if wire.is_empty() {
+            return;
+        }
+        let frames = cluster::split_frames(&wire);
+        for other in self.peers.values_mut() {
+            let mut dropped = 0;
+            for f in &frames {
                 dropped += u64::from(other.push(f));
             }
             if dropped > 0 {
