@@ -156,7 +156,7 @@ def recv_exact(s, n, have=b""):
     return buf[n:], buf[:n]
 
 
-def echo_load(proto, port, rounds):
+def echo_load(proto, port, rounds, conns=CONNS, batch=BATCH):
     payload = b"x" * (SIZE - 1) + b"\n" if proto == "text" else b"y" * SIZE
     if proto == "text":
         msg, answer = payload, len(payload)
@@ -168,11 +168,12 @@ def echo_load(proto, port, rounds):
     else:
         msg, answer = PLAINTEXT, None
     socks, left = [], []
-    for _ in range(CONNS):
+    for _ in range(conns):
         s = socket.create_connection(("127.0.0.1", port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         left.append(ws_handshake(s) if proto == "websocket" else b"")
         socks.append(s)
+    BATCH = batch
     batch = msg * BATCH
     for _ in range(rounds):
         for s in socks:
@@ -195,7 +196,7 @@ def echo_load(proto, port, rounds):
                 left[i] = b""
     for s in socks:
         s.close()
-    return rounds * CONNS * BATCH
+    return rounds * conns * BATCH
 
 
 def read_frames(s, buf):
@@ -327,7 +328,7 @@ def run(args, units_of):
         else:
             plugin = "libbench_hello_plugin.so" if args.proto == "http" else "libecho_plugin.so"
             srv = Server(args, args.proto, plugin, 1, out)
-            units = echo_load(args.proto, srv.port, n)
+            units = echo_load(args.proto, srv.port, n, args.conns, args.batch)
         srv.stop()
         per = srv.totals()
         if args.cmd == "broadcast" or args.baseline:
@@ -355,6 +356,9 @@ def main():
     e.add_argument("--proto", choices=["text", "frame", "websocket", "http"], required=True)
     e.add_argument("--runs", type=lambda s: [int(x) for x in s.split(",")], default=[100, 200],
                    help="rounds of the two runs (default 100,200)")
+    e.add_argument("--conns", type=int, default=CONNS)
+    e.add_argument("--batch", type=int, default=BATCH,
+                   help="messages written at once per connection (1: one in flight)")
     b = sub.add_parser("broadcast")
     b.add_argument("--conns", type=int, default=2000)
     b.add_argument("--workers", type=int, default=4)

@@ -213,8 +213,12 @@ impl Core {
         };
         let kind = kind_from(kind);
         // Framed once for the members whose codec frames alike (those of
-        // this worker's listener): bytes, and which codec framed them.
-        let mut framed = Vec::new();
+        // this worker's listener): bytes, and which codec framed them. The
+        // buffer is kept between deliveries, so framing allocates nothing.
+        thread_local! {
+            static FRAMED: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut framed = FRAMED.take();
         let mut framed_by = None;
         for id in targets {
             match self.get(id) {
@@ -241,6 +245,8 @@ impl Core {
                 _ => self.send_fail += 1,
             }
         }
+        framed.clear();
+        FRAMED.set(framed);
     }
 
     /// A frame relayed from another worker.
