@@ -4,6 +4,7 @@
 //! [`Step`]), and [`Codec::encode`]: what to write for an outgoing message.
 
 mod custom;
+pub mod deflate;
 mod frame;
 pub mod http;
 mod scheme;
