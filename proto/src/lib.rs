@@ -309,6 +309,15 @@ impl Codec {
         }
     }
 
+    /// permessage-deflate for a websocket, before its handshake: agreed to
+    /// when the client offers it (server), or offered (client). Other
+    /// protocols have nothing to compress.
+    pub fn set_deflate(&mut self, on: bool) {
+        if let Codec::Websocket(ws) = self {
+            ws.set_deflate(on);
+        }
+    }
+
     /// Whether the connection is past any handshake, so the plugin knows it.
     pub fn established(&self) -> bool {
         match self {

@@ -943,7 +943,7 @@ fn invalid_opcode(opcode: u8) -> String {
 /// Whether a text payload is UTF-8; ASCII (the usual case) is checked a
 /// word at a time before the full validation.
 #[inline]
-fn is_utf8(bytes: &[u8]) -> bool {
+pub fn is_utf8(bytes: &[u8]) -> bool {
     bytes.is_ascii() || std::str::from_utf8(bytes).is_ok()
 }
 

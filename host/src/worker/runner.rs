@@ -91,6 +91,14 @@ impl Call<'_> {
             _ => Kind::Default,
         }
     }
+
+    /// The message this call hands over, by address and length.
+    fn message(&self) -> (*const u8, usize) {
+        match *self {
+            Call::Message(_, data, _) => (data.as_ptr(), data.len()),
+            _ => (std::ptr::null(), 0),
+        }
+    }
 }
 
 /// The plugin with the host vtable: runs callbacks and handles their outcome.
@@ -122,6 +130,7 @@ impl Runner {
         let mut scope = Scope {
             core: core as *mut Core,
             kind: call.kind(),
+            message: call.message(),
         };
         // Host functions reach `scope` (and through it the core) by this
         // pointer while the callback runs; `core` is not used meanwhile.
