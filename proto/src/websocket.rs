@@ -133,35 +133,43 @@ const MAX_ANSWER: usize = 16 * 1024;
 pub struct WsCodec {
     role: Role,
     stage: Stage,
+    /// permessage-deflate, once agreed. Here rather than in [`Open`]: each
+    /// outgoing message asks, and a field is cheaper to test than a variant.
+    deflate: Option<Box<Deflate>>,
 }
 
+// A plain tag byte: the frame path tests for `Open` once per frame, and
+// a niche-encoded discriminant cost several instructions more.
 #[derive(Serialize, Deserialize)]
+#[repr(u8)]
 enum Stage {
     /// Server: waiting for the upgrade request; `deflate`: permessage-deflate
     /// is agreed to when the client offers it.
     Request { deflate: bool },
-    /// Server: the request was valid and the application decides; holds
-    /// the `Sec-WebSocket-Accept` value for the 101, and the
-    /// permessage-deflate parameters agreed with our answer's
-    /// `Sec-WebSocket-Extensions`, if any.
-    Upgrading {
-        accept: String,
-        deflate: Option<Box<(Params, String)>>,
-    },
+    /// Server: the request was valid and the application decides. Boxed:
+    /// it lasts one callback, and keeps the codec small.
+    Upgrading(Box<Upgrading>),
     /// Client: our request is out (see [`WsCodec::client_request`]);
     /// waiting for the 101. Holds our `Sec-WebSocket-Key`; `deflate`: the
     /// request offers permessage-deflate.
-    Answer { key: String, deflate: bool },
+    Answer { deflate: bool, key: String },
     /// Frames.
     Open(Open),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Upgrading {
+    /// The `Sec-WebSocket-Accept` value for the 101.
+    accept: String,
+    /// The permessage-deflate parameters agreed, with our answer's
+    /// `Sec-WebSocket-Extensions` value, if any.
+    deflate: Option<(Params, String)>,
 }
 
 #[derive(Default, Serialize, Deserialize)]
 struct Open {
     /// A fragmented message being joined.
     partial: Option<Box<Partial>>,
-    /// permessage-deflate, when agreed.
-    deflate: Option<Box<Deflate>>,
     /// The UTF-8 check of the text message being read, across its frames
     /// and the reads of each frame, so a bad byte fails it on arrival.
     utf8: Utf8,
@@ -188,6 +196,7 @@ impl WsCodec {
         WsCodec {
             role: Role::Server,
             stage: Stage::Request { deflate: false },
+            deflate: None,
         }
     }
 
@@ -200,6 +209,7 @@ impl WsCodec {
                 key: tungstenite::handshake::client::generate_key(),
                 deflate: false,
             },
+            deflate: None,
         }
     }
 
@@ -217,6 +227,7 @@ impl WsCodec {
         WsCodec {
             role,
             stage: Stage::Open(Open::default()),
+            deflate: None,
         }
     }
 
@@ -224,10 +235,8 @@ impl WsCodec {
     pub fn open_deflate(role: Role, params: Params) -> WsCodec {
         WsCodec {
             role,
-            stage: Stage::Open(Open {
-                deflate: Some(Box::new(Deflate::new(params))),
-                ..Open::default()
-            }),
+            stage: Stage::Open(Open::default()),
+            deflate: Some(Box::new(Deflate::new(params))),
         }
     }
 
@@ -253,10 +262,7 @@ impl WsCodec {
 
     /// The permessage-deflate parameters agreed, if any.
     pub fn deflate(&self) -> Option<Params> {
-        match &self.stage {
-            Stage::Open(o) => o.deflate.as_ref().map(|d| d.params),
-            _ => None,
-        }
+        self.deflate.as_ref().map(|d| d.params)
     }
 
     /// Whether a copy made through serde carries on where this one is: not
@@ -265,7 +271,9 @@ impl WsCodec {
     /// read), which is not serialized.
     pub fn movable(&self) -> bool {
         match &self.stage {
-            Stage::Open(o) => !o.closing && !o.deflate.as_ref().is_some_and(|d| d.holds_context()),
+            Stage::Open(o) => {
+                !o.closing && !self.deflate.as_ref().is_some_and(|d| d.holds_context())
+            }
             _ => true,
         }
     }
@@ -324,14 +332,12 @@ impl WsCodec {
     /// After [`Step::Upgrade`]: the application took the connection. The
     /// 101 goes into `out`, and frames follow.
     pub fn accept(&mut self, out: &mut Vec<u8>) {
-        if let Stage::Upgrading { accept, deflate } = &mut self.stage {
-            let deflate = deflate.take();
+        if let Stage::Upgrading(u) = &mut self.stage {
+            let deflate = u.deflate.take();
             let ext = deflate.as_ref().map(|d| d.1.as_str());
-            out.extend_from_slice(&switching_protocols_with(accept, ext));
-            self.stage = Stage::Open(Open {
-                deflate: deflate.map(|d| Box::new(Deflate::new(d.0))),
-                ..Open::default()
-            });
+            out.extend_from_slice(&switching_protocols_with(&u.accept, ext));
+            self.deflate = deflate.map(|d| Box::new(Deflate::new(d.0)));
+            self.stage = Stage::Open(Open::default());
         }
     }
 
@@ -359,7 +365,7 @@ impl WsCodec {
             Stage::Request { .. } => self.upgrade_request(input, scratch, cx.replies),
             Stage::Answer { .. } => self.server_answer(input),
             // Only the application's verdict moves this on.
-            Stage::Upgrading { .. } => Ok(Step::NeedMore),
+            Stage::Upgrading(_) => Ok(Step::NeedMore),
             Stage::Open(_) => self.frame(input, cx.max, cx.replies),
         }
     }
@@ -387,11 +393,11 @@ impl WsCodec {
                             let values = (request.headers.iter())
                                 .filter(|f| f.0.as_str().eq_ignore_ascii_case(EXTENSIONS))
                                 .map(|f| f.1.as_str());
-                            deflate::negotiate(values).map(Box::new)
+                            deflate::negotiate(values)
                         } else {
                             None
                         };
-                        self.stage = Stage::Upgrading { accept, deflate };
+                        self.stage = Stage::Upgrading(Box::new(Upgrading { accept, deflate }));
                         Ok(Step::Upgrade { request, consumed })
                     }
                     Err(r) => refuse(r.status, r.reason.into(), out),
@@ -442,10 +448,8 @@ impl WsCodec {
         } else {
             None
         };
-        self.stage = Stage::Open(Open {
-            deflate: params.map(|p| Box::new(Deflate::new(p))),
-            ..Open::default()
-        });
+        self.deflate = params.map(|p| Box::new(Deflate::new(p)));
+        self.stage = Stage::Open(Open::default());
         Ok(Step::Connected { consumed })
     }
 
@@ -459,6 +463,7 @@ impl WsCodec {
         out: &mut Vec<u8>,
     ) -> Result<Step<'a>, Error> {
         let role = self.role;
+        let deflating = self.deflate.is_some();
         let Stage::Open(open) = &mut self.stage else {
             return Ok(Step::NeedMore);
         };
@@ -479,10 +484,13 @@ impl WsCodec {
         let control = opcode & 0x8 != 0;
         // RSV1 only on the first frame of a data message, and only with
         // permessage-deflate; RSV2 and RSV3 never.
-        let compressed =
-            header.rsv == RSV1 && open.deflate.is_some() && matches!(opcode, OP_TEXT | OP_BINARY);
-        if header.rsv != 0 && !compressed {
-            return Err(self.fail(out, 1002, "reserved bits set without an extension".into()));
+        let mut compressed = false;
+        if header.rsv != 0 {
+            compressed = header.rsv == RSV1 && deflating && matches!(opcode, OP_TEXT | OP_BINARY);
+            if !compressed {
+                let reason = "reserved bits set without an extension";
+                return Err(self.fail(out, 1002, reason.into()));
+            }
         }
         match (role, header.mask) {
             (Role::Server, None) => {
@@ -499,16 +507,13 @@ impl WsCodec {
         }
         // What the header says about the message is checked before its
         // payload arrives.
-        match (opcode, &open.partial) {
-            (OP_TEXT | OP_BINARY, Some(_)) => {
-                let reason = "new message before the last one ended";
-                return Err(self.fail(out, 1002, reason.into()));
-            }
-            (OP_CONTINUATION, None) => {
-                let reason = "continuation frame without a message";
-                return Err(self.fail(out, 1002, reason.into()));
-            }
-            _ => {}
+        if !control && (opcode == OP_CONTINUATION) != open.partial.is_some() {
+            let reason = if opcode == OP_CONTINUATION {
+                "continuation frame without a message"
+            } else {
+                "new message before the last one ended"
+            };
+            return Err(self.fail(out, 1002, reason.into()));
         }
         let so_far = open.partial.as_ref().map_or(0, |p| p.data.len() as u64);
         if !control && len.saturating_add(so_far) > max as u64 {
@@ -539,26 +544,28 @@ impl WsCodec {
             }
             return Ok(Step::NeedMore);
         }
-        open.ahead = 0;
         let payload = &mut input[head..end];
+        if ahead != 0 {
+            open.ahead = 0;
+        }
         if let Some(mask) = header.mask {
-            apply_mask_at(&mut payload[ahead..], mask, ahead);
+            if ahead == 0 {
+                apply_mask(payload, mask);
+            } else {
+                apply_mask_at(&mut payload[ahead..], mask, ahead);
+            }
         }
         let skip = Step::Skip { consumed: end };
         let fin = header.is_final;
+        if compressed {
+            let kind = if opcode == OP_BINARY {
+                Kind::Binary
+            } else {
+                Kind::Text
+            };
+            return self.inflated(kind, payload, fin, end, max, out);
+        }
         Ok(match opcode {
-            OP_TEXT | OP_BINARY if compressed => {
-                let kind = if opcode == OP_BINARY {
-                    Kind::Binary
-                } else {
-                    Kind::Text
-                };
-                return self.inflated(kind, payload, fin, end, max, out);
-            }
-            OP_CONTINUATION if open.partial.as_ref().is_some_and(|p| p.compressed) => {
-                let kind = open.partial.as_ref().map_or(Kind::Binary, |p| p.kind);
-                return self.inflated(kind, payload, fin, end, max, out);
-            }
             OP_TEXT | OP_BINARY => {
                 let kind = if opcode == OP_BINARY {
                     Kind::Binary
@@ -598,6 +605,10 @@ impl WsCodec {
                     // Refused above.
                     return Ok(skip);
                 };
+                if p.compressed {
+                    let kind = p.kind;
+                    return self.inflated(kind, payload, fin, end, max, out);
+                }
                 if p.kind == Kind::Text
                     && (open.utf8.feed(&payload[ahead..]).is_err() || (fin && !open.utf8.end()))
                 {
@@ -644,7 +655,7 @@ impl WsCodec {
         let Stage::Open(open) = &mut self.stage else {
             return Ok(Step::NeedMore);
         };
-        let Some(deflate) = open.deflate.as_mut() else {
+        let Some(deflate) = self.deflate.as_mut() else {
             return Ok(Step::NeedMore);
         };
         let mut data = open.partial.take().map(|p| p.data).unwrap_or_default();
@@ -746,18 +757,13 @@ impl WsCodec {
     /// plugins send once, before framing it for any number of connections.
     #[inline]
     pub fn encode<'d>(&self, data: &'d [u8], kind: Kind, wire: &'d mut Wire) -> [&'d [u8]; 3] {
-        let binary = match kind {
-            Kind::Binary => true,
-            Kind::Text => {
-                debug_assert!(is_utf8(data), "Kind::Text for bytes that are not UTF-8");
-                false
-            }
-            Kind::Default => !is_utf8(data),
+        debug_assert!(kind != Kind::Text || is_utf8(data), "Kind::Text, not UTF-8");
+        let binary = if kind == Kind::Default {
+            !is_utf8(data)
+        } else {
+            kind == Kind::Binary
         };
-        if let Stage::Open(Open {
-            deflate: Some(d), ..
-        }) = &self.stage
-        {
+        if let Some(d) = &self.deflate {
             return self.encode_deflated(d, data, binary, wire);
         }
         let (mut h, n) = frame_header(data.len(), binary);
@@ -877,8 +883,9 @@ impl Utf8 {
 /// [`apply_mask`] for the part of a payload from byte `offset` on.
 #[inline]
 fn apply_mask_at(data: &mut [u8], mask: [u8; 4], offset: usize) {
-    let mut m = mask;
-    m.rotate_left(offset % 4);
+    // The mask as it stands `offset` bytes in: rotated left by that many.
+    let shift = 8 * (offset % 4) as u32;
+    let m = u32::from_le_bytes(mask).rotate_right(shift).to_le_bytes();
     apply_mask(data, m);
 }
 
@@ -1471,6 +1478,7 @@ mod tests {
             };
             Codec::Websocket(Box::new(WsCodec {
                 role: Role::Client,
+                deflate: None,
                 stage: Stage::Answer {
                     key: key.clone(),
                     deflate: false,
@@ -1504,6 +1512,7 @@ mod tests {
         };
         let mut codec = Codec::Websocket(Box::new(WsCodec {
             role: Role::Client,
+            deflate: None,
             stage: Stage::Answer {
                 key: key.clone(),
                 deflate: false,
@@ -1524,6 +1533,7 @@ mod tests {
         ] {
             let mut codec = Codec::Websocket(Box::new(WsCodec {
                 role: Role::Client,
+                deflate: None,
                 stage: Stage::Answer {
                     deflate: false,
                     key: match &c.stage {
@@ -1888,6 +1898,7 @@ mod tests {
         let client = |deflate| {
             Codec::Websocket(Box::new(WsCodec {
                 role: Role::Client,
+                deflate: None,
                 stage: Stage::Answer {
                     key: key.clone(),
                     deflate,

@@ -290,68 +290,17 @@ fn bad_utf8_in_a_fragmented_message_closes_before_its_end() {
     assert_eq!((op, &payload[..]), (8, &1007u16.to_be_bytes()[..]));
 }
 
-/// The server's answer to an upgrade offering `extensions`, and the stream.
-fn ws_offer(port: u16, extensions: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    let req = format!(
-        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Extensions: {extensions}\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let head = read_http_head(&mut s);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    (s, head)
-}
-
-/// A client frame of one compressed message (RSV1 set).
-fn deflated_frame(opcode: u8, data: &[u8]) -> Vec<u8> {
-    let mut z = Vec::new();
-    wm_proto::deflate::Deflate::new(deflate_params()).deflate(data, &mut z);
-    let mut f = ws_frame(true, opcode, &z, true);
-    f[0] |= 0x40;
-    f
-}
-
-fn deflate_params() -> wm_proto::deflate::Params {
-    let side = wm_proto::deflate::Side {
-        no_context_takeover: true,
-        max_window_bits: 15,
-    };
-    wm_proto::deflate::Params {
-        ours: side,
-        theirs: side,
-    }
-}
-
-/// Reads one server frame and inflates it when RSV1 says so:
-/// (compressed, opcode, payload).
-fn read_message(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
-    let mut first = [0u8; 1];
-    s.peek(&mut first).unwrap();
-    let (fin, op, payload) = ws_read_frame(s).unwrap();
-    assert!(fin);
-    if first[0] & 0x40 == 0 {
-        return (false, op, payload);
-    }
-    let mut rx = wm_proto::deflate::Deflate::new(deflate_params());
-    let mut out = Vec::new();
-    rx.inflate(&payload, true, &mut out, 1 << 24).unwrap();
-    (true, op, out)
-}
-
 #[test]
 fn permessage_deflate_is_agreed_only_when_configured() {
     let offer = "permessage-deflate; client_no_context_takeover; client_max_window_bits";
     let (_plain, port) = listener("echo_plugin", "");
-    let (_, head) = ws_offer(port, offer);
+    let (_, head) = ws_offering(port, offer);
     assert!(!head.contains("Sec-WebSocket-Extensions"), "{head}");
     let (_server, port) = listener(
         "echo_plugin",
         "ws_deflate = true\nmax_package_size = 100000",
     );
-    let (mut s, head) = ws_offer(port, offer);
+    let (mut s, head) = ws_offering(port, offer);
     assert!(
         head.contains(
             "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; \
@@ -362,23 +311,23 @@ fn permessage_deflate_is_agreed_only_when_configured() {
     // Compressed in, compressed out, each in its kind; uncompressed still
     // allowed.
     let json = "{\"user\":\"wörld\",\"text\":\"hello hello hello\"}".repeat(20);
-    s.write_all(&deflated_frame(1, json.as_bytes())).unwrap();
-    assert_eq!(read_message(&mut s), (true, 1, json.as_bytes().to_vec()));
-    s.write_all(&deflated_frame(2, &[9u8; 5000])).unwrap();
-    let (compressed, op, data) = read_message(&mut s);
+    s.write_all(&ws_deflated_frame(1, json.as_bytes())).unwrap();
+    assert_eq!(ws_read_message(&mut s), (true, 1, json.as_bytes().to_vec()));
+    s.write_all(&ws_deflated_frame(2, &[9u8; 5000])).unwrap();
+    let (compressed, op, data) = ws_read_message(&mut s);
     assert_eq!((compressed, op, data.len()), (true, 2, 5000));
     s.write_all(&ws_frame(true, 1, b"plain", true)).unwrap();
-    assert_eq!(read_message(&mut s), (true, 1, b"plain".to_vec()));
+    assert_eq!(ws_read_message(&mut s), (true, 1, b"plain".to_vec()));
     // A bomb: a small frame that inflates past max_package_size.
-    s.write_all(&deflated_frame(2, &vec![0u8; 1 << 20]))
+    s.write_all(&ws_deflated_frame(2, &vec![0u8; 1 << 20]))
         .unwrap();
     let (_, op, payload) = ws_read_frame(&mut s).unwrap();
     assert_eq!((op, &payload[..]), (8, &1009u16.to_be_bytes()[..]));
     // An offer it cannot take (bad window size): no compression, still open.
-    let (mut s, head) = ws_offer(port, "permessage-deflate; server_max_window_bits=16");
+    let (mut s, head) = ws_offering(port, "permessage-deflate; server_max_window_bits=16");
     assert!(!head.contains("Sec-WebSocket-Extensions"), "{head}");
     s.write_all(&ws_frame(true, 1, b"hi", true)).unwrap();
-    assert_eq!(read_message(&mut s), (false, 1, b"hi".to_vec()));
+    assert_eq!(ws_read_message(&mut s), (false, 1, b"hi".to_vec()));
 }
 
 #[test]
@@ -437,7 +386,7 @@ fn ctx_connect_offers_and_uses_permessage_deflate() {
     assert_eq!(payload, b"compress me compress me");
     // Our answer, compressed (server frames are not masked).
     let mut z = Vec::new();
-    wm_proto::deflate::Deflate::new(deflate_params()).deflate(b"squeezed", &mut z);
+    wm_proto::deflate::Deflate::new(ws_deflate_params()).deflate(b"squeezed", &mut z);
     let mut f = vec![0x80 | 0x40 | 1, z.len() as u8];
     f.extend(z);
     s.write_all(&f).unwrap();

@@ -31,8 +31,9 @@ pub struct Scope {
 impl Scope {
     /// Whether `data` is the message being handled as it came (the same
     /// bytes): a text message was checked to be UTF-8 on arrival.
+    #[inline]
     fn is_message(&self, data: &[u8]) -> bool {
-        self.message == (data.as_ptr(), data.len())
+        self.message.0 == data.as_ptr() && self.message.1 == data.len()
     }
 
     /// How a plugin's send goes out on a websocket, the rule documented at
@@ -42,14 +43,16 @@ impl Scope {
     /// only returned for bytes known to be UTF-8, except for `send_text`
     /// of other bytes (`Err`), which [`Core::send_text`] checks on
     /// websockets only.
+    #[inline]
     fn outgoing(&self, data: &[u8], k: RawKind) -> Result<Kind, ()> {
-        match k {
-            RawKind::Binary => Ok(Kind::Binary),
-            RawKind::Default if self.kind == Kind::Binary => Ok(Kind::Binary),
-            // Sent back as it came (an echo): no second check.
-            _ if self.kind == Kind::Text && self.is_message(data) => Ok(Kind::Text),
-            RawKind::Default => Ok(Kind::Default),
-            RawKind::Text => Err(()),
+        // Sent back as it came: no second check.
+        if self.kind == Kind::Text && k != RawKind::Binary && self.is_message(data) {
+            return Ok(Kind::Text);
+        }
+        match (k, self.kind) {
+            (RawKind::Binary, _) | (RawKind::Default, Kind::Binary) => Ok(Kind::Binary),
+            (RawKind::Default, _) => Ok(Kind::Default),
+            (RawKind::Text, _) => Err(()),
         }
     }
 
@@ -118,10 +121,18 @@ extern "C" fn send(
     k: RawKind,
 ) -> RawSendStatus {
     let data = data.as_slice();
-    match unsafe { scope(state) }.outgoing(data, k) {
-        Ok(kind) => unsafe { core(state) }.send_kind(conn, data, kind),
-        Err(()) => unsafe { core(state) }.send_text(conn, data),
-    }
+    let scope = unsafe { scope(state) };
+    // The message being handled, sent back as it came (an echo, the hot
+    // path): in its own kind, a text one checked on arrival already.
+    let kind = if k == RawKind::Default && scope.is_message(data) {
+        scope.kind
+    } else {
+        match scope.outgoing(data, k) {
+            Ok(kind) => kind,
+            Err(()) => return unsafe { core(state) }.send_text(conn, data),
+        }
+    };
+    unsafe { core(state) }.send_kind(conn, data, kind)
 }
 
 extern "C" fn message_kind(state: *mut c_void) -> RawKind {

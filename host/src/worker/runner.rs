@@ -83,22 +83,6 @@ impl Call<'_> {
             _ => None,
         }
     }
-
-    /// The kind of the message this call hands over; `Default` otherwise.
-    fn kind(&self) -> Kind {
-        match *self {
-            Call::Message(_, _, kind) => kind,
-            _ => Kind::Default,
-        }
-    }
-
-    /// The message this call hands over, by address and length.
-    fn message(&self) -> (*const u8, usize) {
-        match *self {
-            Call::Message(_, data, _) => (data.as_ptr(), data.len()),
-            _ => (std::ptr::null(), 0),
-        }
-    }
 }
 
 /// The plugin with the host vtable: runs callbacks and handles their outcome.
@@ -129,9 +113,13 @@ impl Runner {
     fn call(&self, core: &mut Core, mut call: Call<'_>) -> Outcome {
         let mut scope = Scope {
             core: core as *mut Core,
-            kind: call.kind(),
-            message: call.message(),
+            kind: Kind::Default,
+            message: (std::ptr::null(), 0),
         };
+        if let Call::Message(_, data, kind) = call {
+            scope.kind = kind;
+            scope.message = (data.as_ptr(), data.len());
+        }
         // Host functions reach `scope` (and through it the core) by this
         // pointer while the callback runs; `core` is not used meanwhile.
         let ctx = HostCtx {
