@@ -154,6 +154,9 @@ pub struct WorkerConfig {
     pub idle_timeout: Option<Duration>,
     /// websocket:// only: ping every connection this often.
     pub ws_ping_interval: Option<Duration>,
+    /// permessage-deflate (RFC 7692): agreed to on the websocket:// listener
+    /// when a client offers it, and offered by `ctx.connect("ws://…")`.
+    pub ws_deflate: bool,
     /// Run the workers as this user (and group): uid, gid. The master keeps
     /// its privileges, so listeners can be bound below 1024.
     pub run_as: Option<(u32, u32)>,
@@ -319,6 +322,7 @@ struct RawWorker {
     watch_paths: Vec<String>,
     idle_timeout: Option<Dur>,
     ws_ping_interval: Option<Spanned<Dur>>,
+    ws_deflate: Option<bool>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     stuck_timeout: Option<Spanned<Dur>>,
@@ -731,6 +735,7 @@ impl Config {
                 watch: w.watch.unwrap_or(true),
                 idle_timeout: w.idle_timeout.map(|d| d.0).filter(|d| !d.is_zero()),
                 ws_ping_interval,
+                ws_deflate: w.ws_deflate.unwrap_or(false),
                 user: w.user.as_ref().map(|u| u.get_ref().clone()),
                 run_as,
                 watch_paths: w.watch_paths.iter().map(|p| rel(p)).collect(),
@@ -1035,6 +1040,17 @@ mod tests {
         assert!(a.bus.redis.is_some());
         assert_ne!(a.host.runtime_dir, b.host.runtime_dir);
         assert_ne!(a.workers[0].listen, b.workers[0].listen);
+    }
+
+    #[test]
+    fn ws_deflate_is_off_unless_asked() {
+        let ws = MINIMAL.replace("text://", "websocket://");
+        assert!(!parse(&ws).unwrap().workers[0].ws_deflate);
+        let c = parse(&format!("{ws}ws_deflate = true\n")).unwrap();
+        assert!(c.workers[0].ws_deflate);
+        let err = parse(&format!("{ws}ws_deflate = \"yes\"\n")).unwrap_err();
+        assert_eq!(err.line, 5, "{err}");
+        assert!(err.msg.starts_with("ws_deflate:"), "{err}");
     }
 
     #[test]

@@ -222,9 +222,21 @@ impl Context<'_> {
 
     /// Sends a message on a connection, framed by the listener's protocol
     /// (`text://` appends `\n`, `frame://` prepends the length, `custom://`
-    /// uses the plugin's [`crate::Protocol::encode`]).
-    /// On websocket listeners it sends a text message; on `http://` it
+    /// uses the plugin's [`crate::Protocol::encode`]). On `http://` it
     /// answers the pending request with status 200 and `data` as the body.
+    ///
+    /// On a websocket it picks the frame, and never sends a text frame that
+    /// is not UTF-8:
+    ///
+    /// - in [`Plugin::on_message`](crate::Plugin::on_message) for a binary
+    ///   message: binary, so a message sent back comes back in its kind (an
+    ///   echo is `ctx.send(conn, data)`);
+    /// - otherwise (a text message being handled, or any other callback):
+    ///   text when `data` is valid UTF-8, else binary.
+    ///
+    /// [`Context::send_text`] and [`Context::send_binary`] choose
+    /// explicitly. The same rule holds for `send_to_group`, `send_to_all`
+    /// and `send_to_uid`.
     ///
     /// Like Workerman's `$connection->send()`, it never blocks: what the
     /// socket does not take at once is queued. The [`SendStatus`] tells which
@@ -250,7 +262,10 @@ impl Context<'_> {
     }
 
     /// Sends a websocket text message (opcode 1). On other protocols it is
-    /// the same as [`Context::send`].
+    /// the same as [`Context::send`]. Bytes that are not UTF-8 (only the
+    /// raw ABI can pass them: `text` is a `&str`) are refused on a
+    /// websocket: [`SendStatus::Dropped`], and `on_error` with
+    /// [`crate::error_code::SEND_FAILED`].
     pub fn send_text(&mut self, conn: ConnId, text: &str) -> SendStatus {
         self.send_raw(conn, text.as_bytes(), Some(MessageKind::Text))
     }
@@ -379,7 +394,7 @@ impl Context<'_> {
     /// `exclude` (a connection of this worker, usually the sender).
     /// Messages from one worker to one group arrive in the order sent.
     /// Each connection frames the message with its own protocol; websocket
-    /// connections get a text message. (GatewayWorker's
+    /// connections get the frame [`Context::send`] would pick. (GatewayWorker's
     /// `Gateway::sendToGroup`.)
     pub fn send_to_group(&mut self, group: &str, data: impl AsRef<[u8]>, exclude: Option<ConnId>) {
         let f = self.raw.vt.send_to_group();

@@ -4,6 +4,7 @@
 //! [`Step`]), and [`Codec::encode`]: what to write for an outgoing message.
 
 mod custom;
+pub mod deflate;
 mod frame;
 pub mod http;
 mod scheme;
@@ -343,6 +344,15 @@ impl Codec {
             Codec::Http(_) | Codec::Custom => return None,
         }
         Some(Ok(()))
+    }
+
+    /// permessage-deflate for a websocket, before its handshake: agreed to
+    /// when the client offers it (server), or offered (client). Other
+    /// protocols have nothing to compress.
+    pub fn set_deflate(&mut self, on: bool) {
+        if let Codec::Websocket(ws) = self {
+            ws.set_deflate(on);
+        }
     }
 
     /// Whether the connection is past any handshake, so the plugin knows it.

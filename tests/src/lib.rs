@@ -391,6 +391,59 @@ pub fn ws_read_frame(s: &mut TcpStream) -> io::Result<(bool, u8, Vec<u8>)> {
     Ok((h[0] & 0x80 != 0, h[0] & 0x0f, payload))
 }
 
+/// A raw websocket connection whose upgrade offers `extensions`, and the
+/// server's answer (a 101).
+pub fn ws_offering(port: u16, extensions: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Extensions: {extensions}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let head = read_http_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (s, head)
+}
+
+/// A masked client frame of one message compressed by permessage-deflate
+/// (RSV1 set), without context takeover.
+pub fn ws_deflated_frame(opcode: u8, data: &[u8]) -> Vec<u8> {
+    let mut z = Vec::new();
+    wm_proto::deflate::Deflate::new(ws_deflate_params()).deflate(data, &mut z);
+    let mut f = ws_frame(true, opcode, &z, true);
+    f[0] |= 0x40;
+    f
+}
+
+pub fn ws_deflate_params() -> wm_proto::deflate::Params {
+    let side = wm_proto::deflate::Side {
+        no_context_takeover: true,
+        max_window_bits: 15,
+    };
+    wm_proto::deflate::Params {
+        ours: side,
+        theirs: side,
+    }
+}
+
+/// Reads one unfragmented server frame and inflates it when RSV1 says so:
+/// (compressed, opcode, payload).
+pub fn ws_read_message(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
+    let mut first = [0u8; 1];
+    s.peek(&mut first).unwrap();
+    let (fin, op, payload) = ws_read_frame(s).unwrap();
+    assert!(fin);
+    if first[0] & 0x40 == 0 {
+        return (false, op, payload);
+    }
+    let mut rx = wm_proto::deflate::Deflate::new(ws_deflate_params());
+    let mut out = Vec::new();
+    rx.inflate(&payload, true, &mut out, 1 << 24).unwrap();
+    (true, op, out)
+}
+
 /// A build of the test plugin made by `make test-builds` that answers `build`
 /// with `tag` ("a" or "b").
 pub fn test_build(tag: &str) -> PathBuf {

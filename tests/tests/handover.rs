@@ -403,3 +403,26 @@ fn a_connection_the_new_build_refuses_is_closed_cleanly_and_the_others_carry_on(
     assert!(ws_call(&mut keep, "imported").contains("conns=1 refused=1"));
     s.stop();
 }
+
+#[test]
+fn deflate_websockets_move_unless_they_hold_the_clients_context() {
+    let (s, port, live) = setup("websocket", 1, "ws_deflate = true");
+    s.start();
+    // One client drops its compression context after each message, one
+    // keeps it (as browsers do), so the worker keeps that client's
+    // context, which cannot be serialized.
+    let (mut fresh, _) = ws_offering(port, "permessage-deflate; client_no_context_takeover");
+    let (mut keeps, _) = ws_offering(port, "permessage-deflate");
+    for c in [&mut fresh, &mut keeps] {
+        c.write_all(&ws_deflated_frame(1, b"build")).unwrap();
+        assert_eq!(ws_read_message(c), (true, 1, b"a".to_vec()));
+    }
+    let out = reload_onto(&s, &live, "b");
+    assert!(out.contains("1 handed over"), "{out}");
+    fresh.write_all(&ws_deflated_frame(1, b"build")).unwrap();
+    assert_eq!(ws_read_message(&mut fresh), (true, 1, b"b".to_vec()));
+    // The other stayed with the old worker, which said goodbye as it went.
+    let (_, op, payload) = ws_read_frame(&mut keeps).unwrap();
+    assert_eq!((op, &payload[..2]), (8, &1001u16.to_be_bytes()[..]));
+    s.stop();
+}

@@ -19,7 +19,7 @@ use super::timers::Timers;
 use crate::bus::{self, Gid, Registry};
 use crate::ipc::WorkerStats;
 use crate::plugin::CustomProtocol;
-use wm_proto::{http, Codec, Framer, Kind, ProtocolError, Wire};
+use wm_proto::{http, websocket, Codec, Framer, Kind, ProtocolError, Wire};
 
 /// How long a connection half-closed by `end()` may linger (Workerman: 1 s).
 pub const LINGER: Duration = Duration::from_secs(1);
@@ -91,6 +91,9 @@ pub struct Core {
     /// The worker is being replaced: HTTP answers say `Connection: close`
     /// and websockets are closed with 1001 (going away).
     pub retiring: bool,
+    /// `ws_deflate`: websockets agree to (accepted) or offer (outbound)
+    /// permessage-deflate.
+    pub ws_deflate: bool,
 }
 
 /// Slab index of a connection id: the low 32 bits. The high 32 bits are a
@@ -139,6 +142,7 @@ impl Core {
             adopted_gids: HashMap::new(),
             skip_adopted: false,
             retiring: false,
+            ws_deflate: false,
         }
     }
 
@@ -191,6 +195,21 @@ impl Core {
         }
     }
 
+    /// A plugin's `send_text` of bytes not known to be UTF-8: refused on a
+    /// websocket when they are not (never a text frame that is not UTF-8;
+    /// `on_error` follows), as `send` on other protocols.
+    #[inline(never)]
+    pub fn send_text(&mut self, id: u64, data: &[u8]) -> RawSendStatus {
+        let ws = matches!(self.get(id).map(|c| &c.codec), Some(Codec::Websocket(_)));
+        if ws && !websocket::is_utf8(data) {
+            self.send_failed(id, "text message is not valid UTF-8");
+            return RawSendStatus::Dropped;
+        }
+        self.send_kind(id, data, Kind::Text)
+    }
+
+    /// Frames and sends one message. `Kind::Text` must be UTF-8 (see
+    /// `host_api::Scope::outgoing`); `Kind::Default` lets the codec choose.
     pub fn send_kind(&mut self, id: u64, data: &[u8], kind: Kind) -> RawSendStatus {
         let Some(conn) = lookup(&mut self.conns, id) else {
             self.send_failed(id, "client closed");

@@ -16,13 +16,70 @@ use plugin_api::abi::{
 };
 
 use super::core::Core;
-use wm_proto::Kind;
+use wm_proto::{websocket, Kind};
 
 /// What `state` points to while a callback runs: the worker's core, and
 /// how the message being handled came (for `message_kind`).
 pub struct Scope {
     pub core: *mut Core,
     pub kind: Kind,
+    /// The message being handled (`on_message`), by address and length;
+    /// null otherwise.
+    pub message: (*const u8, usize),
+}
+
+impl Scope {
+    /// Whether `data` is the message being handled as it came (the same
+    /// bytes): a text message was checked to be UTF-8 on arrival.
+    #[inline]
+    fn is_message(&self, data: &[u8]) -> bool {
+        self.message.0 == data.as_ptr() && self.message.1 == data.len()
+    }
+
+    /// How a plugin's send goes out on a websocket, the rule documented at
+    /// `Context::send`: `send_binary` binary; `send` binary while a binary
+    /// message is handled, else the codec's choice for `Kind::Default`
+    /// (text when UTF-8, else binary); `send_text` text. `Kind::Text` is
+    /// only returned for bytes known to be UTF-8, except for `send_text`
+    /// of other bytes (`Err`), which [`Core::send_text`] checks on
+    /// websockets only.
+    #[inline]
+    fn outgoing(&self, data: &[u8], k: RawKind) -> Result<Kind, ()> {
+        // Sent back as it came: no second check.
+        if self.kind == Kind::Text && k != RawKind::Binary && self.is_message(data) {
+            return Ok(Kind::Text);
+        }
+        match (k, self.kind) {
+            (RawKind::Binary, _) | (RawKind::Default, Kind::Binary) => Ok(Kind::Binary),
+            (RawKind::Default, _) => Ok(Kind::Default),
+            (RawKind::Text, _) => Err(()),
+        }
+    }
+
+    /// [`outgoing`](Self::outgoing) for a message to many connections:
+    /// decided once here, not per recipient. `None`: text that is not UTF-8,
+    /// which only the raw ABI can ask for; not sent.
+    fn outgoing_to_many(&self, data: &[u8], k: RawKind) -> Option<Kind> {
+        match self.outgoing(data, k) {
+            Ok(Kind::Default) if websocket::is_utf8(data) => Some(Kind::Text),
+            Ok(Kind::Default) => Some(Kind::Binary),
+            Ok(kind) => Some(kind),
+            Err(()) if websocket::is_utf8(data) => Some(Kind::Text),
+            Err(()) => {
+                tracing::warn!("a text message that is not UTF-8 was not sent");
+                None
+            }
+        }
+    }
+}
+
+/// The scope of the callback running now.
+///
+/// # Safety
+/// As for [`core`].
+unsafe fn scope<'a>(state: *mut c_void) -> &'a Scope {
+    // SAFETY: by this function's contract.
+    unsafe { &*(state as *const Scope) }
 }
 
 /// The worker's core, from a host function's `state`.
@@ -53,14 +110,6 @@ extern "C" fn log(state: *mut c_void, level: RawLevel, msg: RStr<'_>) {
     }
 }
 
-fn kind(k: RawKind) -> Kind {
-    match k {
-        RawKind::Default => Kind::Default,
-        RawKind::Text => Kind::Text,
-        RawKind::Binary => Kind::Binary,
-    }
-}
-
 fn exclude(conn: u64) -> Option<u64> {
     (conn != 0).then_some(conn)
 }
@@ -71,7 +120,19 @@ extern "C" fn send(
     data: RSlice<'_, u8>,
     k: RawKind,
 ) -> RawSendStatus {
-    unsafe { core(state) }.send_kind(conn, data.as_slice(), kind(k))
+    let data = data.as_slice();
+    let scope = unsafe { scope(state) };
+    // The message being handled, sent back as it came (an echo, the hot
+    // path): in its own kind, a text one checked on arrival already.
+    let kind = if k == RawKind::Default && scope.is_message(data) {
+        scope.kind
+    } else {
+        match scope.outgoing(data, k) {
+            Ok(kind) => kind,
+            Err(()) => return unsafe { core(state) }.send_text(conn, data),
+        }
+    };
+    unsafe { core(state) }.send_kind(conn, data, kind)
 }
 
 extern "C" fn message_kind(state: *mut c_void) -> RawKind {
@@ -109,11 +170,17 @@ extern "C" fn send_to_group(
     k: RawKind,
     ex: u64,
 ) {
-    unsafe { core(state) }.send_to_group(group.as_str(), data.as_slice(), kind(k), exclude(ex))
+    let data = data.as_slice();
+    if let Some(kind) = unsafe { scope(state) }.outgoing_to_many(data, k) {
+        unsafe { core(state) }.send_to_group(group.as_str(), data, kind, exclude(ex))
+    }
 }
 
 extern "C" fn send_to_all(state: *mut c_void, data: RSlice<'_, u8>, k: RawKind, ex: u64) {
-    unsafe { core(state) }.send_to_all(data.as_slice(), kind(k), exclude(ex))
+    let data = data.as_slice();
+    if let Some(kind) = unsafe { scope(state) }.outgoing_to_many(data, k) {
+        unsafe { core(state) }.send_to_all(data, kind, exclude(ex))
+    }
 }
 
 extern "C" fn bind_uid(state: *mut c_void, conn: u64, uid: RStr<'_>) -> bool {
@@ -121,7 +188,10 @@ extern "C" fn bind_uid(state: *mut c_void, conn: u64, uid: RStr<'_>) -> bool {
 }
 
 extern "C" fn send_to_uid(state: *mut c_void, uid: RStr<'_>, data: RSlice<'_, u8>, k: RawKind) {
-    unsafe { core(state) }.send_to_uid(uid.as_str(), data.as_slice(), kind(k))
+    let data = data.as_slice();
+    if let Some(kind) = unsafe { scope(state) }.outgoing_to_many(data, k) {
+        unsafe { core(state) }.send_to_uid(uid.as_str(), data, kind)
+    }
 }
 
 extern "C" fn group_count(state: *mut c_void, group: RStr<'_>) -> u64 {

@@ -77,7 +77,12 @@ impl Incoming {
 /// Whether a connection can move to another process as it is. Outbound
 /// connections and pipes stay (their peers are the old build's business),
 /// and so does an HTTP connection whose request is still owed an answer by
-/// the old build.
+/// the old build, and a websocket that holds its client's compression
+/// context (permessage-deflate with the client's context takeover, once a
+/// compressed message came; or a compressed message half read): that
+/// context is not serialized, so the old worker keeps the connection and
+/// closes it with 1001 when it stops. Without context takeover a deflate
+/// websocket moves like any other between messages.
 fn movable(c: &Conn) -> bool {
     c.state == State::Open
         && !c.frozen
@@ -88,7 +93,7 @@ fn movable(c: &Conn) -> bool {
         && c.pipe_from.is_none()
         && match &c.codec {
             Codec::Http(h) => h.pending.is_empty(),
-            Codec::Websocket(ws) => ws.role() == websocket::Role::Server && !ws.closing(),
+            Codec::Websocket(ws) => ws.role() == websocket::Role::Server && ws.movable(),
             _ => true,
         }
 }

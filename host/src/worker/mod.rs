@@ -534,6 +534,7 @@ fn start(
         spec.worker.max_send_buffer_size,
     );
     core.custom = runner.plugin.protocol();
+    core.ws_deflate = spec.worker.ws_deflate;
     // The loop exists before on_worker_start, which may open connections.
     let poll = match Poll::new().and_then(|p| p.registry().try_clone().map(|r| (p, r))) {
         Ok((p, r)) => {
@@ -964,7 +965,8 @@ impl Worker {
                 continue;
             }
             let id = self.core.next_id(idx);
-            let codec = Codec::new(self.scheme);
+            let mut codec = Codec::new(self.scheme);
+            codec.set_deflate(self.core.ws_deflate);
             let known = codec.established();
             let max_send = self.core.max_send_buffer_size;
             let mut conn = Conn::new(id, sock, codec, max_send);

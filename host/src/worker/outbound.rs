@@ -93,7 +93,8 @@ impl Core {
             .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
             .map_err(|e| format!("register: {e}"))?;
         // A websocket codec comes with a fresh key, on every (re)connect.
-        let codec = Codec::client(target.scheme);
+        let mut codec = Codec::client(target.scheme);
+        codec.set_deflate(self.ws_deflate);
         let mut conn = Conn::new(
             id,
             super::sock::Sock::Tcp(sock),

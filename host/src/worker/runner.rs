@@ -83,14 +83,6 @@ impl Call<'_> {
             _ => None,
         }
     }
-
-    /// The kind of the message this call hands over; `Default` otherwise.
-    fn kind(&self) -> Kind {
-        match *self {
-            Call::Message(_, _, kind) => kind,
-            _ => Kind::Default,
-        }
-    }
 }
 
 /// The plugin with the host vtable: runs callbacks and handles their outcome.
@@ -130,6 +122,7 @@ impl Runner {
         let mut scope = Scope {
             core: core as *mut Core,
             kind,
+            message: (d.as_ptr(), d.len()),
         };
         // As in `call`: host functions reach the core through `scope`.
         let ctx = HostCtx {
@@ -148,8 +141,13 @@ impl Runner {
     fn call(&self, core: &mut Core, mut call: Call<'_>) -> Outcome {
         let mut scope = Scope {
             core: core as *mut Core,
-            kind: call.kind(),
+            kind: Kind::Default,
+            message: (std::ptr::null(), 0),
         };
+        if let Call::Message(_, data, kind) = call {
+            scope.kind = kind;
+            scope.message = (data.as_ptr(), data.len());
+        }
         // Host functions reach `scope` (and through it the core) by this
         // pointer while the callback runs; `core` is not used meanwhile.
         let ctx = HostCtx {

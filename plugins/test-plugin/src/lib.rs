@@ -331,6 +331,14 @@ impl Plugin for TestPlugin {
                 let n = self.reloads.to_string();
                 ctx.send(conn, n);
             }
+            "bytes" => {
+                // `bytes <hex>`: those bytes through plain `send` (on a
+                // websocket: text only if they are UTF-8).
+                let bytes: Vec<u8> = (0..arg.len() / 2)
+                    .filter_map(|i| u8::from_str_radix(&arg[2 * i..2 * i + 2], 16).ok())
+                    .collect();
+                ctx.send(conn, bytes);
+            }
             "kind" => {
                 let k = match ctx.message_kind() {
                     MessageKind::Text => "text",
