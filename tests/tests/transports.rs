@@ -41,7 +41,12 @@ fn udp_datagrams_are_messages_answered_to_their_sender() {
     for _ in 0..64 {
         let c = udp_client();
         let who = udp_call(&c, port, "whoami").unwrap();
-        pids.insert(who.split_whitespace().find(|f| f.starts_with("pid=")).unwrap().to_string());
+        pids.insert(
+            who.split_whitespace()
+                .find(|f| f.starts_with("pid="))
+                .unwrap()
+                .to_string(),
+        );
         if pids.len() == 2 {
             break;
         }
@@ -49,7 +54,10 @@ fn udp_datagrams_are_messages_answered_to_their_sender() {
     assert_eq!(pids.len(), 2, "{pids:?}");
     // A plugin that closes a datagram's connection does not close the listener.
     assert_eq!(udp_call(&c, port, "close").as_deref(), Some("bye"));
-    assert_eq!(udp_call(&c, port, "still there").as_deref(), Some("still there"));
+    assert_eq!(
+        udp_call(&c, port, "still there").as_deref(),
+        Some("still there")
+    );
     // Over max_package_size: dropped (no answer), and the next one is fine.
     c.set_read_timeout(Some(std::time::Duration::from_millis(300)))
         .unwrap();
@@ -57,7 +65,10 @@ fn udp_datagrams_are_messages_answered_to_their_sender() {
     c.set_read_timeout(Some(DEADLINE)).unwrap();
     assert_eq!(udp_call(&c, port, "after").as_deref(), Some("after"));
     let status = String::from_utf8_lossy(&s.cli(&["status"]).stdout).to_string();
-    assert!(status.contains(&format!("udp://127.0.0.1:{port}")), "{status}");
+    assert!(
+        status.contains(&format!("udp://127.0.0.1:{port}")),
+        "{status}"
+    );
     s.stop();
 }
 
@@ -88,7 +99,11 @@ fn unix_stream_listener_with_mode_survives_reload_and_goes_on_stop() {
     c.set_read_timeout(Some(DEADLINE)).unwrap();
     assert_eq!(call(&mut c, "ping"), "ping");
     let out = s.cli(&["reload"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The connection moved with the reload, and the socket file stayed.
     assert_eq!(call(&mut c, "pong"), "pong");
     let mut d = UnixStream::connect(&path).unwrap();

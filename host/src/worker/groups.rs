@@ -194,7 +194,7 @@ impl Core {
             } => (
                 self.conns
                     .iter()
-                    .filter(|(_, c)| c.state == State::Open && c.codec.established())
+                    .filter(|(_, c)| c.state == State::Open && c.established())
                     .map(|(_, c)| c.id)
                     .filter(|id| !(self.skip_adopted && self.adopted.contains_key(id)))
                     .filter(|id| Some(self.gid(*id)) != *exclude)
@@ -206,7 +206,7 @@ impl Core {
         };
         for id in targets {
             match self.get(id) {
-                Some(c) if c.state == State::Open && c.codec.established() => {
+                Some(c) if c.state == State::Open && c.established() => {
                     self.send_kind(id, data, kind_from(kind));
                 }
                 // A member that is gone is counted, not an error.

@@ -77,11 +77,13 @@ impl Incoming {
 /// Whether a connection can move to another process as it is. Outbound
 /// connections and pipes stay (their peers are the old build's business),
 /// and so does an HTTP connection whose request is still owed an answer by
-/// the old build.
+/// the old build. TLS connections stay too, and are drained: rustls' session
+/// (keys, sequence numbers) cannot be exported to another process.
 fn movable(c: &Conn) -> bool {
     c.state == State::Open
         && !c.frozen
         && !c.sock.is_udp()
+        && !c.sock.is_tls()
         && !c.ending
         && c.outbound.is_none()
         && c.pipe_to.is_none()
@@ -558,7 +560,9 @@ impl Worker {
         }
         conn.inbuf = rec.inbuf;
         conn.set_output(rec.out);
-        conn.head_since = self.guard.header_clock(&conn.codec, conn.last_active);
+        conn.head_since = self
+            .guard
+            .header_clock(&conn.codec, false, conn.last_active);
         conn.corked = true;
         self.core.buffered += conn.held;
         self.core.conns.insert(conn);
