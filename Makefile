@@ -17,11 +17,16 @@ test: test-deps lint test-builds
 	$(CARGO) test --workspace
 
 # What the tests need, installed when missing (Debian, as root): headless
-# Chromium and its WebDriver for the browser test.
+# Chromium and its WebDriver for the browser test; openssl (s_client) and
+# curl for the TLS tests.
 test-deps:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
 		echo "installing chromium and chromium-driver"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+	@if ! command -v openssl >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then \
+		echo "installing openssl and curl"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl >/dev/null; \
 	fi
 
 # Two builds of the test plugin that answer `build` differently, for the
