@@ -56,7 +56,8 @@ clean:
 .PHONY: bench
 
 ## Benchmark suite: wm-host against a native mio baseline, the plugin ABI against direct
-## calls (criterion), cold start and broadcast fan-out, written to bench/RESULTS.md
+## calls (criterion), cold start and broadcast fan-out, and TLS (wss, https, handshakes)
+## against a mio + rustls baseline, written to bench/RESULTS.md
 ## (under 10 minutes). Installs wrk and valgrind (heap allocations per message,
 ## by dhat) when missing (Debian, as root).
 bench:
@@ -67,6 +68,7 @@ bench:
 	$(CARGO) build --release --workspace
 	$(CARGO) bench -p plugin-api --bench abi --no-run
 	CARGO=$(CARGO) target/release/wm-bench suite --out bench/RESULTS.md
+	target/release/wm-bench tls --out bench/RESULTS.md
 
 .PHONY: fuzz
 

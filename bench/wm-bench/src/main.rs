@@ -14,6 +14,7 @@ mod fanout;
 mod idle;
 mod suite;
 mod sys;
+mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -107,6 +108,9 @@ enum Cmd {
     },
     /// Every scenario against wm-host and the native baseline; writes Markdown.
     Suite(suite::SuiteOpts),
+    /// TLS (wss echo, https, handshakes, idle wss memory) against the
+    /// baseline with `--cert`; writes the TLS section of the Markdown file.
+    Tls(tls::TlsOpts),
 }
 
 /// A duration given in (fractional) seconds on the command line.
@@ -246,6 +250,7 @@ fn main() {
             server_cpu,
         } => count_allocs(proto, messages, baseline, server_cpu),
         Cmd::Suite(opts) => suite::run(opts),
+        Cmd::Tls(opts) => tls::run(opts),
     };
     if let Err(e) = result {
         eprintln!("wm-bench: {e}");
