@@ -517,8 +517,17 @@ fn start(
     Ok((server, addr))
 }
 
+/// A blocking TLS client on a connected socket (for `allocs`).
+pub(crate) fn blocking_client(
+    s: std::net::TcpStream,
+) -> Result<rustls::StreamOwned<ClientConnection, std::net::TcpStream>, String> {
+    let name = ServerName::try_from("localhost").expect("name");
+    let conn = ClientConnection::new(client_config(), name).map_err(|e| e.to_string())?;
+    Ok(rustls::StreamOwned::new(conn, s))
+}
+
 /// A certificate for localhost (ECDSA P-256), by the openssl command.
-fn make_cert(dir: &Path) -> Result<(), String> {
+pub(crate) fn make_cert(dir: &Path) -> Result<(), String> {
     let out = Command::new("openssl")
         .args([
             "req",
@@ -701,6 +710,33 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
         "| idle wss connections × {} (handshake, upgrade, one echo) | {:.0} B of RSS per connection | {:.0} B per connection | {} | - |",
         opts.idle, per[0], per[1], ratio(per[0], per[1])
     ));
+    // Heap allocations per echoed message (valgrind's dhat, as the suite).
+    if crate::allocs::valgrind_installed() {
+        let mut per = Vec::new();
+        for side in sides {
+            let r = crate::allocs::measure(
+                crate::allocs::Service::Wss,
+                2000,
+                side == Side::Base,
+                &bins,
+                opts.server_cpu,
+            )?;
+            eprintln!(
+                "allocations per wss echo {}: {:.2} ({:.0} B)",
+                name(side),
+                r.blocks_per_msg,
+                r.bytes_per_msg
+            );
+            per.push(format!(
+                "{:.2} allocations, {:.0} B",
+                r.blocks_per_msg, r.bytes_per_msg
+            ));
+        }
+        rows.push(format!(
+            "| heap allocations per echoed wss message, 1 conn × 1 in flight × 32 B (dhat) | {} | {} | - | - |",
+            per[0], per[1]
+        ));
+    }
     let _ = std::fs::remove_dir_all(&dir);
     write_section(&opts, &rows)
 }
