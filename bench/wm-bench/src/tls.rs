@@ -193,6 +193,9 @@ impl Conn {
 #[derive(Default, Clone)]
 struct Echo {
     rate: f64,
+    /// Messages per CPU-second of the server process: what load on the
+    /// shared machine does not move.
+    per_cpu: f64,
     p50_us: f64,
     p99_us: f64,
     errors: u64,
@@ -206,7 +209,14 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 /// `conns` wss connections, `inflight` messages of `size` bytes each.
-fn wss_echo(addr: SocketAddr, conns: usize, inflight: usize, size: usize, secs: u64) -> Echo {
+fn wss_echo(
+    addr: SocketAddr,
+    pid: u32,
+    conns: usize,
+    inflight: usize,
+    size: usize,
+    secs: u64,
+) -> Echo {
     let cfg = client_config();
     let mut poll = Poll::new().expect("poll");
     let mut cs: Vec<Conn> = Vec::new();
@@ -232,7 +242,11 @@ fn wss_echo(addr: SocketAddr, conns: usize, inflight: usize, size: usize, secs: 
     let end = measure_from + Duration::from_secs(secs);
     let mut msgs = 0u64;
     let mut lat: Vec<u32> = Vec::new();
+    let mut cpu0 = None;
     while Instant::now() < end {
+        if cpu0.is_none() && Instant::now() >= measure_from {
+            cpu0 = sys::cpu_seconds(pid);
+        }
         poll.poll(&mut events, Some(Duration::from_millis(100)))
             .expect("poll");
         for ev in events.iter() {
@@ -281,9 +295,11 @@ fn wss_echo(addr: SocketAddr, conns: usize, inflight: usize, size: usize, secs: 
             }
         }
     }
+    let cpu = sys::cpu_seconds(pid).unwrap_or(0.0) - cpu0.unwrap_or(0.0);
     lat.sort_unstable();
     Echo {
         rate: msgs as f64 / secs as f64,
+        per_cpu: if cpu > 0.0 { msgs as f64 / cpu } else { 0.0 },
         p50_us: percentile(&lat, 0.5),
         p99_us: percentile(&lat, 0.99),
         errors,
@@ -292,7 +308,8 @@ fn wss_echo(addr: SocketAddr, conns: usize, inflight: usize, size: usize, secs: 
 
 /// New TLS connections per second, `conc` at a time: connect, handshake
 /// (the client's Finished sent), close.
-fn handshakes(addr: SocketAddr, conc: usize, secs: u64) -> (f64, u64) {
+/// Returns (per second, per server CPU-second, errors).
+fn handshakes(addr: SocketAddr, pid: u32, conc: usize, secs: u64) -> (f64, f64, u64) {
     let cfg = client_config();
     let mut poll = Poll::new().expect("poll");
     let mut slots: Vec<Option<Conn>> = (0..conc).map(|_| None).collect();
@@ -302,7 +319,11 @@ fn handshakes(addr: SocketAddr, conc: usize, secs: u64) -> (f64, u64) {
     let end = measure_from + Duration::from_secs(secs);
     let (mut done, mut errors) = (0u64, 0u64);
     let mut fresh: Vec<usize> = (0..conc).collect();
+    let mut cpu0 = None;
     while Instant::now() < end {
+        if cpu0.is_none() && Instant::now() >= measure_from {
+            cpu0 = sys::cpu_seconds(pid);
+        }
         for i in fresh.drain(..) {
             match Conn::open(&poll, &cfg, addr, i as u32) {
                 Ok(mut c) => {
@@ -331,7 +352,9 @@ fn handshakes(addr: SocketAddr, conc: usize, secs: u64) -> (f64, u64) {
             fresh.push(i);
         }
     }
-    (done as f64 / secs as f64, errors)
+    let cpu = sys::cpu_seconds(pid).unwrap_or(0.0) - cpu0.unwrap_or(0.0);
+    let per_cpu = if cpu > 0.0 { done as f64 / cpu } else { 0.0 };
+    (done as f64 / secs as f64, per_cpu, errors)
 }
 
 /// Opens `n` wss connections (handshake, upgrade, one echo each); returns
@@ -605,6 +628,7 @@ fn ratio(wm: f64, base: f64) -> String {
 
 pub fn run(opts: TlsOpts) -> Result<(), String> {
     let bins = Bins::find()?;
+    let load_before = loadavg();
     sys::raise_nofile(opts.idle as u64 + 4096);
     let client_cpu = if opts.server_cpu == 0 { 1 } else { 0 };
     sys::pin_to_cpu(client_cpu).map_err(|e| e.to_string())?;
@@ -619,11 +643,12 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
         for _ in 0..opts.rounds {
             for (i, &side) in sides.iter().enumerate() {
                 let (server, addr) = start(side, "wss", &bins, &dir, opts.server_cpu)?;
-                let r = wss_echo(addr, 100, 16, size, opts.secs);
+                let r = wss_echo(addr, server.pid(), 100, 16, size, opts.secs);
                 eprintln!(
-                    "wss echo {size} B {}: {:.0} msgs/s p99 {:.0} µs ({} errors)",
+                    "wss echo {size} B {}: {:.0} msgs/s, {:.0} per server CPU-s, p99 {:.0} µs ({} errors)",
                     name(side),
                     r.rate,
+                    r.per_cpu,
                     r.p99_us,
                     r.errors
                 );
@@ -634,47 +659,59 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
             }
         }
         let [w, b] = &best;
+        let size_s = if size >= 1024 {
+            format!("{} KiB", size / 1024)
+        } else {
+            format!("{size} B")
+        };
         rows.push(format!(
-            "| wss echo, 100 conns × 16 in flight × {} | {:.0} msgs/s, p50 {:.0} µs, p99 {:.0} µs | {:.0} msgs/s, p50 {:.0} µs, p99 {:.0} µs | {} | {} |",
-            if size >= 1024 { format!("{} KiB", size / 1024) } else { format!("{size} B") },
-            w.rate, w.p50_us, w.p99_us, b.rate, b.p50_us, b.p99_us,
+            "| wss echo, 100 conns × 16 in flight × {size_s} | {:.0} msgs/s ({:.0} per CPU-s), p50 {:.0} µs, p99 {:.0} µs | {:.0} msgs/s ({:.0} per CPU-s), p50 {:.0} µs, p99 {:.0} µs | {} ({} per CPU-s) | {} |",
+            w.rate, w.per_cpu, w.p50_us, w.p99_us, b.rate, b.per_cpu, b.p50_us, b.p99_us,
             ratio(w.rate, b.rate),
+            ratio(w.per_cpu, b.per_cpu),
             w.errors + b.errors,
         ));
     }
     // https plaintext with wrk.
-    let mut best = [(0.0, 0.0), (0.0, 0.0)];
+    let mut best = [(0.0, 0.0, 0.0), (0.0, 0.0, 0.0)];
     for _ in 0..opts.rounds {
         for (i, &side) in sides.iter().enumerate() {
             let (server, addr) = start(side, "https", &bins, &dir, opts.server_cpu)?;
-            let r = wrk_https(addr, client_cpu, opts.secs)?;
+            let cpu0 = sys::cpu_seconds(server.pid()).unwrap_or(0.0);
+            let (rate, p99) = wrk_https(addr, client_cpu, opts.secs)?;
+            let cpu = sys::cpu_seconds(server.pid()).unwrap_or(0.0) - cpu0;
+            let per_cpu = if cpu > 0.0 {
+                rate * opts.secs as f64 / cpu
+            } else {
+                0.0
+            };
             eprintln!(
-                "https plaintext {}: {:.0} req/s p99 {:.0} µs",
-                name(side),
-                r.0,
-                r.1
+                "https plaintext {}: {rate:.0} req/s, {per_cpu:.0} per server CPU-s, p99 {p99:.0} µs",
+                name(side)
             );
-            if r.0 > best[i].0 {
-                best[i] = r;
+            if rate > best[i].0 {
+                best[i] = (rate, p99, per_cpu);
             }
             drop(server);
         }
     }
     rows.push(format!(
-        "| https plaintext keep-alive, wrk 1 thread × 100 conns | {:.0} req/s, p99 {:.0} µs | {:.0} req/s, p99 {:.0} µs | {} | 0 |",
-        best[0].0, best[0].1, best[1].0, best[1].1, ratio(best[0].0, best[1].0)
+        "| https plaintext keep-alive, wrk 1 thread × 100 conns | {:.0} req/s ({:.0} per CPU-s), p99 {:.0} µs | {:.0} req/s ({:.0} per CPU-s), p99 {:.0} µs | {} ({} per CPU-s) | 0 |",
+        best[0].0, best[0].2, best[0].1, best[1].0, best[1].2, best[1].1,
+        ratio(best[0].0, best[1].0), ratio(best[0].2, best[1].2)
     ));
     // Handshakes.
-    let mut best = [(0.0, 0u64), (0.0, 0u64)];
+    let mut best = [(0.0, 0.0, 0u64), (0.0, 0.0, 0u64)];
     for _ in 0..opts.rounds {
         for (i, &side) in sides.iter().enumerate() {
             let (server, addr) = start(side, "ssl-text", &bins, &dir, opts.server_cpu)?;
-            let r = handshakes(addr, 32, opts.secs);
+            let r = handshakes(addr, server.pid(), 32, opts.secs);
             eprintln!(
-                "TLS handshakes {}: {:.0}/s ({} errors)",
+                "TLS handshakes {}: {:.0}/s, {:.0} per server CPU-s ({} errors)",
                 name(side),
                 r.0,
-                r.1
+                r.1,
+                r.2
             );
             if r.0 > best[i].0 {
                 best[i] = r;
@@ -683,8 +720,9 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
         }
     }
     rows.push(format!(
-        "| new TLS 1.3 connections (ECDSA P-256, X25519), 32 at a time | {:.0} handshakes/s | {:.0} handshakes/s | {} | {} |",
-        best[0].0, best[1].0, ratio(best[0].0, best[1].0), best[0].1 + best[1].1
+        "| new TLS 1.3 connections (ECDSA P-256, X25519), 32 at a time | {:.0} handshakes/s ({:.0} per CPU-s) | {:.0} handshakes/s ({:.0} per CPU-s) | {} ({} per CPU-s) | {} |",
+        best[0].0, best[0].1, best[1].0, best[1].1,
+        ratio(best[0].0, best[1].0), ratio(best[0].1, best[1].1), best[0].2 + best[1].2
     ));
     // Idle memory.
     let mut per = [0.0f64; 2];
@@ -738,7 +776,8 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
         ));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    write_section(&opts, &rows)
+    let load = format!("{load_before} at the start, {} at the end", loadavg());
+    write_section(&opts, &rows, &load)
 }
 
 fn name(s: Side) -> &'static str {
@@ -748,13 +787,24 @@ fn name(s: Side) -> &'static str {
     }
 }
 
-fn write_section(opts: &TlsOpts, rows: &[String]) -> Result<(), String> {
+/// The 1-minute load average.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(String::from))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn write_section(opts: &TlsOpts, rows: &[String], load: &str) -> Result<(), String> {
     let mut md = format!(
         "{BEGIN}\n## TLS (`wm-bench tls`)\n\n\
          wm-host's ssl listeners (`wss://`, `https://`, `transport = \"ssl\"`; one worker) against \
          `wm-baseline --cert --key` (a bare mio loop with the same rustls 0.23 and ring), in the \
          same run, server pinned to CPU {}, client (rustls, TLS 1.3; wrk with OpenSSL) on the other. \
-         Best of {} runs of {} s per side. Plugins: echo (wss, ssl text), bench-hello (`GET /plaintext`).\n\n\
+         Best of {} runs of {} s per side. Plugins: echo (wss, ssl text), bench-hello (`GET /plaintext`). \
+         Load average {load} (other work on the machine): the rates follow the CPU share each \
+         server got; \"per CPU-s\" (messages per CPU-second of the serving process) does not, and \
+         is the figure to compare.\n\n\
          | scenario | wm-host | baseline | wm ÷ base | errors |\n|---|---|---|---|---|\n",
         opts.server_cpu, opts.rounds, opts.secs
     );
