@@ -17,9 +17,9 @@ test: test-deps lint test-builds
 	$(CARGO) test --workspace
 
 # What the tests need, installed when missing (Debian, as root): headless
-# Chromium and its WebDriver for the browser test, and redis-server for the
-# cross-host bus tests (they start private instances on free ports; the
-# package's own service is not needed).
+# Chromium and its WebDriver for the browser test, redis-server for the
+# cross-host bus tests (private instances on free ports; the package's own
+# service is not needed), openssl (s_client) and curl for the TLS tests.
 test-deps:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
 		echo "installing chromium and chromium-driver"; \
@@ -28,6 +28,10 @@ test-deps:
 	@if [ ! -x /usr/bin/redis-server ]; then \
 		echo "installing redis-server"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	fi
+	@if ! command -v openssl >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then \
+		echo "installing openssl and curl"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl >/dev/null; \
 	fi
 
 # Two builds of the test plugin that answer `build` differently, for the
@@ -57,8 +61,10 @@ clean:
 .PHONY: bench
 
 ## Benchmark suite: wm-host against a native mio baseline, the plugin ABI against direct
-## calls (criterion), cold start and broadcast fan-out, then live handover on reload
-## (its own section, see bench-handover), written to bench/RESULTS.md (under 10 minutes). Installs wrk and valgrind (heap allocations per message,
+## calls (criterion), cold start and broadcast fan-out, live handover on reload
+## (its own section, see bench-handover) and TLS (wss, https, handshakes)
+## against a mio + rustls baseline, written to bench/RESULTS.md
+## (under 10 minutes). Installs wrk and valgrind (heap allocations per message,
 ## by dhat) when missing (Debian, as root).
 bench:
 	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk"; \
@@ -68,6 +74,7 @@ bench:
 	$(CARGO) build --release --workspace
 	$(CARGO) bench -p plugin-api --bench abi --no-run
 	CARGO=$(CARGO) target/release/wm-bench suite --out bench/RESULTS.md
+	target/release/wm-bench tls --out bench/RESULTS.md
 
 .PHONY: bench-handover
 

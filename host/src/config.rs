@@ -43,6 +43,9 @@ pub enum Transport {
     Udp,
     /// `unix:///path`: a unix stream socket.
     Unix,
+    /// TLS over TCP: `transport = "ssl"`, or the schemes `wss://` and
+    /// `https://`.
+    Ssl,
 }
 
 /// A parsed `listen = "scheme://host:port"` (or `unix:///path`).
@@ -79,9 +82,11 @@ impl Listen {
         }
         let (scheme, transport) = match scheme {
             "udp" => (Scheme::Tcp, Transport::Udp),
+            "wss" => (Scheme::Websocket, Transport::Ssl),
+            "https" => (Scheme::Http, Transport::Ssl),
             s => (
                 Scheme::parse(s).ok_or_else(|| {
-                    format!("unknown protocol {s:?} (supported: tcp, text, frame, websocket, http, custom, udp, unix)")
+                    format!("unknown protocol {s:?} (supported: tcp, text, frame, websocket, ws, wss, http, https, custom, udp, unix)")
                 })?,
                 Transport::Tcp,
             ),
@@ -110,6 +115,19 @@ pub struct UnixPerms {
     pub gid: Option<u32>,
 }
 
+/// `[worker.tls]`: the files of an ssl listener, as configured (absolute).
+/// The master reads and checks them at start and on every reload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsFiles {
+    /// PEM: the certificate, then the chain (intermediates).
+    pub cert: PathBuf,
+    /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM: CA certificates; when set, clients must present a certificate
+    /// they signed.
+    pub client_ca: Option<PathBuf>,
+}
+
 impl fmt::Display for Listen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -126,6 +144,9 @@ pub struct WorkerConfig {
     /// unix:// only: mode and owner of the socket file.
     #[serde(default)]
     pub unix: Option<UnixPerms>,
+    /// ssl listeners only: certificate, key, client CA.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
     pub count: u32,
     pub plugin: PathBuf,
     pub reloadable: bool,
@@ -303,7 +324,9 @@ struct RawHost {
 struct RawWorker {
     name: Spanned<String>,
     listen: Option<Spanned<String>>,
+    transport: Option<Spanned<String>>,
     unix: Option<Spanned<RawUnix>>,
+    tls: Option<Spanned<RawTls>>,
     #[serde(default = "one")]
     count: Spanned<u32>,
     plugin: Spanned<String>,
@@ -337,6 +360,14 @@ struct RawUnix {
     mode: Option<String>,
     owner: Option<String>,
     group: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    client_ca: Option<Spanned<String>>,
 }
 
 fn one() -> Spanned<u32> {
@@ -504,11 +535,81 @@ impl Config {
                     format!("duplicate worker name {name:?}"),
                 ));
             }
-            let listen = match &w.listen {
+            let mut listen = match &w.listen {
                 Some(l) => Some(
                     Listen::parse(l.get_ref()).map_err(|e| src.key_error(l.span(), "listen", e))?,
                 ),
                 None => None,
+            };
+            if let Some(t) = &w.transport {
+                let Some(l) = listen.as_mut() else {
+                    return Err(src.key_error(t.span(), "transport", "needs `listen`"));
+                };
+                match (t.get_ref().as_str(), l.transport) {
+                    ("ssl", Transport::Tcp | Transport::Ssl) => l.transport = Transport::Ssl,
+                    ("tcp", Transport::Tcp) => {}
+                    ("tcp", Transport::Ssl) => {
+                        return Err(src.key_error(
+                            t.span(),
+                            "transport",
+                            format!("{:?} is TLS by its scheme", l.text),
+                        ));
+                    }
+                    ("ssl", _) => {
+                        return Err(src.key_error(
+                            t.span(),
+                            "transport",
+                            "ssl works over TCP only, not udp:// or unix://",
+                        ));
+                    }
+                    (other, _) => {
+                        return Err(src.key_error(
+                            t.span(),
+                            "transport",
+                            format!("{other:?}: expected \"tcp\" or \"ssl\" (udp:// and unix:// are chosen by `listen`)"),
+                        ));
+                    }
+                }
+            }
+            let ssl = listen.as_ref().map(|l| l.transport) == Some(Transport::Ssl);
+            let tls = match (&w.tls, ssl) {
+                (Some(t), false) => {
+                    return Err(src.key_error(
+                        t.span(),
+                        "tls",
+                        "only ssl listeners (transport = \"ssl\", wss://, https://) use a certificate",
+                    ));
+                }
+                (None, true) => {
+                    let span = w
+                        .transport
+                        .as_ref()
+                        .map(|t| t.span())
+                        .or(w.listen.as_ref().map(|l| l.span()));
+                    return Err(src.error(
+                        span,
+                        "tls: an ssl listener needs [worker.tls] with `cert` and `key` (PEM files)",
+                    ));
+                }
+                (Some(t), true) => {
+                    let t = t.get_ref();
+                    let file = |v: &Spanned<String>, key: &str| {
+                        if v.get_ref().trim().is_empty() {
+                            Err(src.key_error(v.span(), key, "must name a PEM file"))
+                        } else {
+                            Ok(rel(v.get_ref()))
+                        }
+                    };
+                    Some(TlsFiles {
+                        cert: file(&t.cert, "tls.cert")?,
+                        key: file(&t.key, "tls.key")?,
+                        client_ca: match &t.client_ca {
+                            Some(c) => Some(file(c, "tls.client_ca")?),
+                            None => None,
+                        },
+                    })
+                }
+                (None, false) => None,
             };
             let scheme = listen.as_ref().map(|l| l.scheme);
             let unix = match &w.unix {
@@ -625,17 +726,18 @@ impl Config {
                 Some(d) => Some(d.get_ref().0).filter(|d| !d.is_zero()),
                 None => None,
             };
+            // TLS handshakes are held to it too.
+            let has_head = ssl || matches!(scheme, Some(Scheme::Http | Scheme::Websocket));
             let header_timeout = match &w.header_timeout {
-                Some(d) if !matches!(scheme, Some(Scheme::Http | Scheme::Websocket)) => {
+                Some(d) if !has_head => {
                     return Err(src.key_error(
                         d.span(),
                         "header_timeout",
-                        "only http:// and websocket:// listeners read a header",
+                        "only http://, websocket:// and ssl listeners read a header or handshake",
                     ));
                 }
                 Some(d) => Some(d.get_ref().0).filter(|d| !d.is_zero()),
-                None => matches!(scheme, Some(Scheme::Http | Scheme::Websocket))
-                    .then_some(DEFAULT_HEADER_TIMEOUT),
+                None => has_head.then_some(DEFAULT_HEADER_TIMEOUT),
             };
             let message_timeout = match &w.message_timeout {
                 Some(d) => Some(d.0).filter(|d| !d.is_zero()),
@@ -700,6 +802,7 @@ impl Config {
             workers.push(WorkerConfig {
                 listen,
                 unix,
+                tls,
                 count: *w.count.get_ref(),
                 plugin: rel(w.plugin.get_ref()),
                 reloadable: w.reloadable,
@@ -1067,6 +1170,72 @@ mod tests {
             err.msg.contains("reload_mode") || err.msg.contains("drain"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ssl_listeners_need_a_certificate_and_name_key_and_line() {
+        let tls = "[worker.tls]\ncert = \"certs/a.pem\"\nkey = \"/k.pem\"\n";
+        let c = parse(&format!("{}{tls}", MINIMAL.replace("text://", "wss://"))).unwrap();
+        let w = &c.workers[0];
+        let l = w.listen.as_ref().unwrap();
+        assert_eq!((l.scheme, l.transport), (Scheme::Websocket, Transport::Ssl));
+        let files = w.tls.as_ref().unwrap();
+        assert_eq!(files.cert, Path::new("/srv/app/certs/a.pem"));
+        assert_eq!(files.key, Path::new("/k.pem"));
+        assert_eq!(files.client_ca, None);
+        let https = Listen::parse("https://127.0.0.1:8443").unwrap();
+        assert_eq!(
+            (https.scheme, https.transport),
+            (Scheme::Http, Transport::Ssl)
+        );
+        // transport = "ssl" on any TCP scheme.
+        let c = parse(&format!(
+            "{MINIMAL}transport = \"ssl\"\n{tls}client_ca = \"ca.pem\"\n"
+        ))
+        .unwrap();
+        let w = &c.workers[0];
+        assert_eq!(w.listen.as_ref().unwrap().transport, Transport::Ssl);
+        assert_eq!(w.scheme(), Some(Scheme::Text));
+        assert_eq!(
+            w.tls.as_ref().unwrap().client_ca.as_deref(),
+            Some(Path::new("/srv/app/ca.pem"))
+        );
+        for (text, line, key) in [
+            (format!("{MINIMAL}transport = \"ssl\"\n"), 5, "tls"),
+            (format!("{MINIMAL}{tls}"), 5, "tls"),
+            (format!("{MINIMAL}transport = \"quic\"\n"), 5, "transport"),
+            (
+                format!(
+                    "{}transport = \"ssl\"\n{tls}",
+                    MINIMAL.replace("text://", "udp://")
+                ),
+                5,
+                "transport",
+            ),
+            (
+                format!(
+                    "{}transport = \"tcp\"\n{tls}",
+                    MINIMAL.replace("text://", "https://")
+                ),
+                5,
+                "transport",
+            ),
+            (
+                format!("{MINIMAL}transport = \"ssl\"\n[worker.tls]\ncert = \"a.pem\"\n"),
+                6,
+                "key",
+            ),
+            (
+                format!("{MINIMAL}transport = \"ssl\"\n{tls}colour = 1\n"),
+                9,
+                "colour",
+            ),
+        ] {
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.line, line, "{err}\n{text}");
+            assert!(err.msg.contains(key), "{err}");
+            assert!(!err.msg.contains('\n'), "{err}");
+        }
     }
 
     #[test]

@@ -16,5 +16,6 @@ pub mod plugin;
 pub mod report;
 pub mod runtime;
 pub mod table;
+pub mod tls;
 pub mod trust;
 pub mod worker;

@@ -69,6 +69,7 @@ impl Worker {
             id: 0,
             load_from: plugin().to_path_buf(),
             handover: false,
+            tls: false,
         };
         let (ctl, ctl_worker) = UnixStream::pair().unwrap();
         let (bus, bus_worker) = UnixStream::pair().unwrap();

@@ -107,29 +107,39 @@ impl Driver {
 
     /// Opens a headless chromium with a fresh profile directory.
     pub fn new_session(&self) -> Session<'_> {
+        self.new_session_with(&[])
+    }
+
+    /// [`Driver::new_session`] with more command-line switches for this
+    /// browser only (e.g. `--ignore-certificate-errors`).
+    pub fn new_session_with(&self, extra: &[&str]) -> Session<'_> {
         let profile = tempfile::Builder::new()
             .prefix("wm-e2e-chromium-")
             .tempdir()
             .unwrap();
+        let mut args: Vec<String> = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1000,800",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push(format!("--user-data-dir={}", profile.path().display()));
+        args.extend(extra.iter().map(|a| a.to_string()));
         let caps = json!({
             "capabilities": {
                 "alwaysMatch": {
                     "browserName": "chrome",
                     "goog:chromeOptions": {
                         "binary": CHROMIUM,
-                        "args": [
-                            "--headless=new",
-                            "--no-sandbox",
-                            "--disable-gpu",
-                            "--disable-dev-shm-usage",
-                            "--disable-quic",
-                            "--no-first-run",
-                            "--disable-background-networking",
-                            "--disable-component-update",
-                            "--disable-sync",
-                            "--window-size=1000,800",
-                            format!("--user-data-dir={}", profile.path().display()),
-                        ],
+                        "args": args,
                     },
                 },
             },

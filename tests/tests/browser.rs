@@ -1,9 +1,11 @@
 //! The chat example in a real browser: headless chromium, driven through
 //! chromedriver, loads the page from the `http://` listener and chats over the
-//! `websocket://` listener.
+//! `websocket://` listener; and the same over `https://` and `wss://`.
 //!
 //! Needs `apt-get install chromium chromium-driver`, and
 //! `cargo build -p wm-host -p chat-plugin`.
+
+mod common;
 
 use std::path::PathBuf;
 
@@ -127,6 +129,72 @@ fn two_browsers_chat_in_one_room() {
     // For humans: target/browser-chat.png.
     bob.screenshot(&target_dir().parent().unwrap().join("browser-chat.png"));
 
+    drop((alice, bob));
+    drop(driver);
+    server.stop();
+}
+
+/// The chat page over `https://` and the chat over `wss://`, with a
+/// certificate of the test's own CA (this browser alone ignores certificate
+/// errors).
+#[test]
+fn two_browsers_chat_over_https_and_wss() {
+    let (ws_port, https_port) = (free_port(), free_port());
+    let chat = plugin("chat_plugin");
+    let tls = "[worker.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n";
+    let server = Server::new(&format!(
+        "[[worker]]\nname = \"chat\"\nlisten = \"wss://127.0.0.1:{ws_port}\"\ncount = 2\nplugin = \"{chat}\"\n{tls}\n\
+         [[worker]]\nname = \"web\"\nlisten = \"https://127.0.0.1:{https_port}\"\ncount = 1\nplugin = \"{chat}\"\n\
+         static_dir = \"{static_dir}\"\n\n[worker.options]\nws_port = \"{ws_port}\"\n{tls}",
+        chat = chat.display(),
+        static_dir = static_dir().display(),
+    ));
+    let ca = common::certs::Ca::new("browser test CA");
+    let leaf = ca.server("chat");
+    std::fs::write(server.dir.path().join("cert.pem"), &leaf.cert_pem).unwrap();
+    std::fs::write(server.dir.path().join("key.pem"), &leaf.key_pem).unwrap();
+    server.start();
+
+    let driver = Driver::start();
+    let alice = driver.new_session_with(&["--ignore-certificate-errors"]);
+    let bob = driver.new_session_with(&["--ignore-certificate-errors"]);
+    let url = format!("https://127.0.0.1:{https_port}/");
+    for (who, page) in [("alice", &alice), ("bob", &bob)] {
+        page.goto(&url);
+        wait_for(&format!("{who}'s page to say #status connected"), || {
+            (page.try_text("#status")?.trim() == "connected").then_some(())
+        });
+        assert_eq!(
+            page.execute("return location.protocol;"),
+            Value::String("https:".into())
+        );
+    }
+    let room = "tls-room";
+    join(&alice, "alice", room);
+    join(&bob, "bob", room);
+    wait_online(&alice, "alice", &["alice", "bob"]);
+    wait_online(&bob, "bob", &["alice", "bob"]);
+    say(&alice, "hello over wss");
+    wait_message(&bob, "bob", "alice", "hello over wss");
+    say(&bob, "encrypted hi");
+    wait_message(&alice, "alice", "bob", "encrypted hi");
+
+    // The websockets are TLS connections of the chat group.
+    let out = server.cli(&["connections", "--json"]);
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let wss = rows
+        .as_array()
+        .or_else(|| rows["connections"].as_array())
+        .unwrap_or_else(|| panic!("{rows}"))
+        .iter()
+        .filter(|r| {
+            r["worker"] == "chat" && r["transport"] == "ssl" && r["protocol"] == "websocket"
+        })
+        .count();
+    assert!(wss >= 2, "{rows}");
+
+    // For humans: target/browser-chat-tls.png.
+    bob.screenshot(&target_dir().parent().unwrap().join("browser-chat-tls.png"));
     drop((alice, bob));
     drop(driver);
     server.stop();

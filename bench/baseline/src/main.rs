@@ -10,6 +10,8 @@
 //!     wm-baseline --proto websocket --listen 127.0.0.1:9000 [--procs 2]
 //!
 //! `--procs N` runs N such processes on one port with `SO_REUSEPORT`.
+//! `--cert C --key K` speaks TLS (rustls, as wm-host's ssl listeners do):
+//! `--proto websocket` is then wss echo and `--proto http` https (`tls.rs`).
 //! `--proto ws-group` is the floor for broadcast fan-out: one process, the
 //! test plugin's `join g` / `count g` / `gsend g <text>` commands over
 //! websocket text messages, and a broadcast written to every member socket in
@@ -30,11 +32,14 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use clap::{Parser, ValueEnum};
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use wm_proto::http::{self, HttpDecoder, Limits, Scratch};
 use wm_proto::websocket::{accept_key, apply_mask, write_frame};
+
+mod tls;
+use tls::Stream;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Proto {
@@ -70,6 +75,12 @@ struct Args {
     /// Set on the children of `--procs N`.
     #[arg(long, hide = true)]
     reuseport: bool,
+    /// TLS: the certificate chain (PEM); needs `--key`.
+    #[arg(long, requires = "key")]
+    cert: Option<String>,
+    /// TLS: the private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<String>,
 }
 
 const LISTENER: Token = Token(usize::MAX);
@@ -117,7 +128,7 @@ const HELLO_CLOSE: Canned = Canned {
 };
 
 struct Conn {
-    sock: TcpStream,
+    sock: Stream,
     /// Bytes of an incomplete message; unallocated while there are none.
     input: Vec<u8>,
     /// Bytes the socket did not take yet; unallocated while there are none.
@@ -176,6 +187,9 @@ fn spawn_children(args: &Args) -> io::Result<()> {
                 .arg("--max-package-size")
                 .arg(args.max_package_size.to_string())
                 .arg("--reuseport")
+                .args(
+                    (args.cert.iter().zip(&args.key)).flat_map(|(c, k)| ["--cert", c, "--key", k]),
+                )
                 .spawn()?,
         );
     }
@@ -204,6 +218,10 @@ fn serve(args: &Args) -> io::Result<()> {
         // SAFETY: prctl with an integer argument.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
     }
+    let tls = match (&args.cert, &args.key) {
+        (Some(c), Some(k)) => Some(tls::config(c, k, args.proto == Proto::Http)?),
+        _ => None,
+    };
     let mut listener = bind(args.listen, args.reuseport)?;
     let mut poll = Poll::new()?;
     poll.registry()
@@ -236,7 +254,7 @@ fn serve(args: &Args) -> io::Result<()> {
         }
         for ev in events.iter() {
             if ev.token() == LISTENER {
-                accept_all(&listener, &poll, &mut conns);
+                accept_all(&listener, &poll, &mut conns, tls.as_ref());
                 continue;
             }
             let key = ev.token().0;
@@ -246,7 +264,7 @@ fn serve(args: &Args) -> io::Result<()> {
             if drive(conn, ev.is_readable(), ev.is_writable(), &mut sh) {
                 let mut conn = conns.remove(key);
                 sh.members -= usize::from(conn.member);
-                let _ = poll.registry().deregister(&mut conn.sock);
+                let _ = poll.registry().deregister(conn.sock.tcp());
             }
             if let Some(text) = sh.fanout.take() {
                 broadcast(&mut conns, &text);
@@ -255,7 +273,12 @@ fn serve(args: &Args) -> io::Result<()> {
     }
 }
 
-fn accept_all(listener: &TcpListener, poll: &Poll, conns: &mut Slab<Conn>) {
+fn accept_all(
+    listener: &TcpListener,
+    poll: &Poll,
+    conns: &mut Slab<Conn>,
+    tls: Option<&std::sync::Arc<rustls::ServerConfig>>,
+) {
     loop {
         match listener.accept() {
             Ok((mut sock, _)) => {
@@ -267,6 +290,13 @@ fn accept_all(listener: &TcpListener, poll: &Poll, conns: &mut Slab<Conn>) {
                     .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
                     .is_ok()
                 {
+                    let sock = match tls {
+                        Some(c) => match rustls::ServerConnection::new(c.clone()) {
+                            Ok(t) => Stream::Tls(Box::new((sock, t))),
+                            Err(_) => continue,
+                        },
+                        None => Stream::Plain(sock),
+                    };
                     entry.insert(Conn {
                         sock,
                         input: Vec::new(),
@@ -287,6 +317,9 @@ fn accept_all(listener: &TcpListener, poll: &Poll, conns: &mut Slab<Conn>) {
 
 /// Handles one readiness event; true when the connection is finished.
 fn drive(conn: &mut Conn, readable: bool, writable: bool, sh: &mut Shared) -> bool {
+    if writable && conn.sock.pump().is_err() {
+        return true;
+    }
     if writable && !conn.output.is_empty() && flush(conn).is_err() {
         return true;
     }

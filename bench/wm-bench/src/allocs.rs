@@ -28,6 +28,8 @@ pub enum Service {
     Frame,
     Websocket,
     Http,
+    /// Websocket over TLS (`wss://`; the baseline with `--cert`).
+    Wss,
 }
 
 impl Service {
@@ -37,6 +39,7 @@ impl Service {
             Service::Frame => "frame",
             Service::Websocket => "websocket",
             Service::Http => "http",
+            Service::Wss => "wss",
         }
     }
 
@@ -44,7 +47,7 @@ impl Service {
         match self {
             Service::Text => Some(Proto::Text),
             Service::Frame => Some(Proto::Frame),
-            Service::Websocket => Some(Proto::Websocket),
+            Service::Websocket | Service::Wss => Some(Proto::Websocket),
             Service::Http => None,
         }
     }
@@ -188,10 +191,19 @@ fn run(
     cmd.args(["-c", &cpu.to_string(), "valgrind", "--tool=dhat"])
         .arg(format!("--dhat-out-file={}/dhat.%p", out.display()));
     let config = dir.join("wm.toml");
+    let tls = service == Service::Wss;
+    if tls {
+        crate::tls::make_cert(&dir)?;
+    }
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     if baseline {
+        let proto = if tls { "websocket" } else { service.scheme() };
         cmd.arg(&bins.baseline)
-            .args(["--proto", service.scheme(), "--listen"])
+            .args(["--proto", proto, "--listen"])
             .arg(addr.to_string());
+        if tls {
+            cmd.arg("--cert").arg(&cert).arg("--key").arg(&key);
+        }
     } else {
         let plugin = if service == Service::Http {
             &bins.hello_plugin
@@ -203,9 +215,17 @@ fn run(
         let text = format!(
             "[host]\nruntime_dir = \"run\"\nstop_timeout = \"60s\"\nstart_timeout = \"120s\"\n\n\
              [[worker]]\nname = \"bench\"\nlisten = \"{}://127.0.0.1:{port}\"\n\
-             count = 1\nplugin = \"{}\"\n",
+             count = 1\nplugin = \"{}\"\n{}",
             service.scheme(),
-            plugin.display()
+            plugin.display(),
+            match tls {
+                true => format!(
+                    "[worker.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                    cert.display(),
+                    key.display()
+                ),
+                false => String::new(),
+            }
         );
         std::fs::write(&config, text).map_err(|e| e.to_string())?;
         // The master fork+execs its workers: follow them.
@@ -288,9 +308,9 @@ fn echo(
     addr: SocketAddr,
     n: usize,
     server: &mut Child,
-) -> Result<TcpStream, String> {
+) -> Result<Box<dyn std::any::Any>, String> {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut s = loop {
+    let s = loop {
         match TcpStream::connect(addr) {
             Ok(s) => break s,
             Err(e) if Instant::now() > deadline => return Err(format!("connect: {e}")),
@@ -304,8 +324,20 @@ fn echo(
     };
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+    match service {
+        Service::Wss => talk(service, crate::tls::blocking_client(s)?, n),
+        _ => talk(service, s, n),
+    }
+}
+
+/// The handshake and `n` echoes on a connected stream, which is returned.
+fn talk<S: Read + Write + 'static>(
+    service: Service,
+    mut s: S,
+    n: usize,
+) -> Result<Box<dyn std::any::Any>, String> {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    if service == Service::Websocket {
+    if service.proto() == Some(Proto::Websocket) {
         s.write_all(
             b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
               Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -353,12 +385,12 @@ fn echo(
             }
         }
     }
-    Ok(s)
+    Ok(Box::new(s))
 }
 
 /// Reads into `buf` until `complete` finds a whole answer; returns its length.
 fn read_until(
-    s: &mut TcpStream,
+    s: &mut impl Read,
     buf: &mut Vec<u8>,
     mut complete: impl FnMut(&[u8]) -> Option<usize>,
 ) -> Result<usize, String> {

@@ -16,6 +16,7 @@ mod handover;
 mod idle;
 mod suite;
 mod sys;
+mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -112,6 +113,9 @@ enum Cmd {
     /// Live handover on reload: handover time, echo latency under reloads,
     /// wrk errors over reloads; replaces the report's `## Handover` section.
     Handover(handover::HandoverCmd),
+    /// TLS (wss echo, https, handshakes, idle wss memory) against the
+    /// baseline with `--cert`; writes the TLS section of the Markdown file.
+    Tls(tls::TlsOpts),
 }
 
 /// A duration given in (fractional) seconds on the command line.
@@ -252,6 +256,7 @@ fn main() {
         } => count_allocs(proto, messages, baseline, server_cpu),
         Cmd::Suite(opts) => suite::run(opts),
         Cmd::Handover(cmd) => handover::main(cmd),
+        Cmd::Tls(opts) => tls::run(opts),
     };
     if let Err(e) = result {
         eprintln!("wm-bench: {e}");

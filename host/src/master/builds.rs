@@ -20,12 +20,18 @@ use mio::Waker;
 
 use sha2::{Digest, Sha256};
 
+use crate::config::TlsFiles;
+use crate::tls::TlsMaterial;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Build {
     /// Hex SHA-256 of the file.
     pub hash: String,
     /// The copy workers load.
     pub copy: PathBuf,
+    /// ssl listeners: the certificate and key as read and checked with
+    /// this build (a reload reads them again), handed to its workers.
+    pub tls: Option<Arc<TlsMaterial>>,
 }
 
 impl Build {
@@ -109,7 +115,28 @@ pub fn install(runtime_dir: &Path, source: &Path) -> Result<Build, String> {
             copy.display()
         ));
     }
-    Ok(Build { hash, copy })
+    Ok(Build {
+        hash,
+        copy,
+        tls: None,
+    })
+}
+
+/// What a group's workers start from: the plugin's copy (`install`) and,
+/// for an ssl listener, its certificate and key, read and checked now.
+pub fn install_group(
+    runtime_dir: &Path,
+    source: &Path,
+    tls: Option<&TlsFiles>,
+) -> Result<Build, String> {
+    let tls = match tls {
+        Some(files) => Some(Arc::new(TlsMaterial::load(files)?)),
+        None => None,
+    };
+    Ok(Build {
+        tls,
+        ..install(runtime_dir, source)?
+    })
 }
 
 /// Removes copies that no worker uses any more.
@@ -160,8 +187,8 @@ impl Installer {
         }
     }
 
-    /// Installs `source` for `group` in the background.
-    pub fn start(&self, group: usize, source: PathBuf) {
+    /// Installs `source` (and reads `tls`) for `group` in the background.
+    pub fn start(&self, group: usize, source: PathBuf, tls: Option<TlsFiles>) {
         let (dir, tx, waker) = (
             self.runtime_dir.clone(),
             self.tx.clone(),
@@ -170,7 +197,7 @@ impl Installer {
         let spawned = std::thread::Builder::new()
             .name("install".into())
             .spawn(move || {
-                let _ = tx.send((group, install(&dir, &source)));
+                let _ = tx.send((group, install_group(&dir, &source, tls.as_ref())));
                 let _ = waker.wake();
             });
         if let Err(e) = spawned {
@@ -234,8 +261,8 @@ mod tests {
         let mut poll = mio::Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), mio::Token(7)).unwrap());
         let inst = Installer::new(rt.path().to_path_buf(), waker);
-        inst.start(3, src);
-        inst.start(4, rt.path().join("missing.so"));
+        inst.start(3, src, None);
+        inst.start(4, rt.path().join("missing.so"), None);
         let mut got = Vec::new();
         let mut events = mio::Events::with_capacity(4);
         while got.len() < 2 {

@@ -78,6 +78,9 @@ pub enum StartError {
     Supervisor(#[from] StartFailure),
     #[error("{0}")]
     Plugin(String),
+    /// A certificate or key of the named group.
+    #[error("worker {0:?}: {1}")]
+    Tls(String, String),
 }
 
 /// Where to tell the CLI that start-up finished (daemon mode).
@@ -134,8 +137,11 @@ impl Master {
         let mut groups = Vec::new();
         let mut sockets = Vec::new();
         for w in &cfg.workers {
-            let build =
-                builds::install(&cfg.host.runtime_dir, &w.plugin).map_err(StartError::Plugin)?;
+            let build = builds::install_group(&cfg.host.runtime_dir, &w.plugin, w.tls.as_ref())
+                .map_err(|e| match w.tls.is_some() && e.starts_with("tls") {
+                    true => StartError::Tls(w.name.clone(), e),
+                    false => StartError::Plugin(e),
+                })?;
             sockets.push(listen::bind(w)?);
             let spec = GroupSpec {
                 name: w.name.clone(),
@@ -145,6 +151,7 @@ impl Master {
                 max_requests: w.max_requests,
                 max_memory: w.max_memory,
                 handover: w.reload_mode == crate::config::ReloadMode::Handover,
+                tls: w.tls.clone(),
             };
             groups.push((spec, build));
         }
@@ -320,7 +327,7 @@ impl Master {
                 build,
                 handover,
             } => {
-                if let Err(e) = self.spawn(worker, group, id, &build.copy, handover) {
+                if let Err(e) = self.spawn(worker, group, id, &build, handover) {
                     return Some(Event::SpawnFailed {
                         worker,
                         error: e.to_string(),
@@ -347,7 +354,7 @@ impl Master {
                     let _ = w.buf.flush(&mut w.ctl);
                 }
             }
-            Action::Install { group, source } => self.installer.start(group, source),
+            Action::Install { group, source, tls } => self.installer.start(group, source, tls),
             Action::Reply { client, response } => {
                 self.control.reply(client, &response, self.poll.registry())
             }
@@ -365,7 +372,7 @@ impl Master {
         worker: WorkerId,
         group: usize,
         id: u32,
-        build: &std::path::Path,
+        build: &builds::Build,
         handover: bool,
     ) -> io::Result<()> {
         let cfg = &self.cfg.workers[group];
@@ -849,6 +856,9 @@ impl Master {
             .map(|g| {
                 vec![
                     match &g.listen {
+                        Some(l) if l.transport == crate::config::Transport::Ssl => {
+                            format!("{} (ssl)", l.scheme.name())
+                        }
                         Some(l) if l.transport != crate::config::Transport::Tcp => {
                             format!("{:?}", l.transport).to_lowercase()
                         }

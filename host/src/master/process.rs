@@ -18,9 +18,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use super::builds::Build;
 use crate::config::WorkerConfig;
 use crate::logging::{LOG_FD, LOG_FD_ENV};
-use crate::worker::{Spec, BUS_FD, CONTROL_FD, HANDOVER_FD, LISTEN_FD, SPEC_ENV};
+use crate::worker::{Spec, BUS_FD, CONTROL_FD, HANDOVER_FD, LISTEN_FD, SPEC_ENV, TLS_FD};
 
 pub struct Child {
     pub pid: Pid,
@@ -30,12 +31,13 @@ pub struct Child {
     pub bus: UnixStream,
 }
 
-/// `build` is the plugin copy the worker loads (see `builds`).
+/// `build` is the plugin copy the worker loads (see `builds`), with the
+/// certificate and key of an ssl listener.
 pub fn spawn_worker(
     exe: &Path,
     cfg: &WorkerConfig,
     id: u32,
-    build: &Path,
+    build: &Build,
     listener: Option<&OwnedFd>,
     log: Option<&std::fs::File>,
     handover: Option<&OwnedFd>,
@@ -45,9 +47,13 @@ pub fn spawn_worker(
     let spec = Spec {
         worker: cfg.clone(),
         id,
-        load_from: build.to_path_buf(),
+        load_from: build.copy.clone(),
         handover: handover.is_some(),
+        tls: build.tls.is_some(),
     };
+    // The checked certificate and key, in memory only: see `tls`.
+    let tls = build.tls.as_ref().map(|m| m.to_memfd()).transpose()?;
+    let tls_fd = tls.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
     let spec = serde_json::to_string(&spec).map_err(io::Error::other)?;
     // A worker without a listener gets nothing on its descriptor 3.
     let listen_fd = listener.map(|l| l.as_raw_fd()).unwrap_or(-1);
@@ -65,13 +71,13 @@ pub fn spawn_worker(
     }
     // SAFETY: only fcntl/dup2/setgroups/setgid/setuid run in the child
     // before exec; all are async-signal-safe syscalls. The fds are first
-    // copied above 10 so that moving one to 3..7 cannot overwrite another,
+    // copied above 10 so that moving one to 3..8 cannot overwrite another,
     // and dup2 onto a different number clears close-on-exec.
     unsafe {
         cmd.pre_exec(move || {
-            let from = [listen_fd, ctl_fd, bus_fd, log_fd, handover_fd];
-            let to = [LISTEN_FD, CONTROL_FD, BUS_FD, LOG_FD, HANDOVER_FD];
-            let mut high = [-1; 5];
+            let from = [listen_fd, ctl_fd, bus_fd, log_fd, handover_fd, tls_fd];
+            let to = [LISTEN_FD, CONTROL_FD, BUS_FD, LOG_FD, HANDOVER_FD, TLS_FD];
+            let mut high = [-1; 6];
             for (h, &f) in high.iter_mut().zip(&from) {
                 if f < 0 {
                     continue;
@@ -97,6 +103,7 @@ pub fn spawn_worker(
         });
     }
     let child = cmd.spawn()?;
+    drop(tls);
     drop(theirs);
     drop(bus_theirs);
     ours.set_nonblocking(true)?;

@@ -105,6 +105,13 @@ impl Conn {
         }
     }
 
+    /// Open for the plugin: its protocol's handshake (websocket) and the
+    /// TLS handshake are done.
+    #[inline]
+    pub fn established(&self) -> bool {
+        self.codec.established() && !self.sock.handshaking()
+    }
+
     /// What waits in the send buffer (copied into a handover).
     pub fn output(&self) -> &[u8] {
         &self.out[self.out_pos..]
@@ -130,7 +137,7 @@ impl Conn {
 
     /// The lent buffer back, once everything in it was written.
     pub fn take_back_out(&mut self) -> Option<Vec<u8>> {
-        (self.pending() == 0 && self.out.capacity() > 0).then(|| {
+        (self.queued() == 0 && self.out.capacity() > 0).then(|| {
             self.out_pos = 0;
             std::mem::take(&mut self.out)
         })
@@ -145,8 +152,16 @@ impl Conn {
         self.out.extend_from_slice(&rest);
     }
 
-    /// Bytes waiting in the send buffer.
+    /// Bytes waiting to be sent: in the send buffer, and TLS records the
+    /// socket did not take yet.
+    #[inline]
     pub fn pending(&self) -> usize {
+        self.queued() + self.sock.wire_pending()
+    }
+
+    /// Bytes in the send buffer (plaintext on TLS).
+    #[inline]
+    fn queued(&self) -> usize {
         self.out.len() - self.out_pos
     }
 
@@ -228,7 +243,9 @@ impl Conn {
     // left to itself, LLVM stopped inlining it once the worker grew).
     #[inline]
     pub fn flush(&mut self) -> io::Result<bool> {
-        while self.pending() > 0 {
+        // TLS records already made go first (no-op otherwise).
+        let wire_done = self.sock.flush_wire()?;
+        while wire_done && self.queued() > 0 {
             match self.sock.write(&self.out[self.out_pos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
@@ -240,7 +257,7 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
-        if self.pending() == 0 {
+        if self.queued() == 0 {
             if self.corked {
                 // The worker's lent buffer: it takes it back right after.
                 self.out.clear();
@@ -249,13 +266,24 @@ impl Conn {
                 self.out = Vec::new();
             }
             self.out_pos = 0;
-            return Ok(true);
+            if self.state == State::Closing {
+                // TLS: everything is encrypted; close_notify comes last.
+                self.sock.close_notify();
+            }
+            return Ok(self.sock.wire_pending() == 0);
         }
         if self.out_pos > self.out.len() / 2 {
             self.out.drain(..self.out_pos);
             self.out_pos = 0;
         }
         Ok(false)
+    }
+
+    /// Closing: TLS says close_notify once all that is queued is sent.
+    pub fn close_notify_when_flushed(&mut self) {
+        if self.queued() == 0 {
+            self.sock.close_notify();
+        }
     }
 
     pub fn discard_output(&mut self) {

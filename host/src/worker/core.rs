@@ -309,6 +309,11 @@ impl Core {
     /// Closes after flushing, optionally sending a last message first.
     pub fn close(&mut self, id: u64, last: Option<&[u8]>) -> bool {
         match self.get(id) {
+            // TLS before its handshake is done: nothing can be sent on it.
+            Some(c) if c.state == State::Open && c.sock.handshaking() => {
+                self.destroy(id);
+                return true;
+            }
             Some(c) if c.state == State::Open => {}
             // Nothing to flush to yet: closing a connect attempt ends it.
             Some(c) if c.state == State::Connecting => {
@@ -334,6 +339,7 @@ impl Core {
                 let _ = conn.write_parts(&[&bye]);
             }
             conn.state = State::Closing;
+            conn.close_notify_when_flushed();
             if conn.pending() == 0 {
                 self.finish_close(id);
             }
@@ -428,7 +434,7 @@ impl Core {
     pub fn open_ids(&self) -> Vec<u64> {
         self.conns
             .iter()
-            .filter(|(_, c)| c.state == State::Open && c.codec.established())
+            .filter(|(_, c)| c.state == State::Open && c.established())
             .map(|(_, c)| c.id)
             .collect()
     }

@@ -201,7 +201,7 @@ impl Core {
             } => (
                 self.conns
                     .iter()
-                    .filter(|(_, c)| c.state == State::Open && c.codec.established())
+                    .filter(|(_, c)| c.state == State::Open && c.established())
                     .map(|(_, c)| c.id)
                     .filter(|id| !(self.skip_adopted && self.adopted.contains_key(id)))
                     .filter(|id| Some(self.gid(*id)) != *exclude)
@@ -222,7 +222,7 @@ impl Core {
         let mut framed_by = None;
         for id in targets {
             match self.get(id) {
-                Some(c) if c.state == State::Open && c.codec.established() => {
+                Some(c) if c.state == State::Open && c.established() => {
                     let by = (
                         std::mem::discriminant(&c.codec),
                         matches!(&c.codec, Codec::Websocket(ws) if ws.role() == Role::Client),

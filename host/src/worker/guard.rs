@@ -16,6 +16,8 @@ use wm_proto::{http, Codec};
 /// Why a connection is cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
+    /// ssl listeners: the TLS handshake took longer than `header_timeout`.
+    Handshake(Duration),
     Header(Duration),
     Message(Duration),
     Budget(usize),
@@ -25,7 +27,7 @@ impl Cut {
     /// The HTTP answer before the close (when none is owed before it).
     fn status(self) -> u16 {
         match self {
-            Cut::Header(_) | Cut::Message(_) => 408,
+            Cut::Handshake(_) | Cut::Header(_) | Cut::Message(_) => 408,
             Cut::Budget(_) => 503,
         }
     }
@@ -34,6 +36,12 @@ impl Cut {
 impl std::fmt::Display for Cut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Cut::Handshake(t) => {
+                write!(
+                    f,
+                    "TLS handshake not complete within header_timeout ({t:?})"
+                )
+            }
             Cut::Header(t) => write!(f, "header not complete within header_timeout ({t:?})"),
             Cut::Message(t) => write!(f, "message not complete within message_timeout ({t:?})"),
             Cut::Budget(max) => write!(
@@ -70,9 +78,11 @@ impl Guard {
         }
     }
 
-    /// When a newly accepted connection's header clock starts, if it has one.
-    pub fn header_clock(&self, codec: &Codec, now: Instant) -> Option<Instant> {
-        let handshake = matches!(codec, Codec::Http(_))
+    /// When a newly accepted connection's header clock starts, if it has
+    /// one: HTTP heads, websocket handshakes, TLS handshakes (`tls`).
+    pub fn header_clock(&self, codec: &Codec, tls: bool, now: Instant) -> Option<Instant> {
+        let handshake = tls
+            || matches!(codec, Codec::Http(_))
             || matches!(codec, Codec::Websocket(ws) if !ws.is_open());
         (self.header.is_some() && handshake).then_some(now)
     }
@@ -167,7 +177,13 @@ impl Guard {
                 _ => None,
             };
             if let Some(l) = past(c.head_since, self.header) {
-                late.push((c.id, Cut::Header(l)));
+                late.push((
+                    c.id,
+                    match c.sock.handshaking() {
+                        true => Cut::Handshake(l),
+                        false => Cut::Header(l),
+                    },
+                ));
             } else if let Some(l) = past(c.msg_since, self.message) {
                 late.push((c.id, Cut::Message(l)));
             }

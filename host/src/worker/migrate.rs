@@ -83,10 +83,13 @@ impl Incoming {
 /// context is not serialized, so the old worker keeps the connection and
 /// closes it with 1001 when it stops. Without context takeover a deflate
 /// websocket moves like any other between messages.
+/// TLS connections stay too, and are drained: rustls' session
+/// (keys, sequence numbers) cannot be exported to another process.
 fn movable(c: &Conn) -> bool {
     c.state == State::Open
         && !c.frozen
         && !c.sock.is_udp()
+        && !c.sock.is_tls()
         && !c.ending
         && c.outbound.is_none()
         && c.pipe_to.is_none()
@@ -567,7 +570,9 @@ impl Worker {
         }
         conn.inbuf = rec.inbuf;
         conn.set_output(rec.out);
-        conn.head_since = self.guard.header_clock(&conn.codec, conn.last_active);
+        conn.head_since = self
+            .guard
+            .header_clock(&conn.codec, false, conn.last_active);
         conn.corked = true;
         self.core.buffered += conn.held;
         self.core.conns.insert(conn);

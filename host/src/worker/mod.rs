@@ -16,6 +16,7 @@ mod runner;
 mod sock;
 mod stats;
 mod timers;
+mod tls;
 
 use std::io::{self, Read};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -45,6 +46,8 @@ pub const LISTEN_FD: i32 = 3;
 pub const CONTROL_FD: i32 = 4;
 pub const BUS_FD: i32 = 5;
 pub use handover::HANDOVER_FD;
+/// An ssl listener's certificate and key, as the master checked them (a memfd).
+pub const TLS_FD: i32 = 8;
 /// Environment variable carrying the [`Spec`] as JSON.
 pub const SPEC_ENV: &str = "WM_WORKER_SPEC";
 
@@ -354,6 +357,9 @@ pub struct Spec {
     /// finds the handover socket on [`HANDOVER_FD`].
     #[serde(default)]
     pub handover: bool,
+    /// An ssl listener: the certificate and key are on [`TLS_FD`].
+    #[serde(default)]
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -406,6 +412,8 @@ struct Worker {
     outgoing: Option<migrate::Outgoing>,
     /// New worker: waiting for the export.
     incoming: Option<migrate::Incoming>,
+    /// ssl listeners: the configuration every accepted connection shares.
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// udp:// peers by address, oldest first.
     udp_peers: std::collections::HashMap<std::net::SocketAddr, u64>,
     udp_order: std::collections::VecDeque<std::net::SocketAddr>,
@@ -428,7 +436,9 @@ pub fn run(spec: Spec) -> i32 {
     let handover = spec
         .handover
         .then(|| unsafe { StdUnixStream::from(OwnedFd::from_raw_fd(HANDOVER_FD)) });
-    serve_with(spec, ctl, listener, bus, handover)
+    // SAFETY: the master passes it to workers of ssl listeners.
+    let tls = spec.tls.then(|| unsafe { OwnedFd::from_raw_fd(TLS_FD) });
+    serve_tls(spec, ctl, listener, bus, handover, tls)
 }
 
 /// Runs a worker on these sockets until it is told to stop over `ctl` (or
@@ -448,8 +458,21 @@ pub fn serve_with(
     bus: StdUnixStream,
     handover: Option<StdUnixStream>,
 ) -> i32 {
+    serve_tls(spec, ctl, listener, bus, handover, None)
+}
+
+/// [`serve_with`], and for an ssl listener the memfd holding its
+/// certificate and key (see `crate::tls`).
+fn serve_tls(
+    spec: Spec,
+    ctl: StdUnixStream,
+    listener: Option<OwnedFd>,
+    bus: StdUnixStream,
+    handover: Option<StdUnixStream>,
+    tls: Option<OwnedFd>,
+) -> i32 {
     let _span = tracing::info_span!("worker", name = %spec.worker.name, id = spec.id, pid = std::process::id()).entered();
-    match start(spec, ctl, listener, bus, handover) {
+    match start(spec, ctl, listener, bus, handover, tls) {
         Ok(mut worker) => match worker.run() {
             Ok(()) => 0,
             Err(e) => {
@@ -521,7 +544,23 @@ fn start(
     listener_fd: Option<OwnedFd>,
     bus_std: StdUnixStream,
     handover: Option<StdUnixStream>,
+    tls_fd: Option<OwnedFd>,
 ) -> Result<Worker, (StdUnixStream, String)> {
+    // The master checked these files; this only fails if it could not
+    // hand them over.
+    let tls = match tls_fd.map(|fd| {
+        let http = matches!(
+            spec.worker.scheme(),
+            Some(crate::config::Scheme::Http | crate::config::Scheme::Websocket)
+        );
+        crate::tls::TlsMaterial::from_fd(fd)
+            .map_err(|e| format!("tls: cannot read the certificate from the master: {e}"))
+            .and_then(|m| m.server_config(http))
+    }) {
+        Some(Err(e)) => return Err((ctl_std, e)),
+        Some(Ok(c)) => Some(c),
+        None => None,
+    };
     let plugin = match LoadedPlugin::load(&spec.load_from, &spec.worker.plugin) {
         Ok(p) => p,
         Err(e) => return Err((ctl_std, e.to_string())),
@@ -625,6 +664,7 @@ fn start(
         incoming: None,
         udp_peers: Default::default(),
         udp_order: Default::default(),
+        tls,
         runner,
     };
     // Only a build that can import waits for the old worker's connections.
@@ -964,13 +1004,29 @@ impl Worker {
                 tracing::warn!("cannot register connection: {e}");
                 continue;
             }
+            let sock = match (&self.tls, sock) {
+                (Some(cfg), sock::Sock::Tcp(tcp)) => {
+                    match rustls::ServerConnection::new(cfg.clone()) {
+                        Ok(tls) => sock::Sock::Tls(Box::new(tls::TlsStream::new(tcp, tls))),
+                        Err(e) => {
+                            limited!("cannot start TLS on a connection: {e}");
+                            let _ = self.poll.registry().deregister(&mut sock::Sock::Tcp(tcp));
+                            continue;
+                        }
+                    }
+                }
+                (_, sock) => sock,
+            };
             let id = self.core.next_id(idx);
             let mut codec = Codec::new(self.scheme);
             codec.set_deflate(self.core.ws_deflate);
-            let known = codec.established();
+            // TLS: `on_connect` once the handshake is done (see `read`).
+            let known = codec.established() && !sock.is_tls();
             let max_send = self.core.max_send_buffer_size;
             let mut conn = Conn::new(id, sock, codec, max_send);
-            conn.head_since = self.guard.header_clock(&conn.codec, conn.last_active);
+            conn.head_since =
+                self.guard
+                    .header_clock(&conn.codec, conn.sock.is_tls(), conn.last_active);
             self.core.conns.insert(conn);
             // A websocket is "connected" for the plugin once its handshake is done.
             if known {
@@ -989,13 +1045,20 @@ impl Worker {
             if conn.state != State::Open || conn.paused || conn.frozen {
                 return;
             }
-            match conn.sock.read(&mut self.read_buf) {
+            let got = conn.sock.read(&mut self.read_buf);
+            if conn.sock.take_established() {
+                self.tls_established(id);
+            }
+            match got {
                 Ok(0) => {
                     // Peer closed: send what is owed, then close.
                     self.core.close(id, None);
                     return;
                 }
                 Ok(n) => {
+                    let Some(conn) = self.core.get(id) else {
+                        return;
+                    };
                     conn.bytes_read += n as u64;
                     conn.last_active = Instant::now();
                     conn.corked = true;
@@ -1015,14 +1078,25 @@ impl Worker {
                     }
                     // A short read emptied the socket: new data brings a new
                     // edge, so there is no need to try again now.
-                    if n < self.read_buf.len() {
+                    if n < self.read_buf.len()
+                        && !self.core.get(id).is_some_and(|c| c.sock.more_to_read())
+                    {
                         return;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::debug!(conn = id, "read failed: {e}");
+                    match e
+                        .get_ref()
+                        .and_then(|e| e.downcast_ref::<tls::TlsFailure>())
+                    {
+                        Some(why) => {
+                            let peer = self.core.peer(id);
+                            limited!(conn = id, %peer, "closing connection: {why}");
+                        }
+                        None => tracing::debug!(conn = id, "read failed: {e}"),
+                    }
                     self.core.destroy(id);
                     return;
                 }
@@ -1030,6 +1104,25 @@ impl Worker {
         }
         // Still more to read: come back after the others had their turn.
         self.again.push(id);
+    }
+
+    /// A TLS handshake finished: the plugin hears of the connection now
+    /// (websockets: after their own handshake), and what was queued for it
+    /// meanwhile goes out.
+    #[cold]
+    fn tls_established(&mut self, id: u64) {
+        let Some(conn) = self.core.get(id) else {
+            return;
+        };
+        // The header clock covered the TLS handshake; HTTP and websocket
+        // heads keep it running.
+        if !matches!(&conn.codec, Codec::Http(_) | Codec::Websocket(_)) {
+            conn.head_since = None;
+        }
+        if conn.state == State::Open && conn.established() {
+            self.runner.invoke(&mut self.core, Call::Connect(id));
+        }
+        self.core.flush(id);
     }
 
     /// Hands `read_buf[..n]` to the connection: to its pipe, or through its

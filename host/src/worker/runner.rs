@@ -293,7 +293,7 @@ impl Runner {
                         self.finish_outbound(core, id);
                         continue;
                     }
-                    let known = conn.codec.established() && !conn.unknown;
+                    let known = conn.established() && !conn.unknown;
                     let partners = [conn.pipe_to, conn.pipe_from];
                     // Dropping the socket closes it and takes it out of epoll.
                     let held = core.conns.remove(slot(id)).held;

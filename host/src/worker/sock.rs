@@ -1,5 +1,6 @@
-//! A connection's socket: TCP or a unix stream. Everything above reads,
-//! writes and polls it the same way.
+//! A connection's socket: TCP, TLS over TCP, a unix stream or a udp peer.
+//! Everything above reads, writes and polls it the same way, and sees
+//! plaintext (`tls.rs` does the rest).
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -11,8 +12,12 @@ use mio::event::Source;
 use mio::net::{TcpStream, UnixStream};
 use mio::{Interest, Registry, Token};
 
+use super::tls::TlsStream;
+
 pub enum Sock {
     Tcp(TcpStream),
+    /// An ssl listener's connection (boxed: rustls' state is large).
+    Tls(Box<TlsStream>),
     Unix(UnixStream),
     /// A udp:// peer: what is written goes to it as one datagram from the
     /// listener's socket. It is never polled.
@@ -36,10 +41,78 @@ impl Sock {
         matches!(self, Sock::Udp(..))
     }
 
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Sock::Tls(_))
+    }
+
+    /// As `wm-host connections` shows it.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Sock::Tcp(_) => "tcp",
+            Sock::Tls(_) => "ssl",
+            Sock::Unix(_) => "unix",
+            Sock::Udp(..) => "udp",
+        }
+    }
+
+    /// A TLS handshake is still running: the plugin does not know the
+    /// connection yet.
+    #[inline]
+    pub fn handshaking(&self) -> bool {
+        match self {
+            Sock::Tls(t) => t.handshaking(),
+            _ => false,
+        }
+    }
+
+    /// True once, when a TLS handshake has just finished.
+    #[inline]
+    pub fn take_established(&mut self) -> bool {
+        match self {
+            Sock::Tls(t) => t.take_established(),
+            _ => false,
+        }
+    }
+
+    /// A short read did not empty it: read again (TLS after the peer's EOF).
+    #[inline]
+    pub fn more_to_read(&self) -> bool {
+        match self {
+            Sock::Tls(t) => t.more_to_read(),
+            _ => false,
+        }
+    }
+
+    /// TLS records made but not yet taken by the socket.
+    #[inline]
+    pub fn wire_pending(&self) -> usize {
+        match self {
+            Sock::Tls(t) => t.wire_pending(),
+            _ => 0,
+        }
+    }
+
+    /// Writes those records; true when none is left.
+    #[inline]
+    pub fn flush_wire(&mut self) -> io::Result<bool> {
+        match self {
+            Sock::Tls(t) => t.flush_wire(),
+            _ => Ok(true),
+        }
+    }
+
+    /// TLS: queues close_notify (once), before the socket is closed.
+    pub fn close_notify(&mut self) {
+        if let Sock::Tls(t) = self {
+            t.close_notify();
+        }
+    }
+
     /// The peer's address (unix peers have none worth showing).
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         match self {
             Sock::Tcp(s) => s.peer_addr(),
+            Sock::Tls(t) => t.io.peer_addr(),
             Sock::Unix(_) => Err(io::ErrorKind::Unsupported.into()),
             Sock::Udp(_, to) => Ok(*to),
         }
@@ -48,6 +121,7 @@ impl Sock {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
             Sock::Tcp(s) => s.local_addr(),
+            Sock::Tls(t) => t.io.local_addr(),
             Sock::Unix(_) => Err(io::ErrorKind::Unsupported.into()),
             Sock::Udp(s, _) => s.local_addr(),
         }
@@ -57,6 +131,7 @@ impl Sock {
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             Sock::Tcp(s) => s.shutdown(how),
+            Sock::Tls(t) => t.io.shutdown(how),
             Sock::Unix(s) => s.shutdown(how),
             Sock::Udp(..) => Ok(()),
         }
@@ -65,6 +140,7 @@ impl Sock {
     pub fn take_error(&self) -> io::Result<Option<io::Error>> {
         match self {
             Sock::Tcp(s) => s.take_error(),
+            Sock::Tls(t) => t.io.take_error(),
             Sock::Unix(s) => s.take_error(),
             Sock::Udp(..) => Ok(None),
         }
@@ -85,6 +161,7 @@ impl Read for Sock {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Sock::Tcp(s) => s.read(buf),
+            Sock::Tls(t) => t.read(buf),
             Sock::Unix(s) => s.read(buf),
             // Datagrams are read from the listener.
             Sock::Udp(..) => Err(io::ErrorKind::WouldBlock.into()),
@@ -97,6 +174,7 @@ impl Write for Sock {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Sock::Tcp(s) => s.write(buf),
+            Sock::Tls(t) => t.write(buf),
             Sock::Unix(s) => s.write(buf),
             Sock::Udp(s, to) => send_datagram(s, *to, buf),
         }
@@ -106,6 +184,7 @@ impl Write for Sock {
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Sock::Tcp(s) => s.write_vectored(bufs),
+            Sock::Tls(t) => t.write_vectored(bufs),
             Sock::Unix(s) => s.write_vectored(bufs),
             // One message is one datagram.
             Sock::Udp(s, to) => {
@@ -124,6 +203,7 @@ impl AsRawFd for Sock {
     fn as_raw_fd(&self) -> RawFd {
         match self {
             Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Tls(t) => t.io.as_raw_fd(),
             Sock::Unix(s) => s.as_raw_fd(),
             Sock::Udp(s, _) => s.as_raw_fd(),
         }
@@ -134,6 +214,7 @@ impl Source for Sock {
     fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
             Sock::Tcp(s) => s.register(r, t, i),
+            Sock::Tls(s) => s.io.register(r, t, i),
             Sock::Unix(s) => s.register(r, t, i),
             Sock::Udp(..) => Ok(()),
         }
@@ -142,6 +223,7 @@ impl Source for Sock {
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
             Sock::Tcp(s) => s.reregister(r, t, i),
+            Sock::Tls(s) => s.io.reregister(r, t, i),
             Sock::Unix(s) => s.reregister(r, t, i),
             Sock::Udp(..) => Ok(()),
         }
@@ -150,6 +232,7 @@ impl Source for Sock {
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
         match self {
             Sock::Tcp(s) => s.deregister(r),
+            Sock::Tls(s) => s.io.deregister(r),
             Sock::Unix(s) => s.deregister(r),
             Sock::Udp(..) => Ok(()),
         }

@@ -40,7 +40,7 @@ impl Core {
                 pid: self.node,
                 worker: self.info.name.as_str().to_string(),
                 id: c.id,
-                transport: "tcp".into(),
+                transport: c.sock.transport().into(),
                 protocol: c.codec.name().into(),
                 local: addr(c.local),
                 remote: addr(c.remote),
@@ -50,7 +50,7 @@ impl Core {
                 bytes_written: c.bytes_written,
                 state: if c.state == State::Closing {
                     "CLOSING"
-                } else if !c.codec.established() {
+                } else if !c.established() {
                     "HANDSHAKE"
                 } else {
                     "ESTABLISHED"

@@ -122,7 +122,9 @@
     const r = await fetch("/config.json", { cache: "no-store" });
     if (!r.ok) throw new Error(`/config.json answered ${r.status}`);
     const { ws_port } = await r.json();
-    return `ws://${location.hostname}:${ws_port}/`;
+    // A page served over https talks to a wss:// listener.
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    return `${scheme}://${location.hostname}:${ws_port}/`;
   }
 
   function reconnectLater() {

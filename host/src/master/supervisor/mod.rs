@@ -51,6 +51,8 @@ pub struct GroupSpec {
     pub max_memory: Option<u64>,
     /// Replacements take over the old worker's connections (`reload_mode`).
     pub handover: bool,
+    /// ssl listeners: the certificate files a reload reads again.
+    pub tls: Option<crate::config::TlsFiles>,
 }
 
 /// After a recycle's replacement failed, the slot is not recycled again
@@ -185,8 +187,13 @@ pub enum Action {
     Kill { worker: WorkerId },
     /// The worker is kept by a reload: run `on_worker_reload`.
     Reload { worker: WorkerId },
-    /// Copy and hash `source` off the loop; report back with `Installed`.
-    Install { group: usize, source: PathBuf },
+    /// Copy and hash `source` (and read the certificate files `tls`) off
+    /// the loop; report back with `Installed`.
+    Install {
+        group: usize,
+        source: PathBuf,
+        tls: Option<crate::config::TlsFiles>,
+    },
     Reply {
         client: ClientId,
         response: Response,
@@ -1032,6 +1039,7 @@ impl Supervisor {
             self.out.push(Action::Install {
                 group,
                 source: self.groups[group].spec.plugin.clone(),
+                tls: self.groups[group].spec.tls.clone(),
             });
         }
         self.reload = Some(Reload {
@@ -1096,7 +1104,12 @@ impl Supervisor {
             let result = installed.remove(&g);
             if if_changed.contains(&g) {
                 match &result {
-                    Some(Ok(b)) if grp.slots.iter().all(|s| s.build.hash == b.hash) => {
+                    Some(Ok(b))
+                        if grp
+                            .slots
+                            .iter()
+                            .all(|s| s.build.hash == b.hash && s.build.tls == b.tls) =>
+                    {
                         // Same bytes (a touch, or our own copy's events): nothing to do.
                         tracing::info!(
                             "{} changed on disk but not its content: no reload",

@@ -186,6 +186,7 @@ mod tests {
         Build {
             hash: format!("{tag:0>64}"),
             copy: PathBuf::from(format!("/rt/plugins/{tag}.so")),
+            tls: None,
         }
     }
 

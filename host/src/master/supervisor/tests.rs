@@ -15,6 +15,7 @@ fn build(tag: &str) -> Build {
     Build {
         hash: tag.repeat(64)[..64].to_string(),
         copy: PathBuf::from(format!("/rt/plugins/{tag}.so")),
+        tls: None,
     }
 }
 
@@ -38,6 +39,7 @@ impl H {
                     max_requests: None,
                     max_memory: None,
                     handover: false,
+                    tls: None,
                 };
                 (spec, build("a"))
             })
@@ -826,6 +828,7 @@ fn recycling(count: u32, max_requests: Option<u64>, max_memory: Option<u64>) -> 
         max_requests,
         max_memory,
         handover: false,
+        tls: None,
     };
     let timeouts = Timeouts {
         start: START,
