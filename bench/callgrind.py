@@ -7,20 +7,27 @@ output file per process). A client (this script: its own speed does not
 enter the counts) drives a fixed load twice, R1 then R2 rounds, each on a
 fresh server; per unit = (Ir of the R2 run - Ir of the R1 run) / (units in
 R2 - units in R1), so start-up and shutdown cancel out. User space only;
-the counts do not depend on the machine's load.
+the counts do not depend on the machine's load (the share of per-wake-up
+work does, a little: see bench/PROFILE.md).
 
     bench/callgrind.py echo --proto frame            # wm-host, echo plugin
     bench/callgrind.py echo --proto websocket --baseline
     bench/callgrind.py echo --proto http             # bench-hello-plugin, TechEmpower plaintext
+    bench/callgrind.py echo --proto http --batch 1 --runs 200,400   # one in flight
     bench/callgrind.py broadcast --conns 2000        # 4 workers, test plugin; Ir of all processes
+    bench/callgrind.py broadcast --conns 10000 --perf   # natively: CPU per broadcast (perf)
 
 echo: 10 connections, each writing 16 messages (32 B payloads; HTTP: the
 plaintext request) at once and reading the 16 answers, per round; the
 worker's Ir. broadcast: N websocket connections `join g`, then one sends
 `gsend g <32 B>` and every connection reads the frame, per broadcast;
-Ir summed over the master and the workers (the relay is part of the
-cost), per member. `--keep DIR` keeps the callgrind files (for
-`callgrind_annotate`).
+the counters are zeroed once all joined and dumped after the last
+broadcast (callgrind_control), Ir summed over the master and the workers
+(the relay is part of the cost), per member. `--perf`: no valgrind, the
+server on CPU 0 under `perf record -C 0` during the broadcasts, this
+client on CPU 1; the server processes' samples give CPU per broadcast
+(cache misses included, which callgrind does not see). `--keep DIR`
+keeps the callgrind (or perf) files.
 """
 
 import argparse
@@ -74,6 +81,10 @@ class Server:
         self.args, self.out = args, out
         self.port = free_port()
         vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p"]
+        if getattr(args, "perf", False):
+            # Natively, on CPU 0; this client moves to CPU 1.
+            vg = ["taskset", "-c", "0"]
+            os.sched_setaffinity(0, {1})
         if args.baseline:
             proto = "ws-group" if args.cmd == "broadcast" else scheme
             cmd = vg + [f"{REL}/wm-baseline", "--proto", proto,
@@ -87,10 +98,32 @@ class Server:
                     f'listen = "{scheme}://127.0.0.1:{self.port}"\ncount = {workers}\n'
                     f'plugin = "{REL}/{plugin}"\n'
                 )
-            cmd = vg + ["--trace-children=yes", f"{REL}/wm-host", "start", "-c", self.config]
+            trace = [] if getattr(args, "perf", False) else ["--trace-children=yes"]
+            cmd = vg + trace + [f"{REL}/wm-host", "start", "-c", self.config]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                      stderr=open(os.path.join(out, "server.log"), "w"))
         wait_port(self.port, self.proc)
+
+    def begin(self):
+        """The broadcasts start: zero the counters (or start perf)."""
+        time.sleep(1)
+        self.pids = pids_of(self.proc)
+        if getattr(self.args, "perf", False):
+            self.perf = subprocess.Popen(
+                ["perf", "record", "-q", "-C", "0", "-F", str(PERF_HZ), "-o",
+                 os.path.join(self.out, "perf.data")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+        else:
+            control("-z", self.pids)
+
+    def end(self):
+        """The broadcasts are over: dump the counters (or stop perf)."""
+        if getattr(self.args, "perf", False):
+            self.perf.send_signal(signal.SIGINT)
+            self.perf.wait()
+        else:
+            control("-d", self.pids)
 
     def stop(self):
         if self.args.baseline:
@@ -241,9 +274,7 @@ def broadcast_load(port, conns, sends, srv=None):
             break
         time.sleep(0.2)
     if srv is not None:
-        time.sleep(1)
-        pids = pids_of(srv.proc)
-        control("-z", pids)
+        srv.begin()
     sel = selectors.DefaultSelector()
     for s in socks:
         s.setblocking(False)
@@ -269,7 +300,7 @@ def broadcast_load(port, conns, sends, srv=None):
                     assert got == [payload], got
                     waiting.discard(s)
     if srv is not None:
-        control("-d", pids)
+        srv.end()
     for s in socks:
         s.close()
     return sends * conns
@@ -296,6 +327,8 @@ def run_broadcast(args):
     sends = args.runs[-1]
     units = broadcast_load(srv.port, args.conns, sends, srv)
     srv.stop()
+    if args.perf:
+        return perf_summary(args, srv, out, sends)
     total, rows = 0, []
     for name in sorted(os.listdir(out)):
         if name.startswith("cg.") and name.count(".") == 2:
@@ -316,6 +349,28 @@ def run_broadcast(args):
     shutil.rmtree(out, ignore_errors=True)
     print(f"{sends} broadcasts to {args.conns}: {total:,} Ir")
     print(f"per member per broadcast: {total / units:,.0f} instructions")
+
+
+PERF_HZ = 2000
+
+
+def perf_summary(args, srv, out, sends):
+    """Server CPU per broadcast from perf's samples on CPU 0 (the server's
+    processes only: the machine may be shared), and where it went."""
+    data = os.path.join(out, "perf.data")
+    pids = ",".join(str(p) for p in srv.pids)
+    rep = subprocess.run(["perf", "report", "-i", data, "--no-children", "-n", "--sort", "sym",
+                          "--pid", pids, "--stdio"], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in rep.splitlines() if "%" in line and not line.startswith("#")]
+    total = sum(int(r[1]) for r in rows if len(r) == 3)
+    print(f"server CPU per broadcast: {total / PERF_HZ / sends * 1e3:.1f} ms "
+          f"({total} samples at {PERF_HZ} Hz, {sends} broadcasts to {args.conns})")
+    for r in rows[:20]:
+        print(f"  {int(r[1]):6}  {r[2][:110]}")
+    if args.keep:
+        shutil.rmtree(args.keep, ignore_errors=True)
+        shutil.copytree(out, args.keep)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def run(args, units_of):
@@ -362,8 +417,11 @@ def main():
     b = sub.add_parser("broadcast")
     b.add_argument("--conns", type=int, default=2000)
     b.add_argument("--workers", type=int, default=4)
-    b.add_argument("--runs", type=lambda s: [int(x) for x in s.split(",")], default=[10, 20],
-                   help="broadcasts of the two runs (default 10,20)")
+    b.add_argument("--runs", type=lambda s: [int(x) for x in s.split(",")], default=[20],
+                   help="broadcasts (the last number; default 20)")
+    b.add_argument("--perf", action="store_true",
+                   help="no valgrind: the server natively on CPU 0 under perf record -C 0, "
+                        "this client on CPU 1; prints server CPU per broadcast and its symbols")
     for x in (e, b):
         x.add_argument("--baseline", action="store_true")
         x.add_argument("--keep", help="copy the callgrind files here")
