@@ -88,6 +88,16 @@ bench-handover:
 	$(CARGO) build --release --workspace
 	target/release/wm-bench handover --out bench/RESULTS.md
 
+.PHONY: autobahn
+
+## The Autobahn TestSuite (fuzzingclient, every case) against the echo plugin on
+## a plain and a ws_deflate websocket:// listener (release build); fails on any
+## FAILED, NON-STRICT or UNIMPLEMENTED case. Installs the suite when missing into
+## target/autobahn/venv (Python 2.7 from pyenv). Report: target/autobahn/report/.
+autobahn:
+	$(CARGO) build --release -p wm-host -p echo-plugin
+	tests/autobahn/run.sh
+
 .PHONY: fuzz
 
 FUZZ_SECONDS ?= 60

@@ -52,7 +52,9 @@ pub enum ProtocolError {
 }
 
 /// The framing of a message: how an incoming one came, or how to send one
-/// where the protocol has a choice.
+/// where the protocol has a choice. Sending on a websocket, `Default` is
+/// text when the data is UTF-8 and binary otherwise; `Text` is the
+/// caller's word that it is UTF-8 (see [`websocket::WsCodec::encode`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
     Default,
