@@ -356,6 +356,10 @@ fn server_cpu(host: &Host) -> Option<f64> {
 /// One reload of the handover-time scenario.
 struct Round {
     r: Reload,
+    /// The longest any trickle message waited for its echo during the
+    /// reload, and how many were sent.
+    wait_max: Duration,
+    trickled: usize,
     /// From spawning `reload` until it returned, and then until every
     /// connection echoed.
     returned: Duration,
@@ -372,6 +376,48 @@ impl Round {
     fn outside(&self) -> Duration {
         self.returned + self.probe
     }
+}
+
+/// Messages per second, to the connections in turn, while a reload of the
+/// handover-time scenario runs: one that lands on a frozen connection waits
+/// until the new worker serves it, so the longest wait is how long the
+/// connections were out of service, seen from outside.
+const TRICKLE_RATE: f64 = 2000.0;
+
+/// Runs `wm-host reload` while sending the trickle; returns the reload, when
+/// it returned, and every trickle message's wait.
+fn reload_with_trickle(
+    host: &Host,
+    fleet: &mut Fleet,
+) -> Result<(Reload, Duration, Vec<Duration>), String> {
+    let t0 = Instant::now();
+    let mut waits = Vec::new();
+    std::thread::scope(|s| {
+        let reloader = s.spawn(|| {
+            let r = host.reload();
+            (r, t0.elapsed())
+        });
+        let mut record = |_: usize, _: Instant, lat: Duration| waits.push(lat);
+        let sent = (|| -> std::io::Result<()> {
+            let interval = Duration::from_secs_f64(1.0 / TRICKLE_RATE);
+            let n = fleet.open_count().max(1);
+            let (mut next, mut i) = (t0, 0);
+            while !reloader.is_finished() {
+                let now = Instant::now();
+                while next <= now {
+                    fleet.send(i, now);
+                    i = (i + 1) % n;
+                    next += interval;
+                }
+                let wait = next.saturating_duration_since(Instant::now());
+                fleet.pump(wait.min(Duration::from_millis(2)), &mut record)?;
+            }
+            fleet.drain(Duration::from_secs(5), &mut record)
+        })();
+        let (r, returned) = reloader.join().map_err(|_| "the reload thread panicked")?;
+        sent.map_err(|e| e.to_string())?;
+        Ok((r, returned, waits))
+    })
 }
 
 /// Handover time for `conns` idle websocket connections.
@@ -414,12 +460,10 @@ fn time(
     let mut before = first.clone();
     for _ in 0..TIME_ROUNDS {
         let log0 = host.log_len();
-        let t0 = Instant::now();
-        let r = host.reload();
+        let (r, returned, waits) = reload_with_trickle(&host, &mut fleet)?;
         if !r.ok {
             return Err(format!("wm-host reload failed: {}", r.out.trim()));
         }
-        let returned = t0.elapsed();
         let (answered, probe) = fleet
             .probe_all(Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
@@ -431,6 +475,8 @@ fn time(
         }
         let log = host.log_since(log0);
         rounds.push(Round {
+            wait_max: waits.iter().copied().max().unwrap_or_default(),
+            trickled: waits.len(),
             returned,
             probe,
             answered,
@@ -456,6 +502,7 @@ fn time(
         .map(|x| x.r.host_ms.map_or(f64::NAN, |v| v as f64))
         .collect();
     let outside: Vec<f64> = rounds.iter().map(|x| ms(x.outside())).collect();
+    let waited: Vec<f64> = rounds.iter().map(|x| ms(x.wait_max)).collect();
     let old_ms: Vec<f64> = (rounds.iter())
         .map(|x| x.handed.iter().map(|h| h.1).sum())
         .collect();
@@ -471,6 +518,16 @@ fn time(
         row(
             format!("moved in, per `wm-host reload` (median of {TIME_ROUNDS} reloads)"),
             format!("{:.0} ms", median(&mut host_ms.clone())),
+            String::new(),
+            "–".into(),
+            target,
+        ),
+        row(
+            format!(
+                "longest echo wait during the reload (outside, {TRICKLE_RATE:.0} msg/s to the \
+                 connections in turn; median of {TIME_ROUNDS})"
+            ),
+            format!("{:.1} ms", median(&mut waited.clone())),
             String::new(),
             "–".into(),
             target,
@@ -498,10 +555,12 @@ fn time(
             .join(" + ")
     };
     let mut details = format!(
-        "reloads' handover time (report) {} ms, old workers' (log) {} ms, outside {} ms; \
+        "reloads' handover time (report) {} ms, old workers' (log) {} ms, longest echo wait \
+         during the reload {} ms, reload to every connection echoing {} ms; \
          before the reloads one echo on every connection took {:.1} ms; ",
         all(&host_ms, 0),
         all(&old_ms, 1),
+        all(&waited, 1),
         all(&outside, 1),
         ms(probe_before),
     );
@@ -509,8 +568,8 @@ fn time(
         let _ = write!(
             details,
             "reload {}: {} handed over, {} refused, {} closed, in {} ms; `wm-host reload` \
-             returned after {:.1} ms, then one echo on every connection took {:.1} ms \
-             ({} answered); old worker log \"handed N connections over\" {}; new worker log \
+             returned after {:.1} ms ({} trickle messages meanwhile, the longest wait {:.1} \
+             ms), then one echo on every connection took {:.1} ms ({} answered); old worker log \"handed N connections over\" {}; new worker log \
              \"took over N connections\" {}; workers after {}, all new: {}, old still alive 5 s \
              later: {}; ",
             i + 1,
@@ -519,6 +578,8 @@ fn time(
             x.r.closed,
             x.r.host_ms.unwrap_or(0),
             ms(x.returned),
+            x.trickled,
+            ms(x.wait_max),
             ms(x.probe),
             x.answered,
             per(&x.handed),
@@ -1155,7 +1216,11 @@ pub fn section(
          ends when the new worker confirms. The outside figure runs from spawning `wm-host \
          reload` until every connection has echoed one message sent right after the command \
          returned; it includes starting the new worker and loading the plugin. Its reference \
-         is the same round of one echo per connection just before the reload. \
+         is the same round of one echo per connection just before the reload. While the \
+         reload runs, {} messages per second go to the connections in turn: one that lands \
+         on a frozen connection waits until the new worker serves it, so the longest wait \
+         is how long connections were out of service (from the old worker's freeze until \
+         the new one polls them), which the host's own figure does not cover whole. \
          Connections lost: those that did not echo, or were closed, by then; the Details \
          also check that the workers are new processes and the old ones exited.\n\
          - Echo latency: one client loop holds the connections and writes one {} B message \
@@ -1177,6 +1242,7 @@ pub fn section(
          a keep-alive connection that the server closes after wrk wrote it as a read error, so \
          `reload_mode = \"drain\"` (connections closed cleanly, `Connection: close`) shows \
          errors by design; handover shows the connections were kept.",
+        TRICKLE_RATE,
         fleet::SIZE,
         o.reload_every.as_millis()
     );
