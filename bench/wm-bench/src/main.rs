@@ -16,6 +16,7 @@ mod handover;
 mod idle;
 mod suite;
 mod sys;
+mod udp;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -112,6 +113,8 @@ enum Cmd {
     /// Live handover on reload: handover time, echo latency under reloads,
     /// wrk errors over reloads; replaces the report's `## Handover` section.
     Handover(handover::HandoverCmd),
+    /// UDP echo, wm-host against wm-baseline; replaces `## UDP echo`.
+    Udp(udp::UdpCmd),
 }
 
 /// A duration given in (fractional) seconds on the command line.
@@ -252,6 +255,7 @@ fn main() {
         } => count_allocs(proto, messages, baseline, server_cpu),
         Cmd::Suite(opts) => suite::run(opts),
         Cmd::Handover(cmd) => handover::main(cmd),
+        Cmd::Udp(cmd) => udp::main(cmd),
     };
     if let Err(e) = result {
         eprintln!("wm-bench: {e}");
