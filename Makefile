@@ -117,3 +117,12 @@ fuzz:
 			|| failed="$$failed $$t"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "fuzz: crashes in:$$failed (see fuzz/artifacts/)"; exit 1; fi
+
+.PHONY: bench-udp
+
+## UDP echo alone: wm-host udp:// (bench-hello-plugin) against `wm-baseline
+## --proto udp`, msgs/s and per server CPU-second; replaces only the
+## `## UDP echo` section of bench/RESULTS.md (about 30 s).
+bench-udp:
+	$(CARGO) build --release --workspace
+	target/release/wm-bench udp --out bench/RESULTS.md

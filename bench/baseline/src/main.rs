@@ -56,6 +56,9 @@ enum Proto {
     /// Websocket with one group: `join g` (answered `ok`), `count g`,
     /// `gsend g <text>` (text to every member, the sender included).
     WsGroup,
+    /// UDP echo: every datagram is sent back to its sender unchanged (a
+    /// larger one than `--max-package-size` is dropped, as wm-host does).
+    Udp,
 }
 
 #[derive(Parser, Debug)]
@@ -157,7 +160,9 @@ struct Shared {
 
 fn main() {
     let args = Args::parse();
-    let result = if args.procs > 1 {
+    let result = if args.proto == Proto::Udp {
+        serve_udp(&args)
+    } else if args.procs > 1 {
         spawn_children(&args)
     } else {
         serve(&args)
@@ -165,6 +170,24 @@ fn main() {
     if let Err(e) = result {
         eprintln!("wm-baseline: {e}");
         std::process::exit(1);
+    }
+}
+
+/// `--proto udp`: one blocking socket, `recv_from` then `send_to` the
+/// same bytes, forever (no mio: a datagram socket needs no readiness loop).
+fn serve_udp(args: &Args) -> io::Result<()> {
+    let sock = std::net::UdpSocket::bind(args.listen)?;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, peer) = match sock.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n > args.max_package_size {
+            continue;
+        }
+        let _ = sock.send_to(&buf[..n], peer);
     }
 }
 
@@ -440,6 +463,7 @@ fn process(sh: &mut Shared, conn: &mut Conn, input: Option<&[u8]>, len: usize) -
             (used + n, close)
         }
         Proto::Http => serve_http(data, out, &sh.date),
+        Proto::Udp => unreachable!("udp is served by serve_udp"),
     }
 }
 

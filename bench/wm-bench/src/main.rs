@@ -17,6 +17,7 @@ mod idle;
 mod suite;
 mod sys;
 mod tls;
+mod udp;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -116,6 +117,8 @@ enum Cmd {
     /// TLS (wss echo, https, handshakes, idle wss memory) against the
     /// baseline with `--cert`; writes the TLS section of the Markdown file.
     Tls(tls::TlsOpts),
+    /// UDP echo, wm-host against wm-baseline; replaces `## UDP echo`.
+    Udp(udp::UdpCmd),
 }
 
 /// A duration given in (fractional) seconds on the command line.
@@ -257,6 +260,7 @@ fn main() {
         Cmd::Suite(opts) => suite::run(opts),
         Cmd::Handover(cmd) => handover::main(cmd),
         Cmd::Tls(opts) => tls::run(opts),
+        Cmd::Udp(cmd) => udp::main(cmd),
     };
     if let Err(e) = result {
         eprintln!("wm-bench: {e}");

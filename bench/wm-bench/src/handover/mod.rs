@@ -1252,11 +1252,27 @@ pub fn section(
 /// Replaces the `## Handover` section of `text` (up to the next `## `
 /// heading), or appends it.
 pub fn splice(text: &str, section: &str) -> String {
+    splice_named(text, "## Handover", section)
+}
+
+/// The commit, short, with a note when the tree has uncommitted changes.
+pub fn git_head() -> String {
+    let git = cmd_out("git", &["rev-parse", "--short", "HEAD"]);
+    let dirty = !cmd_out("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    format!("{git}{}", if dirty { " (with uncommitted changes)" } else { "" })
+}
+
+pub fn utc_now() -> String {
+    cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+}
+
+/// Replaces the section headed `heading` (up to the next `## `), or appends it.
+pub fn splice_named(text: &str, heading: &str, section: &str) -> String {
     let mut out = String::new();
     let mut lines = text.split_inclusive('\n').peekable();
     let mut placed = false;
     while let Some(line) = lines.next() {
-        if line.trim_end() == "## Handover" && !placed {
+        if line.trim_end() == heading && !placed {
             out.push_str(section);
             placed = true;
             while lines.peek().is_some_and(|l| !l.starts_with("## ")) {
