@@ -75,6 +75,7 @@ bench:
 	$(CARGO) bench -p plugin-api --bench abi --no-run
 	CARGO=$(CARGO) target/release/wm-bench suite --out bench/RESULTS.md
 	target/release/wm-bench tls --out bench/RESULTS.md
+	target/release/wm-bench udp --out bench/RESULTS.md
 
 .PHONY: bench-handover
 
