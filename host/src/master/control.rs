@@ -424,6 +424,7 @@ mod tests {
             build: String::new(),
             loaded_at: 0,
             bus_dropped: 0,
+            bus_backlog_bytes: 0,
             stats: None,
             qps: None,
             state: WorkerState::Busy,
@@ -441,6 +442,7 @@ mod tests {
             exits: Vec::new(),
             workers: pids.iter().map(|&p| status_row(p)).collect(),
             bus: Default::default(),
+            reloads: Vec::new(),
         })
     }
 

@@ -35,8 +35,8 @@ use self::supervisor::{Action, Event, GroupSpec, StartFailure, Supervisor, Timeo
 use self::watch::Watch;
 use crate::config::Config;
 use crate::ipc::{
-    ConnectionsReport, ExitRow, FromWorker, GroupRow, LineBuf, Request, Response, StatusReport,
-    ToWorker, WorkerRow, WorkerState,
+    ConnectionsReport, ExitRow, FromWorker, GroupRow, LineBuf, ReloadRecord, Request, Response,
+    StatusReport, ToWorker, WorkerRow, WorkerState,
 };
 use crate::runtime::PidLock;
 
@@ -751,6 +751,7 @@ impl Master {
                     .unwrap_or_default()
                     .as_secs(),
                 bus_dropped: self.relay.dropped(k),
+                bus_backlog_bytes: self.relay.backlog(k),
                 stats: None,
                 qps: None,
                 // Until it answers; still so at the deadline means busy.
@@ -780,6 +781,12 @@ impl Master {
                     .map(|(_, cause, n)| (cause.name().to_string(), n))
                     .collect(),
                 last_handover: self.sup.last_handover(gi),
+                reloads: self
+                    .sup
+                    .reload_outcomes()
+                    .filter(|(group, ..)| *group == g.name)
+                    .map(|(_, outcome, n)| (outcome.to_string(), n))
+                    .collect(),
             })
             .collect();
         let exits = self
@@ -792,6 +799,24 @@ impl Master {
             })
             .collect();
         let now = SystemTime::now();
+        let mono = Instant::now();
+        // The supervisor keeps no wall clock: its instants are dated from now.
+        let wall_ms = |t: Instant| {
+            (now - mono.saturating_duration_since(t))
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64
+        };
+        let reloads = self
+            .sup
+            .reload_history()
+            .map(|(began, ended, report)| ReloadRecord {
+                started_ms: wall_ms(*began),
+                millis: ended.saturating_duration_since(*began).as_millis() as u64,
+                ok: report.ok(),
+                groups: report.groups.clone(),
+            })
+            .collect();
         let start_time = self
             .started_at
             .duration_since(UNIX_EPOCH)
@@ -819,6 +844,7 @@ impl Master {
                     ..Default::default()
                 },
             }),
+            reloads,
         };
         self.control
             .gather(to, req, waiting, Gathered::Status(report), Instant::now());
