@@ -36,53 +36,53 @@ fn gauge(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, FGauge> {
 pub fn render(r: &StatusReport) -> String {
     let mut reg = Registry::default();
     // Per worker.
-    let conns = gauge(&mut reg, "wm_worker_connections", "Open connections.");
+    let conns = gauge(&mut reg, "wm_worker_connections", "Open connections");
     let messages = counter(
         &mut reg,
         "wm_worker_messages",
-        "Messages and requests handed to the plugin.",
+        "Messages and requests handed to the plugin",
     );
     let bytes_in = counter(
         &mut reg,
         "wm_worker_received_bytes",
-        "Bytes read from connections.",
+        "Bytes read from connections",
     );
     let bytes_out = counter(
         &mut reg,
         "wm_worker_sent_bytes",
-        "Bytes written to connections.",
+        "Bytes written to connections",
     );
     let send_fail = counter(
         &mut reg,
         "wm_worker_send_failures",
-        "Sends dropped: client closed, send buffer full, or not encodable.",
+        "Sends dropped: client closed, send buffer full, or not encodable",
     );
     let qps = gauge(
         &mut reg,
         "wm_worker_qps",
-        "Messages per second since the previous status request (Workerman's qps).",
+        "Messages per second since the previous status request (Workerman's qps)",
     );
-    let memory = gauge(&mut reg, "wm_worker_memory_bytes", "Resident memory.");
-    let timers = gauge(&mut reg, "wm_worker_timers", "Timers pending.");
+    let memory = gauge(&mut reg, "wm_worker_memory_bytes", "Resident memory");
+    let timers = gauge(&mut reg, "wm_worker_timers", "Timers pending");
     let responding = gauge(
         &mut reg,
         "wm_worker_responding",
-        "1 when the worker answered between callbacks in time, 0 when busy.",
+        "1 when the worker answered between callbacks in time, 0 when busy",
     );
     let loaded = gauge(
         &mut reg,
         "wm_worker_loaded_timestamp_seconds",
-        "When the worker finished loading its plugin.",
+        "When the worker finished loading its plugin",
     );
     let w_bus_dropped = counter(
         &mut reg,
         "wm_worker_bus_dropped",
-        "Bus messages dropped for this worker (it did not read its bus).",
+        "Bus messages dropped for this worker (it did not read its bus)",
     );
     let w_backlog = gauge(
         &mut reg,
         "wm_worker_bus_backlog_bytes",
-        "Bus bytes the master holds for this worker, not yet read.",
+        "Bus bytes the master holds for this worker, not yet read",
     );
     for w in &r.workers {
         let l: Labels = vec![
@@ -113,33 +113,33 @@ pub fn render(r: &StatusReport) -> String {
     let processes = gauge(
         &mut reg,
         "wm_group_processes",
-        "Worker processes alive (more than configured while a reload rolls).",
+        "Worker processes alive (more than configured while a reload rolls)",
     );
-    let configured = gauge(&mut reg, "wm_group_workers", "`count` in the config.");
+    let configured = gauge(&mut reg, "wm_group_workers", "`count` in the config");
     let restarts = counter(
         &mut reg,
         "wm_group_restarts",
-        "Workers replaced, by cause: died, stuck, max_requests, max_memory.",
+        "Workers replaced, by cause: died, stuck, max_requests, max_memory",
     );
     let reloads = counter(
         &mut reg,
         "wm_group_reloads",
-        "Reloads by outcome: ok, failed, kept (not reloadable).",
+        "Reloads by outcome: ok, failed, kept (not reloadable)",
     );
     let last_reload = gauge(
         &mut reg,
         "wm_group_last_reload_duration_seconds",
-        "How long the group's last remembered reload took to roll.",
+        "How long the group's last remembered reload took to roll",
     );
     let g_bus_dropped = counter(
         &mut reg,
         "wm_group_bus_dropped",
-        "Bus messages dropped for the group's workers since start.",
+        "Bus messages dropped for the group's workers since start",
     );
     let exits = counter(
         &mut reg,
         "wm_group_exits",
-        "Workers that died unexpectedly or were killed, by exit status.",
+        "Workers that died unexpectedly or were killed, by exit status",
     );
     for g in &r.groups {
         let l: Labels = vec![("group", g.name.clone())];
@@ -165,13 +165,13 @@ pub fn render(r: &StatusReport) -> String {
         exits.get_or_create(&l).inc_by(e.count);
     }
     // The master and the bus between hosts.
-    let info = gauge(&mut reg, "wm_build_info", "wm-host's version; always 1.");
+    let info = gauge(&mut reg, "wm_build_info", "wm-host's version; always 1");
     info.get_or_create(&vec![("version", r.version.clone())])
         .set(1.0);
     let uptime = gauge(
         &mut reg,
         "wm_master_uptime_seconds",
-        "Since the master started.",
+        "Since the master started",
     );
     uptime.get_or_create(&Vec::new()).set(r.uptime_secs as f64);
     let b = &r.bus;
@@ -186,22 +186,22 @@ pub fn render(r: &StatusReport) -> String {
     let bus_counters = [
         (
             "wm_bus_sent",
-            "Bus messages published for other hosts.",
+            "Bus messages published for other hosts",
             b.sent,
         ),
         (
             "wm_bus_received",
-            "Bus messages received from other hosts.",
+            "Bus messages received from other hosts",
             b.received,
         ),
         (
             "wm_bus_dropped",
-            "Bus messages for or from other hosts lost (Redis down or too far behind).",
+            "Bus messages for or from other hosts lost (Redis down or too far behind)",
             b.dropped,
         ),
         (
             "wm_bus_disconnects",
-            "Times the connection to Redis was lost.",
+            "Times the connection to Redis was lost",
             b.disconnects,
         ),
     ];
@@ -211,13 +211,13 @@ pub fn render(r: &StatusReport) -> String {
     let backlog = gauge(
         &mut reg,
         "wm_bus_backlog_bytes",
-        "Bytes handed to the Redis writer, not yet written.",
+        "Bytes handed to the Redis writer, not yet written",
     );
     backlog.get_or_create(&bl).set(b.backlog_bytes as f64);
     let peers = gauge(
         &mut reg,
         "wm_bus_peers",
-        "Other hosts heard of within host_ttl.",
+        "Other hosts heard of within host_ttl",
     );
     peers.get_or_create(&bl).set(b.peers as f64);
     let mut out = String::new();

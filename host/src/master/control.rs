@@ -40,6 +40,8 @@ pub enum Sink {
     Client(ClientId),
     /// Signals (SIGIOT, SIGIO): into the log.
     Log,
+    /// A request to the admin listener (`admin.rs`), by its connection id.
+    Admin(u64),
 }
 
 #[derive(Debug)]
@@ -243,10 +245,13 @@ impl Control {
             .collect()
     }
 
-    /// Hands finished reports to whoever asked.
-    pub fn deliver_due(&mut self, now: Instant, registry: &Registry) {
+    /// Hands finished reports to whoever asked; returns those for the
+    /// admin listener, which answers them itself.
+    pub fn deliver_due(&mut self, now: Instant, registry: &Registry) -> Vec<(u64, Gathered)> {
+        let mut admin = Vec::new();
         for (to, report) in self.take_done(now) {
             match (to, report) {
+                (Sink::Admin(id), r) => admin.push((id, r)),
                 (Sink::Client(c), Gathered::Status(r)) => {
                     self.reply(c, &Response::Status(r), registry)
                 }
@@ -267,6 +272,7 @@ impl Control {
                 }
             }
         }
+        admin
     }
 }
 
