@@ -96,7 +96,10 @@ impl Admin {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
                     if self.conns.len() >= MAX_CONNS {
-                        // One try, never waited for: the socket is dropped either way.
+                        // One try, never waited for: the socket is dropped
+                        // either way. What the client sent is read first, or
+                        // the close would reset the connection and lose the 503.
+                        let _ = stream.read(&mut [0u8; 4096]);
                         let mut out = Vec::new();
                         http::encode_response(&http::error_response(503), false, false, &mut out);
                         let _ = stream.write(&out);
