@@ -97,9 +97,7 @@ fn parse_prometheus(text: &str) -> Series {
             }
             continue;
         }
-        let name_end = line
-            .find(|c: char| c == '{' || c == ' ')
-            .unwrap_or_else(|| bad("no value"));
+        let name_end = line.find(['{', ' ']).unwrap_or_else(|| bad("no value"));
         let name = &line[..name_end];
         if !name_ok(name) {
             bad("bad metric name");
