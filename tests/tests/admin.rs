@@ -294,6 +294,10 @@ fn status_and_connections_are_the_clis_json() {
     // A reload, so that the history is in both.
     std::fs::copy(test_build("b"), s.dir.path().join("live.so")).unwrap();
     assert!(s.cli(&["reload"]).status.success());
+    // Until the old workers have exited, two requests may see different workers.
+    wait_for("the old workers to exit", || {
+        (s.status()["workers"].as_array()?.len() == 2).then_some(())
+    });
 
     let cli = s.status();
     let a = get(admin, "/status", None);
@@ -316,6 +320,13 @@ fn status_and_connections_are_the_clis_json() {
     assert_eq!(reload["ok"], true, "{reload}");
     assert_eq!(reload["groups"][0]["rolled"], 2, "{reload}");
     assert_eq!(http["groups"][0]["reloads"]["ok"], 1, "{http}");
+    // The text status says it too.
+    let text = String::from_utf8_lossy(&s.cli(&["status"]).stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("last reload: "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(" ok in ") && line.contains("2/2"), "{line}");
 
     let out = s.cli(&["connections", "--json"]);
     let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -465,8 +476,14 @@ fn dashboard_shows_the_workers_and_the_build_changes_after_a_reload() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let new = builds(&s).into_iter().next().unwrap();
+    // Retiring workers may still be listed with the old build: the new one
+    // is the reload's.
+    let new = s.status()["reloads"][0]["groups"][0]["new"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_ne!(new, old);
+    assert!(builds(&s).contains(&new));
     // The page updates itself: no navigation, the same document.
     page.execute("window.__samePage = true; return true;");
     wait_for("the build label to change to the new build", || {
