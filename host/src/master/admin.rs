@@ -2,7 +2,8 @@
 //! mio loop, so it needs no thread and never loads plugin code. `/metrics`,
 //! `/status` and `/connections` are gathered from the workers like the
 //! CLI's reports (`control.rs`); `/` is the dashboard, a static page that
-//! polls `/status`.
+//! polls `/status`, and `/history` what it charts for the last minutes,
+//! sampled every `SAMPLE_EVERY` while the listener is on.
 //!
 //! A slow or hostile client must not stall the master: sockets are
 //! non-blocking, a request head is at most `MAX_HEAD` bytes and bodies are
@@ -11,10 +12,10 @@
 //! One request is answered at a time per connection; pipelined ones wait
 //! in its (bounded) input.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
@@ -22,6 +23,7 @@ use wm_proto::http::{self, Event, HttpDecoder, Limits, Response, Scratch};
 
 use super::control::Gathered;
 use crate::config::AdminConfig;
+use crate::ipc::StatusReport;
 
 /// Connections at once; more are closed as they come.
 pub const MAX_CONNS: usize = 32;
@@ -32,6 +34,77 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEAD: usize = 8 * 1024;
 
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
+
+/// How often the history is sampled, and how far back it goes.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+pub const HISTORY_SPAN: Duration = Duration::from_secs(300);
+
+/// One point of a group's history.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Point {
+    /// Unix milliseconds.
+    pub t: u64,
+    /// Messages per second since the previous sample, over the group's
+    /// workers that were in both.
+    pub msgs: f64,
+    pub conns: u64,
+}
+
+/// Per group, the last `HISTORY_SPAN` of samples: what the dashboard shows
+/// of the time before it was opened. Bounded: one point per group per
+/// `SAMPLE_EVERY`, and groups come from the config.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct History {
+    groups: BTreeMap<String, VecDeque<Point>>,
+    /// Per worker pid, when its message total was last read and the total
+    /// (kept across samples it missed, busy in a callback).
+    #[serde(skip)]
+    totals: HashMap<u32, (Instant, u64)>,
+    #[serde(skip)]
+    sampled: bool,
+}
+
+impl History {
+    pub fn record(&mut self, r: &StatusReport, now: Instant, wall: SystemTime) {
+        let t = wall
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let mut totals = HashMap::new();
+        let mut per: BTreeMap<&str, (f64, u64)> = BTreeMap::new();
+        for g in &r.groups {
+            per.insert(&g.name, (0.0, 0));
+        }
+        for w in &r.workers {
+            let before = self.totals.get(&w.pid).copied();
+            let Some(s) = &w.stats else {
+                totals.extend(before.map(|b| (w.pid, b)));
+                continue;
+            };
+            totals.insert(w.pid, (now, s.total_messages));
+            let Some(p) = per.get_mut(w.group.as_str()) else {
+                continue;
+            };
+            p.1 += s.connections;
+            if let Some((at, b)) = before {
+                let secs = now.duration_since(at).as_secs_f64().max(0.001);
+                p.0 += s.total_messages.saturating_sub(b) as f64 / secs;
+            }
+        }
+        // The first sample only sets the totals: there is no rate yet.
+        if std::mem::replace(&mut self.sampled, true) {
+            let keep = (HISTORY_SPAN.as_secs() / SAMPLE_EVERY.as_secs()) as usize;
+            for (name, (msgs, conns)) in per {
+                let s = self.groups.entry(name.to_string()).or_default();
+                s.push_back(Point { t, msgs, conns });
+                while s.len() > keep {
+                    s.pop_front();
+                }
+            }
+        }
+        self.totals = totals;
+    }
+}
 
 /// What a request needs from the workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +135,9 @@ pub struct Admin {
     /// Connection ids are never reused: a report owed to a connection that
     /// went away cannot reach a later one.
     next: u64,
+    pub history: History,
+    /// When the history is next sampled.
+    sample_at: Instant,
 }
 
 impl Admin {
@@ -79,6 +155,8 @@ impl Admin {
             token: cfg.token.clone(),
             conns: BTreeMap::new(),
             next: 0,
+            history: History::default(),
+            sample_at: Instant::now(),
         })
     }
 
@@ -135,7 +213,7 @@ impl Admin {
     /// a report to gather for it, if its request needs one.
     pub fn on_event(&mut self, id: u64, registry: &Registry, now: Instant) -> Option<Want> {
         let c = self.conns.get_mut(&id)?;
-        let (want, alive) = drive(c, self.token.as_deref(), now);
+        let (want, alive) = drive(c, self.token.as_deref(), &self.history, now);
         if !alive {
             self.close(id, registry);
         }
@@ -167,7 +245,7 @@ impl Admin {
         c.close = !keep_alive;
         c.deadline = now + TIMEOUT;
         // Its next request may be waiting already.
-        let (more, alive) = drive(c, self.token.as_deref(), now);
+        let (more, alive) = drive(c, self.token.as_deref(), &self.history, now);
         if !alive {
             self.close(id, registry);
         }
@@ -175,7 +253,17 @@ impl Admin {
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.conns.values().map(|c| c.deadline).min()
+        let conns = self.conns.values().map(|c| c.deadline);
+        conns.chain([self.sample_at]).min()
+    }
+
+    /// Whether the history is due a sample; if so, the next one is timed.
+    pub fn sample_due(&mut self, now: Instant) -> bool {
+        if self.sample_at > now {
+            return false;
+        }
+        self.sample_at = now + SAMPLE_EVERY;
+        true
     }
 
     /// Closes connections past their deadline.
@@ -199,7 +287,12 @@ impl Admin {
 /// Writes what is owed, then reads and answers requests until one needs a
 /// report, the socket would block, or the connection ends. Returns the
 /// report wanted and whether the connection lives on.
-fn drive(c: &mut Conn, token: Option<&str>, now: Instant) -> (Option<Want>, bool) {
+fn drive(
+    c: &mut Conn,
+    token: Option<&str>,
+    history: &History,
+    now: Instant,
+) -> (Option<Want>, bool) {
     let limits = Limits {
         max_header_bytes: MAX_HEAD,
         max_body_bytes: 0,
@@ -226,7 +319,10 @@ fn drive(c: &mut Conn, token: Option<&str>, now: Instant) -> (Option<Want>, bool
             Ok(Some(Event::Request { request, consumed })) => {
                 let keep = request.keep_alive;
                 let head = request.method == "HEAD";
-                (Some((route(&request, token), keep, head)), consumed)
+                (
+                    Some((route(&request, token, history), keep, head)),
+                    consumed,
+                )
             }
             // A body was announced; none is taken (the decoder refuses it).
             Ok(Some(Event::Continue)) => (None, 0),
@@ -267,7 +363,7 @@ enum Route {
     Answer(Response),
 }
 
-fn route(req: &http::Request<'_>, token: Option<&str>) -> Route {
+fn route(req: &http::Request<'_>, token: Option<&str>, history: &History) -> Route {
     if let Some(t) = token {
         let header = req
             .header("authorization")
@@ -297,6 +393,7 @@ fn route(req: &http::Request<'_>, token: Option<&str>) -> Route {
             "text/html; charset=utf-8",
             DASHBOARD.as_bytes().to_vec(),
         )),
+        "/history" => Route::Answer(json(history)),
         "/metrics" => Route::Gather(Want::Metrics),
         "/status" => Route::Gather(Want::Status),
         "/connections" => Route::Gather(Want::Connections),
@@ -321,4 +418,83 @@ fn typed(status: u16, content_type: &str, body: Vec<u8>) -> Response {
 fn json<T: serde::Serialize>(v: &T) -> Response {
     let body = serde_json::to_vec_pretty(v).expect("reports always serialize");
     typed(200, "application/json", body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipc::{GroupRow, WorkerRow, WorkerState, WorkerStats};
+
+    fn report(workers: &[(u32, Option<u64>)]) -> StatusReport {
+        StatusReport {
+            version: String::new(),
+            master_pid: 1,
+            start_time: 0,
+            uptime_secs: 0,
+            load_average: String::new(),
+            groups: vec![GroupRow {
+                name: "g".into(),
+                listen: String::new(),
+                count: 2,
+                processes: 2,
+                bus_dropped: 0,
+                restarts: BTreeMap::new(),
+                last_handover: None,
+                reloads: BTreeMap::new(),
+            }],
+            exits: Vec::new(),
+            workers: (workers.iter())
+                .map(|&(pid, total)| WorkerRow {
+                    pid,
+                    group: "g".into(),
+                    id: 0,
+                    listen: String::new(),
+                    rss_bytes: 0,
+                    plugin: String::new(),
+                    build: String::new(),
+                    loaded_at: 0,
+                    bus_dropped: 0,
+                    bus_backlog_bytes: 0,
+                    stats: total.map(|t| WorkerStats {
+                        connections: 1,
+                        total_messages: t,
+                        ..Default::default()
+                    }),
+                    qps: None,
+                    state: WorkerState::Idle,
+                })
+                .collect(),
+            bus: Default::default(),
+            reloads: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn history_rates_come_from_each_workers_totals_and_stay_bounded() {
+        let mut h = History::default();
+        let t0 = Instant::now();
+        let wall = SystemTime::now();
+        let s = |n: u64| Duration::from_secs(n);
+        h.record(&report(&[(1, Some(100)), (2, Some(0))]), t0, wall);
+        assert!(h.groups.is_empty(), "one sample is no rate");
+        h.record(&report(&[(1, Some(120)), (2, Some(10))]), t0 + s(2), wall);
+        assert_eq!(h.groups["g"][0].msgs, 15.0);
+        assert_eq!(h.groups["g"][0].conns, 2);
+        // Worker 2 busy (no answer): its total is kept, and its next answer
+        // counts over the 4 s since it was last read. Worker 3 is new (a
+        // replacement): it counts from its second sample on.
+        h.record(
+            &report(&[(1, Some(120)), (2, None), (3, Some(50))]),
+            t0 + s(4),
+            wall,
+        );
+        assert_eq!(h.groups["g"][1].msgs, 0.0);
+        h.record(&report(&[(2, Some(50)), (3, Some(50))]), t0 + s(6), wall);
+        assert_eq!(h.groups["g"][2].msgs, 10.0);
+        for i in 0..1000 {
+            h.record(&report(&[(1, Some(0))]), t0 + s(8 + i), wall);
+        }
+        let keep = (HISTORY_SPAN.as_secs() / SAMPLE_EVERY.as_secs()) as usize;
+        assert_eq!(h.groups["g"].len(), keep);
+    }
 }

@@ -42,6 +42,8 @@ pub enum Sink {
     Log,
     /// A request to the admin listener (`admin.rs`), by its connection id.
     Admin(u64),
+    /// The admin listener's periodic sample for the dashboard's history.
+    Sample,
 }
 
 #[derive(Debug)]
@@ -246,12 +248,12 @@ impl Control {
     }
 
     /// Hands finished reports to whoever asked; returns those for the
-    /// admin listener, which answers them itself.
-    pub fn deliver_due(&mut self, now: Instant, registry: &Registry) -> Vec<(u64, Gathered)> {
+    /// admin listener (`Sink::Admin`, `Sink::Sample`), which takes them itself.
+    pub fn deliver_due(&mut self, now: Instant, registry: &Registry) -> Vec<(Sink, Gathered)> {
         let mut admin = Vec::new();
         for (to, report) in self.take_done(now) {
             match (to, report) {
-                (Sink::Admin(id), r) => admin.push((id, r)),
+                (to @ (Sink::Admin(_) | Sink::Sample), r) => admin.push((to, r)),
                 (Sink::Client(c), Gathered::Status(r)) => {
                     self.reply(c, &Response::Status(r), registry)
                 }

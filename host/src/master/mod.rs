@@ -531,15 +531,26 @@ impl Master {
                 }
             }
         }
-        for (id, report) in self.control.deliver_due(now, self.poll.registry()) {
+        for (to, report) in self.control.deliver_due(now, self.poll.registry()) {
             let registry = self.poll.registry();
-            let next = (self.admin.as_mut()).and_then(|a| a.answer(id, &report, registry, now));
-            if let Some(want) = next {
-                self.start_admin(id, want);
+            let Some(a) = self.admin.as_mut() else {
+                continue;
+            };
+            match (to, &report) {
+                (Sink::Admin(id), _) => {
+                    if let Some(want) = a.answer(id, &report, registry, now) {
+                        self.start_admin(id, want);
+                    }
+                }
+                (Sink::Sample, Gathered::Status(r)) => a.history.record(r, now, SystemTime::now()),
+                _ => {}
             }
         }
         if let Some(a) = self.admin.as_mut() {
             a.expire(now, self.poll.registry());
+            if a.sample_due(now) && self.sup.is_running() {
+                self.start_status(Sink::Sample);
+            }
         }
         for client in self.control.take_gone() {
             self.dispatch(Event::ClientGone(client));
