@@ -347,7 +347,14 @@ fn status_and_connections_are_the_clis_json() {
 #[test]
 fn a_token_is_required_on_every_path() {
     let (s, _port, admin) = setup("admin_token = \"s3cret-t0ken\"", "");
-    s.start();
+    let out = s.start();
+    // `start` says where it listens (never the token).
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("admin: http://127.0.0.1:{admin}/")),
+        "{said}"
+    );
+    assert!(!said.contains("s3cret"), "{said}");
     for path in ["/", "/metrics", "/status", "/connections", "/nowhere"] {
         for auth in [None, Some("Bearer wrong"), Some("Basic s3cret-t0ken")] {
             let a = get(admin, path, auth);

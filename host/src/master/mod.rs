@@ -971,8 +971,11 @@ impl Master {
             &["proto", "user", "worker", "listen", "count", "state"],
             &rows,
         );
+        let admin = (self.admin.as_ref())
+            .map(|a| format!("admin: http://{}/\n", a.addr()))
+            .unwrap_or_default();
         format!(
-            "wm-host {} (master pid {})\n{table}",
+            "wm-host {} (master pid {})\n{table}{admin}",
             env!("CARGO_PKG_VERSION"),
             std::process::id()
         )
