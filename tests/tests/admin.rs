@@ -244,6 +244,47 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         (sum(&m, "wm_worker_send_failures_total", &[("group", "t")]) > 0.0).then_some(())
     });
 
+    // A reload hands the connections over: the new workers count what they
+    // read and write themselves, not the bytes the old ones had. (The
+    // flooded client goes first: its old worker may still owe it output.)
+    drop(slow);
+    wait_for("the flooded connection to close", || {
+        (sum(&scrape(admin), "wm_worker_connections", &[("group", "t")]) == 1.0).then_some(())
+    });
+    std::fs::copy(test_build("b"), s.dir.path().join("live.so")).unwrap();
+    let out = s.cli(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("handed over"),
+        "{said}"
+    );
+    let new = s.status()["reloads"][0]["groups"][0]["new"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(c.call("after"), "after");
+    wait_for("the new build's counters to count one message", || {
+        let m = scrape(admin);
+        let l = [("group", "t"), ("build", new.as_str())];
+        (sum(&m, "wm_worker_messages_total", &l) == 1.0).then_some(m)
+    });
+    let m = scrape(admin);
+    let l = [("group", "t"), ("build", new.as_str())];
+    assert_eq!(sum(&m, "wm_worker_received_bytes_total", &l), 6.0);
+    assert_eq!(sum(&m, "wm_worker_sent_bytes_total", &l), 6.0);
+    let ok = [("group", "t"), ("outcome", "ok")];
+    assert_eq!(sum(&m, "wm_group_reloads_total", &ok), 1.0);
+    assert!(
+        sum(
+            &m,
+            "wm_group_last_reload_duration_seconds",
+            &[("group", "t")]
+        ) > 0.0
+    );
+    wait_for("the old workers to exit", || {
+        (s.status()["workers"].as_array()?.len() == 2).then_some(())
+    });
+
     // A worker killed from outside is replaced: a restart by cause `died`.
     let victim = s.worker_pids("t")[0].1;
     unsafe { libc::kill(victim as i32, libc::SIGKILL) };
