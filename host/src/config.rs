@@ -249,6 +249,35 @@ pub struct HostConfig {
     /// sshd's StrictModes: refuse to start when the runtime dir, a plugin
     /// file or a folder above them could be changed by another user.
     pub strict_modes: bool,
+    /// `admin = "127.0.0.1:9090"`: the master's HTTP listener for
+    /// `/metrics`, `/status`, `/connections` and the dashboard. Off unless set.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    /// `admin_token` or the content of `admin_token_file`: every request
+    /// must carry `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+/// `admin`: `"host:port"` with an IP address (or `localhost`), or a bare
+/// port (`"9090"`, `":9090"`), which binds loopback only.
+pub fn parse_admin_addr(text: &str) -> Result<SocketAddr, String> {
+    let t = text.trim();
+    let port = t.strip_prefix(':').unwrap_or(t);
+    if let Ok(p) = port.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], p)));
+    }
+    if let Some(p) = t.strip_prefix("localhost:") {
+        if let Ok(p) = p.parse::<u16>() {
+            return Ok(SocketAddr::from(([127, 0, 0, 1], p)));
+        }
+    }
+    t.parse::<SocketAddr>()
+        .map_err(|_| format!("expected \"127.0.0.1:9090\", \"[::1]:9090\" or a port, got {text:?}"))
 }
 
 /// `[bus]`: what carries groups, uids, broadcasts and publish between
@@ -317,6 +346,9 @@ struct RawHost {
     stdout_file: Option<String>,
     log_file: Option<String>,
     strict_modes: Option<bool>,
+    admin: Option<Spanned<String>>,
+    admin_token: Option<Spanned<String>>,
+    admin_token_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -488,6 +520,7 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: &str| normalize(&base.join(p));
         let runtime_dir = rel(raw.host.runtime_dir.as_deref().unwrap_or("run"));
+        let admin = parse_admin(&src, &raw.host, &rel)?;
         let host = HostConfig {
             stop_timeout: raw
                 .host
@@ -508,6 +541,7 @@ impl Config {
                 .as_deref()
                 .map_or_else(|| runtime_dir.join("wm-host.log"), rel),
             strict_modes: raw.host.strict_modes.unwrap_or(true),
+            admin,
             runtime_dir,
         };
 
@@ -866,6 +900,56 @@ impl Config {
     }
 }
 
+/// `admin`, `admin_token` and `admin_token_file` of `[host]`.
+fn parse_admin(
+    src: &Source<'_>,
+    h: &RawHost,
+    rel: &dyn Fn(&str) -> PathBuf,
+) -> Result<Option<AdminConfig>, ConfigError> {
+    let token = match (&h.admin_token, &h.admin_token_file) {
+        (Some(_), Some(f)) => {
+            return Err(src.key_error(
+                f.span(),
+                "admin_token_file",
+                "set either admin_token or admin_token_file, not both",
+            ))
+        }
+        (Some(t), None) => Some((t.span(), "admin_token", t.get_ref().trim().to_string())),
+        (None, Some(f)) => {
+            let path = rel(f.get_ref());
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                src.key_error(
+                    f.span(),
+                    "admin_token_file",
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
+            Some((f.span(), "admin_token_file", text.trim().to_string()))
+        }
+        (None, None) => None,
+    };
+    if let Some((span, key, t)) = &token {
+        if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(src.key_error(
+                span.clone(),
+                key,
+                "the token must be non-empty, without spaces or control characters",
+            ));
+        }
+    }
+    let Some(a) = &h.admin else {
+        if let Some((span, key, _)) = token {
+            return Err(src.key_error(span, key, "needs `admin` (the address to listen on)"));
+        }
+        return Ok(None);
+    };
+    let addr = parse_admin_addr(a.get_ref()).map_err(|e| src.key_error(a.span(), "admin", e))?;
+    Ok(Some(AdminConfig {
+        addr,
+        token: token.map(|t| t.2),
+    }))
+}
+
 fn parse_bus(src: &Source<'_>, b: &RawBus) -> Result<BusConfig, ConfigError> {
     let mut bus = BusConfig::default();
     if let Some(v) = &b.backend {
@@ -982,6 +1066,61 @@ mod tests {
         assert_eq!(l.addr, "127.0.0.1:2347".parse().unwrap());
         assert_eq!(w.max_package_size, DEFAULT_MAX_PACKAGE);
         assert!(c.host.strict_modes, "StrictModes are on unless turned off");
+    }
+
+    #[test]
+    fn admin_is_off_by_default_and_a_bare_port_binds_loopback() {
+        assert_eq!(parse(MINIMAL).unwrap().host.admin, None);
+        for (text, addr) in [
+            ("9090", "127.0.0.1:9090"),
+            (":9090", "127.0.0.1:9090"),
+            ("localhost:9091", "127.0.0.1:9091"),
+            ("0.0.0.0:9092", "0.0.0.0:9092"),
+            ("[::1]:9093", "[::1]:9093"),
+        ] {
+            let c = parse(&format!("[host]\nadmin = \"{text}\"\n{MINIMAL}")).unwrap();
+            let a = c.host.admin.unwrap();
+            assert_eq!((a.addr, a.token), (addr.parse().unwrap(), None), "{text}");
+        }
+        let c = parse(&format!(
+            "[host]\nadmin = \"9090\"\nadmin_token = \" s3cret \"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.host.admin.unwrap().token.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn admin_errors_name_the_key_and_line() {
+        let err = |host: &str| {
+            parse(&format!("[host]\n{host}{MINIMAL}"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("admin = \"example.org:80\"\n");
+        assert!(e.contains(":2:") && e.contains("admin:"), "{e}");
+        let e = err("admin_token = \"x\"\n");
+        assert!(e.contains("admin_token: needs `admin`"), "{e}");
+        let e = err("admin = \"1\"\nadmin_token = \"\"\n");
+        assert!(
+            e.contains(":3:") && e.contains("admin_token: the token"),
+            "{e}"
+        );
+        let e = err("admin = \"1\"\nadmin_token = \"a\"\nadmin_token_file = \"t\"\n");
+        assert!(e.contains("admin_token_file: set either"), "{e}");
+        let e = err("admin = \"1\"\nadmin_token_file = \"/nonexistent/token\"\n");
+        assert!(
+            e.contains("admin_token_file: /nonexistent/token:"),
+            "the file is named: {e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let c = Config::parse(
+            &format!("[host]\nadmin = \"1\"\nadmin_token_file = \"token\"\n{MINIMAL}"),
+            &dir.path().join("wm.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.host.admin.unwrap().token.as_deref(), Some("from-file"));
     }
 
     #[test]

@@ -71,6 +71,12 @@ pub struct WorkerStats {
     pub total_messages: u64,
     pub send_fail: u64,
     pub timers: u64,
+    /// Bytes read from and written to connections since the worker started
+    /// (closed connections included), for `/metrics`.
+    #[serde(default)]
+    pub bytes_in: u64,
+    #[serde(default)]
+    pub bytes_out: u64,
 }
 
 /// CLI to master.
@@ -164,6 +170,24 @@ pub struct StatusReport {
     /// The bus between hosts (`[bus]`).
     #[serde(default)]
     pub bus: Box<BusReport>,
+    /// The last reloads, oldest first (at most `RELOAD_HISTORY`).
+    #[serde(default)]
+    pub reloads: Vec<ReloadRecord>,
+}
+
+/// How many reloads the master remembers for `status` and the dashboard.
+pub const RELOAD_HISTORY: usize = 20;
+
+/// One finished reload: when, how long, and its report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadRecord {
+    /// Unix milliseconds when it was asked for.
+    pub started_ms: u64,
+    /// From the request to the last worker rolled (or the failure).
+    pub millis: u64,
+    /// Every group rolled or kept without an error.
+    pub ok: bool,
+    pub groups: Vec<GroupReport>,
 }
 
 /// `[bus]` in `status`: the backend and, for Redis, its state and counters.
@@ -189,6 +213,9 @@ pub struct BusReport {
     /// Times the connection to Redis was lost.
     #[serde(default)]
     pub disconnects: u64,
+    /// Bytes handed to the Redis writer and not yet written.
+    #[serde(default)]
+    pub backlog_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,6 +237,10 @@ pub struct GroupRow {
     /// What the last reload that handed connections over did.
     #[serde(default)]
     pub last_handover: Option<HandoverReport>,
+    /// Reloads of this group since start, by outcome: `ok`, `failed`,
+    /// `kept` (not reloadable: `on_worker_reload` run).
+    #[serde(default)]
+    pub reloads: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -262,6 +293,9 @@ pub struct WorkerRow {
     /// because it did not read them and the master's bound was reached.
     #[serde(default)]
     pub bus_dropped: u64,
+    /// Bus bytes the master holds for it, not yet read by it.
+    #[serde(default)]
+    pub bus_backlog_bytes: u64,
     /// Absent when the worker did not answer in time.
     pub stats: Option<WorkerStats>,
     /// Messages per second since the previous `status` (absent with `stats`).

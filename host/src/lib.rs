@@ -12,6 +12,7 @@ pub mod config;
 pub mod ipc;
 pub mod logging;
 pub mod master;
+pub mod metrics;
 pub mod plugin;
 pub mod report;
 pub mod runtime;

@@ -98,6 +98,27 @@ pub fn render_status(r: &StatusReport) -> String {
             out.push_str(&format!("{} last reload: {}\n", g.name, handover_line(h)));
         }
     }
+    if let Some(x) = r.reloads.last() {
+        let at = UNIX_EPOCH + Duration::from_millis(x.started_ms);
+        let groups: Vec<String> = (x.groups.iter())
+            .map(|g| match (&g.error, g.kept) {
+                (Some(e), _) => format!("{}: {e}", g.name),
+                (None, true) => format!("{}: kept", g.name),
+                (None, false) => format!(
+                    "{}: {} -> {} {}/{}",
+                    g.name, g.old, g.new, g.rolled, g.count
+                ),
+            })
+            .collect();
+        out.push_str(&format!(
+            "last reload: {} {} in {} ms ({}); {} remembered\n",
+            humantime::format_rfc3339_seconds(at),
+            if x.ok { "ok" } else { "failed" },
+            x.millis,
+            groups.join("; "),
+            r.reloads.len()
+        ));
+    }
     out.push_str(
         "---------------------------------------- PROCESS STATUS ---------------------------------------\n",
     );

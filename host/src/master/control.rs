@@ -40,6 +40,10 @@ pub enum Sink {
     Client(ClientId),
     /// Signals (SIGIOT, SIGIO): into the log.
     Log,
+    /// A request to the admin listener (`admin.rs`), by its connection id.
+    Admin(u64),
+    /// The admin listener's periodic sample for the dashboard's history.
+    Sample,
 }
 
 #[derive(Debug)]
@@ -243,10 +247,13 @@ impl Control {
             .collect()
     }
 
-    /// Hands finished reports to whoever asked.
-    pub fn deliver_due(&mut self, now: Instant, registry: &Registry) {
+    /// Hands finished reports to whoever asked; returns those for the
+    /// admin listener (`Sink::Admin`, `Sink::Sample`), which takes them itself.
+    pub fn deliver_due(&mut self, now: Instant, registry: &Registry) -> Vec<(Sink, Gathered)> {
+        let mut admin = Vec::new();
         for (to, report) in self.take_done(now) {
             match (to, report) {
+                (to @ (Sink::Admin(_) | Sink::Sample), r) => admin.push((to, r)),
                 (Sink::Client(c), Gathered::Status(r)) => {
                     self.reply(c, &Response::Status(r), registry)
                 }
@@ -267,6 +274,7 @@ impl Control {
                 }
             }
         }
+        admin
     }
 }
 
@@ -424,6 +432,7 @@ mod tests {
             build: String::new(),
             loaded_at: 0,
             bus_dropped: 0,
+            bus_backlog_bytes: 0,
             stats: None,
             qps: None,
             state: WorkerState::Busy,
@@ -441,6 +450,7 @@ mod tests {
             exits: Vec::new(),
             workers: pids.iter().map(|&p| status_row(p)).collect(),
             bus: Default::default(),
+            reloads: Vec::new(),
         })
     }
 

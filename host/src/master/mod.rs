@@ -4,6 +4,7 @@
 //! `relay` carries the bus between workers; `builds` installs plugin copies
 //! off the loop; `watch` notices changed files. It never loads plugin code.
 
+mod admin;
 pub mod builds;
 mod control;
 mod listen;
@@ -35,8 +36,8 @@ use self::supervisor::{Action, Event, GroupSpec, StartFailure, Supervisor, Timeo
 use self::watch::Watch;
 use crate::config::Config;
 use crate::ipc::{
-    ConnectionsReport, ExitRow, FromWorker, GroupRow, LineBuf, Request, Response, StatusReport,
-    ToWorker, WorkerRow, WorkerState,
+    ConnectionsReport, ExitRow, FromWorker, GroupRow, LineBuf, ReloadRecord, Request, Response,
+    StatusReport, ToWorker, WorkerRow, WorkerState,
 };
 use crate::runtime::PidLock;
 
@@ -49,6 +50,9 @@ const KIND_CLIENT: usize = 3;
 const SIGNALS: Token = Token(KIND_FIXED);
 const CONTROL: Token = Token(1 << 2 | KIND_FIXED);
 const WAKER: Token = Token(2 << 2 | KIND_FIXED);
+const ADMIN: Token = Token(3 << 2 | KIND_FIXED);
+/// Admin connections are fixed-kind tokens from this id on.
+const ADMIN_CONN_BASE: usize = 16;
 
 /// How often workers of groups with `max_requests` or `max_memory` are
 /// asked for their request count and have their memory read.
@@ -64,6 +68,10 @@ fn bus_token(w: WorkerId) -> Token {
 
 fn client_token(c: ClientId) -> Token {
     Token((c.0 as usize) << 2 | KIND_CLIENT)
+}
+
+fn admin_token(id: u64) -> Token {
+    Token((id as usize + ADMIN_CONN_BASE) << 2 | KIND_FIXED)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +124,8 @@ pub struct Master {
     relay: Relay,
     /// `[bus] backend = "redis://…"`: the bus across hosts.
     redis: Option<RedisBus>,
+    /// `[host] admin`: `/metrics`, `/status`, `/connections`, the dashboard.
+    admin: Option<admin::Admin>,
     installer: Installer,
     watch: Option<Watch>,
     started_at: SystemTime,
@@ -178,6 +188,19 @@ impl Master {
         poll.registry()
             .register(control.listener(), CONTROL, Interest::READABLE)
             .map_err(|e| io_err("register control socket", e))?;
+        let mut admin = match &cfg.host.admin {
+            Some(a) => Some(
+                admin::Admin::bind(a)
+                    .map_err(|e| io_err(&format!("cannot listen on admin {}", a.addr), e))?,
+            ),
+            None => None,
+        };
+        if let Some(a) = admin.as_mut() {
+            poll.registry()
+                .register(a.listener(), ADMIN, Interest::READABLE)
+                .map_err(|e| io_err("register admin listener", e))?;
+            tracing::info!("admin listener on http://{}/", a.addr());
+        }
         let exe = std::env::current_exe().map_err(|e| io_err("cannot find own executable", e))?;
         let waker =
             Arc::new(mio::Waker::new(poll.registry(), WAKER).map_err(|e| io_err("waker", e))?);
@@ -213,6 +236,7 @@ impl Master {
             control,
             relay,
             redis,
+            admin,
             watch,
             started_at: SystemTime::now(),
             readiness: Readiness::Terminal,
@@ -244,6 +268,7 @@ impl Master {
                 self.redis.as_ref().and_then(RedisBus::next_deadline),
                 self.usage_due,
                 self.watch.as_ref().and_then(Watch::due),
+                self.admin.as_ref().and_then(admin::Admin::next_deadline),
             ]
             .into_iter()
             .flatten()
@@ -269,10 +294,16 @@ impl Master {
                         Instant::now(),
                     ),
                     (KIND_CLIENT, id) => self.on_client(ClientId(id as u64)),
-                    _ => match ev.token() {
+                    (_, id) => match ev.token() {
                         SIGNALS => self.on_signals(),
                         CONTROL => self.control.accept(self.poll.registry(), client_token),
                         WAKER => self.on_wake(),
+                        ADMIN => {
+                            if let Some(a) = self.admin.as_mut() {
+                                a.accept(self.poll.registry(), admin_token, Instant::now());
+                            }
+                        }
+                        _ if id >= ADMIN_CONN_BASE => self.on_admin((id - ADMIN_CONN_BASE) as u64),
                         _ => {}
                     },
                 }
@@ -500,7 +531,27 @@ impl Master {
                 }
             }
         }
-        self.control.deliver_due(now, self.poll.registry());
+        for (to, report) in self.control.deliver_due(now, self.poll.registry()) {
+            let registry = self.poll.registry();
+            let Some(a) = self.admin.as_mut() else {
+                continue;
+            };
+            match (to, &report) {
+                (Sink::Admin(id), _) => {
+                    if let Some(want) = a.answer(id, &report, registry, now) {
+                        self.start_admin(id, want);
+                    }
+                }
+                (Sink::Sample, Gathered::Status(r)) => a.history.record(r, now, SystemTime::now()),
+                _ => {}
+            }
+        }
+        if let Some(a) = self.admin.as_mut() {
+            a.expire(now, self.poll.registry());
+            if a.sample_due(now) && self.sup.is_running() {
+                self.start_status(Sink::Sample);
+            }
+        }
         for client in self.control.take_gone() {
             self.dispatch(Event::ClientGone(client));
         }
@@ -651,6 +702,23 @@ impl Master {
         }
     }
 
+    fn on_admin(&mut self, id: u64) {
+        let Some(a) = self.admin.as_mut() else {
+            return;
+        };
+        if let Some(want) = a.on_event(id, self.poll.registry(), Instant::now()) {
+            self.start_admin(id, want);
+        }
+    }
+
+    /// Gathers what an admin request needs, as for the CLI.
+    fn start_admin(&mut self, id: u64, want: admin::Want) {
+        match want {
+            admin::Want::Status | admin::Want::Metrics => self.start_status(Sink::Admin(id)),
+            admin::Want::Connections => self.start_connections(Sink::Admin(id)),
+        }
+    }
+
     fn on_signals(&mut self) {
         let pending: Vec<i32> = self.signals.pending().collect();
         for sig in pending {
@@ -751,6 +819,7 @@ impl Master {
                     .unwrap_or_default()
                     .as_secs(),
                 bus_dropped: self.relay.dropped(k),
+                bus_backlog_bytes: self.relay.backlog(k),
                 stats: None,
                 qps: None,
                 // Until it answers; still so at the deadline means busy.
@@ -780,6 +849,12 @@ impl Master {
                     .map(|(_, cause, n)| (cause.name().to_string(), n))
                     .collect(),
                 last_handover: self.sup.last_handover(gi),
+                reloads: self
+                    .sup
+                    .reload_outcomes()
+                    .filter(|(group, ..)| *group == g.name)
+                    .map(|(_, outcome, n)| (outcome.to_string(), n))
+                    .collect(),
             })
             .collect();
         let exits = self
@@ -792,6 +867,24 @@ impl Master {
             })
             .collect();
         let now = SystemTime::now();
+        let mono = Instant::now();
+        // The supervisor keeps no wall clock: its instants are dated from now.
+        let wall_ms = |t: Instant| {
+            (now - mono.saturating_duration_since(t))
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64
+        };
+        let reloads = self
+            .sup
+            .reload_history()
+            .map(|(began, ended, report)| ReloadRecord {
+                started_ms: wall_ms(*began),
+                millis: ended.saturating_duration_since(*began).as_millis() as u64,
+                ok: report.ok(),
+                groups: report.groups.clone(),
+            })
+            .collect();
         let start_time = self
             .started_at
             .duration_since(UNIX_EPOCH)
@@ -819,6 +912,7 @@ impl Master {
                     ..Default::default()
                 },
             }),
+            reloads,
         };
         self.control
             .gather(to, req, waiting, Gathered::Status(report), Instant::now());
@@ -877,8 +971,11 @@ impl Master {
             &["proto", "user", "worker", "listen", "count", "state"],
             &rows,
         );
+        let admin = (self.admin.as_ref())
+            .map(|a| format!("admin: http://{}/\n", a.addr()))
+            .unwrap_or_default();
         format!(
-            "wm-host {} (master pid {})\n{table}",
+            "wm-host {} (master pid {})\n{table}{admin}",
             env!("CARGO_PKG_VERSION"),
             std::process::id()
         )

@@ -293,6 +293,7 @@ impl RedisBus {
             received: s.received.load(SeqCst),
             dropped: s.dropped.load(SeqCst),
             disconnects: s.disconnects.load(SeqCst),
+            backlog_bytes: s.queued.load(SeqCst) as u64,
         }
     }
 

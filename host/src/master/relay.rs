@@ -449,6 +449,13 @@ impl Relay {
         self.peers.get(&worker).map_or(0, |p| p.dropped)
     }
 
+    /// Bus bytes waiting for a worker to read them.
+    pub fn backlog(&self, worker: WorkerId) -> u64 {
+        self.peers
+            .get(&worker)
+            .map_or(0, |p| p.buf.outbuf.len() as u64)
+    }
+
     /// Frames dropped for a group's workers since start.
     pub fn group_dropped(&self, group: usize) -> u64 {
         self.group_dropped.get(&group).copied().unwrap_or(0)

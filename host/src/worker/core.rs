@@ -51,6 +51,9 @@ pub struct Core {
     pub max_send_buffer_size: usize,
     pub total_messages: u64,
     pub send_fail: u64,
+    /// Bytes read and written by connections that are gone (`remove`):
+    /// with the live ones', the worker's totals.
+    gone_bytes: (u64, u64),
     /// Incomplete input held across connections (the sum of `Conn::held`),
     /// for `max_buffered_input`.
     pub buffered: usize,
@@ -123,6 +126,7 @@ impl Core {
             max_send_buffer_size,
             total_messages: 0,
             send_fail: 0,
+            gone_bytes: (0, 0),
             buffered: 0,
             node: std::process::id(),
             registry: Registry::default(),
@@ -167,7 +171,28 @@ impl Core {
             total_messages: self.total_messages,
             send_fail: self.send_fail,
             timers: self.timers.len() as u64,
+            bytes_in: (self.conns.iter().map(|(_, c)| c.bytes_read))
+                .fold(self.gone_bytes.0, u64::wrapping_add),
+            bytes_out: (self.conns.iter().map(|(_, c)| c.bytes_written))
+                .fold(self.gone_bytes.1, u64::wrapping_add),
         }
+    }
+
+    /// Takes a connection out of the slab (closed, or moved to another
+    /// worker), keeping its byte counts in the worker's totals.
+    pub fn remove(&mut self, id: u64) -> Conn {
+        let conn = self.conns.remove(slot(id));
+        self.gone_bytes.0 = self.gone_bytes.0.wrapping_add(conn.bytes_read);
+        self.gone_bytes.1 = self.gone_bytes.1.wrapping_add(conn.bytes_written);
+        conn
+    }
+
+    /// A connection taken over arrives with the counts of its old worker:
+    /// they are that worker's traffic, not ours. Taken off in advance
+    /// (wrapping), so the sum with the live connections' counts comes out right.
+    pub fn adopted_bytes(&mut self, read: u64, written: u64) {
+        self.gone_bytes.0 = self.gone_bytes.0.wrapping_sub(read);
+        self.gone_bytes.1 = self.gone_bytes.1.wrapping_sub(written);
     }
 
     pub(super) fn send_failed(&mut self, id: u64, why: &'static str) {

@@ -316,7 +316,7 @@ impl Worker {
             if !self.core.get(id).is_some_and(|c| c.frozen) {
                 continue;
             }
-            let mut conn = self.core.conns.remove(slot(id));
+            let mut conn = self.core.remove(id);
             // Explicitly: the socket lives on in the other process, so
             // closing our descriptor would not take it out of our epoll.
             let _ = self.poll.registry().deregister(&mut conn.sock);
@@ -562,6 +562,7 @@ impl Worker {
         let mut conn = Conn::new(id, sock, rec.codec, rec.max_send as usize);
         conn.bytes_read = rec.bytes_read;
         conn.bytes_written = rec.bytes_written;
+        self.core.adopted_bytes(rec.bytes_read, rec.bytes_written);
         conn.paused = rec.paused;
         conn.full = rec.full;
         conn.held = rec.inbuf.capacity();
@@ -586,7 +587,7 @@ impl Worker {
         if self.core.get(id).is_none() {
             return;
         }
-        let conn = self.core.conns.remove(slot(id));
+        let conn = self.core.remove(id);
         self.core.buffered = self.core.buffered.saturating_sub(conn.held);
         if let Some(g) = self.core.adopted.remove(&id) {
             self.core.adopted_gids.remove(&g);

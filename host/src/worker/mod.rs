@@ -942,7 +942,7 @@ impl Worker {
             };
             if let Some(id) = self.udp_peers.remove(&old) {
                 if self.core.get(id).is_some() {
-                    self.core.conns.remove(core::slot(id));
+                    self.core.remove(id);
                 }
             }
         }

@@ -10,7 +10,7 @@ use abi_stable::std_types::{RSlice, RStr, RVec};
 use plugin_api::abi::{HostCtx, HostVTableRef, Outcome, RawRequest};
 
 use super::conn::State;
-use super::core::{slot, Core, Deferred};
+use super::core::{Core, Deferred};
 use super::host_api::{self, Scope};
 use crate::plugin::{BuildInfo, LoadedPlugin};
 use wm_proto::Kind;
@@ -256,7 +256,7 @@ impl Runner {
         match conn.outbound.as_ref().and_then(|o| o.reconnect_after) {
             Some(after) => core.redials.push((Instant::now() + after, id)),
             None => {
-                let mut conn = core.conns.remove(slot(id));
+                let mut conn = core.remove(id);
                 let _ = core.registry().deregister(&mut conn.sock);
             }
         }
@@ -296,7 +296,7 @@ impl Runner {
                     let known = conn.established() && !conn.unknown;
                     let partners = [conn.pipe_to, conn.pipe_from];
                     // Dropping the socket closes it and takes it out of epoll.
-                    let held = core.conns.remove(slot(id)).held;
+                    let held = core.remove(id).held;
                     core.buffered = core.buffered.saturating_sub(held);
                     // A pipe's other end goes too, once it has flushed.
                     for p in partners.into_iter().flatten() {

@@ -31,7 +31,7 @@ use self::roll::{Plan, Roll, Step};
 use super::builds::Build;
 use super::control::ClientId;
 use super::watch::Trigger;
-use crate::ipc::{GroupReport, HandoverReport, Response};
+use crate::ipc::{GroupReport, HandoverReport, ReloadReport, Response, RELOAD_HISTORY};
 
 /// A worker process as the supervisor knows it; never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -284,6 +284,8 @@ struct Group {
 /// A reload from request to report.
 struct Reload {
     graceful: bool,
+    /// When it was asked for, for its duration in the history.
+    began: Instant,
     /// Clients waiting for the report.
     waiters: Vec<ClientId>,
     stage: Stage,
@@ -333,6 +335,11 @@ pub struct Supervisor {
     stop_waiters: Vec<ClientId>,
     /// Per group, what the last reload with a handover did (for `status`).
     last_handover: BTreeMap<usize, HandoverReport>,
+    /// The last reloads (at most `RELOAD_HISTORY`): when they were asked
+    /// for, when they ended, and their report.
+    history: VecDeque<(Instant, Instant, ReloadReport)>,
+    /// (group, outcome) -> reloads since start (for `status` and `/metrics`).
+    reload_outcomes: BTreeMap<(String, &'static str), u64>,
     /// Actions of the event being handled.
     out: Vec<Action>,
 }
@@ -370,6 +377,8 @@ impl Supervisor {
             recycles: VecDeque::new(),
             stop_waiters: Vec::new(),
             last_handover: BTreeMap::new(),
+            history: VecDeque::new(),
+            reload_outcomes: BTreeMap::new(),
             out: Vec::new(),
         }
     }
@@ -484,6 +493,18 @@ impl Supervisor {
         self.exits
             .iter()
             .map(|((g, s), &n)| (g.as_str(), s.as_str(), n))
+    }
+
+    /// The last reloads, oldest first: asked at, ended at, report.
+    pub fn reload_history(&self) -> impl Iterator<Item = &(Instant, Instant, ReloadReport)> {
+        self.history.iter()
+    }
+
+    /// (group, outcome, count) of reloads since start: `ok`, `failed`, `kept`.
+    pub fn reload_outcomes(&self) -> impl Iterator<Item = (&str, &'static str, u64)> {
+        self.reload_outcomes
+            .iter()
+            .map(|((g, o), &n)| (g.as_str(), *o, n))
     }
 
     /// (group, cause, count) of workers replaced since start.
@@ -1044,6 +1065,7 @@ impl Supervisor {
         }
         self.reload = Some(Reload {
             graceful,
+            began: now,
             waiters: client.into_iter().collect(),
             stage: Stage::Installing {
                 picked,
@@ -1083,6 +1105,7 @@ impl Supervisor {
         }
         let Some(Reload {
             graceful,
+            began,
             waiters,
             stage:
                 Stage::Installing {
@@ -1176,6 +1199,7 @@ impl Supervisor {
         tracing::info!(graceful, "rolling reload started");
         self.reload = Some(Reload {
             graceful,
+            began,
             waiters,
             stage: Stage::Rolling(roll),
         });
@@ -1225,7 +1249,7 @@ impl Supervisor {
                     handover: self.groups[group].spec.handover,
                 });
             }
-            Step::Finished => self.finish_roll(),
+            Step::Finished => self.finish_roll(now),
         }
     }
 
@@ -1381,8 +1405,9 @@ impl Supervisor {
         self.drive_roll(now);
     }
 
-    fn finish_roll(&mut self) {
+    fn finish_roll(&mut self, now: Instant) {
         let Some(Reload {
+            began,
             waiters,
             stage: Stage::Rolling(roll),
             ..
@@ -1414,6 +1439,21 @@ impl Supervisor {
                 ),
             }
         }
+        for g in &report.groups {
+            let outcome = match (&g.error, g.kept) {
+                (Some(_), _) => "failed",
+                (None, true) => "kept",
+                (None, false) => "ok",
+            };
+            *self
+                .reload_outcomes
+                .entry((g.name.clone(), outcome))
+                .or_default() += 1;
+        }
+        if self.history.len() == RELOAD_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back((began, now, report.clone()));
         for client in waiters {
             self.out.push(Action::Reply {
                 client,

@@ -508,6 +508,39 @@ fn a_bad_build_is_refused_and_nothing_is_touched() {
 }
 
 #[test]
+fn reloads_are_remembered_with_outcome_and_duration_and_counted() {
+    let (mut h, _old) = H::running(&[("t", 1, true)]);
+    h.reload(None);
+    h.installed(0, Err("bad".into()));
+    h.reload(None);
+    let s = spawned(&h.installed(0, Ok(build("b"))));
+    h.later(25 * MS);
+    h.ev(Event::Ready {
+        worker: s[0].0,
+        handover: false,
+    });
+    let hist: Vec<_> = h.sup.reload_history().collect();
+    assert_eq!(hist.len(), 2);
+    assert!(!hist[0].2.ok() && hist[1].2.ok());
+    assert_eq!(
+        hist[1].1 - hist[1].0,
+        25 * MS,
+        "from the request to the end"
+    );
+    let outcomes: Vec<_> = h.sup.reload_outcomes().collect();
+    assert_eq!(outcomes, [("t", "failed", 1), ("t", "ok", 1)]);
+    // Only the last RELOAD_HISTORY are kept; the counts go on.
+    for _ in 0..crate::ipc::RELOAD_HISTORY {
+        h.reload(None);
+        h.installed(0, Err("bad".into()));
+    }
+    assert_eq!(h.sup.reload_history().count(), crate::ipc::RELOAD_HISTORY);
+    assert!(h.sup.reload_history().all(|r| !r.2.ok()));
+    let failed = h.sup.reload_outcomes().find(|o| o.1 == "failed").unwrap();
+    assert_eq!(failed.2, 1 + crate::ipc::RELOAD_HISTORY as u64);
+}
+
+#[test]
 fn a_replacement_that_dies_before_ready_stops_the_roll_and_the_old_build_serves() {
     let (mut h, old) = H::running(&[("t", 3, true)]);
     h.reload(Some(1));
