@@ -16,7 +16,7 @@ mod watch;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -35,9 +35,10 @@ use self::supervisor::{Action, Event, GroupSpec, StartFailure, Supervisor, Timeo
 use self::watch::Watch;
 use crate::config::Config;
 use crate::ipc::{
-    ConnectionsReport, ExitRow, FromWorker, GroupRow, LineBuf, Request, Response, StatusReport,
-    ToWorker, WorkerRow, WorkerState,
+    ConnectionsReport, ExitRow, FromWorker, GroupRow, LineBuf, ReopenReport, Request, Response,
+    StatusReport, ToWorker, WorkerRow, WorkerState,
 };
+use crate::logging::{self, WorkerLog};
 use crate::runtime::PidLock;
 
 /// A token is `id << 2 | kind`: worker and client ids are never reused, so
@@ -120,8 +121,8 @@ pub struct Master {
     watch: Option<Watch>,
     started_at: SystemTime,
     readiness: Readiness,
-    /// The daemon's log file, handed to workers open.
-    worker_log: Option<File>,
+    /// The daemon's log file, handed to workers open, and the log format.
+    worker_log: WorkerLog,
     /// When workers' usage is next checked (groups with recycling limits).
     usage_due: Option<Instant>,
     _lock: PidLock,
@@ -201,6 +202,7 @@ impl Master {
             .workers
             .iter()
             .any(|w| w.max_requests.is_some() || w.max_memory.is_some());
+        let log_format = cfg.host.log_format;
         Ok(Master {
             sup: Supervisor::new(groups, timeouts, Instant::now()),
             installer: Installer::new(cfg.host.runtime_dir.clone(), waker),
@@ -216,7 +218,10 @@ impl Master {
             watch,
             started_at: SystemTime::now(),
             readiness: Readiness::Terminal,
-            worker_log: None,
+            worker_log: WorkerLog {
+                file: None,
+                format: log_format,
+            },
             usage_due: recycling.then(Instant::now),
             _lock: lock,
         })
@@ -224,7 +229,7 @@ impl Master {
 
     /// Workers will log to this file (the daemon's log_file).
     pub fn with_worker_log(mut self, file: File) -> Master {
-        self.worker_log = Some(file);
+        self.worker_log.file = Some(file);
         self
     }
 
@@ -389,7 +394,7 @@ impl Master {
             id,
             build,
             self.sockets[group].get(id as usize),
-            self.worker_log.as_ref(),
+            &self.worker_log,
             pair.as_ref().map(|p| &p.1),
         )?;
         // Theirs is the child's now; ours waits for the handover.
@@ -459,7 +464,7 @@ impl Master {
             .buf
             .flush(&mut w.ctl)
             .and_then(|()| match w.buf.flushed() {
-                true => control::send_with_fd(&w.ctl, &line, &end),
+                true => control::send_with_fd(&w.ctl, &line, end.as_fd()),
                 false => Err(io::Error::other("its control channel is full")),
             });
         match sent {
@@ -597,6 +602,9 @@ impl Master {
                     self.dispatch(Event::HandedOver { worker, report });
                 }
                 Ok(FromWorker::Failed { error }) => self.dispatch(Event::Failed { worker, error }),
+                Ok(msg @ FromWorker::LogReopened { .. }) => {
+                    self.control.answered(worker, pid.as_raw() as u32, msg)
+                }
                 Ok(msg @ (FromWorker::Stats { .. } | FromWorker::Connections { .. })) => {
                     if let FromWorker::Stats { stats, .. } = &msg {
                         // Any answer (to `status` or to our poll) tells the requests served.
@@ -632,6 +640,7 @@ impl Master {
                 }
                 Ok(Request::Status) => self.start_status(Sink::Client(client)),
                 Ok(Request::Connections) => self.start_connections(Sink::Client(client)),
+                Ok(Request::ReopenLogs) => self.start_reopen(Sink::Client(client)),
                 Ok(Request::Reload { graceful }) => self.dispatch(Event::Reload {
                     graceful,
                     client: Some(client),
@@ -680,6 +689,7 @@ impl Master {
                 }
                 SIGABRT => self.start_status(Sink::Log),
                 SIGIO => self.start_connections(Sink::Log),
+                SIGHUP => self.start_reopen(Sink::Log),
                 _ => {}
             }
         }
@@ -842,6 +852,66 @@ impl Master {
             Gathered::Connections(report),
             Instant::now(),
         );
+    }
+
+    /// `reopen-logs` or SIGHUP: opens `log_file` again (logrotate moved
+    /// it) and hands the new file to every worker, alive in any state; the
+    /// report says how many switched, once all answered or at the deadline.
+    fn start_reopen(&mut self, to: Sink) {
+        let mut report = ReopenReport::default();
+        if self.worker_log.file.is_none() {
+            // Foreground: the master and its workers write to its stderr.
+            match to {
+                Sink::Log => {
+                    tracing::info!("SIGHUP: no log file to reopen (logging to standard error)")
+                }
+                Sink::Client(c) => {
+                    let resp = Response::LogsReopened(report);
+                    self.control.reply(c, &resp, self.poll.registry());
+                }
+            }
+            return;
+        }
+        let path = self.cfg.host.log_file.clone();
+        tracing::info!(path = %path.display(), "reopening the log file");
+        let new = match logging::reopen_master(&path, &self.worker_log) {
+            Ok(f) => f,
+            Err(e) => {
+                let message = format!("cannot reopen log_file {}: {e}", path.display());
+                tracing::error!("{message}");
+                if let Sink::Client(c) = to {
+                    let resp = Response::Error { message };
+                    self.control.reply(c, &resp, self.poll.registry());
+                }
+                return;
+            }
+        };
+        tracing::info!(path = %path.display(), "log file reopened");
+        report.path = Some(path.display().to_string());
+        let req = self.control.next_req();
+        let line = crate::ipc::encode(&ToWorker::ReopenLog { req });
+        let mut waiting = HashSet::new();
+        for (&k, w) in &mut self.workers {
+            // Lines before it must go first, or the file would come with
+            // the wrong one.
+            let sent = w
+                .buf
+                .flush(&mut w.ctl)
+                .and_then(|()| match w.buf.flushed() {
+                    true => control::send_with_fd(&w.ctl, &line, new.as_fd()),
+                    false => Err(io::Error::other("its control channel is full")),
+                });
+            let pid = w.pid.as_raw() as u32;
+            match sent {
+                Ok(()) => {
+                    waiting.insert(k);
+                    report.busy.push(pid);
+                }
+                Err(e) => report.failed.push(format!("pid {pid}: {e}")),
+            }
+        }
+        self.control
+            .gather(to, req, waiting, Gathered::Reopen(report), Instant::now());
     }
 
     fn startup_table(&self) -> String {
