@@ -11,6 +11,7 @@ mod process;
 mod redis;
 mod relay;
 pub mod supervisor;
+mod systemd;
 mod watch;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -125,6 +126,10 @@ pub struct Master {
     worker_log: WorkerLog,
     /// When workers' usage is next checked (groups with recycling limits).
     usage_due: Option<Instant>,
+    /// `NOTIFY_SOCKET` was set: systemd (`Type=notify`) hears of readiness,
+    /// reloads and stopping; and what it was last told.
+    systemd: Option<systemd::Notifier>,
+    told: systemd::State,
     _lock: PidLock,
 }
 
@@ -223,6 +228,15 @@ impl Master {
                 format: log_format,
             },
             usage_due: recycling.then(Instant::now),
+            systemd: match systemd::Notifier::from_env() {
+                Some(Ok(n)) => Some(n),
+                Some(Err(e)) => {
+                    tracing::warn!("NOTIFY_SOCKET: {e}; systemd will not hear of readiness");
+                    None
+                }
+                None => None,
+            },
+            told: systemd::State::Starting,
             _lock: lock,
         })
     }
@@ -321,6 +335,37 @@ impl Master {
             let more = self.sup.handle(Event::ClientGone(client), Instant::now());
             debug_assert!(more.is_empty(), "a gone client causes no actions");
         }
+        self.tell_systemd();
+    }
+
+    /// Tells systemd what changed since it was last told: ready (every
+    /// worker of every group), reloading, ready again, stopping.
+    fn tell_systemd(&mut self) {
+        let Some(n) = &self.systemd else { return };
+        let now = if self.sup.is_stopping() {
+            systemd::State::Stopping
+        } else if !self.sup.is_running() {
+            systemd::State::Starting
+        } else if self.sup.reload_busy() {
+            systemd::State::Reloading
+        } else {
+            systemd::State::Ready
+        };
+        let workers: u32 = self.cfg.workers.iter().map(|w| w.count).sum();
+        let status = match now {
+            systemd::State::Ready => format!(
+                "{workers} workers in {} groups ready",
+                self.cfg.workers.len()
+            ),
+            systemd::State::Reloading => "reloading".to_string(),
+            _ => "stopping".to_string(),
+        };
+        if let Some(msg) = systemd::message(self.told, now, &status) {
+            if let Err(e) = n.send(&msg) {
+                tracing::warn!("cannot notify systemd: {e}");
+            }
+            self.told = now;
+        }
     }
 
     fn carry_out_one(&mut self, action: Action) -> Option<Event> {
@@ -365,6 +410,9 @@ impl Master {
             }
             Action::Prune { keep } => builds::prune(&self.cfg.host.runtime_dir, &keep),
             Action::Started => {
+                // Before the CLI of `start -d` hears it and exits: systemd
+                // must know the MAINPID by then.
+                self.tell_systemd();
                 let table = self.startup_table();
                 self.readiness.report(Ok(table));
             }

@@ -67,6 +67,8 @@ pub fn spawn_worker(
     let run_as = cfg.run_as;
     let mut cmd = Command::new(exe);
     cmd.arg("worker").env(SPEC_ENV, spec).stdin(Stdio::null());
+    // Only the master speaks to systemd (NotifyAccess=main).
+    cmd.env_remove("NOTIFY_SOCKET");
     if log_fd >= 0 {
         cmd.env(LOG_FD_ENV, LOG_FD.to_string());
     }
