@@ -57,6 +57,11 @@ fn pending(sock: &UnixDatagram) -> Option<String> {
     }
 }
 
+fn text_server(port: u16, count: u32) -> Server {
+    let listen = format!("text://127.0.0.1:{port}");
+    Server::new(&worker_table("t", &listen, "test_plugin", count, ""))
+}
+
 fn field<'a>(msg: &'a str, key: &str) -> Option<&'a str> {
     msg.lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
@@ -163,13 +168,7 @@ fn ready_reloading_and_stopping_reach_the_notify_socket() {
 #[test]
 fn workers_do_not_inherit_the_notify_socket() {
     let port = free_port();
-    let s = Server::new(&worker_table(
-        "t",
-        &format!("text://127.0.0.1:{port}"),
-        "test_plugin",
-        1,
-        "",
-    ));
+    let s = text_server(port, 1);
     let path = s.dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
     let _master = foreground(&s, path.to_str().unwrap());
@@ -187,13 +186,7 @@ fn workers_do_not_inherit_the_notify_socket() {
 #[test]
 fn an_abstract_notify_socket_works_too() {
     let port = free_port();
-    let s = Server::new(&worker_table(
-        "t",
-        &format!("text://127.0.0.1:{port}"),
-        "test_plugin",
-        2,
-        "",
-    ));
+    let s = text_server(port, 2);
     let name = format!("wm-e2e-notify-{}-{port}", std::process::id());
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let sock = UnixDatagram::bind_addr(&addr).unwrap();

@@ -17,7 +17,7 @@ mod watch;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -103,6 +103,18 @@ struct WorkerIo {
     /// A replacement's handover socket, our end: sent to the old worker
     /// when the handover begins.
     handover_end: Option<OwnedFd>,
+}
+
+impl WorkerIo {
+    /// Sends `msg` with `fd` attached (SCM_RIGHTS). Lines queued before it
+    /// must go first, or the descriptor would come with the wrong one.
+    fn send_with_fd(&mut self, msg: &ToWorker, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.buf.flush(&mut self.ctl)?;
+        if !self.buf.flushed() {
+            return Err(io::Error::other("its control channel is full"));
+        }
+        control::send_with_fd(&self.ctl, &crate::ipc::encode(msg), fd)
+    }
 }
 
 pub struct Master {
@@ -505,17 +517,7 @@ impl Master {
         let Some(w) = self.workers.get_mut(&from) else {
             return;
         };
-        let line = crate::ipc::encode(&ToWorker::Handover);
-        // Lines before it must go first, or the descriptor would come with
-        // the wrong one.
-        let sent = w
-            .buf
-            .flush(&mut w.ctl)
-            .and_then(|()| match w.buf.flushed() {
-                true => control::send_with_fd(&w.ctl, &line, end.as_fd()),
-                false => Err(io::Error::other("its control channel is full")),
-            });
-        match sent {
+        match w.send_with_fd(&ToWorker::Handover, end.as_fd()) {
             Ok(()) => self.relay.cut(from, to, Instant::now()),
             Err(e) => tracing::warn!(
                 pid = w.pid.as_raw(),
@@ -937,18 +939,9 @@ impl Master {
         tracing::info!(path = %path.display(), "log file reopened");
         report.path = Some(path.display().to_string());
         let req = self.control.next_req();
-        let line = crate::ipc::encode(&ToWorker::ReopenLog { req });
         let mut waiting = HashSet::new();
         for (&k, w) in &mut self.workers {
-            // Lines before it must go first, or the file would come with
-            // the wrong one.
-            let sent = w
-                .buf
-                .flush(&mut w.ctl)
-                .and_then(|()| match w.buf.flushed() {
-                    true => control::send_with_fd(&w.ctl, &line, new.as_fd()),
-                    false => Err(io::Error::other("its control channel is full")),
-                });
+            let sent = w.send_with_fd(&ToWorker::ReopenLog { req }, new.as_fd());
             let pid = w.pid.as_raw() as u32;
             match sent {
                 Ok(()) => {
