@@ -218,3 +218,25 @@ fn the_example_unit_passes_systemd_analyze_verify() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
+
+/// A worker that cannot start: no READY=1, STOPPING=1 says why to look at
+/// the log, and the master exits non-zero (systemd marks the unit failed).
+#[test]
+fn a_failed_start_is_never_ready() {
+    let port = free_port();
+    let listen = format!("text://127.0.0.1:{port}");
+    let opts = "[worker.options]\nfail_start = \"error\"\n";
+    let s = Server::new(&worker_table("t", &listen, "test_plugin", 1, opts));
+    let path = s.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let mut master = foreground(&s, path.to_str().unwrap());
+    let msg = next(&sock);
+    assert_eq!(field(&msg, "READY"), None, "{msg:?}");
+    assert_eq!(field(&msg, "STOPPING"), Some("1"), "{msg:?}");
+    assert!(
+        field(&msg, "STATUS").unwrap().contains("see the log"),
+        "{msg:?}"
+    );
+    assert!(!master.0.wait().unwrap().success());
+    assert_eq!(pending(&sock), None);
+}

@@ -363,13 +363,17 @@ impl Master {
         } else {
             systemd::State::Ready
         };
+        if now == self.told {
+            return;
+        }
         let workers: u32 = self.cfg.workers.iter().map(|w| w.count).sum();
-        let status = match now {
-            systemd::State::Ready => format!(
+        let status = match (self.told, now) {
+            (_, systemd::State::Ready) => format!(
                 "{workers} workers in {} groups ready",
                 self.cfg.workers.len()
             ),
-            systemd::State::Reloading => "reloading".to_string(),
+            (_, systemd::State::Reloading) => "reloading".to_string(),
+            (systemd::State::Starting, _) => "stopping before every worker was ready (see the log)".to_string(),
             _ => "stopping".to_string(),
         };
         if let Some(msg) = systemd::message(self.told, now, &status) {
