@@ -373,7 +373,9 @@ impl Master {
                 self.cfg.workers.len()
             ),
             (_, systemd::State::Reloading) => "reloading".to_string(),
-            (systemd::State::Starting, _) => "stopping before every worker was ready (see the log)".to_string(),
+            (systemd::State::Starting, _) => {
+                "stopping before every worker was ready (see the log)".to_string()
+            }
             _ => "stopping".to_string(),
         };
         if let Some(msg) = systemd::message(self.told, now, &status) {
