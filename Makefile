@@ -19,7 +19,8 @@ test: test-deps lint test-builds
 # What the tests need, installed when missing (Debian, as root): headless
 # Chromium and its WebDriver for the browser test, redis-server for the
 # cross-host bus tests (private instances on free ports; the package's own
-# service is not needed), openssl (s_client) and curl for the TLS tests.
+# service is not needed), openssl (s_client) and curl for the TLS tests,
+# systemd-analyze to check examples/systemd/wm-host.service.
 test-deps:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
 		echo "installing chromium and chromium-driver"; \
@@ -28,6 +29,10 @@ test-deps:
 	@if [ ! -x /usr/bin/redis-server ]; then \
 		echo "installing redis-server"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	fi
+	@if ! command -v systemd-analyze >/dev/null 2>&1; then \
+		echo "installing systemd (systemd-analyze checks the example unit)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
 	fi
 	@if ! command -v openssl >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then \
 		echo "installing openssl and curl"; \

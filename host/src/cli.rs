@@ -48,7 +48,7 @@ pub fn start(path: &Path, daemon: bool) -> Result<()> {
     if daemon {
         return start_daemon(&cfg);
     }
-    logging::to_stderr();
+    logging::to_stderr(cfg.host.log_format);
     let master = Master::new(cfg)?;
     master.run(Readiness::Terminal)?;
     Ok(())
@@ -119,7 +119,8 @@ pub fn daemon_master(path: &Path) -> Result<()> {
     if let Some(dir) = log.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    logging::to_file(log).with_context(|| format!("cannot open log_file {}", log.display()))?;
+    logging::to_file(log, cfg.host.log_format)
+        .with_context(|| format!("cannot open log_file {}", log.display()))?;
     // A second handle for the workers, passed to them open.
     let for_workers = std::fs::OpenOptions::new().append(true).open(log)?;
     let master = match Master::new(cfg) {
@@ -222,6 +223,32 @@ pub fn reload(path: &Path, graceful: bool) -> Result<()> {
     }
     if !report.ok() {
         bail!("reload failed; the old build keeps serving");
+    }
+    Ok(())
+}
+
+pub fn reopen_logs(path: &Path) -> Result<()> {
+    let cfg = Config::load(path)?;
+    // Workers have a second to answer; the master's own wait is that.
+    let r = match request(&cfg, &Request::ReopenLogs, Duration::from_secs(10))? {
+        Response::LogsReopened(r) => r,
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer: {other:?}"),
+    };
+    let Some(log) = r.path else {
+        println!("nothing to reopen: the master logs to its standard error (started without -d)");
+        return Ok(());
+    };
+    let s = if r.workers == 1 { "" } else { "s" };
+    println!("{log} reopened by the master and {} worker{s}", r.workers);
+    if !r.busy.is_empty() {
+        println!(
+            "  busy, will switch once their callback returns: pids {:?}",
+            r.busy
+        );
+    }
+    if !r.failed.is_empty() {
+        bail!("workers could not reopen the log: {}", r.failed.join("; "));
     }
     Ok(())
 }

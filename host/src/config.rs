@@ -28,6 +28,9 @@ pub struct ConfigError {
 pub enum LoadError {
     #[error("cannot read config {0}: {1}")]
     Read(String, std::io::Error),
+    /// The file is not there: say where we looked and how to get one.
+    #[error("no config file at {0}; pass one with `-c FILE`, or create one with `wm-host new`")]
+    Missing(String),
     #[error(transparent)]
     Invalid(#[from] ConfigError),
 }
@@ -239,6 +242,17 @@ pub fn connection_limit(nofile: u64) -> usize {
     usize::try_from(nofile.saturating_sub(FD_RESERVE).max(1)).unwrap_or(usize::MAX)
 }
 
+/// `[host] log_format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostConfig {
     pub runtime_dir: PathBuf,
@@ -246,6 +260,8 @@ pub struct HostConfig {
     pub start_timeout: Duration,
     pub stdout_file: PathBuf,
     pub log_file: PathBuf,
+    /// How log lines are written: plain text, or one JSON object a line.
+    pub log_format: LogFormat,
     /// sshd's StrictModes: refuse to start when the runtime dir, a plugin
     /// file or a folder above them could be changed by another user.
     pub strict_modes: bool,
@@ -345,6 +361,7 @@ struct RawHost {
     start_timeout: Option<Dur>,
     stdout_file: Option<String>,
     log_file: Option<String>,
+    log_format: Option<LogFormat>,
     strict_modes: Option<bool>,
     admin: Option<Spanned<String>>,
     admin_token: Option<Spanned<String>>,
@@ -495,9 +512,11 @@ impl Source<'_> {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, LoadError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| LoadError::Read(path.display().to_string(), e))?;
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => LoadError::Missing(abs.display().to_string()),
+            _ => LoadError::Read(path.display().to_string(), e),
+        })?;
         Ok(Config::parse(&text, &abs)?)
     }
 
@@ -540,6 +559,7 @@ impl Config {
                 .log_file
                 .as_deref()
                 .map_or_else(|| runtime_dir.join("wm-host.log"), rel),
+            log_format: raw.host.log_format.unwrap_or_default(),
             strict_modes: raw.host.strict_modes.unwrap_or(true),
             admin,
             runtime_dir,
@@ -1124,6 +1144,26 @@ mod tests {
     }
 
     #[test]
+    fn log_format_is_text_json_or_an_error_naming_the_key() {
+        assert_eq!(parse(MINIMAL).unwrap().host.log_format, LogFormat::Text);
+        let json = parse(&format!("[host]\nlog_format = \"json\"\n{MINIMAL}")).unwrap();
+        assert_eq!(json.host.log_format, LogFormat::Json);
+        let e = parse(&format!("[host]\nlog_format = \"xml\"\n{MINIMAL}")).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("log_format") && e.contains("xml"), "{e}");
+        assert!(e.contains("/srv/app/wm.toml:2"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_config_says_where_it_looked_and_how_to_get_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wm.toml");
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains("-c FILE") && e.contains("wm-host new"), "{e}");
+    }
+
+    #[test]
     fn full_config_parses() {
         let text = "[host]\nruntime_dir = \"/tmp/x\"\nstop_timeout = \"500ms\"\nlog_file = \"l.log\"\n\
             [[worker]]\nname = \"a\"\nlisten = \"frame://0.0.0.0:9000\"\ncount = 4\nplugin = \"/p.so\"\nreloadable = false\n\
@@ -1282,6 +1322,28 @@ mod tests {
         assert!(a.bus.redis.is_some());
         assert_ne!(a.host.runtime_dir, b.host.runtime_dir);
         assert_ne!(a.workers[0].listen, b.workers[0].listen);
+    }
+
+    /// `wm-host start` from the repository root runs the same chat demo as
+    /// `make run` (examples/chat/wm.toml): same plugin, page, ports and runtime dir.
+    #[test]
+    fn the_root_config_is_the_chat_example_from_the_repository_root() {
+        let root = normalize(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+        let top = Config::load(&root.join("wm.toml")).unwrap();
+        let example = Config::load(&root.join("examples/chat/wm.toml")).unwrap();
+        assert_eq!(top.host.runtime_dir, example.host.runtime_dir);
+        assert_eq!(top.host.runtime_dir, root.join("run/chat"));
+        assert_eq!(top.workers.len(), example.workers.len());
+        for (a, b) in top.workers.iter().zip(&example.workers) {
+            assert_eq!((&a.name, &a.listen, a.count), (&b.name, &b.listen, b.count));
+            assert_eq!(a.plugin, root.join("target/debug/libchat_plugin.so"));
+            assert_eq!(a.plugin, b.plugin);
+            assert_eq!(a.static_dir, b.static_dir);
+            assert_eq!(a.options, b.options);
+        }
+        let web = top.workers.iter().find(|w| w.name == "web").unwrap();
+        let page = web.static_dir.as_ref().unwrap().join("index.html");
+        assert!(page.is_file(), "{} is missing", page.display());
     }
 
     #[test]

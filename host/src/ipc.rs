@@ -22,6 +22,9 @@ pub enum ToWorker {
     /// Hand your connections to your replacement over the unix socket sent
     /// with this message (SCM_RIGHTS), at the `Cut` on your bus.
     Handover,
+    /// Log to the file sent with this message (SCM_RIGHTS) from now on:
+    /// the log file was opened again (`reopen-logs`, SIGHUP).
+    ReopenLog { req: u64 },
 }
 
 /// Worker to master.
@@ -53,13 +56,20 @@ pub enum FromWorker {
         req: u64,
         rows: Vec<ConnRow>,
     },
+    /// The answer to `ReopenLog`.
+    LogReopened {
+        req: u64,
+        error: Option<String>,
+    },
 }
 
 impl FromWorker {
     /// The request a report answers (0 for other messages).
     pub fn req(&self) -> u64 {
         match self {
-            FromWorker::Stats { req, .. } | FromWorker::Connections { req, .. } => *req,
+            FromWorker::Stats { req, .. }
+            | FromWorker::Connections { req, .. }
+            | FromWorker::LogReopened { req, .. } => *req,
             FromWorker::Ready { .. } | FromWorker::Failed { .. } | FromWorker::HandedOver(_) => 0,
         }
     }
@@ -87,6 +97,7 @@ pub enum Request {
     Status,
     Connections,
     Reload { graceful: bool },
+    ReopenLogs,
 }
 
 /// Master to CLI.
@@ -97,7 +108,23 @@ pub enum Response {
     Status(StatusReport),
     Connections(ConnectionsReport),
     Reloaded(ReloadReport),
+    LogsReopened(ReopenReport),
     Error { message: String },
+}
+
+/// What `wm-host reopen-logs` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReopenReport {
+    /// The log file opened again; `None`: the master logs to its standard
+    /// error (foreground), there is nothing to reopen.
+    pub path: Option<String>,
+    /// Workers now writing to the new file.
+    pub workers: u32,
+    /// Workers that could not switch: "pid N: why".
+    pub failed: Vec<String>,
+    /// Workers that had not answered within the wait (in a callback): they
+    /// switch when they next read their control socket.
+    pub busy: Vec<u32>,
 }
 
 /// One handover, as the new worker saw it.

@@ -74,6 +74,12 @@ enum Cmd {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Open the log file again, in the master and every worker (after
+    /// logrotate moved it; SIGHUP does the same).
+    ReopenLogs {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Internal: a worker process, started by the master.
     #[command(hide = true)]
     Worker,
@@ -96,6 +102,7 @@ fn main() -> ExitCode {
         Cmd::Reload { graceful, config } => cli::reload(&config.config, graceful),
         Cmd::Status { json, config } => cli::status(&config.config, json),
         Cmd::Connections { json, config } => cli::connections(&config.config, json),
+        Cmd::ReopenLogs { config } => cli::reopen_logs(&config.config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -70,6 +70,7 @@ impl Worker {
             load_from: plugin().to_path_buf(),
             handover: false,
             tls: false,
+            build: "test".into(),
         };
         let (ctl, ctl_worker) = UnixStream::pair().unwrap();
         let (bus, bus_worker) = UnixStream::pair().unwrap();

@@ -102,3 +102,161 @@ fn foreground_output_redirected_to_a_file_has_no_colour_codes() {
     assert!(master.0.wait().unwrap().success());
     assert_plain(&read());
 }
+
+/// Every line of `log`, parsed: the test fails on one that is not JSON.
+fn json_lines(log: &str) -> Vec<Value> {
+    assert!(!log.contains('\x1b'), "escape codes in the log:\n{log}");
+    log.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn line_with<'a>(lines: &'a [Value], message: &str) -> &'a Value {
+    lines
+        .iter()
+        .find(|l| l["message"].as_str().is_some_and(|m| m.contains(message)))
+        .unwrap_or_else(|| panic!("no line with {message:?}: {lines:#?}"))
+}
+
+#[test]
+fn json_log_lines_say_which_process_worker_and_build_wrote_them() {
+    let port = free_port();
+    let s = Server::with_host("log_format = \"json\"", &test_worker(port));
+    s.start();
+    let status = s.status();
+    let master_pid = status["master_pid"].as_u64().unwrap();
+    let workers: Vec<(u64, u64, String)> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            let build = w["build"].as_str().unwrap().to_string();
+            (w["id"].as_u64().unwrap(), w["pid"].as_u64().unwrap(), build)
+        })
+        .collect();
+    log_from_a_connection(port);
+    wait_for("the panic to be logged", || {
+        s.log().contains("plugin panicked").then_some(())
+    });
+    s.stop();
+    let lines = json_lines(&s.log());
+    for l in &lines {
+        assert!(l["timestamp"].is_string() && l["level"].is_string(), "{l}");
+        match l["process"].as_str() {
+            Some("master") => assert_eq!(l["pid"], master_pid, "{l}"),
+            Some("worker") => {
+                let (id, pid) = (l["worker_id"].as_u64(), l["pid"].as_u64());
+                let known = workers.iter().find(|w| Some(w.0) == id && Some(w.1) == pid);
+                let (_, _, build) = known.unwrap_or_else(|| panic!("unknown worker: {l}"));
+                assert_eq!(l["worker"], "t", "{l}");
+                assert_eq!(l["build"], build.as_str(), "{l}");
+                assert_eq!(build.len(), 12);
+            }
+            _ => panic!("no process field: {l}"),
+        }
+    }
+    let started = line_with(&lines, "master starting");
+    assert_eq!(started["process"], "master");
+    assert!(started["fields"]["config"].is_string(), "{started}");
+    assert_eq!(line_with(&lines, "all workers ready")["process"], "master");
+    assert_eq!(line_with(&lines, "worker ready")["process"], "worker");
+    // A line the plugin logged through the host, and one the worker logged.
+    assert_eq!(line_with(&lines, "test plugin build")["process"], "worker");
+    let panic = line_with(&lines, "plugin panicked in on_message");
+    assert_eq!(
+        (&panic["process"], &panic["level"]),
+        (&"worker".into(), &"ERROR".into())
+    );
+    assert_eq!(line_with(&lines, "master stopped")["process"], "master");
+}
+
+/// What logrotate does without copytruncate: move the file away, then ask
+/// the server to open the path again, by `reopen-logs` or SIGHUP.
+#[test]
+fn reopen_logs_moves_the_master_and_every_worker_to_a_fresh_file() {
+    let port = free_port();
+    let s = Server::new(&test_worker(port));
+    s.start();
+    let log = s.runtime_dir().join("wm-host.log");
+    let pids: Vec<u32> = s.worker_pids("t").iter().map(|&(_, p)| p).collect();
+    let master = s.master_pid().unwrap();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+
+    let first = s.runtime_dir().join("wm-host.log.1");
+    std::fs::rename(&log, &first).unwrap();
+    let out = s.cli(&["reopen-logs"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("reopened by the master and 2 workers"),
+        "{said}"
+    );
+    // The command returns once every worker switched.
+    let fresh = read(&log);
+    assert!(
+        fresh
+            .lines()
+            .any(|l| !l.contains("worker{") && l.contains("log file reopened")),
+        "the master did not say it reopened:\n{fresh}"
+    );
+    for pid in &pids {
+        let line = format!("pid={pid} ");
+        assert!(
+            fresh
+                .lines()
+                .any(|l| l.contains(&line) && l.contains("log file reopened")),
+            "worker {pid} did not say it reopened:\n{fresh}"
+        );
+    }
+    // New lines from workers and the master go to the new file only.
+    log_from_a_connection(port);
+    wait_for("the panic in the new file", || {
+        read(&log).contains("plugin panicked").then_some(())
+    });
+    let old = read(&first);
+    assert!(old.contains("all workers ready") && old.contains("reopening the log file"));
+    assert!(!old.contains("plugin panicked"), "{old}");
+
+    // SIGHUP does the same, as logrotate's postrotate may send it.
+    let second = s.runtime_dir().join("wm-host.log.2");
+    std::fs::rename(&log, &second).unwrap();
+    // SAFETY: a plain kill(2) of the master this test started.
+    unsafe { libc::kill(master as i32, libc::SIGHUP) };
+    wait_for("SIGHUP's report in the new file", || {
+        read(&log)
+            .contains("SIGHUP: log file reopened")
+            .then_some(())
+    });
+    let fresh = read(&log);
+    assert!(fresh.contains("workers=2"), "{fresh}");
+    log_from_a_connection(port);
+    wait_for("the second panic in the newest file", || {
+        read(&log).contains("plugin panicked").then_some(())
+    });
+    s.stop();
+    let fresh = read(&log);
+    assert!(fresh.contains("master stopped"), "{fresh}");
+    assert!(!read(&second).contains("master stopped"));
+    assert!(!fresh.contains('\x1b') && !read(&second).contains('\x1b'));
+}
+
+#[test]
+fn reopen_logs_in_the_foreground_has_nothing_to_reopen() {
+    let port = free_port();
+    let mut s = Server::new(&test_worker(port));
+    let pid = s.start_foreground(2).id();
+    let out = s.cli(&["reopen-logs"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("nothing to reopen"), "{said}");
+    // SAFETY: a plain kill(2) of the master this test started (Drop reaps it).
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+}

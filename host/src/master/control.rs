@@ -15,7 +15,8 @@ use mio::{Interest, Registry, Token};
 
 use super::supervisor::WorkerId;
 use crate::ipc::{
-    ConnectionsReport, FromWorker, LineBuf, Request, Response, StatusReport, WorkerState,
+    ConnectionsReport, FromWorker, LineBuf, ReopenReport, Request, Response, StatusReport,
+    WorkerState,
 };
 
 /// How long `status` and `connections` wait for workers to report; a worker
@@ -50,6 +51,8 @@ pub enum Sink {
 pub enum Gathered {
     Status(StatusReport),
     Connections(ConnectionsReport),
+    /// `busy` starts with every worker asked; answers take them out.
+    Reopen(ReopenReport),
 }
 
 impl Gathered {
@@ -74,6 +77,17 @@ impl Gathered {
                 r.busy.retain(|&p| p != pid);
                 if let Some(FromWorker::Connections { rows, .. }) = msg {
                     r.connections.extend(rows);
+                }
+            }
+            (Gathered::Reopen(r), msg) => {
+                r.busy.retain(|&p| p != pid);
+                match msg {
+                    Some(FromWorker::LogReopened { error: None, .. }) => r.workers += 1,
+                    Some(FromWorker::LogReopened { error: Some(e), .. }) => {
+                        r.failed.push(format!("pid {pid}: {e}"))
+                    }
+                    // Gone: it has no log to write any more.
+                    _ => {}
                 }
             }
         }
@@ -260,6 +274,19 @@ impl Control {
                 (Sink::Client(c), Gathered::Connections(r)) => {
                     self.reply(c, &Response::Connections(r), registry)
                 }
+                (Sink::Client(c), Gathered::Reopen(r)) => {
+                    self.reply(c, &Response::LogsReopened(r), registry)
+                }
+                (Sink::Log, Gathered::Reopen(r)) => {
+                    if !r.failed.is_empty() {
+                        tracing::error!("workers could not reopen the log: {:?}", r.failed);
+                    }
+                    tracing::info!(
+                        workers = r.workers,
+                        busy = r.busy.len(),
+                        "SIGHUP: log file reopened"
+                    );
+                }
                 (Sink::Log, Gathered::Status(r)) => {
                     tracing::info!("SIGIOT: status");
                     for line in crate::report::render_status(&r).lines() {
@@ -283,7 +310,7 @@ impl Control {
 pub fn send_with_fd(
     sock: &mio::net::UnixStream,
     line: &[u8],
-    fd: &std::os::fd::OwnedFd,
+    fd: std::os::fd::BorrowedFd<'_>,
 ) -> std::io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::os::fd::AsRawFd;

@@ -12,12 +12,13 @@ mod process;
 mod redis;
 mod relay;
 pub mod supervisor;
+mod systemd;
 mod watch;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -36,9 +37,10 @@ use self::supervisor::{Action, Event, GroupSpec, StartFailure, Supervisor, Timeo
 use self::watch::Watch;
 use crate::config::Config;
 use crate::ipc::{
-    ConnectionsReport, ExitRow, FromWorker, GroupRow, LineBuf, ReloadRecord, Request, Response,
-    StatusReport, ToWorker, WorkerRow, WorkerState,
+    ConnectionsReport, ExitRow, FromWorker, GroupRow, LineBuf, ReloadRecord, ReopenReport, Request,
+    Response, StatusReport, ToWorker, WorkerRow, WorkerState,
 };
+use crate::logging::{self, WorkerLog};
 use crate::runtime::PidLock;
 
 /// A token is `id << 2 | kind`: worker and client ids are never reused, so
@@ -111,6 +113,18 @@ struct WorkerIo {
     handover_end: Option<OwnedFd>,
 }
 
+impl WorkerIo {
+    /// Sends `msg` with `fd` attached (SCM_RIGHTS). Lines queued before it
+    /// must go first, or the descriptor would come with the wrong one.
+    fn send_with_fd(&mut self, msg: &ToWorker, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.buf.flush(&mut self.ctl)?;
+        if !self.buf.flushed() {
+            return Err(io::Error::other("its control channel is full"));
+        }
+        control::send_with_fd(&self.ctl, &crate::ipc::encode(msg), fd)
+    }
+}
+
 pub struct Master {
     cfg: Config,
     exe: PathBuf,
@@ -130,10 +144,14 @@ pub struct Master {
     watch: Option<Watch>,
     started_at: SystemTime,
     readiness: Readiness,
-    /// The daemon's log file, handed to workers open.
-    worker_log: Option<File>,
+    /// The daemon's log file, handed to workers open, and the log format.
+    worker_log: WorkerLog,
     /// When workers' usage is next checked (groups with recycling limits).
     usage_due: Option<Instant>,
+    /// `NOTIFY_SOCKET` was set: systemd (`Type=notify`) hears of readiness,
+    /// reloads and stopping; and what it was last told.
+    systemd: Option<systemd::Notifier>,
+    told: systemd::State,
     _lock: PidLock,
 }
 
@@ -224,6 +242,7 @@ impl Master {
             .workers
             .iter()
             .any(|w| w.max_requests.is_some() || w.max_memory.is_some());
+        let log_format = cfg.host.log_format;
         Ok(Master {
             sup: Supervisor::new(groups, timeouts, Instant::now()),
             installer: Installer::new(cfg.host.runtime_dir.clone(), waker),
@@ -240,15 +259,27 @@ impl Master {
             watch,
             started_at: SystemTime::now(),
             readiness: Readiness::Terminal,
-            worker_log: None,
+            worker_log: WorkerLog {
+                file: None,
+                format: log_format,
+            },
             usage_due: recycling.then(Instant::now),
+            systemd: match systemd::Notifier::from_env() {
+                Some(Ok(n)) => Some(n),
+                Some(Err(e)) => {
+                    tracing::warn!("NOTIFY_SOCKET: {e}; systemd will not hear of readiness");
+                    None
+                }
+                None => None,
+            },
+            told: systemd::State::Starting,
             _lock: lock,
         })
     }
 
     /// Workers will log to this file (the daemon's log_file).
     pub fn with_worker_log(mut self, file: File) -> Master {
-        self.worker_log = Some(file);
+        self.worker_log.file = Some(file);
         self
     }
 
@@ -347,6 +378,43 @@ impl Master {
             let more = self.sup.handle(Event::ClientGone(client), Instant::now());
             debug_assert!(more.is_empty(), "a gone client causes no actions");
         }
+        self.tell_systemd();
+    }
+
+    /// Tells systemd what changed since it was last told: ready (every
+    /// worker of every group), reloading, ready again, stopping.
+    fn tell_systemd(&mut self) {
+        let Some(n) = &self.systemd else { return };
+        let now = if self.sup.is_stopping() {
+            systemd::State::Stopping
+        } else if !self.sup.is_running() {
+            systemd::State::Starting
+        } else if self.sup.reload_busy() {
+            systemd::State::Reloading
+        } else {
+            systemd::State::Ready
+        };
+        if now == self.told {
+            return;
+        }
+        let workers: u32 = self.cfg.workers.iter().map(|w| w.count).sum();
+        let status = match (self.told, now) {
+            (_, systemd::State::Ready) => format!(
+                "{workers} workers in {} groups ready",
+                self.cfg.workers.len()
+            ),
+            (_, systemd::State::Reloading) => "reloading".to_string(),
+            (systemd::State::Starting, _) => {
+                "stopping before every worker was ready (see the log)".to_string()
+            }
+            _ => "stopping".to_string(),
+        };
+        if let Some(msg) = systemd::message(self.told, now, &status) {
+            if let Err(e) = n.send(&msg) {
+                tracing::warn!("cannot notify systemd: {e}");
+            }
+            self.told = now;
+        }
     }
 
     fn carry_out_one(&mut self, action: Action) -> Option<Event> {
@@ -391,6 +459,9 @@ impl Master {
             }
             Action::Prune { keep } => builds::prune(&self.cfg.host.runtime_dir, &keep),
             Action::Started => {
+                // Before the CLI of `start -d` hears it and exits: systemd
+                // must know the MAINPID by then.
+                self.tell_systemd();
                 let table = self.startup_table();
                 self.readiness.report(Ok(table));
             }
@@ -420,7 +491,7 @@ impl Master {
             id,
             build,
             self.sockets[group].get(id as usize),
-            self.worker_log.as_ref(),
+            &self.worker_log,
             pair.as_ref().map(|p| &p.1),
         )?;
         // Theirs is the child's now; ours waits for the handover.
@@ -483,17 +554,7 @@ impl Master {
         let Some(w) = self.workers.get_mut(&from) else {
             return;
         };
-        let line = crate::ipc::encode(&ToWorker::Handover);
-        // Lines before it must go first, or the descriptor would come with
-        // the wrong one.
-        let sent = w
-            .buf
-            .flush(&mut w.ctl)
-            .and_then(|()| match w.buf.flushed() {
-                true => control::send_with_fd(&w.ctl, &line, &end),
-                false => Err(io::Error::other("its control channel is full")),
-            });
-        match sent {
+        match w.send_with_fd(&ToWorker::Handover, end.as_fd()) {
             Ok(()) => self.relay.cut(from, to, Instant::now()),
             Err(e) => tracing::warn!(
                 pid = w.pid.as_raw(),
@@ -648,6 +709,9 @@ impl Master {
                     self.dispatch(Event::HandedOver { worker, report });
                 }
                 Ok(FromWorker::Failed { error }) => self.dispatch(Event::Failed { worker, error }),
+                Ok(msg @ FromWorker::LogReopened { .. }) => {
+                    self.control.answered(worker, pid.as_raw() as u32, msg)
+                }
                 Ok(msg @ (FromWorker::Stats { .. } | FromWorker::Connections { .. })) => {
                     if let FromWorker::Stats { stats, .. } = &msg {
                         // Any answer (to `status` or to our poll) tells the requests served.
@@ -683,6 +747,7 @@ impl Master {
                 }
                 Ok(Request::Status) => self.start_status(Sink::Client(client)),
                 Ok(Request::Connections) => self.start_connections(Sink::Client(client)),
+                Ok(Request::ReopenLogs) => self.start_reopen(Sink::Client(client)),
                 Ok(Request::Reload { graceful }) => self.dispatch(Event::Reload {
                     graceful,
                     client: Some(client),
@@ -748,6 +813,7 @@ impl Master {
                 }
                 SIGABRT => self.start_status(Sink::Log),
                 SIGIO => self.start_connections(Sink::Log),
+                SIGHUP => self.start_reopen(Sink::Log),
                 _ => {}
             }
         }
@@ -936,6 +1002,59 @@ impl Master {
             Gathered::Connections(report),
             Instant::now(),
         );
+    }
+
+    /// `reopen-logs` or SIGHUP: opens `log_file` again (logrotate moved
+    /// it) and hands the new file to every worker, alive in any state; the
+    /// report says how many switched, once all answered or at the deadline.
+    fn start_reopen(&mut self, to: Sink) {
+        let mut report = ReopenReport::default();
+        if self.worker_log.file.is_none() {
+            // Foreground: the master and its workers write to its stderr.
+            match to {
+                Sink::Log => {
+                    tracing::info!("SIGHUP: no log file to reopen (logging to standard error)")
+                }
+                Sink::Client(c) => {
+                    let resp = Response::LogsReopened(report);
+                    self.control.reply(c, &resp, self.poll.registry());
+                }
+                // The admin listener and its sampling never ask for a reopen.
+                Sink::Admin(_) | Sink::Sample => {}
+            }
+            return;
+        }
+        let path = self.cfg.host.log_file.clone();
+        tracing::info!(path = %path.display(), "reopening the log file");
+        let new = match logging::reopen_master(&path, &self.worker_log) {
+            Ok(f) => f,
+            Err(e) => {
+                let message = format!("cannot reopen log_file {}: {e}", path.display());
+                tracing::error!("{message}");
+                if let Sink::Client(c) = to {
+                    let resp = Response::Error { message };
+                    self.control.reply(c, &resp, self.poll.registry());
+                }
+                return;
+            }
+        };
+        tracing::info!(path = %path.display(), "log file reopened");
+        report.path = Some(path.display().to_string());
+        let req = self.control.next_req();
+        let mut waiting = HashSet::new();
+        for (&k, w) in &mut self.workers {
+            let sent = w.send_with_fd(&ToWorker::ReopenLog { req }, new.as_fd());
+            let pid = w.pid.as_raw() as u32;
+            match sent {
+                Ok(()) => {
+                    waiting.insert(k);
+                    report.busy.push(pid);
+                }
+                Err(e) => report.failed.push(format!("pid {pid}: {e}")),
+            }
+        }
+        self.control
+            .gather(to, req, waiting, Gathered::Reopen(report), Instant::now());
     }
 
     fn startup_table(&self) -> String {

@@ -20,7 +20,7 @@ use nix::unistd::Pid;
 
 use super::builds::Build;
 use crate::config::WorkerConfig;
-use crate::logging::{LOG_FD, LOG_FD_ENV};
+use crate::logging::{LogFormat, WorkerLog, LOG_FD, LOG_FD_ENV, LOG_FORMAT_ENV};
 use crate::worker::{Spec, BUS_FD, CONTROL_FD, HANDOVER_FD, LISTEN_FD, SPEC_ENV, TLS_FD};
 
 pub struct Child {
@@ -39,7 +39,7 @@ pub fn spawn_worker(
     id: u32,
     build: &Build,
     listener: Option<&OwnedFd>,
-    log: Option<&std::fs::File>,
+    log: &WorkerLog,
     handover: Option<&OwnedFd>,
 ) -> io::Result<Child> {
     let (ours, theirs) = StdUnixStream::pair()?;
@@ -50,6 +50,7 @@ pub fn spawn_worker(
         load_from: build.copy.clone(),
         handover: handover.is_some(),
         tls: build.tls.is_some(),
+        build: build.short().to_string(),
     };
     // The checked certificate and key, in memory only: see `tls`.
     let tls = build.tls.as_ref().map(|m| m.to_memfd()).transpose()?;
@@ -61,13 +62,18 @@ pub fn spawn_worker(
     let bus_fd = bus_theirs.as_raw_fd();
     // The daemon's log file, handed over open: a worker running as another
     // user could not open it by path.
-    let log_fd = log.map(|f| f.as_raw_fd()).unwrap_or(-1);
+    let log_fd = log.file.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
     let handover_fd = handover.map(|f| f.as_raw_fd()).unwrap_or(-1);
     let run_as = cfg.run_as;
     let mut cmd = Command::new(exe);
     cmd.arg("worker").env(SPEC_ENV, spec).stdin(Stdio::null());
+    // Only the master speaks to systemd (NotifyAccess=main).
+    cmd.env_remove("NOTIFY_SOCKET");
     if log_fd >= 0 {
         cmd.env(LOG_FD_ENV, LOG_FD.to_string());
+    }
+    if log.format == LogFormat::Json {
+        cmd.env(LOG_FORMAT_ENV, "json");
     }
     // SAFETY: only fcntl/dup2/setgroups/setgid/setuid run in the child
     // before exec; all are async-signal-safe syscalls. The fds are first

@@ -360,6 +360,9 @@ pub struct Spec {
     /// An ssl listener: the certificate and key are on [`TLS_FD`].
     #[serde(default)]
     pub tls: bool,
+    /// The build's short hash, as `status` shows it: in every log line.
+    #[serde(default)]
+    pub build: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -471,7 +474,14 @@ fn serve_tls(
     handover: Option<StdUnixStream>,
     tls: Option<OwnedFd>,
 ) -> i32 {
-    let _span = tracing::info_span!("worker", name = %spec.worker.name, id = spec.id, pid = std::process::id()).entered();
+    let _span = tracing::info_span!(
+        "worker",
+        name = %spec.worker.name,
+        id = spec.id,
+        pid = std::process::id(),
+        build = %spec.build
+    )
+    .entered();
     match start(spec, ctl, listener, bus, handover, tls) {
         Ok(mut worker) => match worker.run() {
             Ok(()) => 0,
@@ -1219,6 +1229,18 @@ impl Worker {
                 Ok(ToWorker::Connections { req }) => {
                     let rows = self.core.connection_rows();
                     self.ctl_buf.queue(&FromWorker::Connections { req, rows });
+                }
+                Ok(ToWorker::ReopenLog { req }) => {
+                    let done = match self.ctl_fds.pop_front() {
+                        Some(fd) => crate::logging::reopen_worker(fd).map_err(|e| e.to_string()),
+                        None => Err("no file came with the request".to_string()),
+                    };
+                    match &done {
+                        Ok(()) => tracing::info!("log file reopened"),
+                        Err(e) => tracing::error!("cannot reopen the log file: {e}"),
+                    }
+                    let error = done.err();
+                    self.ctl_buf.queue(&FromWorker::LogReopened { req, error });
                 }
                 Err(e) => tracing::warn!("bad control message: {e}"),
             }

@@ -451,6 +451,11 @@ impl Supervisor {
         self.phase == Phase::Running
     }
 
+    /// Stopping (asked to, or start-up failed), workers still exiting or not.
+    pub fn is_stopping(&self) -> bool {
+        matches!(self.phase, Phase::Stopping { .. })
+    }
+
     /// A reload is being installed or rolled.
     pub fn reload_busy(&self) -> bool {
         self.reload.is_some()
