@@ -605,6 +605,7 @@ fn push(shared: &Shared, item: Inbound, len: usize) -> bool {
 
 fn subscriber(client: redis::Client, shared: Arc<Shared>, n: Names, cfg: BusConfig) {
     let mut backoff = BACKOFF_MIN;
+    let mut failing = false;
     loop {
         if shared.stopping.load(SeqCst) {
             return;
@@ -637,13 +638,18 @@ fn subscriber(client: redis::Client, shared: Arc<Shared>, n: Names, cfg: BusConf
                 }
             }
         })();
-        shared.sub_up.store(false, SeqCst);
+        let was_up = shared.sub_up.swap(false, SeqCst);
         if shared.stopping.load(SeqCst) {
             return;
         }
         if let Err(e) = result {
             note_error(&shared, &e);
-            tracing::warn!("bus: lost redis (subscriber): {e}; reconnecting");
+            // Once per outage (a wrong password would repeat it every 5 s);
+            // `status` keeps the latest error.
+            if was_up || !failing {
+                tracing::warn!("bus: lost redis (subscriber): {e}; reconnecting");
+            }
+            failing = true;
         }
         let _ = shared.waker.wake();
         if !pause(&shared, backoff) {
