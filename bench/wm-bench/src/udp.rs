@@ -73,7 +73,11 @@ fn load(addr: SocketAddr, o: &UdpCmd, pids: &[u32]) -> Result<Figures, String> {
             let _ = s.send(&msg);
         }
     }
-    let cpu = |pids: &[u32]| pids.iter().filter_map(|&p| sys::cpu_seconds(p)).sum::<f64>();
+    let cpu = |pids: &[u32]| {
+        pids.iter()
+            .filter_map(|&p| sys::cpu_seconds(p))
+            .sum::<f64>()
+    };
     let t0 = Instant::now();
     let warm = t0 + Duration::from_secs(1);
     let end = warm + o.duration;
@@ -293,7 +297,11 @@ pub fn section(bins: &Bins, o: &UdpCmd) -> String {
                 w.per_cpu(),
                 b.per_cpu(),
                 w.per_cpu() / b.per_cpu(),
-                if w.per_cpu() / b.per_cpu() >= 0.9 { "✓" } else { "✗" }
+                if w.per_cpu() / b.per_cpu() >= 0.9 {
+                    "✓"
+                } else {
+                    "✗"
+                }
             );
             let _ = writeln!(
                 md,
@@ -304,7 +312,11 @@ pub fn section(bins: &Bins, o: &UdpCmd) -> String {
             );
         }
         _ => {
-            let _ = writeln!(md, "| failed | {} | | – | |", errs.join("; ").replace('|', "/"));
+            let _ = writeln!(
+                md,
+                "| failed | {} | | – | |",
+                errs.join("; ").replace('|', "/")
+            );
         }
     }
     let _ = writeln!(

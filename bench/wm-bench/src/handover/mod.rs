@@ -1259,7 +1259,14 @@ pub fn splice(text: &str, section: &str) -> String {
 pub fn git_head() -> String {
     let git = cmd_out("git", &["rev-parse", "--short", "HEAD"]);
     let dirty = !cmd_out("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    format!("{git}{}", if dirty { " (with uncommitted changes)" } else { "" })
+    format!(
+        "{git}{}",
+        if dirty {
+            " (with uncommitted changes)"
+        } else {
+            ""
+        }
+    )
 }
 
 pub fn utc_now() -> String {
