@@ -173,3 +173,26 @@ fn a_port_held_by_another_process_is_reported() {
     let (ok, out, problems) = check(&s);
     assert!(ok, "{out}{problems:?}");
 }
+
+#[test]
+fn unreadable_certificates_are_reported_with_their_key() {
+    let s = Server::with_host(
+        "[bus]\nbackend = \"rediss://127.0.0.1:1/0\"\nca = \"no-redis-ca.pem\"\n",
+        &worker_table(
+            "s",
+            "text://127.0.0.1:0",
+            "test_plugin",
+            1,
+            "transport = \"ssl\"\n[worker.tls]\ncert = \"no-cert.pem\"\nkey = \"no-key.pem\"\n",
+        ),
+    );
+    let (ok, _, problems) = check(&s);
+    assert!(!ok);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    let all = problems.join("\n");
+    assert!(line_with(&all, "no-cert.pem").contains("tls.cert"), "{all}");
+    assert!(
+        line_with(&all, "no-redis-ca.pem").contains("[bus] ca"),
+        "{all}"
+    );
+}
