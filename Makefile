@@ -69,18 +69,22 @@ clean:
 ## calls (criterion), cold start and broadcast fan-out, live handover on reload
 ## (its own section, see bench-handover) and TLS (wss, https, handshakes)
 ## against a mio + rustls baseline, written to bench/RESULTS.md
-## (under 10 minutes). Installs wrk and valgrind (heap allocations per message,
-## by dhat) when missing (Debian, as root).
+## (under 10 minutes), then UDP echo and the Redis bus across two hosts against
+## the local bus. Installs wrk and valgrind (heap allocations per message,
+## by dhat) and redis-server when missing (Debian, as root).
 bench:
 	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	@command -v valgrind >/dev/null 2>&1 || { echo "installing valgrind"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 || { echo "installing redis-server"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 	$(CARGO) build --release --workspace
 	$(CARGO) bench -p plugin-api --bench abi --no-run
 	CARGO=$(CARGO) target/release/wm-bench suite --out bench/RESULTS.md
 	target/release/wm-bench tls --out bench/RESULTS.md
 	target/release/wm-bench udp --out bench/RESULTS.md
+	target/release/wm-bench redis --out bench/RESULTS.md
 
 .PHONY: bench-handover
 
@@ -132,3 +136,16 @@ fuzz:
 bench-udp:
 	$(CARGO) build --release --workspace
 	target/release/wm-bench udp --out bench/RESULTS.md
+
+.PHONY: bench-redis
+
+## The Redis bus alone (also part of `make bench`): broadcast to 10,000 members
+## over two hosts sharing a private redis-server, and a cross-host message
+## stream (msgs/s and per master CPU-second), each against one host on the
+## `local` bus in the same run; replaces only its section of bench/RESULTS.md
+## (about a minute). Installs redis-server when missing (Debian, as root).
+bench-redis:
+	@command -v redis-server >/dev/null 2>&1 || { echo "installing redis-server"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	$(CARGO) build --release --workspace
+	target/release/wm-bench redis --out bench/RESULTS.md

@@ -309,6 +309,19 @@ pub struct BusConfig {
     pub heartbeat: Duration,
     /// A host not heard of for this long is gone, its members with it.
     pub host_ttl: Duration,
+    /// `rediss://` only: PEM files of the CAs to trust instead of the
+    /// system's (`ca`), and a client certificate and key for a Redis with
+    /// `tls-auth-clients yes` (`cert`, `key`).
+    #[serde(default)]
+    pub tls: BusTls,
+}
+
+/// `[bus] ca`, `cert`, `key`: TLS to Redis beyond the URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 impl Default for BusConfig {
@@ -318,6 +331,7 @@ impl Default for BusConfig {
             namespace: "wm".to_string(),
             heartbeat: Duration::from_secs(1),
             host_ttl: Duration::from_secs(5),
+            tls: BusTls::default(),
         }
     }
 }
@@ -351,6 +365,9 @@ struct RawBus {
     namespace: Option<Spanned<String>>,
     heartbeat: Option<Spanned<Dur>>,
     host_ttl: Option<Spanned<Dur>>,
+    ca: Option<Spanned<String>>,
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -567,7 +584,7 @@ impl Config {
 
         let bus = match &raw.bus {
             None => BusConfig::default(),
-            Some(b) => parse_bus(&src, b.get_ref())?,
+            Some(b) => parse_bus(&src, b.get_ref(), &rel)?,
         };
         if raw.worker.is_empty() {
             return Err(src.error(None, "no [[worker]] table: nothing to run"));
@@ -970,7 +987,11 @@ fn parse_admin(
     }))
 }
 
-fn parse_bus(src: &Source<'_>, b: &RawBus) -> Result<BusConfig, ConfigError> {
+fn parse_bus(
+    src: &Source<'_>,
+    b: &RawBus,
+    rel: &dyn Fn(&str) -> PathBuf,
+) -> Result<BusConfig, ConfigError> {
     let mut bus = BusConfig::default();
     if let Some(v) = &b.backend {
         let text = v.get_ref().trim();
@@ -1023,6 +1044,35 @@ fn parse_bus(src: &Source<'_>, b: &RawBus) -> Result<BusConfig, ConfigError> {
                 bus.host_ttl, bus.heartbeat
             ),
         ));
+    }
+    let tls = bus
+        .redis
+        .as_deref()
+        .is_some_and(|u| u.starts_with("rediss://"));
+    let file = |v: &Option<Spanned<String>>, key: &str| match v {
+        None => Ok(None),
+        Some(_) if !tls => Err(src.key_error(
+            v.as_ref().unwrap().span(),
+            key,
+            "only for TLS to Redis (backend = \"rediss://…\")",
+        )),
+        Some(p) if p.get_ref().trim().is_empty() => {
+            Err(src.key_error(p.span(), key, "must name a PEM file"))
+        }
+        Some(p) => Ok(Some(rel(p.get_ref().trim()))),
+    };
+    bus.tls = BusTls {
+        ca: file(&b.ca, "ca")?,
+        cert: file(&b.cert, "cert")?,
+        key: file(&b.key, "key")?,
+    };
+    if let (Some(v), None) | (None, Some(v)) = (&b.cert, &b.key) {
+        if tls {
+            return Err(src.error(
+                Some(v.span()),
+                "cert and key: a client certificate needs both (PEM files)",
+            ));
+        }
     }
     Ok(bus)
 }
@@ -1311,6 +1361,36 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.line, 4, "{err}");
         assert!(err.msg.contains("twice heartbeat"), "{err}");
+    }
+
+    #[test]
+    fn bus_tls_files_resolve_beside_the_config_and_need_rediss() {
+        let c = parse(&format!(
+            "[bus]\nbackend = \"rediss://redis.example:6380/0\"\nca = \"certs/ca.pem\"\n\
+             cert = \"certs/wm.pem\"\nkey = \"/etc/wm/wm.key\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.bus.tls.ca.as_deref(),
+            Some(Path::new("/srv/app/certs/ca.pem"))
+        );
+        assert_eq!(
+            c.bus.tls.cert.as_deref(),
+            Some(Path::new("/srv/app/certs/wm.pem"))
+        );
+        assert_eq!(c.bus.tls.key.as_deref(), Some(Path::new("/etc/wm/wm.key")));
+        let err = parse(&format!(
+            "[bus]\nbackend = \"redis://h\"\nca = \"ca.pem\"\n{MINIMAL}"
+        ))
+        .unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+        assert!(err.msg.starts_with("ca: only for TLS"), "{err}");
+        let err = parse(&format!(
+            "[bus]\nbackend = \"rediss://h\"\ncert = \"wm.pem\"\n{MINIMAL}"
+        ))
+        .unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+        assert!(err.msg.contains("needs both"), "{err}");
     }
 
     #[test]

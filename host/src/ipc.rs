@@ -222,8 +222,12 @@ pub struct ReloadRecord {
 pub struct BusReport {
     /// `local`, or the Redis URL with its password hidden.
     pub backend: String,
-    /// `local`, `connected` or `reconnecting`.
+    /// `local`, `connected`, `reconnecting` or `auth failed` (Redis
+    /// refused the password).
     pub state: String,
+    /// Why the last connection attempt failed, while not connected.
+    #[serde(default)]
+    pub error: String,
     /// This host's id on the bus (hex), empty for `local`.
     #[serde(default)]
     pub host_id: String,

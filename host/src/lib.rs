@@ -2,10 +2,11 @@
 //!
 //! The binary (`main.rs`) only parses the command line; everything else
 //! lives here so tests can drive parts of it in-process. Layers, each
-//! importing only the ones after it: [`cli`] → [`master`] → [`worker`] →
+//! importing only the ones after it: [`cli`] (and [`check`]) → [`master`] → [`worker`] →
 //! protocol codecs (the `wm-proto` crate) → [`config`].
 
 pub mod bus;
+pub mod check;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -80,6 +80,14 @@ enum Cmd {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Test the config: listeners, certificates, plugins (like `nginx -t`).
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Internal: loads one plugin for `check`, prints a JSON line.
+    #[command(hide = true)]
+    CheckPlugin { plugin: PathBuf },
     /// Internal: a worker process, started by the master.
     #[command(hide = true)]
     Worker,
@@ -95,6 +103,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Worker => return ExitCode::from(cli::worker() as u8),
+        Cmd::Check { config } => return wm_host::check::run(&config.config),
+        Cmd::CheckPlugin { plugin } => return wm_host::check::plugin_child(&plugin),
         Cmd::Master { config } => cli::daemon_master(&config.config),
         Cmd::Start { daemon, config } => cli::start(&config.config, daemon),
         Cmd::Stop { graceful, config } => cli::stop(&config.config, graceful),

@@ -195,6 +195,17 @@ fn load_handover(path: &Path) -> Result<Option<HandoverVTableRef>, LibraryError>
     Ok(Some(module))
 }
 
+/// The plugin-api version a plugin was built against (`wm-host check`),
+/// read from its abi_stable header without loading the module.
+pub fn api_version(path: &Path) -> Result<String, LoadError> {
+    let shown = path.display().to_string();
+    if !path.exists() {
+        return Err(LoadError::Missing { path: shown });
+    }
+    let header = abi_stable::library::lib_header_from_path(path).map_err(|e| classify(shown, e))?;
+    Ok(header.version_strings().version.to_string())
+}
+
 fn classify(path: String, e: LibraryError) -> LoadError {
     let full = e
         .to_string()

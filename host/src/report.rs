@@ -34,10 +34,14 @@ pub fn render_status(r: &StatusReport) -> String {
     );
     if !r.bus.backend.is_empty() && r.bus.backend != "local" {
         let b = &r.bus;
+        let state = match b.error.is_empty() {
+            true => b.state.clone(),
+            false => format!("{} ({})", b.state, b.error),
+        };
         out.push_str(&format!(
             "bus: {}    state: {}    host: {}    peers: {}\n\
              bus messages: sent {}    received {}    dropped {}    disconnects {}\n",
-            b.backend, b.state, b.host_id, b.peers, b.sent, b.received, b.dropped, b.disconnects
+            b.backend, state, b.host_id, b.peers, b.sent, b.received, b.dropped, b.disconnects
         ));
     } else {
         out.push_str("bus: local\n");

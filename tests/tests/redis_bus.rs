@@ -4,8 +4,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use wm_e2e::redis::Redis;
+use wm_e2e::redis::{Options, Redis, TlsFiles};
 use wm_e2e::*;
+
+mod common;
+use common::certs::Ca;
 
 /// Short, so the tests are quick: a dead host's members vanish within
 /// `HOST_TTL + HEARTBEAT`.
@@ -22,14 +25,19 @@ fn bus(url: &str) -> String {
 
 /// A host with two test-plugin workers on a text:// port, started.
 fn host(redis: &Redis) -> (Server, u16) {
+    host_with(&bus(&redis.url()), 2)
+}
+
+/// A host with `count` test-plugin workers and this `[bus]`, started.
+fn host_with(bus_toml: &str, count: u32) -> (Server, u16) {
     let port = free_port();
     let s = Server::with_host(
-        &bus(&redis.url()),
+        bus_toml,
         &worker_table(
             "t",
             &format!("text://127.0.0.1:{port}"),
             "test_plugin",
-            2,
+            count,
             "",
         ),
     );
@@ -306,4 +314,127 @@ fn chat_rooms_span_two_hosts() {
     ann.until("ann alone", |v| {
         v["type"] == "presence" && v["online"] == serde_json::json!(["ann"])
     });
+}
+
+/// One member on each host; a message from host A's member reaches host B's.
+fn assert_crosses(pa: u16, pb: u16) {
+    let mut a1 = TextClient::connect(pa);
+    let mut b1 = TextClient::connect(pb);
+    assert_eq!(a1.call("join room"), "ok");
+    assert_eq!(b1.call("join room"), "ok");
+    // Each side counts the other's member: both subscribers are up.
+    wait_answer(&mut a1, "count room", "2");
+    wait_answer(&mut b1, "count room", "2");
+    a1.send("gsend room across");
+    assert_eq!(a1.recv().as_deref(), Some("across"));
+    assert_eq!(b1.recv().as_deref(), Some("across"));
+}
+
+#[test]
+fn a_password_protected_redis_carries_the_bus_and_bad_credentials_are_reported() {
+    let redis = Redis::start_with(Options {
+        password: Some("s3cret".into()),
+        ..Options::default()
+    });
+    let with_pw = |pw: &str| bus(&redis.url().replace("redis://", &format!("redis://:{pw}@")));
+    let (a, pa) = host_with(&with_pw("s3cret"), 1);
+    let (_b, pb) = host_with(&with_pw("s3cret"), 1);
+    assert_crosses(pa, pb);
+    let st = bus_status(&a);
+    assert_eq!(st["state"], "connected", "{st}");
+    assert!(!st["backend"].as_str().unwrap().contains("s3cret"), "{st}");
+
+    // A wrong password, and none at all: the host runs (local traffic
+    // flows), and status says why the bus is not connected.
+    for (toml, why) in [
+        (with_pw("wrong"), "password"),
+        (bus(&redis.url()), "noauth"),
+    ] {
+        let (c, pc) = host_with(&toml, 1);
+        let st = wait_for("status to show the refusal", || {
+            let st = bus_status(&c);
+            (st["state"] == "auth failed").then_some(st)
+        });
+        let error = st["error"].as_str().unwrap().to_lowercase();
+        assert!(error.contains(why), "{st}");
+        let text = String::from_utf8(c.cli(&["status"]).stdout).unwrap();
+        assert!(text.contains("state: auth failed ("), "{text}");
+        let mut c1 = TextClient::connect(pc);
+        assert_eq!(c1.call("join room"), "ok");
+        c1.send("gsend room local");
+        assert_eq!(c1.recv().as_deref(), Some("local"));
+        assert!(pid_alive(c.master_pid().unwrap()));
+        assert!(c.status()["exits"].as_array().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn rediss_with_a_private_ca_and_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("wm test redis CA");
+    let ca_pem = ca.write(dir.path());
+    let (cert, key) = ca.server("redis").write(dir.path(), "redis");
+    let (client_cert, client_key) = ca.client("wm-host").write(dir.path(), "wm");
+    // Redis's default: client certificates required.
+    let redis = Redis::start_with(Options {
+        tls: Some(TlsFiles {
+            cert,
+            key,
+            ca: ca_pem.clone(),
+            auth_clients: true,
+        }),
+        ..Options::default()
+    });
+    assert!(redis.url().starts_with("rediss://"));
+    let tls = format!(
+        "{}ca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        bus(&redis.url()),
+        ca_pem,
+        client_cert,
+        client_key
+    );
+    let (a, pa) = host_with(&tls, 1);
+    let (_b, pb) = host_with(&tls, 1);
+    assert_crosses(pa, pb);
+    let st = bus_status(&a);
+    assert_eq!(st["state"], "connected", "{st}");
+    assert!(
+        st["backend"].as_str().unwrap().starts_with("rediss://"),
+        "{st}"
+    );
+
+    // Without `ca` the system's CA store does not know this CA: the host
+    // runs and status names the certificate problem.
+    let (c, _) = host_with(&bus(&redis.url()), 1);
+    let st = wait_for("status to show the untrusted certificate", || {
+        let st = bus_status(&c);
+        (st["state"] == "reconnecting" && st["error"] != "").then_some(st)
+    });
+    assert!(
+        st["error"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("certificate"),
+        "{st}"
+    );
+
+    // An unreadable `ca` file stops the start with its key and path.
+    let bad = Server::with_host(
+        &format!("{}ca = \"missing-ca.pem\"\n", bus(&redis.url())),
+        &worker_table(
+            "t",
+            &format!("text://127.0.0.1:{}", free_port()),
+            "test_plugin",
+            1,
+            "",
+        ),
+    );
+    let out = bad.cli(&["start", "-d"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[bus] ca") && err.contains("missing-ca.pem"),
+        "{err}"
+    );
 }

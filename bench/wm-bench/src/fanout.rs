@@ -23,6 +23,9 @@ use crate::client::{self, Proto};
 pub struct FanoutConfig {
     pub proto: Proto,
     pub addr: SocketAddr,
+    /// Other servers (hosts sharing a bus): connections are spread
+    /// round-robin over `addr` and these; the broadcast goes from `addr`.
+    pub more_addrs: Vec<SocketAddr>,
     pub conns: usize,
     /// Source addresses 127.0.0.1..=127.0.0.N.
     pub sources: usize,
@@ -316,15 +319,19 @@ pub fn run(cfg: &FanoutConfig, at_ready: &mut dyn FnMut()) -> io::Result<FanoutR
         ready: 0,
         dead: 0,
     };
+    let servers = 1 + cfg.more_addrs.len();
+    let addr_of = |idx: usize| match idx % servers {
+        0 => cfg.addr,
+        i => cfg.more_addrs[i - 1],
+    };
     let setup_deadline = start + Duration::from_secs(120);
     while l.ready + l.dead < cfg.conns && Instant::now() < setup_deadline {
         while l.conns.len() < cfg.conns && l.conns.len() - (l.ready + l.dead) < PENDING {
             let idx = l.conns.len();
             let src = Ipv4Addr::new(127, 0, 0, 1 + (idx % sources) as u8);
-            let c =
-                register(&l.poll, cfg.addr, (sources > 1).then_some(src), idx).map_err(|e| {
-                    io::Error::new(e.kind(), format!("connection {idx} of {}: {e}", cfg.conns))
-                })?;
+            let c = register(&l.poll, addr_of(idx), (sources > 1).then_some(src), idx).map_err(
+                |e| io::Error::new(e.kind(), format!("connection {idx} of {}: {e}", cfg.conns)),
+            )?;
             l.conns.push(c);
         }
         l.turn(Duration::from_millis(100))?;
@@ -333,7 +340,8 @@ pub fn run(cfg: &FanoutConfig, at_ready: &mut dyn FnMut()) -> io::Result<FanoutR
     let control = l
         .conns
         .iter()
-        .position(|c| c.st == St::Ready)
+        .enumerate()
+        .position(|(i, c)| c.st == St::Ready && i % servers == 0)
         .ok_or_else(|| io::Error::other("no connection joined the group"))?;
     l.d.control = Some(control);
 

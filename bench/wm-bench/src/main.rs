@@ -14,6 +14,7 @@ mod client;
 mod fanout;
 mod handover;
 mod idle;
+mod redis;
 mod suite;
 mod sys;
 mod tls;
@@ -119,6 +120,9 @@ enum Cmd {
     Tls(tls::TlsOpts),
     /// UDP echo, wm-host against wm-baseline; replaces `## UDP echo`.
     Udp(udp::UdpCmd),
+    /// The Redis bus across two hosts against the local bus: broadcast to
+    /// 10,000 members, cross-host stream; replaces its section.
+    Redis(redis::RedisCmd),
 }
 
 /// A duration given in (fractional) seconds on the command line.
@@ -261,6 +265,7 @@ fn main() {
         Cmd::Handover(cmd) => handover::main(cmd),
         Cmd::Tls(opts) => tls::run(opts),
         Cmd::Udp(cmd) => udp::main(cmd),
+        Cmd::Redis(cmd) => redis::main(cmd),
     };
     if let Err(e) = result {
         eprintln!("wm-bench: {e}");

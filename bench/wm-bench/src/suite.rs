@@ -1534,6 +1534,7 @@ fn fanout_on(
     let cfg = FanoutConfig {
         proto,
         addr,
+        more_addrs: Vec::new(),
         conns,
         sources: auto_sources(conns),
         rounds: opts.fanout_rounds.max(1),

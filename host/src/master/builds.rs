@@ -55,6 +55,11 @@ fn copy_hashing(from: &Path, to: &Path) -> io::Result<String> {
     hash_through(fs::File::open(from)?, fs::File::create(to)?)
 }
 
+/// The SHA-256 of a file, as builds are named (`wm-host check`).
+pub fn hash_file(path: &Path) -> io::Result<String> {
+    hash_through(fs::File::open(path)?, io::sink())
+}
+
 /// Reads `src` to its end, writing every byte to `sink`, and returns the
 /// SHA-256 of what was read: one pass.
 fn hash_through(mut src: impl Read, mut sink: impl Write) -> io::Result<String> {

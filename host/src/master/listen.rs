@@ -34,7 +34,12 @@ fn new_socket(addr: SocketAddr, udp: bool) -> io::Result<Socket> {
         true => Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?,
         false => Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?,
     };
-    s.set_reuse_address(true)?;
+    // TCP: so a port in TIME_WAIT can be bound again. Not UDP: there
+    // SO_REUSEADDR lets two sockets share the port, so the plain probe bind
+    // would not see another process holding it.
+    if !udp {
+        s.set_reuse_address(true)?;
+    }
     Ok(s)
 }
 
@@ -104,6 +109,47 @@ pub fn bind(w: &WorkerConfig) -> Result<Vec<OwnedFd>, BindError> {
         name: w.name.clone(),
         source,
     })
+}
+
+/// `wm-host check`: whether `w`'s listener could be bound now, without
+/// keeping anything. A plain bind, without SO_REUSEPORT (like the master's
+/// own first probe): with it, a bind next to any process of the same user
+/// that listens with SO_REUSEPORT would succeed and the kernel would split
+/// connections between them. A unix socket file is created and removed
+/// only if none is there; a stale one passes (the master replaces it).
+pub fn probe(w: &WorkerConfig) -> Result<(), BindError> {
+    let result = (|| -> io::Result<()> {
+        let Some(listen) = &w.listen else {
+            return Ok(());
+        };
+        if let (Transport::Unix, Some(path)) = (listen.transport, &listen.path) {
+            if path.exists() {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{} is in use by another process", path.display()),
+                    ));
+                }
+                return Ok(());
+            }
+            std::os::unix::net::UnixListener::bind(path)?;
+            return std::fs::remove_file(path);
+        }
+        let udp = listen.transport == Transport::Udp;
+        let s = new_socket(listen.addr, udp)?;
+        s.bind(&listen.addr.into())
+    })();
+    result.map_err(|source| BindError {
+        listen: w.listen_text().to_string(),
+        name: w.name.clone(),
+        source,
+    })
+}
+
+impl BindError {
+    pub fn in_use(&self) -> bool {
+        self.source.kind() == io::ErrorKind::AddrInUse
+    }
 }
 
 /// Removes the socket files of unix:// listeners (the master stops).

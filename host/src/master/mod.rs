@@ -15,6 +15,10 @@ pub mod supervisor;
 mod systemd;
 mod watch;
 
+// For `wm-host check`: the same bind and Redis client the master uses.
+pub use self::listen::{probe as probe_listener, BindError};
+pub use self::redis::client as redis_client;
+
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Write};

@@ -75,6 +75,10 @@ struct Shared {
     writer_epoch: AtomicU64,
     writer_up: AtomicBool,
     sub_up: AtomicBool,
+    /// Why the last (re)connect failed, for `status`; empty once one works.
+    last_error: Mutex<String>,
+    /// That failure was Redis refusing our credentials.
+    auth_failed: AtomicBool,
     stopping: AtomicBool,
     waker: Arc<mio::Waker>,
 }
@@ -112,8 +116,7 @@ impl RedisBus {
     /// Starts the two threads (they connect on their own, with backoff).
     pub fn start(cfg: &BusConfig, waker: Arc<mio::Waker>) -> std::io::Result<RedisBus> {
         let url = cfg.redis.clone().expect("a redis backend");
-        let client = redis::Client::open(url.as_str())
-            .map_err(|e| std::io::Error::other(format!("{}: {e}", cluster::redact(&url))))?;
+        let client = client(cfg).map_err(std::io::Error::other)?;
         let host = cluster::random_host_id();
         let shared = Arc::new(Shared {
             inbox: Mutex::default(),
@@ -125,6 +128,8 @@ impl RedisBus {
             writer_epoch: AtomicU64::new(0),
             writer_up: AtomicBool::new(false),
             sub_up: AtomicBool::new(false),
+            last_error: Mutex::default(),
+            auth_failed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             waker,
         });
@@ -284,9 +289,23 @@ impl RedisBus {
     pub fn report(&self) -> BusReport {
         let s = &self.shared;
         let up = s.writer_up.load(SeqCst) && s.sub_up.load(SeqCst);
+        let state = match (up, s.auth_failed.load(SeqCst)) {
+            (true, _) => "connected",
+            (false, true) => "auth failed",
+            (false, false) => "reconnecting",
+        };
+        let error = match up {
+            true => String::new(),
+            false => s
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        };
         BusReport {
             backend: cluster::redact(self.cfg.redis.as_deref().unwrap_or("")),
-            state: if up { "connected" } else { "reconnecting" }.to_string(),
+            state: state.to_string(),
+            error,
             host_id: format!("{:016x}", self.host),
             peers: self.remotes.hosts() as u64,
             sent: s.sent.load(SeqCst),
@@ -308,11 +327,59 @@ impl RedisBus {
     }
 }
 
+/// The Redis client of `[bus]`: the URL, and for `rediss://` the CA,
+/// certificate and key files if given (read now: an unreadable one is an
+/// error naming its key and file, at start and in `wm-host check`).
+pub fn client(cfg: &BusConfig) -> Result<redis::Client, String> {
+    let url = cfg.redis.as_deref().unwrap_or_default();
+    let bad = |e: redis::RedisError| format!("[bus] backend {}: {e}", cluster::redact(url));
+    let t = &cfg.tls;
+    if t.ca.is_none() && t.cert.is_none() {
+        return redis::Client::open(url).map_err(bad);
+    }
+    #[cfg(feature = "redis-tls")]
+    {
+        let read = |key: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("[bus] {key} {}: {e}", p.display()))
+        };
+        let root_cert = match &t.ca {
+            Some(p) => Some(read("ca", p)?),
+            None => None,
+        };
+        let client_tls = match (&t.cert, &t.key) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                client_cert: read("cert", c)?,
+                client_key: read("key", k)?,
+            }),
+            _ => None,
+        };
+        let certs = redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        };
+        redis::Client::build_with_tls(url, certs).map_err(bad)
+    }
+    #[cfg(not(feature = "redis-tls"))]
+    Err("[bus] ca, cert, key: this wm-host was built without the `redis-tls` feature".to_string())
+}
+
 fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
-    let con = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    let mut con = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
     con.set_read_timeout(Some(IO_TIMEOUT))?;
     con.set_write_timeout(Some(IO_TIMEOUT))?;
+    // A Redis with `requirepass` accepts a connection without a password
+    // and refuses every command after: find out now, not at the first
+    // PUBLISH.
+    redis::cmd("PING").query::<()>(&mut con)?;
     Ok(con)
+}
+
+/// Keeps why a (re)connect failed for `status`.
+fn note_error(shared: &Shared, e: &redis::RedisError) {
+    let auth = e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"));
+    shared.auth_failed.store(auth, SeqCst);
+    *shared.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e.to_string();
 }
 
 /// Sleeps `d` unless stopping; false if stopping.
@@ -353,6 +420,7 @@ fn writer(client: redis::Client, rx: Receiver<Cmd>, shared: Arc<Shared>, n: Name
         let mut con = match connect(&client) {
             Ok(c) => c,
             Err(e) => {
+                note_error(&shared, &e);
                 if !failing {
                     tracing::warn!("bus: cannot reach redis: {e}; retrying with backoff");
                     failing = true;
@@ -371,6 +439,12 @@ fn writer(client: redis::Client, rx: Receiver<Cmd>, shared: Arc<Shared>, n: Name
         }
         failing = false;
         backoff = BACKOFF_MIN;
+        shared.auth_failed.store(false, SeqCst);
+        shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         shared.writer_epoch.fetch_add(1, SeqCst);
         shared.writer_up.store(true, SeqCst);
         let _ = shared.waker.wake();
@@ -469,6 +543,7 @@ fn writer(client: redis::Client, rx: Receiver<Cmd>, shared: Arc<Shared>, n: Name
                 }
             }
         };
+        note_error(&shared, &lost);
         tracing::warn!("bus: lost redis (writer): {lost}; reconnecting");
         shared.writer_up.store(false, SeqCst);
         shared.disconnects.fetch_add(1, SeqCst);
@@ -531,6 +606,7 @@ fn push(shared: &Shared, item: Inbound, len: usize) -> bool {
 
 fn subscriber(client: redis::Client, shared: Arc<Shared>, n: Names, cfg: BusConfig) {
     let mut backoff = BACKOFF_MIN;
+    let mut failing = false;
     loop {
         if shared.stopping.load(SeqCst) {
             return;
@@ -563,12 +639,18 @@ fn subscriber(client: redis::Client, shared: Arc<Shared>, n: Names, cfg: BusConf
                 }
             }
         })();
-        shared.sub_up.store(false, SeqCst);
+        let was_up = shared.sub_up.swap(false, SeqCst);
         if shared.stopping.load(SeqCst) {
             return;
         }
         if let Err(e) = result {
-            tracing::warn!("bus: lost redis (subscriber): {e}; reconnecting");
+            note_error(&shared, &e);
+            // Once per outage (a wrong password would repeat it every 5 s);
+            // `status` keeps the latest error.
+            if was_up || !failing {
+                tracing::warn!("bus: lost redis (subscriber): {e}; reconnecting");
+            }
+            failing = true;
         }
         let _ = shared.waker.wake();
         if !pause(&shared, backoff) {
