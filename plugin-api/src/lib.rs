@@ -65,6 +65,7 @@ pub mod abi;
 pub mod adapter;
 mod context;
 mod request;
+pub mod testing;
 
 #[doc(hidden)]
 pub use context::to_raw_addr;
