@@ -12,6 +12,7 @@ pub mod config;
 pub mod ipc;
 pub mod logging;
 pub mod master;
+pub mod new;
 pub mod plugin;
 pub mod report;
 pub mod runtime;

@@ -74,6 +74,8 @@ enum Cmd {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Write a new plugin crate and a wm.toml for it, ready to build and start.
+    New(wm_host::new::Args),
     /// Internal: a worker process, started by the master.
     #[command(hide = true)]
     Worker,
@@ -96,6 +98,7 @@ fn main() -> ExitCode {
         Cmd::Reload { graceful, config } => cli::reload(&config.config, graceful),
         Cmd::Status { json, config } => cli::status(&config.config, json),
         Cmd::Connections { json, config } => cli::connections(&config.config, json),
+        Cmd::New(args) => wm_host::new::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
