@@ -532,10 +532,13 @@ pub fn run(args: &Args) -> Result<()> {
             lock.display()
         );
     }
+    msg.push_str("Next:\n");
+    if std::env::current_dir().ok().as_deref() != Some(dir.as_path()) {
+        let _ = writeln!(msg, "  cd {}", args.path.display());
+    }
     let _ = write!(
         msg,
-        "Next:\n  cd {}\n  cargo build\n  wm-host start\nthen, from another terminal:\n  {}\n",
-        args.path.display(),
+        "  cargo build\n  wm-host start\nthen, from another terminal:\n  {}\n",
         args.protocol.try_it(&listen_addr)
     );
     print!("{msg}");
