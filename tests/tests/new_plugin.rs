@@ -216,39 +216,33 @@ fn new_inside_a_workspace_joins_its_members() {
 
 #[test]
 fn wm_toml_points_where_cargo_builds() {
+    // With no CARGO_TARGET_DIR: the target dir of the crate's workspace.
+    let plugin_line = |cwd: &Path, path: &str| {
+        let out = Command::new(host_bin())
+            .args(["new", path])
+            .current_dir(cwd)
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let wm = std::fs::read_to_string(cwd.join(path).join("wm.toml")).unwrap();
+        wm.lines()
+            .find(|l| l.starts_with("plugin ="))
+            .unwrap()
+            .to_string()
+    };
     let ws = tempfile::tempdir().unwrap();
     std::fs::write(ws.path().join("Cargo.toml"), "[workspace]\n").unwrap();
-    // With no CARGO_TARGET_DIR: the workspace's own target dir.
-    let out = Command::new(host_bin())
-        .args(["new", "crates/late"])
-        .current_dir(ws.path())
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let wm = std::fs::read_to_string(ws.path().join("crates/late/wm.toml")).unwrap();
-    assert!(
-        wm.contains("plugin = \"../../target/debug/liblate.so\""),
-        "{wm}"
+    assert_eq!(
+        plugin_line(ws.path(), "crates/late"),
+        "plugin = \"../../target/debug/liblate.so\""
     );
     let solo = tempfile::tempdir().unwrap();
-    let out = Command::new(host_bin())
-        .args(["new", "solo"])
-        .current_dir(solo.path())
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(
+        plugin_line(solo.path(), "solo"),
+        "plugin = \"target/debug/libsolo.so\""
     );
-    let wm = std::fs::read_to_string(solo.path().join("solo/wm.toml")).unwrap();
-    assert!(wm.contains("plugin = \"target/debug/libsolo.so\""), "{wm}");
 }
 
 #[test]
