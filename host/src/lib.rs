@@ -14,6 +14,7 @@ pub mod ipc;
 pub mod logging;
 pub mod master;
 pub mod metrics;
+pub mod new;
 pub mod plugin;
 pub mod report;
 pub mod runtime;

@@ -88,6 +88,8 @@ enum Cmd {
     /// Internal: loads one plugin for `check`, prints a JSON line.
     #[command(hide = true)]
     CheckPlugin { plugin: PathBuf },
+    /// Write a new plugin crate and a wm.toml for it, ready to build and start.
+    New(wm_host::new::Args),
     /// Internal: a worker process, started by the master.
     #[command(hide = true)]
     Worker,
@@ -113,6 +115,7 @@ fn main() -> ExitCode {
         Cmd::Status { json, config } => cli::status(&config.config, json),
         Cmd::Connections { json, config } => cli::connections(&config.config, json),
         Cmd::ReopenLogs { config } => cli::reopen_logs(&config.config),
+        Cmd::New(args) => wm_host::new::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

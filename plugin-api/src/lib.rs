@@ -1,5 +1,9 @@
 //! Write wm-host plugins in safe Rust.
 //!
+//! New here? The [`guide`] goes from a first plugin (`wm-host new`) to
+//! state, timers, groups, HTTP, custom protocols and live reloads, and
+//! [`testing`] tests a plugin without a server.
+//!
 //! A plugin is a type implementing [`Plugin`], exported with
 //! [`export_plugin!`] from a `cdylib` crate. wm-host creates one plugin object
 //! per worker process and keeps it for the life of that process, so fields of
@@ -65,6 +69,10 @@ pub mod abi;
 pub mod adapter;
 mod context;
 mod request;
+pub mod testing;
+
+#[doc = include_str!("guide.md")]
+pub mod guide {}
 
 #[doc(hidden)]
 pub use context::to_raw_addr;

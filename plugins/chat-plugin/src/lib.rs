@@ -438,39 +438,298 @@ export_plugin!(Chat);
 
 #[cfg(test)]
 mod tests {
+    //! The plugin driven through `plugin_api::testing`: one worker in-process,
+    //! its callbacks fired as the host would, its sends read back.
+
+    use plugin_api::testing::{Builder, TestHost, TestRequest};
+    use plugin_api::Level;
+    use serde_json::{json, Value};
+
     use super::*;
 
-    #[test]
-    fn idle_timeout_option() {
-        assert_eq!(idle_timeout(None), Ok(Some(Duration::from_millis(55_000))));
-        assert_eq!(
-            idle_timeout(Some("1500")),
-            Ok(Some(Duration::from_millis(1500)))
+    fn ws_host(options: &[(&str, &str)]) -> TestHost<Chat> {
+        let mut b = Builder::new()
+            .name("chat")
+            .listen("websocket://127.0.0.1:7272")
+            .crate_info(env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"));
+        for (k, v) in options {
+            b = b.option(k, v);
+        }
+        let mut host = b.build(Chat::default());
+        host.start().unwrap();
+        host
+    }
+
+    fn client(host: &mut TestHost<Chat>) -> ConnId {
+        host.connect_websocket(&TestRequest::get("/")).unwrap()
+    }
+
+    /// What `conn` was sent since last asked, as JSON.
+    fn got(host: &mut TestHost<Chat>, conn: ConnId) -> Vec<Value> {
+        host.recv(conn)
+            .iter()
+            .map(|m| serde_json::from_slice(&m.data).unwrap())
+            .collect()
+    }
+
+    fn send(host: &mut TestHost<Chat>, conn: ConnId, msg: Value) {
+        host.message(conn, msg.to_string());
+    }
+
+    fn join(host: &mut TestHost<Chat>, conn: ConnId, room: &str, name: &str) {
+        send(
+            host,
+            conn,
+            json!({"type": "join", "room": room, "name": name}),
         );
-        assert_eq!(idle_timeout(Some("0")), Ok(None));
-        assert!(idle_timeout(Some("soon")).unwrap_err().contains("soon"));
-        assert!(idle_timeout(Some("-5")).is_err());
+    }
+
+    /// Lets the presence batch go out.
+    fn flush_presence(host: &mut TestHost<Chat>) {
+        host.advance(PRESENCE_BATCH);
     }
 
     #[test]
-    fn sweeps_every_quarter_of_the_timeout_up_to_five_seconds() {
-        let ms = Duration::from_millis;
-        assert_eq!(sweep_interval(ms(55_000)), ms(5_000));
-        assert_eq!(sweep_interval(ms(20_000)), ms(5_000));
-        assert_eq!(sweep_interval(ms(2_000)), ms(500));
-        assert_eq!(sweep_interval(ms(2)), ms(1));
+    fn join_answers_history_then_everyone_gets_one_presence() {
+        let mut host = ws_host(&[]);
+        let (alice, bob) = (client(&mut host), client(&mut host));
+        join(&mut host, alice, "lobby", "alice");
+        join(&mut host, bob, "lobby", "bob");
+        assert_eq!(host.groups(alice), ["lobby"]);
+        assert_eq!(host.uid(bob).as_deref(), Some("bob"));
+        let history = json!({"type": "history", "room": "lobby", "messages": []});
+        for c in [alice, bob] {
+            assert_eq!(got(&mut host, c), std::slice::from_ref(&history));
+        }
+        // Two joins within the batch: one list each, with both names.
+        flush_presence(&mut host);
+        let presence = json!({"type": "presence", "room": "lobby", "online": ["alice", "bob"]});
+        for c in [alice, bob] {
+            assert_eq!(got(&mut host, c), std::slice::from_ref(&presence));
+        }
     }
 
     #[test]
-    fn config_json() {
-        assert_eq!(
-            config_response(Some("7272")),
-            (200, r#"{"ws_port":7272}"#.to_string())
+    fn say_reaches_the_room_only_and_becomes_history() {
+        let mut host = ws_host(&[]);
+        let (alice, bob, carol) = (client(&mut host), client(&mut host), client(&mut host));
+        join(&mut host, alice, "lobby", "alice");
+        join(&mut host, bob, "lobby", "bob");
+        join(&mut host, carol, "elsewhere", "carol");
+        flush_presence(&mut host);
+        for c in [alice, bob, carol] {
+            host.recv(c);
+        }
+        send(
+            &mut host,
+            alice,
+            json!({"type": "say", "text": "  hi all "}),
         );
-        assert_eq!(config_response(None).0, 500);
-        assert_eq!(config_response(Some("http")).0, 500);
-        assert_eq!(config_response(Some("0")).0, 500);
-        let v: serde_json::Value = serde_json::from_str(&config_response(None).1).unwrap();
-        assert!(v["error"].is_string());
+        for c in [alice, bob] {
+            let msgs = got(&mut host, c);
+            assert_eq!(msgs.len(), 1, "{msgs:?}");
+            assert_eq!(msgs[0]["type"], "message");
+            assert_eq!(msgs[0]["from"], "alice");
+            assert_eq!(msgs[0]["text"], "hi all");
+        }
+        assert!(host.recv(carol).is_empty());
+        // The say was published; every worker (this one too) keeps it.
+        let dave = client(&mut host);
+        join(&mut host, dave, "lobby", "dave");
+        let history = &got(&mut host, dave)[0];
+        assert_eq!(history["messages"][0]["text"], "hi all");
+    }
+
+    #[test]
+    fn history_comes_from_every_workers_publishes() {
+        let mut host = ws_host(&[]);
+        let other_worker = ChatMessage {
+            room: "lobby".into(),
+            from: "zed".into(),
+            text: "from worker 1".into(),
+            ts: 1,
+        };
+        host.publish(TOPIC, other_worker.to_json());
+        host.publish(TOPIC, "not json");
+        assert!(host.logged(Level::Warn, "malformed chat message"));
+        let c = client(&mut host);
+        join(&mut host, c, "lobby", "amy");
+        assert_eq!(got(&mut host, c)[0]["messages"][0]["from"], "zed");
+    }
+
+    #[test]
+    fn bad_messages_get_an_error_and_the_connection_stays() {
+        let mut host = ws_host(&[]);
+        let c = client(&mut host);
+        host.message(c, "{");
+        send(&mut host, c, json!({"type": "say", "text": "hi"}));
+        send(&mut host, c, json!({"type": "shout"}));
+        send(
+            &mut host,
+            c,
+            json!({"type": "join", "room": "r", "name": ""}),
+        );
+        let reasons: Vec<Value> = got(&mut host, c)
+            .into_iter()
+            .map(|m| m["reason"].clone())
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "invalid JSON",
+                "join a room first",
+                "unknown type \"shout\"",
+                "name must be 1 to 32 characters"
+            ]
+        );
+        assert!(host.is_open(c));
+        send(&mut host, c, json!({"type": "ping"}));
+        assert_eq!(got(&mut host, c), [json!({"type": "pong"})]);
+    }
+
+    #[test]
+    fn leaving_and_closing_update_the_others_presence() {
+        let mut host = ws_host(&[]);
+        let (alice, bob, carol) = (client(&mut host), client(&mut host), client(&mut host));
+        join(&mut host, alice, "lobby", "alice");
+        join(&mut host, bob, "lobby", "bob");
+        join(&mut host, carol, "lobby", "carol");
+        flush_presence(&mut host);
+        host.recv(alice);
+        host.recv(bob);
+        send(&mut host, bob, json!({"type": "leave"}));
+        assert!(host.groups(bob).is_empty());
+        flush_presence(&mut host);
+        let online = |names: &[&str]| json!({"type": "presence", "room": "lobby", "online": names});
+        assert_eq!(got(&mut host, alice), [online(&["alice", "carol"])]);
+        host.disconnect(carol);
+        flush_presence(&mut host);
+        assert_eq!(got(&mut host, alice), [online(&["alice"])]);
+        // Bob left the room: no more lists for it.
+        assert!(got(&mut host, bob).iter().all(|m| m["type"] != "presence"));
+    }
+
+    #[test]
+    fn idle_connections_are_closed_by_the_sweep_timer() {
+        let mut host = ws_host(&[("idle_timeout_ms", "1")]);
+        assert_eq!(host.timers().len(), 1, "one sweep timer");
+        let c = client(&mut host);
+        // The idle clock is real time: let one millisecond pass.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(2) {
+            std::hint::spin_loop();
+        }
+        host.advance(Duration::from_millis(1));
+        assert!(!host.is_open(c));
+        // The default timeout keeps a fresh connection, and sweeps every 5 s.
+        let mut host = ws_host(&[]);
+        assert_eq!(host.timers()[0].1, Duration::from_secs(5));
+        let c = client(&mut host);
+        host.advance(Duration::from_secs(5));
+        assert!(host.is_open(c));
+    }
+
+    #[test]
+    fn a_bad_idle_timeout_fails_the_start_naming_the_option() {
+        let mut host = Builder::new()
+            .listen("websocket://127.0.0.1:7272")
+            .option("idle_timeout_ms", "soon")
+            .build(Chat::default());
+        let err = host.start().unwrap_err();
+        assert!(
+            err.contains("idle_timeout_ms") && err.contains("soon"),
+            "{err}"
+        );
+        let mut host = ws_host(&[("idle_timeout_ms", "0")]);
+        assert!(host.timers().is_empty(), "0 turns the sweep off");
+        let c = client(&mut host);
+        host.advance(Duration::from_secs(3600));
+        assert!(host.is_open(c));
+    }
+
+    #[test]
+    fn the_http_group_answers_config_json() {
+        let web = |ws_port: Option<&str>| {
+            let mut b = Builder::new().name("web").listen("http://127.0.0.1:8080");
+            if let Some(p) = ws_port {
+                b = b.option("ws_port", p);
+            }
+            let mut host = b.build(Chat::default());
+            host.start().unwrap();
+            host
+        };
+        let mut host = web(Some("7272"));
+        let r = host.call_http(&TestRequest::get("/config.json")).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("cache-control"), Some("no-store"));
+        assert_eq!(r.text(), r#"{"ws_port":7272}"#);
+        let r = host.call_http(&TestRequest::post("/config.json")).unwrap();
+        assert_eq!(r.status, 404);
+        assert_eq!(host.call_http(&TestRequest::get("/x")).unwrap().status, 404);
+
+        for bad in [None, Some("http"), Some("0")] {
+            let mut host = web(bad);
+            assert!(host.logged(Level::Warn, "/config.json will answer 500"));
+            let r = host.call_http(&TestRequest::get("/config.json")).unwrap();
+            assert_eq!(r.status, 500);
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            assert!(v["error"].is_string(), "{v}");
+        }
+    }
+
+    #[test]
+    fn handover_keeps_rooms_names_and_history_without_presence() {
+        let mut old = ws_host(&[]);
+        let (alice, bob) = (client(&mut old), client(&mut old));
+        join(&mut old, alice, "lobby", "alice");
+        join(&mut old, bob, "lobby", "bob");
+        flush_presence(&mut old);
+        send(&mut old, alice, json!({"type": "say", "text": "before"}));
+        let (mut new, ids) = old.handover(Chat::default()).unwrap();
+        let (alice, bob) = (ids[&alice], ids[&bob]);
+        assert!(new.recv(alice).is_empty(), "no join or leave to announce");
+        assert_eq!(new.members("lobby"), [alice, bob]);
+        // Names and rooms came along: bob can talk at once.
+        send(&mut new, bob, json!({"type": "say", "text": "after"}));
+        assert_eq!(got(&mut new, alice)[0]["from"], "bob");
+        let carol = client(&mut new);
+        join(&mut new, carol, "lobby", "carol");
+        let texts: Vec<Value> = got(&mut new, carol)[0]["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["text"].clone())
+            .collect();
+        assert_eq!(texts, ["before", "after"]);
+        assert!(old.connections().is_empty(), "moved, not closed");
+    }
+
+    #[test]
+    fn handover_from_another_plugin_refuses_its_connections() {
+        let mut old = Builder::new()
+            .listen("websocket://127.0.0.1:7272")
+            .crate_info("echo-plugin", "0.1.0")
+            .build(Chat::default());
+        let c = client(&mut old);
+        let (new, ids) = old.handover(Chat::default()).unwrap();
+        assert!(ids.is_empty() && new.connections().is_empty());
+        assert!(new.logged(Level::Warn, "not a chat build"));
+        assert!(old.connections() == [c], "the old worker closes it itself");
+    }
+
+    #[test]
+    fn handover_state_of_an_unknown_version_aborts() {
+        struct Future;
+        impl Plugin for Future {
+            fn on_export(&mut self, _ctx: &mut Context<'_>) -> Vec<u8> {
+                br#"{"v":99,"history":[]}"#.to_vec()
+            }
+        }
+        let mut old = Builder::new()
+            .crate_info(env!("CARGO_PKG_NAME"), "9.0.0")
+            .build(Future);
+        let err = old.handover(Chat::default()).err().unwrap();
+        assert!(err.contains("v99") && err.contains("9.0.0"), "{err}");
     }
 }
