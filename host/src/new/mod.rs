@@ -379,6 +379,18 @@ fn write(path: &Path, text: &str) -> Result<()> {
     fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// wm.toml for the new crate. `listen` and `plugin` come from the command
+/// line and the file system, so they go in as TOML strings, quoted and
+/// escaped (a `"` or `\` in a path must not break the file); `name` has
+/// passed [`check_name`].
+fn wm_toml(name: &str, listen: &str, plugin: &str) -> String {
+    let quote = |s: &str| toml_edit::Value::from(s).to_string();
+    WM_TOML
+        .replace("__CRATE__", name)
+        .replace("__LISTEN__", &quote(listen))
+        .replace("__PLUGIN_PATH__", &quote(plugin))
+}
+
 /// Runs `wm-host new`: writes the crate, joins the workspace, and prints
 /// what to do next.
 pub fn run(args: &Args) -> Result<()> {
@@ -512,11 +524,7 @@ pub fn run(args: &Args) -> Result<()> {
             _ => target.join(&lib_file).to_string_lossy().into_owned(),
         },
     };
-    let wm_toml = WM_TOML
-        .replace("__CRATE__", &name)
-        .replace("__LISTEN__", &listen)
-        .replace("__PLUGIN_PATH__", &plugin);
-    write(&dir.join("wm.toml"), &wm_toml)?;
+    write(&dir.join("wm.toml"), &wm_toml(&name, &listen, &plugin))?;
 
     let mut msg = format!(
         "Created plugin `{name}` ({listen}) in {}\n",
@@ -622,6 +630,30 @@ mod tests {
         assert!(add_member("[workspace\n", "b")
             .unwrap_err()
             .contains("parse"));
+    }
+
+    #[test]
+    fn wm_toml_quotes_what_it_is_given() {
+        let listen = r#"text://127.0.0.1:2347"#;
+        for plugin in [
+            "target/debug/libx.so",
+            r#"/tmp/a "quoted" dir/target/debug/libx.so"#,
+            r"C:\odd\path\libx.so",
+            r#"/tmp/both ' " \ \" end/libx.so"#,
+            "/tmp/new\nline/libx.so",
+        ] {
+            let text = wm_toml("x", listen, plugin);
+            assert!(!text.contains("__"), "{text}");
+            let doc: toml::Table = toml::from_str(&text)
+                .unwrap_or_else(|e| panic!("{plugin:?} makes an invalid wm.toml: {e}\n{text}"));
+            let worker = &doc["worker"][0];
+            assert_eq!(worker["plugin"].as_str(), Some(plugin), "{text}");
+            assert_eq!(worker["listen"].as_str(), Some(listen));
+            assert_eq!(worker["name"].as_str(), Some("x"));
+        }
+        let odd_listen = r#"text://"\:1"#;
+        let doc: toml::Table = toml::from_str(&wm_toml("x", odd_listen, "p")).unwrap();
+        assert_eq!(doc["worker"][0]["listen"].as_str(), Some(odd_listen));
     }
 
     #[test]
