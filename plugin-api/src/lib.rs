@@ -70,6 +70,8 @@ pub mod adapter;
 mod context;
 mod request;
 pub mod testing;
+#[doc(hidden)]
+pub mod url;
 
 #[doc = include_str!("guide.md")]
 pub mod guide {}

@@ -32,25 +32,21 @@ pub struct WsTarget {
     pub path: String,
 }
 
-/// Parses `tcp://`, `text://`, `frame://` or `ws://host:port/path`.
+/// Parses `tcp://`, `text://`, `frame://` or `ws://host:port/path`
+/// (`websocket://` too): [`plugin_api::url::parse`], shared with the test
+/// harness so both take the same URLs; the address is resolved here.
 pub fn parse(url: &str, timeout: Duration) -> Result<Outbound, String> {
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| format!("bad url {url:?}: expected scheme://host:port"))?;
+    let plugin_api::url::Outbound {
+        scheme,
+        hostport,
+        path,
+    } = plugin_api::url::parse(url)?;
     let scheme = match scheme {
         "tcp" => Scheme::Tcp,
         "text" => Scheme::Text,
         "frame" => Scheme::Frame,
-        "ws" | "websocket" => Scheme::Websocket,
-        other => {
-            return Err(format!(
-                "cannot connect to {other}:// (supported: tcp, text, frame, ws)"
-            ))
-        }
-    };
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
+        "ws" => Scheme::Websocket,
+        other => unreachable!("plugin_api::url::parse gave scheme {other:?}"),
     };
     // Resolving a name blocks the worker briefly; addresses do not.
     let addr = hostport
