@@ -966,11 +966,15 @@ fn parse_admin(
         (None, None) => None,
     };
     if let Some((span, key, t)) = &token {
-        if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        // Sent unencoded in `?access_token=` and compared as sent: a `+`,
+        // `%`, `&` or `#` would be read differently by the page and the
+        // server. These are safe in a URL and in a Bearer header (RFC 6750).
+        let ok = |c: char| c.is_ascii_alphanumeric() || "._~-".contains(c);
+        if t.is_empty() || !t.chars().all(ok) {
             return Err(src.key_error(
                 span.clone(),
                 key,
-                "the token must be non-empty, without spaces or control characters",
+                "the token must be non-empty and only letters, digits, `.`, `_`, `~` or `-`",
             ));
         }
     }
@@ -1175,6 +1179,18 @@ mod tests {
             e.contains(":3:") && e.contains("admin_token: the token"),
             "{e}"
         );
+        for bad in ["a+b", "a%20b", "a&b", "a#b", "a b", "a/b", "a=b", "t\u{e9}"] {
+            let e = err(&format!("admin = \"1\"\nadmin_token = \"{bad}\"\n"));
+            assert!(
+                e.contains(":3:") && e.contains("admin_token: the token"),
+                "{bad}: {e}"
+            );
+        }
+        let c = parse(&format!(
+            "[host]\nadmin = \"1\"\nadmin_token = \"Az09._~-\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.host.admin.unwrap().token.as_deref(), Some("Az09._~-"));
         let e = err("admin = \"1\"\nadmin_token = \"a\"\nadmin_token_file = \"t\"\n");
         assert!(e.contains("admin_token_file: set either"), "{e}");
         let e = err("admin = \"1\"\nadmin_token_file = \"/nonexistent/token\"\n");
@@ -1184,6 +1200,17 @@ mod tests {
         );
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("token");
+        std::fs::write(&file, "a+b\n").unwrap();
+        let e = Config::parse(
+            &format!("[host]\nadmin = \"1\"\nadmin_token_file = \"token\"\n{MINIMAL}"),
+            &dir.path().join("wm.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":3:") && e.contains("admin_token_file: the token"),
+            "{e}"
+        );
         std::fs::write(&file, "from-file\n").unwrap();
         let c = Config::parse(
             &format!("[host]\nadmin = \"1\"\nadmin_token_file = \"token\"\n{MINIMAL}"),

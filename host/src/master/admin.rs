@@ -7,10 +7,17 @@
 //!
 //! A slow or hostile client must not stall the master: sockets are
 //! non-blocking, a request head is at most `MAX_HEAD` bytes and bodies are
-//! refused, every connection has `TIMEOUT` to send its request and take
-//! its answer, and past `MAX_CONNS` new connections are closed at once.
+//! refused, and every connection has `TIMEOUT` to send its request and take
+//! its answer. Past `MAX_CONNS`, a new connection takes the place of the
+//! oldest one that owes nothing (still sending its head, or idle between
+//! requests), so half-sent connections cannot lock a scraper out; only when
+//! every one is being answered is the new one refused (503).
 //! One request is answered at a time per connection; pipelined ones wait
 //! in its (bounded) input.
+//!
+//! Requests never pile up work on the workers: one gather per kind (status
+//! or connections) is in flight at a time, and a request that comes while
+//! one is takes its report too.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -25,7 +32,7 @@ use super::control::Gathered;
 use crate::config::AdminConfig;
 use crate::ipc::StatusReport;
 
-/// Connections at once; more are closed as they come.
+/// Connections at once; past it the oldest that owes nothing is closed.
 pub const MAX_CONNS: usize = 32;
 /// To send a request (from accept, or from the previous answer) and to take
 /// an answer.
@@ -114,6 +121,23 @@ pub enum Want {
     Connections,
 }
 
+/// A report gathered from the workers for the admin listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Gather {
+    /// For `/status` and `/metrics`.
+    Status,
+    Connections,
+}
+
+impl Want {
+    fn gather(self) -> Gather {
+        match self {
+            Want::Status | Want::Metrics => Gather::Status,
+            Want::Connections => Gather::Connections,
+        }
+    }
+}
+
 struct Conn {
     stream: TcpStream,
     inbuf: Vec<u8>,
@@ -133,8 +157,11 @@ pub struct Admin {
     token: Option<String>,
     conns: BTreeMap<u64, Conn>,
     /// Connection ids are never reused: a report owed to a connection that
-    /// went away cannot reach a later one.
+    /// went away cannot reach a later one. Ids grow with time: the smallest
+    /// is the oldest.
     next: u64,
+    /// Per kind, the gather in flight and the connections it answers.
+    waiting: HashMap<Gather, Vec<u64>>,
     pub history: History,
     /// When the history is next sampled.
     sample_at: Instant,
@@ -155,6 +182,7 @@ impl Admin {
             token: cfg.token.clone(),
             conns: BTreeMap::new(),
             next: 0,
+            waiting: HashMap::new(),
             history: History::default(),
             sample_at: Instant::now(),
         })
@@ -174,9 +202,20 @@ impl Admin {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
                     if self.conns.len() >= MAX_CONNS {
-                        // One try, never waited for: the socket is dropped
-                        // either way. What the client sent is read first, or
-                        // the close would reset the connection and lose the 503.
+                        // The oldest that owes nothing makes room; its
+                        // request, if it ever comes, is not lost work.
+                        let idle = (self.conns.iter())
+                            .find(|(_, c)| c.owed.is_none() && c.out.is_empty())
+                            .map(|(&id, _)| id);
+                        if let Some(old) = idle {
+                            self.close(old, registry);
+                        }
+                    }
+                    if self.conns.len() >= MAX_CONNS {
+                        // All are being answered. One try, never waited
+                        // for: the socket is dropped either way. What the
+                        // client sent is read first, or the close would
+                        // reset the connection and lose the 503.
                         let _ = stream.read(&mut [0u8; 4096]);
                         let mut out = Vec::new();
                         http::encode_response(&http::error_response(503), false, false, &mut out);
@@ -210,19 +249,46 @@ impl Admin {
     }
 
     /// The socket is readable or writable: answers what it can. Returns
-    /// a report to gather for it, if its request needs one.
-    pub fn on_event(&mut self, id: u64, registry: &Registry, now: Instant) -> Option<Want> {
+    /// a report to start gathering, if its request needs one and none of
+    /// that kind is in flight (else it waits for that one).
+    pub fn on_event(&mut self, id: u64, registry: &Registry, now: Instant) -> Option<Gather> {
         let c = self.conns.get_mut(&id)?;
         let (want, alive) = drive(c, self.token.as_deref(), &self.history, now);
         if !alive {
             self.close(id, registry);
         }
-        want
+        self.wait_for(id, want?)
     }
 
-    /// The report gathered for `id`'s request. Returns the report its next
-    /// request (pipelined, already read) needs, if any.
-    pub fn answer(
+    /// `id` waits for a report of `want`'s kind; returns it if it is to be
+    /// started.
+    fn wait_for(&mut self, id: u64, want: Want) -> Option<Gather> {
+        let kind = want.gather();
+        let fresh = !self.waiting.contains_key(&kind);
+        self.waiting.entry(kind).or_default().push(id);
+        fresh.then_some(kind)
+    }
+
+    /// A report gathered for the admin listener: answers every request
+    /// waiting for its kind. Returns the reports to start next, for
+    /// requests that were pipelined behind those.
+    pub fn answer(&mut self, report: &Gathered, registry: &Registry, now: Instant) -> Vec<Gather> {
+        let kind = match report {
+            Gathered::Status(_) => Gather::Status,
+            Gathered::Connections(_) => Gather::Connections,
+            Gathered::Reopen(_) => return Vec::new(),
+        };
+        let ids = self.waiting.remove(&kind).unwrap_or_default();
+        let mut start = Vec::new();
+        for id in ids {
+            let more = self.answer_one(id, report, registry, now);
+            start.extend(more.and_then(|want| self.wait_for(id, want)));
+        }
+        start
+    }
+
+    /// Answers `id`'s request; returns what its next request needs.
+    fn answer_one(
         &mut self,
         id: u64,
         report: &Gathered,
@@ -467,6 +533,145 @@ mod tests {
             bus: Default::default(),
             reloads: Vec::new(),
         }
+    }
+
+    struct Fixture {
+        poll: mio::Poll,
+        admin: Admin,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let cfg = AdminConfig {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                token: None,
+            };
+            Fixture {
+                poll: mio::Poll::new().unwrap(),
+                admin: Admin::bind(&cfg).unwrap(),
+            }
+        }
+
+        /// A client that has sent `req`, once the admin holds it.
+        fn connect(&mut self, req: &[u8]) -> (std::net::TcpStream, u64) {
+            let mut s = std::net::TcpStream::connect(self.admin.addr()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(req).unwrap();
+            let id = self.admin.next;
+            until("accepted", || {
+                let reg = self.poll.registry();
+                self.admin
+                    .accept(reg, |id| Token(id as usize), Instant::now());
+                self.admin.next > id
+            });
+            (s, id)
+        }
+
+        /// Drives `id` until its request is read; what it returned then.
+        fn request(&mut self, id: u64) -> Option<Gather> {
+            let mut started = None;
+            until("request read", || {
+                let reg = self.poll.registry();
+                started = started.or(self.admin.on_event(id, reg, Instant::now()));
+                self.admin.conns[&id].owed.is_some()
+            });
+            started
+        }
+    }
+
+    fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out: {what}");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Reads one answer's head and `Content-Length` body.
+    fn read_answer(s: &mut std::net::TcpStream) -> String {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = (head.lines())
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .map_or(0, |n| n.trim().parse().unwrap());
+                if body.len() >= len {
+                    return text;
+                }
+            }
+            let n = s.read(&mut chunk).expect("an answer");
+            assert!(n > 0, "closed before a whole answer: {text:?}");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    #[test]
+    fn admin_requests_share_the_gather_in_flight_of_their_kind() {
+        let mut f = Fixture::new();
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        // `a` pipelines a second /status behind its first.
+        let (mut a, ia) = f.connect(format!("{}{}", get("/status"), get("/status")).as_bytes());
+        let (mut b, ib) = f.connect(get("/metrics").as_bytes());
+        let (mut c, ic) = f.connect(get("/connections").as_bytes());
+        let (mut d, id) = f.connect(get("/status").as_bytes());
+        assert_eq!(f.request(ia), Some(Gather::Status));
+        assert_eq!(f.request(ib), None, "/metrics waits for the /status gather");
+        assert_eq!(f.request(ic), Some(Gather::Connections));
+        assert_eq!(f.request(id), None);
+        // One report answers all three; `a`'s next request starts the next one.
+        let reg = f.poll.registry();
+        let status = Gathered::Status(report(&[(7, Some(3))]));
+        let next = f.admin.answer(&status, reg, Instant::now());
+        assert_eq!(next, vec![Gather::Status]);
+        for s in [&mut a, &mut d] {
+            let text = read_answer(s);
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            assert!(text.contains("\"master_pid\""), "{text}");
+        }
+        let text = read_answer(&mut b);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("wm_worker_messages_total"), "{text}");
+        // A request that comes now waits for the gather `a` started.
+        d.write_all(get("/status").as_bytes()).unwrap();
+        assert_eq!(f.request(id), None);
+        let reg = f.poll.registry();
+        assert!(f.admin.answer(&status, reg, Instant::now()).is_empty());
+        for s in [&mut a, &mut d] {
+            assert!(read_answer(s).starts_with("HTTP/1.1 200"));
+        }
+        // The connections report answers only `c`.
+        let conns = Gathered::Connections(Default::default());
+        assert!(f.admin.answer(&conns, reg, Instant::now()).is_empty());
+        let text = read_answer(&mut c);
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.contains("\"busy\""),
+            "{text}"
+        );
+        assert!(f.admin.waiting.is_empty());
+    }
+
+    #[test]
+    fn past_the_cap_the_oldest_connection_owing_nothing_makes_room() {
+        let mut f = Fixture::new();
+        // The first is answered (owes a report): it is kept.
+        let (_busy, first) = f.connect(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(f.request(first), Some(Gather::Status));
+        let mut half = Vec::new();
+        for _ in 1..MAX_CONNS {
+            half.push(f.connect(b"GET /status HTTP/1.1\r\n"));
+        }
+        assert_eq!(f.admin.conns.len(), MAX_CONNS);
+        let (_new, new) = f.connect(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(f.admin.conns.len(), MAX_CONNS);
+        let (mut oldest, old_id) = half.remove(0);
+        assert!(!f.admin.conns.contains_key(&old_id), "the oldest idle went");
+        assert!(f.admin.conns.contains_key(&first) && f.admin.conns.contains_key(&new));
+        let mut buf = Vec::new();
+        let ended = oldest.read_to_end(&mut buf);
+        assert!(ended.is_ok() || ended.unwrap_err().kind() == io::ErrorKind::ConnectionReset);
+        assert!(buf.is_empty(), "closed without an answer: {buf:?}");
     }
 
     #[test]

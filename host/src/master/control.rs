@@ -41,8 +41,9 @@ pub enum Sink {
     Client(ClientId),
     /// Signals (SIGIOT, SIGIO): into the log.
     Log,
-    /// A request to the admin listener (`admin.rs`), by its connection id.
-    Admin(u64),
+    /// The admin listener's requests waiting for a report of this kind
+    /// (`admin.rs`): one gathering answers all of them.
+    Admin,
     /// The admin listener's periodic sample for the dashboard's history.
     Sample,
 }
@@ -267,7 +268,7 @@ impl Control {
         let mut admin = Vec::new();
         for (to, report) in self.take_done(now) {
             match (to, report) {
-                (to @ (Sink::Admin(_) | Sink::Sample), r) => admin.push((to, r)),
+                (to @ (Sink::Admin | Sink::Sample), r) => admin.push((to, r)),
                 (Sink::Client(c), Gathered::Status(r)) => {
                     self.reply(c, &Response::Status(r), registry)
                 }

@@ -602,9 +602,9 @@ impl Master {
                 continue;
             };
             match (to, &report) {
-                (Sink::Admin(id), _) => {
-                    if let Some(want) = a.answer(id, &report, registry, now) {
-                        self.start_admin(id, want);
+                (Sink::Admin, _) => {
+                    for kind in a.answer(&report, registry, now) {
+                        self.start_admin(kind);
                     }
                 }
                 (Sink::Sample, Gathered::Status(r)) => a.history.record(r, now, SystemTime::now()),
@@ -775,16 +775,16 @@ impl Master {
         let Some(a) = self.admin.as_mut() else {
             return;
         };
-        if let Some(want) = a.on_event(id, self.poll.registry(), Instant::now()) {
-            self.start_admin(id, want);
+        if let Some(kind) = a.on_event(id, self.poll.registry(), Instant::now()) {
+            self.start_admin(kind);
         }
     }
 
-    /// Gathers what an admin request needs, as for the CLI.
-    fn start_admin(&mut self, id: u64, want: admin::Want) {
-        match want {
-            admin::Want::Status | admin::Want::Metrics => self.start_status(Sink::Admin(id)),
-            admin::Want::Connections => self.start_connections(Sink::Admin(id)),
+    /// Gathers what admin requests wait for, as for the CLI.
+    fn start_admin(&mut self, kind: admin::Gather) {
+        match kind {
+            admin::Gather::Status => self.start_status(Sink::Admin),
+            admin::Gather::Connections => self.start_connections(Sink::Admin),
         }
     }
 
@@ -1024,7 +1024,7 @@ impl Master {
                     self.control.reply(c, &resp, self.poll.registry());
                 }
                 // The admin listener and its sampling never ask for a reopen.
-                Sink::Admin(_) | Sink::Sample => {}
+                Sink::Admin | Sink::Sample => {}
             }
             return;
         }
