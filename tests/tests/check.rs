@@ -196,3 +196,85 @@ fn unreadable_certificates_are_reported_with_their_key() {
         "{all}"
     );
 }
+
+/// `[host] admin` is bind-tested too, like `start` binds it.
+#[test]
+fn an_admin_port_held_by_another_process_is_reported() {
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = held.local_addr().unwrap().port();
+    let s = Server::with_host(
+        &format!("admin = \"127.0.0.1:{admin}\"\n"),
+        &worker_table("t", "text://127.0.0.1:0", "test_plugin", 1, ""),
+    );
+    let (ok, out, problems) = check(&s);
+    assert!(!ok, "{out}");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains(&format!(
+            "admin 127.0.0.1:{admin}: address in use by another process"
+        )),
+        "{problems:?}"
+    );
+    drop(held);
+    let (ok, out, problems) = check(&s);
+    assert!(ok, "{out}{problems:?}");
+    assert!(
+        line_with(&out, &format!("admin 127.0.0.1:{admin}")).ends_with(": free"),
+        "{out}"
+    );
+    // The running wm-host's own admin listener is not a problem.
+    s.start();
+    let (ok, out, problems) = check(&s);
+    assert!(ok, "{out}{problems:?}");
+    let pid = s.master_pid().unwrap();
+    assert!(
+        line_with(&out, &format!("admin 127.0.0.1:{admin}"))
+            .ends_with(&format!("held by the running wm-host (master pid {pid})")),
+        "{out}"
+    );
+    s.stop();
+}
+
+/// Run as root, a plugin is loaded as the `user` its group's workers run
+/// as, from a copy: the user need not be able to read the file's folder
+/// (the test's own 0700 directory), as workers load the master's copy.
+#[test]
+fn plugins_are_loaded_as_their_groups_user() {
+    if !nix_is_root() {
+        panic!("this test needs root (it checks a plugin as user nobody)");
+    }
+    let s = Server::new("");
+    let copy = s.dir.path().join("libprivate.so");
+    std::fs::copy(plugin("test_plugin"), &copy).unwrap();
+    let table = |name: &str, extra: &str| {
+        format!(
+            "[[worker]]\nname = \"{name}\"\nlisten = \"text://127.0.0.1:0\"\n\
+             plugin = \"{}\"\n{extra}\n",
+            copy.display()
+        )
+    };
+    std::fs::write(
+        &s.config,
+        format!(
+            "[host]\nruntime_dir = \"run\"\n{}{}",
+            table("n", "user = \"nobody\""),
+            worker_table("r", "text://127.0.0.1:0", "test_plugin", 1, "")
+        ),
+    )
+    .unwrap();
+    let (ok, out, problems) = check(&s);
+    assert!(ok, "{out}{problems:?}");
+    assert!(
+        line_with(&out, "libprivate.so").contains("loaded as uid 65534"),
+        "{out}"
+    );
+    assert!(
+        line_with(&out, "libtest_plugin.so").contains("loaded as uid 0"),
+        "{out}"
+    );
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid(2) cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}

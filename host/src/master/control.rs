@@ -4,7 +4,8 @@
 //! that went away is dropped, and cannot reach a later client (a slab key
 //! would be handed to the next one that connects). `status` and
 //! `connections` are gathered from every ready worker and sent once all
-//! have answered or at the deadline, whichever comes first.
+//! have answered or at the deadline (`STATS_WAIT`; `REOPEN_WAIT` for a log
+//! reopen), whichever comes first.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;
@@ -22,6 +23,11 @@ use crate::ipc::{
 /// How long `status` and `connections` wait for workers to report; a worker
 /// that has not answered by then is in a callback: `[busy]`.
 pub const STATS_WAIT: Duration = Duration::from_secs(1);
+
+/// How long `reopen-logs` (and SIGHUP) waits for workers to switch to the
+/// new log file: longer than [`STATS_WAIT`], as the answer is not a sample
+/// and a loaded machine may be slow to give it; the CLI waits 10 s.
+pub const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
 /// A request is one short line; anything longer is not a CLI.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -216,8 +222,12 @@ impl Control {
             to,
             req,
             waiting,
+            deadline: now
+                + match report {
+                    Gathered::Reopen(_) => REOPEN_WAIT,
+                    _ => STATS_WAIT,
+                },
             report,
-            deadline: now + STATS_WAIT,
         });
     }
 
@@ -548,6 +558,19 @@ mod tests {
             panic!("one connections report");
         };
         assert_eq!((r.connections.len(), &r.busy[..]), (1, &[12][..]));
+    }
+
+    #[test]
+    fn a_reopen_waits_longer_than_a_sample() {
+        let mut f = fixture();
+        let req = f.control.next_req();
+        let t = Instant::now();
+        let report = Gathered::Reopen(ReopenReport::default());
+        f.control
+            .gather(Sink::Log, req, HashSet::from([WorkerId(1)]), report, t);
+        assert_eq!(f.control.next_deadline(), Some(t + REOPEN_WAIT));
+        assert!(f.control.take_done(t + STATS_WAIT).is_empty());
+        assert_eq!(f.control.take_done(t + REOPEN_WAIT).len(), 1);
     }
 
     #[test]

@@ -414,8 +414,13 @@ impl Master {
             _ => "stopping".to_string(),
         };
         if let Some(msg) = systemd::message(self.told, now, &status) {
-            if let Err(e) = n.send(&msg) {
-                tracing::warn!("cannot notify systemd: {e}");
+            match n.send(&msg) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tracing::warn!(
+                    "cannot notify systemd: its socket is full; {:?} dropped",
+                    msg.lines().next().unwrap_or_default()
+                ),
+                Err(e) => tracing::warn!("cannot notify systemd: {e}"),
             }
             self.told = now;
         }
@@ -463,8 +468,10 @@ impl Master {
             }
             Action::Prune { keep } => builds::prune(&self.cfg.host.runtime_dir, &keep),
             Action::Started => {
-                // Before the CLI of `start -d` hears it and exits: systemd
-                // must know the MAINPID by then.
+                // Before the CLI of `start -d` hears it and exits. (Under
+                // systemd, run the master in the foreground: with `-d` its
+                // messages come from a process that is not the unit's main
+                // one, which NotifyAccess=main ignores.)
                 self.tell_systemd();
                 let table = self.startup_table();
                 self.readiness.report(Ok(table));

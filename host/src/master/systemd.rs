@@ -37,10 +37,11 @@ impl Notifier {
             Some(name) => SocketAddr::from_abstract_name(name)?,
             None => SocketAddr::from_pathname(target)?,
         };
-        Ok(Notifier {
-            sock: UnixDatagram::unbound()?,
-            addr,
-        })
+        // Sent from the master's event loop: a manager that does not read
+        // must not stall it (the notification is dropped, with a warning).
+        let sock = UnixDatagram::unbound()?;
+        sock.set_nonblocking(true)?;
+        Ok(Notifier { sock, addr })
     }
 
     /// One datagram of `KEY=value` lines.
@@ -76,8 +77,9 @@ pub fn message(from: State, to: State, status: &str) -> Option<String> {
     let pid = std::process::id();
     match (from, to) {
         (a, b) if a == b => None,
-        // MAINPID: a master started by `start -d` is not the process
-        // systemd started.
+        // MAINPID: the process systemd started, in the foreground. Under
+        // `start -d` the forked master is not, and NotifyAccess=main (the
+        // default for Type=notify) ignores it: run it in the foreground.
         (State::Starting, State::Ready) => {
             Some(format!("READY=1\nMAINPID={pid}\nSTATUS={status}\n"))
         }
@@ -117,6 +119,26 @@ mod tests {
             .unwrap();
         let n = listener.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"STOPPING=1\n");
+    }
+
+    #[test]
+    fn a_full_socket_is_would_block_not_a_stall() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let _listener = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier::new(path.as_os_str()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Nobody reads: sends fill the queue, then must fail, not block.
+        std::thread::spawn(move || {
+            let end = (0..1_000_000)
+                .map(|_| n.send("STATUS=filling\n"))
+                .find_map(Result::err);
+            let _ = tx.send(end.map(|e| e.kind()));
+        });
+        let end = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("send blocked on a full socket");
+        assert_eq!(end, Some(io::ErrorKind::WouldBlock));
     }
 
     #[test]
