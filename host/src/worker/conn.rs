@@ -180,6 +180,17 @@ impl Conn {
         Ok(self.pending() == 0)
     }
 
+    /// Marks the send buffer full once it reached `max_send`; true the
+    /// first time (the plugin hears `on_buffer_full` once per filling).
+    #[inline]
+    pub fn note_full(&mut self) -> bool {
+        if self.pending() >= self.max_send && !self.full {
+            self.full = true;
+            return true;
+        }
+        false
+    }
+
     /// While corked (a read being dispatched): frames `data` with the
     /// connection's codec straight into the send buffer, as `write_parts`
     /// would queue `Codec::encode`'s parts. `None` when not corked, or

@@ -240,16 +240,9 @@ impl Core {
             self.send_failed(id, "client closed");
             return RawSendStatus::Closed;
         };
-        let max = conn.max_send;
-        // Outbound connections queue what is sent while they connect.
-        let open = matches!(conn.state, State::Open | State::Connecting);
-        if !open || !conn.codec.sendable() {
-            self.send_failed(id, "client closed");
-            return RawSendStatus::Closed;
-        }
-        if conn.pending() >= max {
-            self.send_failed(id, "send buffer full and drop package");
-            return RawSendStatus::Dropped;
+        if let Some((status, why)) = refusal(conn) {
+            self.send_failed(id, why);
+            return status;
         }
         // On http:// a plain send is a 200 answer with that body (as in Workerman).
         if let Codec::Http(_) = conn.codec {
@@ -279,21 +272,8 @@ impl Core {
                 conn.write_parts(&parts)
             }
         };
-        match queued {
-            Ok(true) => RawSendStatus::Sent,
-            Ok(false) => {
-                if conn.pending() >= max && !conn.full {
-                    conn.full = true;
-                    self.deferred.push_back(Deferred::BufferFull(id));
-                }
-                RawSendStatus::Queued
-            }
-            Err(e) => {
-                tracing::debug!(conn = id, "send failed: {e}");
-                self.destroy(id);
-                RawSendStatus::Closed
-            }
-        }
+        let newly_full = matches!(queued, Ok(false)) && conn.note_full();
+        self.sent(id, queued, newly_full)
     }
 
     /// `send_kind` of bytes already framed for this connection's codec (a
@@ -304,21 +284,23 @@ impl Core {
             self.send_failed(id, "client closed");
             return RawSendStatus::Closed;
         };
-        let max = conn.max_send;
-        let open = matches!(conn.state, State::Open | State::Connecting);
-        if !open || !conn.codec.sendable() {
-            self.send_failed(id, "client closed");
-            return RawSendStatus::Closed;
+        if let Some((status, why)) = refusal(conn) {
+            self.send_failed(id, why);
+            return status;
         }
-        if conn.pending() >= max {
-            self.send_failed(id, "send buffer full and drop package");
-            return RawSendStatus::Dropped;
-        }
-        match conn.write_parts(&[framed]) {
+        let queued = conn.write_parts(&[framed]);
+        let newly_full = matches!(queued, Ok(false)) && conn.note_full();
+        self.sent(id, queued, newly_full)
+    }
+
+    /// What a write to `id` came to; `newly_full`: its send buffer just
+    /// reached `max_send_buffer_size` (`on_buffer_full` follows).
+    #[inline]
+    fn sent(&mut self, id: u64, queued: std::io::Result<bool>, newly_full: bool) -> RawSendStatus {
+        match queued {
             Ok(true) => RawSendStatus::Sent,
             Ok(false) => {
-                if conn.pending() >= max && !conn.full {
-                    conn.full = true;
+                if newly_full {
                     self.deferred.push_back(Deferred::BufferFull(id));
                 }
                 RawSendStatus::Queued
@@ -506,4 +488,19 @@ impl Core {
             }
         }
     }
+}
+
+/// Why a send to `conn` is refused before any encoding, if it is: closed
+/// (outbound connections take sends while they connect), or its send
+/// buffer at `max_send_buffer_size`.
+#[inline]
+fn refusal(conn: &Conn) -> Option<(RawSendStatus, &'static str)> {
+    let open = matches!(conn.state, State::Open | State::Connecting);
+    if !open || !conn.codec.sendable() {
+        return Some((RawSendStatus::Closed, "client closed"));
+    }
+    if conn.pending() >= conn.max_send {
+        return Some((RawSendStatus::Dropped, "send buffer full and drop package"));
+    }
+    None
 }
