@@ -211,15 +211,35 @@ fn baseline(bins: &Bins, port: u16, cpu: usize) -> Result<(Server, Vec<u32>), St
         .stdin(Stdio::null())
         .spawn()
         .map_err(|e| format!("wm-baseline: {e}"))?;
-    std::thread::sleep(Duration::from_millis(300));
     let pid = child.id();
-    Ok((
-        Server {
-            child: Some(child),
-            host: None,
-        },
-        vec![pid],
-    ))
+    let server = Server {
+        child: Some(child),
+        host: None,
+    };
+    echoes_within(port, Duration::from_secs(5))?;
+    Ok((server, vec![pid]))
+}
+
+/// Readiness of a UDP echo server: a probe datagram answered, re-sent
+/// every 50 ms (one sent before the bind is lost) until `limit`.
+fn echoes_within(port: u16, limit: Duration) -> Result<(), String> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    sock.connect(("127.0.0.1", port))
+        .map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .map_err(|e| e.to_string())?;
+    let end = std::time::Instant::now() + limit;
+    let mut buf = [0u8; 16];
+    while std::time::Instant::now() < end {
+        // Refused (ICMP) before the bind: try again.
+        let _ = sock.send(b"ready?");
+        if let Ok(n) = sock.recv(&mut buf) {
+            if &buf[..n] == b"ready?" {
+                return Ok(());
+            }
+        }
+    }
+    Err(format!("no UDP echo on port {port} within {limit:?}"))
 }
 
 /// Runs both servers (baseline, wm-host, baseline, wm-host: the better of
