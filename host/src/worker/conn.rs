@@ -182,7 +182,7 @@ impl Conn {
 
     /// Marks the send buffer full once it reached `max_send`; true the
     /// first time (the plugin hears `on_buffer_full` once per filling).
-    #[inline]
+    #[inline(always)]
     pub fn note_full(&mut self) -> bool {
         if self.pending() >= self.max_send && !self.full {
             self.full = true;

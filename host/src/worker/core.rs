@@ -295,7 +295,7 @@ impl Core {
 
     /// What a write to `id` came to; `newly_full`: its send buffer just
     /// reached `max_send_buffer_size` (`on_buffer_full` follows).
-    #[inline]
+    #[inline(always)]
     fn sent(&mut self, id: u64, queued: std::io::Result<bool>, newly_full: bool) -> RawSendStatus {
         match queued {
             Ok(true) => RawSendStatus::Sent,
@@ -493,7 +493,7 @@ impl Core {
 /// Why a send to `conn` is refused before any encoding, if it is: closed
 /// (outbound connections take sends while they connect), or its send
 /// buffer at `max_send_buffer_size`.
-#[inline]
+#[inline(always)]
 fn refusal(conn: &Conn) -> Option<(RawSendStatus, &'static str)> {
     let open = matches!(conn.state, State::Open | State::Connecting);
     if !open || !conn.codec.sendable() {
