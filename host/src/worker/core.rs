@@ -235,7 +235,43 @@ impl Core {
 
     /// Frames and sends one message. `Kind::Text` must be UTF-8 (see
     /// `host_api::Scope::outgoing`); `Kind::Default` lets the codec choose.
+    #[inline]
     pub fn send_kind(&mut self, id: u64, data: &[u8], kind: Kind) -> RawSendStatus {
+        // The per-message path: a reply during a read (the connection is
+        // corked), framed straight into the send buffer. Kept small so the
+        // caller need not save and restore what the rest of this would use.
+        if let Some(conn) = lookup(&mut self.conns, id) {
+            if refusal(conn).is_none() {
+                match conn.queue_message(data, kind) {
+                    Some(Ok(())) => {
+                        if conn.pending() == 0 {
+                            return RawSendStatus::Sent;
+                        }
+                        if conn.note_full() {
+                            self.deferred.push_back(Deferred::BufferFull(id));
+                        }
+                        return RawSendStatus::Queued;
+                    }
+                    Some(Err(_)) => return self.too_large(id),
+                    // Not corked; HTTP, `custom://`, a websocket client: below.
+                    None => {}
+                }
+            }
+        }
+        self.send_kind_rest(id, data, kind)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn too_large(&mut self, id: u64) -> RawSendStatus {
+        self.send_failed(id, "message too large for the protocol");
+        RawSendStatus::Dropped
+    }
+
+    /// `send_kind` off its per-message path: not during a read, closed or
+    /// full connections, and codecs that frame through `Codec::encode`.
+    #[inline(never)]
+    fn send_kind_rest(&mut self, id: u64, data: &[u8], kind: Kind) -> RawSendStatus {
         let Some(conn) = lookup(&mut self.conns, id) else {
             self.send_failed(id, "client closed");
             return RawSendStatus::Closed;
@@ -248,30 +284,18 @@ impl Core {
         if let Codec::Http(_) = conn.codec {
             return self.respond(id, 200, [], data);
         }
-        // A reply during a read: framed straight into the send buffer.
-        let queued = match conn.queue_message(data, kind) {
-            Some(Ok(())) => Ok(conn.pending() == 0),
-            Some(Err(_)) => {
-                self.send_failed(id, "message too large for the protocol");
+        // Not corked, or a codec `encode_into` cannot do: `send_kind` tried.
+        let framer = self.custom.as_ref().map(|p| p as &dyn Framer);
+        let mut wire = Wire::default();
+        let parts = match conn.codec.encode(data, kind, framer, &mut wire) {
+            Ok(parts) => parts,
+            Err(ProtocolError::Custom(_)) => {
+                self.send_failed(id, "the plugin's protocol failed to encode");
                 return RawSendStatus::Dropped;
             }
-            None => {
-                let framer = self.custom.as_ref().map(|p| p as &dyn Framer);
-                let mut wire = Wire::default();
-                let parts = match conn.codec.encode(data, kind, framer, &mut wire) {
-                    Ok(parts) => parts,
-                    Err(ProtocolError::Custom(_)) => {
-                        self.send_failed(id, "the plugin's protocol failed to encode");
-                        return RawSendStatus::Dropped;
-                    }
-                    Err(_) => {
-                        self.send_failed(id, "message too large for the protocol");
-                        return RawSendStatus::Dropped;
-                    }
-                };
-                conn.write_parts(&parts)
-            }
+            Err(_) => return self.too_large(id),
         };
+        let queued = conn.write_parts(&parts);
         let newly_full = matches!(queued, Ok(false)) && conn.note_full();
         self.sent(id, queued, newly_full)
     }
