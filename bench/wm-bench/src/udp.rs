@@ -267,6 +267,9 @@ pub fn section(bins: &Bins, o: &UdpCmd) -> String {
          target/release/wm-bench udp --out bench/RESULTS.md\n```\n"
     );
     let mut best: [Option<Figures>; 2] = [None, None];
+    // Every round's (messages, CPU-seconds) per side: the per-CPU row pools
+    // them (single rounds of one server differ more than the servers do).
+    let mut pool = [(0u64, 0.0f64); 2];
     let mut errs = Vec::new();
     for round in 0..2 {
         for (i, which) in ["baseline", "wm-host"].iter().enumerate() {
@@ -290,6 +293,8 @@ pub fn section(bins: &Bins, o: &UdpCmd) -> String {
                         f.per_cpu(),
                         f.resent
                     );
+                    pool[i].0 += f.msgs;
+                    pool[i].1 += f.cpu;
                     if best[i].as_ref().is_none_or(|b| b.rate() < f.rate()) {
                         best[i] = Some(f);
                     }
@@ -311,17 +316,15 @@ pub fn section(bins: &Bins, o: &UdpCmd) -> String {
                 b.rate(),
                 w.rate() / b.rate()
             );
+            let per_cpu = |(m, c): (u64, f64)| m as f64 / c.max(1e-9);
+            let (pw, pb) = (per_cpu(pool[1]), per_cpu(pool[0]));
             let _ = writeln!(
                 md,
-                "| msgs per server CPU-second | {:.0} | {:.0} | {:.2} | ≥ 0.9 {} |",
-                w.per_cpu(),
-                b.per_cpu(),
-                w.per_cpu() / b.per_cpu(),
-                if w.per_cpu() / b.per_cpu() >= 0.9 {
-                    "✓"
-                } else {
-                    "✗"
-                }
+                "| msgs per server CPU-second, both rounds | {:.0} | {:.0} | {:.2} | ≥ 0.9 {} |",
+                pw,
+                pb,
+                pw / pb,
+                if pw / pb >= 0.9 { "✓" } else { "✗" }
             );
             let _ = writeln!(
                 md,
