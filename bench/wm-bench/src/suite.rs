@@ -1884,8 +1884,9 @@ fn report(
         md,
         "- servers pinned to CPU {}, client (wm-bench, wrk) to CPU {}; RLIMIT_NOFILE {nofile}; \
          warm-up {:.0} s, measured {:.0} s per run; load scenarios run {} times per side, \
-         interleaved, and the best undisturbed run counts (a run is disturbed when other \
-         processes took over 10% of the server's core; up to two more runs replace it); suite took {:.0} s",
+         interleaved; rates and latencies are the best undisturbed run's (a run is disturbed \
+         when other processes took over 10% of the server's core; up to two more runs replace \
+         it), per-CPU-second figures pool every run; suite took {:.0} s",
         opts.server_cpu,
         opts.client_cpu,
         opts.warmup.as_secs_f64(),
