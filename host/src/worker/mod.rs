@@ -417,6 +417,9 @@ struct Worker {
     incoming: Option<migrate::Incoming>,
     /// ssl listeners: the configuration every accepted connection shares.
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// When `poll` last returned: what this turn's reads record as their
+    /// connections' `last_active` (one clock read per wake-up, not per read).
+    woke: Instant,
     /// udp:// peers by address, oldest first.
     udp_peers: std::collections::HashMap<std::net::SocketAddr, u64>,
     udp_order: std::collections::VecDeque<std::net::SocketAddr>,
@@ -675,6 +678,7 @@ fn start(
         udp_peers: Default::default(),
         udp_order: Default::default(),
         tls,
+        woke: Instant::now(),
         runner,
     };
     // Only a build that can import waits for the old worker's connections.
@@ -740,6 +744,7 @@ impl Worker {
                 }
                 return Err(e);
             }
+            self.woke = Instant::now();
             self.core.date.refresh();
             for ev in events.iter() {
                 match ev.token() {
@@ -749,10 +754,13 @@ impl Worker {
                     migrate::HANDOVER => self.handover_io(),
                     Token(t) => {
                         let idx = t - FIRST_CONN;
-                        let Some(id) = self.core.conns.get(idx).map(|c| c.id) else {
+                        let Some(conn) = self.core.conns.get(idx) else {
                             continue;
                         };
-                        if ev.is_writable() {
+                        let id = conn.id;
+                        // epoll reports writable with nearly every readable
+                        // edge: skip the flush when it would change nothing.
+                        if ev.is_writable() && !conn.nothing_to_flush() {
                             self.core.check_connect(id);
                             self.core.flush(id);
                         }
@@ -798,7 +806,6 @@ impl Worker {
             self.read(id);
             self.runner.settle(&mut self.core);
         }
-        let now = Instant::now();
         let core = &mut self.core;
         // In place: this runs on every turn of the loop.
         let Core {
@@ -1070,7 +1077,7 @@ impl Worker {
                         return;
                     };
                     conn.bytes_read += n as u64;
-                    conn.last_active = Instant::now();
+                    conn.last_active = self.woke;
                     conn.corked = true;
                     let spare = std::mem::take(&mut self.core.spare_out);
                     if let Some(unused) = self.core.get(id).and_then(|c| c.lend_out(spare)) {
