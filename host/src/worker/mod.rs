@@ -174,6 +174,11 @@ fn decode_input(
         if conn.paused {
             return pos;
         }
+        // All used: the HTTP decoder would only say it needs more (it has
+        // nothing pending to emit on no input), so skip that call.
+        if pos == input.len() && matches!(conn.codec, Codec::Http(_)) {
+            return pos;
+        }
         let mut scratch = http::Scratch::new();
         let step = conn.codec.decode(&mut input[pos..], &mut scratch, &mut cx);
         if !cx.replies.is_empty() {
