@@ -1190,6 +1190,18 @@ impl DateCache {
         self.now();
     }
 
+    /// [`DateCache::refresh`], returning how long the text stays current
+    /// (the rest of this second), so a caller that reads a monotonic clock
+    /// anyway can leave the wall clock alone until then. `None` before 1970.
+    pub fn refresh_for(&mut self) -> Option<std::time::Duration> {
+        let now = SystemTime::now();
+        self.at(now);
+        let sub = now.duration_since(UNIX_EPOCH).ok()?.subsec_nanos();
+        Some(std::time::Duration::from_nanos(u64::from(
+            1_000_000_000 - sub,
+        )))
+    }
+
     /// The `Date` of the last [`DateCache::refresh`] (or `at`), reading the
     /// clock only if there was none.
     pub fn current(&mut self) -> &str {
@@ -1934,6 +1946,22 @@ Content-Length: 0\r\nConnection: close\r\n\r\n"
         assert_eq!(c.current(), "Thu, 01 Jan 2015 00:00:00 GMT");
         c.refresh();
         assert_ne!(c.current(), "Thu, 01 Jan 2015 00:00:00 GMT");
+    }
+
+    #[test]
+    fn date_cache_refresh_for_lasts_until_the_next_second() {
+        let mut c = DateCache::default();
+        let before = SystemTime::now();
+        let left = c.refresh_for().expect("after 1970");
+        let after = SystemTime::now();
+        assert!(left > std::time::Duration::ZERO);
+        assert!(left <= std::time::Duration::from_secs(1));
+        assert!(c.current() == http_date(before) || c.current() == http_date(after));
+        // The clock was read between `before` and `after`: `left` later is
+        // a whole second.
+        let nanos = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let (lo, hi) = (nanos(before + left), nanos(after + left));
+        assert!(hi - hi % 1_000_000_000 >= lo, "{lo} {hi}");
     }
 
     #[test]

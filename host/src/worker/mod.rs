@@ -425,6 +425,8 @@ struct Worker {
     /// When `poll` last returned: what this turn's reads record as their
     /// connections' `last_active` (one clock read per wake-up, not per read).
     woke: Instant,
+    /// When the `Date` of answers may change (see `run`).
+    date_until: Option<Instant>,
     /// udp:// peers by address, oldest first.
     udp_peers: std::collections::HashMap<std::net::SocketAddr, u64>,
     udp_order: std::collections::VecDeque<std::net::SocketAddr>,
@@ -684,6 +686,7 @@ fn start(
         udp_order: Default::default(),
         tls,
         woke: Instant::now(),
+        date_until: None,
         runner,
     };
     // Only a build that can import waits for the old worker's connections.
@@ -750,7 +753,11 @@ impl Worker {
                 return Err(e);
             }
             self.woke = Instant::now();
-            self.core.date.refresh();
+            // `Date` changes once a second: the wall clock is read again
+            // only once the second it was read in is over.
+            if self.date_until.is_none_or(|t| self.woke >= t) {
+                self.date_until = self.core.date.refresh_for().map(|left| self.woke + left);
+            }
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -776,8 +783,10 @@ impl Worker {
                     }
                 }
             }
-            self.fire_timers();
-            self.after_events();
+            // One clock read for both.
+            let now = Instant::now();
+            self.fire_timers(now);
+            self.after_events(now);
             if self.close_at.is_some_and(|c| c <= Instant::now()) {
                 self.close_at = None;
                 self.close_all();
@@ -792,14 +801,18 @@ impl Worker {
 
     /// Work that is not an IO event: resumed readers, lingering half-closed
     /// connections, idle connections, websocket pings.
-    fn after_events(&mut self) {
-        let now = Instant::now();
-        self.core.expire_connects(now);
-        let (due, keep): (Vec<_>, Vec<_>) =
-            self.core.redials.drain(..).partition(|(t, _)| *t <= now);
-        self.core.redials = keep;
-        for (_, id) in due {
-            self.core.redial(id);
+    fn after_events(&mut self, now: Instant) {
+        // Both lists are empty unless the plugin opens connections.
+        if !self.core.connect_deadlines.is_empty() {
+            self.core.expire_connects(now);
+        }
+        if !self.core.redials.is_empty() {
+            let (due, keep): (Vec<_>, Vec<_>) =
+                self.core.redials.drain(..).partition(|(t, _)| *t <= now);
+            self.core.redials = keep;
+            for (_, id) in due {
+                self.core.redial(id);
+            }
         }
         for id in std::mem::take(&mut self.again) {
             self.read(id);
@@ -899,12 +912,11 @@ impl Worker {
         }
     }
 
-    fn fire_timers(&mut self) {
+    fn fire_timers(&mut self, now: Instant) {
         // A replacement runs no plugin code before its import.
         if self.incoming.is_some() {
             return;
         }
-        let now = Instant::now();
         while let Some(id) = self.core.timers.pop_due(now) {
             self.runner.invoke(&mut self.core, Call::Timer(id));
         }
