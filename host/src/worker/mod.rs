@@ -783,10 +783,10 @@ impl Worker {
                     }
                 }
             }
-            // One clock read for both.
-            let now = Instant::now();
-            self.fire_timers(now);
-            self.after_events(now);
+            // The wake-up's time: a timer falling due while the events
+            // were handled fires on the next turn (its timeout is then 0).
+            self.fire_timers(self.woke);
+            self.after_events(self.woke);
             if self.close_at.is_some_and(|c| c <= Instant::now()) {
                 self.close_at = None;
                 self.close_all();
