@@ -1204,6 +1204,7 @@ impl DateCache {
 
     /// The `Date` of the last [`DateCache::refresh`] (or `at`), reading the
     /// clock only if there was none.
+    #[inline]
     pub fn current(&mut self) -> &str {
         if self.secs.is_none() {
             self.refresh();
