@@ -1019,6 +1019,9 @@ impl HeadCache {
     /// request's keep-alive in `head.keep_alive`, which a
     /// `Connection: close` among `fields` ends. Returns the head, whether
     /// the body follows and whether the connection stays open.
+    // Inlined: the hit (every answer but the first of its shape) is a few
+    // compares and the Date copy; the miss is out of line.
+    #[inline]
     pub fn encode<'h, F>(
         &mut self,
         head: &ResponseHead,
@@ -1039,10 +1042,30 @@ impl HeadCache {
         };
         if self.key == Some(key) && self.same_fields(fields.clone()) {
             if let Some(at) = self.date_at {
-                self.head[at..at + date.len()].copy_from_slice(date.as_bytes());
+                let date = date.as_bytes();
+                // Always 29 bytes from DateCache: a copy of known length
+                // is a few moves, not a `memcpy` call.
+                if date.len() == 29 {
+                    self.head[at..at + 29].copy_from_slice(&date[..29]);
+                } else {
+                    self.head[at..at + date.len()].copy_from_slice(date);
+                }
             }
             return (&self.head, self.with_body, self.keep_alive);
         }
+        self.write(head, fields, date, key)
+    }
+
+    /// A head unlike the cached one: written, and cached if it can be
+    /// compared next time.
+    #[inline(never)]
+    fn write<'h>(
+        &mut self,
+        head: &ResponseHead,
+        fields: impl Iterator<Item = (&'h str, &'h str)>,
+        date: &str,
+        key: HeadKey,
+    ) -> (&[u8], bool, bool) {
         self.head.clear();
         self.lens.clear();
         let w = write_head(
@@ -1063,15 +1086,20 @@ impl HeadCache {
     }
 
     /// Whether `fields` are the ones written in `head`.
+    #[inline]
     fn same_fields<'h>(&self, fields: impl Iterator<Item = (&'h str, &'h str)>) -> bool {
         let mut at = self.fields_at;
         let mut lens = self.lens.iter();
         for (k, v) in fields {
             match lens.next() {
                 Some(&(kl, vl)) if kl == k.len() && vl == v.len() => {
-                    let name = self.head.get(at..at + kl);
-                    let value = self.head.get(at + kl + 2..at + kl + 2 + vl);
-                    if name != Some(k.as_bytes()) || value != Some(v.as_bytes()) {
+                    let (Some(name), Some(value)) = (
+                        self.head.get(at..at + kl),
+                        self.head.get(at + kl + 2..at + kl + 2 + vl),
+                    ) else {
+                        return false;
+                    };
+                    if !same_bytes(name, k.as_bytes()) || !same_bytes(value, v.as_bytes()) {
                         return false;
                     }
                     at += kl + vl + 4;
@@ -1080,6 +1108,27 @@ impl HeadCache {
             }
         }
         lens.next().is_none()
+    }
+}
+
+/// `a == b` for slices of the same length, without a `memcmp` call for
+/// short ones (header names and values mostly are): two overlapping word
+/// loads per side.
+#[inline(always)]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    fn word<const W: usize>(s: &[u8], at: usize) -> [u8; W] {
+        s[at..at + W].try_into().unwrap_or([0; W])
+    }
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => word::<4>(a, 0) == word::<4>(b, 0) && word::<4>(a, n - 4) == word::<4>(b, n - 4),
+        8..=16 => word::<8>(a, 0) == word::<8>(b, 0) && word::<8>(a, n - 8) == word::<8>(b, n - 8),
+        _ => a == b,
     }
 }
 
@@ -1141,8 +1190,21 @@ impl DateCache {
         self.now();
     }
 
+    /// [`DateCache::refresh`], returning how long the text stays current
+    /// (the rest of this second), so a caller that reads a monotonic clock
+    /// anyway can leave the wall clock alone until then. `None` before 1970.
+    pub fn refresh_for(&mut self) -> Option<std::time::Duration> {
+        let now = SystemTime::now();
+        self.at(now);
+        let sub = now.duration_since(UNIX_EPOCH).ok()?.subsec_nanos();
+        Some(std::time::Duration::from_nanos(u64::from(
+            1_000_000_000 - sub,
+        )))
+    }
+
     /// The `Date` of the last [`DateCache::refresh`] (or `at`), reading the
     /// clock only if there was none.
+    #[inline]
     pub fn current(&mut self) -> &str {
         if self.secs.is_none() {
             self.refresh();
@@ -1864,6 +1926,20 @@ Content-Length: 0\r\nConnection: close\r\n\r\n"
     }
 
     #[test]
+    fn same_bytes_is_slice_equality() {
+        for n in 0..40usize {
+            let a: Vec<u8> = (0..n as u8).map(|b| b.wrapping_mul(7)).collect();
+            assert!(same_bytes(&a, &a.clone()));
+            for i in 0..n {
+                let mut b = a.clone();
+                b[i] ^= 0x20;
+                assert!(!same_bytes(&a, &b), "length {n}, byte {i}");
+            }
+            assert!(!same_bytes(&a, &[a.as_slice(), b"x"].concat()));
+        }
+    }
+
+    #[test]
     fn date_cache_current_reads_the_clock_once() {
         let mut c = DateCache::default();
         assert_eq!(c.current().len(), 29);
@@ -1871,6 +1947,22 @@ Content-Length: 0\r\nConnection: close\r\n\r\n"
         assert_eq!(c.current(), "Thu, 01 Jan 2015 00:00:00 GMT");
         c.refresh();
         assert_ne!(c.current(), "Thu, 01 Jan 2015 00:00:00 GMT");
+    }
+
+    #[test]
+    fn date_cache_refresh_for_lasts_until_the_next_second() {
+        let mut c = DateCache::default();
+        let before = SystemTime::now();
+        let left = c.refresh_for().expect("after 1970");
+        let after = SystemTime::now();
+        assert!(left > std::time::Duration::ZERO);
+        assert!(left <= std::time::Duration::from_secs(1));
+        assert!(c.current() == http_date(before) || c.current() == http_date(after));
+        // The clock was read between `before` and `after`: `left` later is
+        // a whole second.
+        let nanos = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let (lo, hi) = (nanos(before + left), nanos(after + left));
+        assert!(hi - hi % 1_000_000_000 >= lo, "{lo} {hi}");
     }
 
     #[test]

@@ -112,6 +112,19 @@ impl Conn {
         self.codec.established() && !self.sock.handshaking()
     }
 
+    /// Whether `Core::flush` (and `check_connect`) would do nothing on a
+    /// writable event: open, no send buffer (so nothing queued and no
+    /// memory to give back), no drain owed, no pipe to resume, and not TLS
+    /// (its records are flushed there).
+    #[inline]
+    pub fn nothing_to_flush(&self) -> bool {
+        self.state == State::Open
+            && self.out.capacity() == 0
+            && !self.full
+            && self.pipe_from.is_none()
+            && !self.sock.is_tls()
+    }
+
     /// What waits in the send buffer (copied into a handover).
     pub fn output(&self) -> &[u8] {
         &self.out[self.out_pos..]

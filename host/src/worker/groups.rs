@@ -114,7 +114,12 @@ impl Core {
     }
 
     /// Writes queued bus frames to the master, as far as it takes them.
+    #[inline]
     pub fn flush_bus(&mut self) {
+        // Every turn of the loop: most have nothing for the bus.
+        if self.bus_buf.outbuf.is_empty() {
+            return;
+        }
         if let Some(sock) = self.bus.as_mut() {
             if let Err(e) = self.bus_buf.flush(sock) {
                 tracing::debug!("bus write failed: {e}");

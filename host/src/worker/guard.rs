@@ -94,7 +94,28 @@ impl Guard {
     /// After input was decoded: counts what the connection keeps of an
     /// incomplete message, starts or stops its clocks, and enforces the
     /// budget. `completed`: a message or request was handed over.
+    // Inlined into every read's dispatch, with the common case first.
+    #[inline]
     pub fn track(&self, core: &mut Core, id: u64, completed: bool) {
+        let Some(conn) = core.get(id) else { return };
+        // A message or request done and nothing kept, held or timed before
+        // (not a websocket: its fragments count): nothing changes below.
+        if completed
+            && conn.held == 0
+            && conn.inbuf.capacity() == 0
+            && conn.msg_since.is_none()
+            && conn.head_since.is_none()
+            && !matches!(conn.codec, Codec::Websocket(_))
+            && core.buffered <= self.max_buffered
+        {
+            return;
+        }
+        self.track_changes(core, id, completed);
+    }
+
+    /// `track` past its common case.
+    #[inline(never)]
+    fn track_changes(&self, core: &mut Core, id: u64, completed: bool) {
         let Some(conn) = core.get(id) else { return };
         let held = conn.inbuf.capacity()
             + match &conn.codec {

@@ -174,6 +174,11 @@ fn decode_input(
         if conn.paused {
             return pos;
         }
+        // All used: the HTTP decoder would only say it needs more (it has
+        // nothing pending to emit on no input), so skip that call.
+        if pos == input.len() && matches!(conn.codec, Codec::Http(_)) {
+            return pos;
+        }
         let mut scratch = http::Scratch::new();
         let step = conn.codec.decode(&mut input[pos..], &mut scratch, &mut cx);
         if !cx.replies.is_empty() {
@@ -417,6 +422,11 @@ struct Worker {
     incoming: Option<migrate::Incoming>,
     /// ssl listeners: the configuration every accepted connection shares.
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// When `poll` last returned: what this turn's reads record as their
+    /// connections' `last_active` (one clock read per wake-up, not per read).
+    woke: Instant,
+    /// When the `Date` of answers may change (see `run`).
+    date_until: Option<Instant>,
     /// udp:// peers by address, oldest first.
     udp_peers: std::collections::HashMap<std::net::SocketAddr, u64>,
     udp_order: std::collections::VecDeque<std::net::SocketAddr>,
@@ -675,6 +685,8 @@ fn start(
         udp_peers: Default::default(),
         udp_order: Default::default(),
         tls,
+        woke: Instant::now(),
+        date_until: None,
         runner,
     };
     // Only a build that can import waits for the old worker's connections.
@@ -740,7 +752,12 @@ impl Worker {
                 }
                 return Err(e);
             }
-            self.core.date.refresh();
+            self.woke = Instant::now();
+            // `Date` changes once a second: the wall clock is read again
+            // only once the second it was read in is over.
+            if self.date_until.is_none_or(|t| self.woke >= t) {
+                self.date_until = self.core.date.refresh_for().map(|left| self.woke + left);
+            }
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -749,10 +766,13 @@ impl Worker {
                     migrate::HANDOVER => self.handover_io(),
                     Token(t) => {
                         let idx = t - FIRST_CONN;
-                        let Some(id) = self.core.conns.get(idx).map(|c| c.id) else {
+                        let Some(conn) = self.core.conns.get(idx) else {
                             continue;
                         };
-                        if ev.is_writable() {
+                        let id = conn.id;
+                        // epoll reports writable with nearly every readable
+                        // edge: skip the flush when it would change nothing.
+                        if ev.is_writable() && !conn.nothing_to_flush() {
                             self.core.check_connect(id);
                             self.core.flush(id);
                         }
@@ -763,8 +783,10 @@ impl Worker {
                     }
                 }
             }
-            self.fire_timers();
-            self.after_events();
+            // The wake-up's time: a timer falling due while the events
+            // were handled fires on the next turn (its timeout is then 0).
+            self.fire_timers(self.woke);
+            self.after_events(self.woke);
             if self.close_at.is_some_and(|c| c <= Instant::now()) {
                 self.close_at = None;
                 self.close_all();
@@ -779,14 +801,18 @@ impl Worker {
 
     /// Work that is not an IO event: resumed readers, lingering half-closed
     /// connections, idle connections, websocket pings.
-    fn after_events(&mut self) {
-        let now = Instant::now();
-        self.core.expire_connects(now);
-        let (due, keep): (Vec<_>, Vec<_>) =
-            self.core.redials.drain(..).partition(|(t, _)| *t <= now);
-        self.core.redials = keep;
-        for (_, id) in due {
-            self.core.redial(id);
+    fn after_events(&mut self, now: Instant) {
+        // Both lists are empty unless the plugin opens connections.
+        if !self.core.connect_deadlines.is_empty() {
+            self.core.expire_connects(now);
+        }
+        if !self.core.redials.is_empty() {
+            let (due, keep): (Vec<_>, Vec<_>) =
+                self.core.redials.drain(..).partition(|(t, _)| *t <= now);
+            self.core.redials = keep;
+            for (_, id) in due {
+                self.core.redial(id);
+            }
         }
         for id in std::mem::take(&mut self.again) {
             self.read(id);
@@ -798,7 +824,6 @@ impl Worker {
             self.read(id);
             self.runner.settle(&mut self.core);
         }
-        let now = Instant::now();
         let core = &mut self.core;
         // In place: this runs on every turn of the loop.
         let Core {
@@ -887,12 +912,11 @@ impl Worker {
         }
     }
 
-    fn fire_timers(&mut self) {
+    fn fire_timers(&mut self, now: Instant) {
         // A replacement runs no plugin code before its import.
         if self.incoming.is_some() {
             return;
         }
-        let now = Instant::now();
         while let Some(id) = self.core.timers.pop_due(now) {
             self.runner.invoke(&mut self.core, Call::Timer(id));
         }
@@ -1070,7 +1094,7 @@ impl Worker {
                         return;
                     };
                     conn.bytes_read += n as u64;
-                    conn.last_active = Instant::now();
+                    conn.last_active = self.woke;
                     conn.corked = true;
                     let spare = std::mem::take(&mut self.core.spare_out);
                     if let Some(unused) = self.core.get(id).and_then(|c| c.lend_out(spare)) {
