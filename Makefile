@@ -69,7 +69,7 @@ clean:
 ## calls (criterion), cold start and broadcast fan-out, live handover on reload
 ## (its own section, see bench-handover) and TLS (wss, https, handshakes)
 ## against a mio + rustls baseline, written to bench/RESULTS.md
-## (under 10 minutes), then UDP echo and the Redis bus across two hosts against
+## (about 15 minutes), then UDP echo and the Redis bus across two hosts against
 ## the local bus. Installs wrk and valgrind (heap allocations per message,
 ## by dhat) and redis-server when missing (Debian, as root).
 bench:

@@ -44,8 +44,10 @@ pub struct SuiteOpts {
     /// Only scenarios whose name contains this text.
     #[arg(long)]
     pub only: Option<String>,
-    /// Runs per side of each load scenario (interleaved); the best counts.
-    #[arg(long, default_value_t = 3)]
+    /// Runs per side of each load scenario (interleaved): rates and
+    /// latencies from the best, per-CPU-second figures over all. Five,
+    /// because single runs of one server spread by ±15 % on an idle machine.
+    #[arg(long, default_value_t = 5)]
     pub repeat: usize,
     /// Connections in the broadcast fan-out group (0: skip it).
     #[arg(long, default_value_t = 10_000)]

@@ -36,8 +36,8 @@ pub struct TlsOpts {
     /// Seconds measured per run.
     #[arg(long, default_value_t = 5)]
     pub secs: u64,
-    /// Runs per side; the best counts.
-    #[arg(long, default_value_t = 2)]
+    /// Runs per side: rates from the best, per-CPU-second figures over all.
+    #[arg(long, default_value_t = 4)]
     pub rounds: usize,
     /// Idle wss connections for the memory figure.
     #[arg(long, default_value_t = 5000)]
@@ -841,7 +841,7 @@ fn write_section(opts: &TlsOpts, rows: &[String], load: &str) -> Result<(), Stri
          wm-host's ssl listeners (`wss://`, `https://`, `transport = \"ssl\"`; one worker) against \
          `wm-baseline --cert --key` (a bare mio loop with the same rustls 0.23 and ring), in the \
          same run, server pinned to CPU {}, client (rustls, TLS 1.3; wrk with OpenSSL) on the other. \
-         Best of {} runs of {} s per side. Plugins: echo (wss, ssl text), bench-hello (`GET /plaintext`). \
+         {} runs of {} s per side. Plugins: echo (wss, ssl text), bench-hello (`GET /plaintext`). \
          Load average {load} (other work on the machine): the rates follow the CPU share each \
          server got; \"per CPU-s\" (messages per CPU-second of the serving process, over all \
          runs of a side) does not, and is the figure to compare; rates and latencies are the \
