@@ -790,7 +790,8 @@ impl WsCodec {
     /// As a server: appends one outgoing data message, framed, to `out`
     /// (the bytes of [`WsCodec::encode`]'s parts, joined). `false` as a
     /// client, whose frames are masked: use `encode`.
-    #[inline]
+    // Always: part of `Codec::encode_into`, the host's per-message send.
+    #[inline(always)]
     pub fn encode_into(&self, data: &[u8], kind: Kind, out: &mut Vec<u8>) -> bool {
         if self.role != Role::Server || self.deflate.is_some() {
             return false;
