@@ -600,13 +600,35 @@ impl Figures {
     /// between runs on an idle machine) moves the best-rate run's figure
     /// more than any difference between the servers.
     fn pooled_per_cpu_s(&self) -> f64 {
-        let (msgs, cpu) =
-            (self.cpu_runs.iter()).fold((0u64, 0.0), |(m, c), &(rm, rc)| (m + rm, c + rc));
-        if self.cpu_runs.len() > 1 && cpu > 0.0 {
-            msgs as f64 / cpu
-        } else {
-            self.per_cpu_s()
+        let mut pool = CpuPool::default();
+        for &(msgs, cpu_s) in &self.cpu_runs {
+            pool.add(msgs as f64, cpu_s);
         }
+        match pool.per_cpu_s() {
+            Some(v) if self.cpu_runs.len() > 1 => v,
+            _ => self.per_cpu_s(),
+        }
+    }
+}
+
+/// Messages per server CPU-second over several runs of one side: all the
+/// messages ÷ all the CPU-seconds. The suite, `tls` and `udp` report it
+/// because single runs of the same server differ more than the servers do.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuPool {
+    msgs: f64,
+    cpu_s: f64,
+}
+
+impl CpuPool {
+    pub fn add(&mut self, msgs: f64, cpu_s: f64) {
+        self.msgs += msgs;
+        self.cpu_s += cpu_s;
+    }
+
+    /// `None` before any CPU time was added.
+    pub fn per_cpu_s(&self) -> Option<f64> {
+        (self.cpu_s > 0.0).then(|| self.msgs / self.cpu_s)
     }
 }
 
@@ -2163,6 +2185,17 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_pool_divides_totals_not_averages_ratios() {
+        let mut pool = CpuPool::default();
+        assert_eq!(pool.per_cpu_s(), None);
+        // 1,000 per CPU-second over 1 s and 3,000 over 3 s: the mean of the
+        // ratios would be 2,000; all messages over all CPU time is 2,500.
+        pool.add(1_000.0, 1.0);
+        pool.add(9_000.0, 3.0);
+        assert_eq!(pool.per_cpu_s(), Some(2_500.0));
+    }
 
     #[test]
     fn reads_wrk_output() {

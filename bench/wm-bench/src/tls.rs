@@ -22,7 +22,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
 
 use crate::client::{decode, encode, ws_answer, Payload, Proto};
-use crate::suite::{free_port, Bins};
+use crate::suite::{free_port, Bins, CpuPool};
 use crate::sys;
 
 const BEGIN: &str = "<!-- tls:begin -->";
@@ -189,30 +189,11 @@ impl Conn {
     }
 }
 
-/// Per server CPU-second over every round of one side: single rounds of
-/// the same server differ more than the servers do (see the suite's
-/// `Figures::pooled_per_cpu_s`). Rounds last equally long, so rates stand
-/// in for counts.
-#[derive(Default)]
-struct Pool {
-    msgs: f64,
-    cpu: f64,
-}
-
-impl Pool {
-    fn add(&mut self, rate: f64, per_cpu: f64) {
-        if per_cpu > 0.0 {
-            self.msgs += rate;
-            self.cpu += rate / per_cpu;
-        }
-    }
-
-    fn per_cpu(&self) -> f64 {
-        if self.cpu > 0.0 {
-            self.msgs / self.cpu
-        } else {
-            0.0
-        }
+/// A round's figures into its side's pool: rounds last equally long, so
+/// rates stand in for counts.
+fn pool_round(pool: &mut CpuPool, rate: f64, per_cpu: f64) {
+    if per_cpu > 0.0 {
+        pool.add(rate, rate / per_cpu);
     }
 }
 
@@ -667,7 +648,7 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
     // wss echo.
     for size in [32usize, 4096] {
         let mut best = [Echo::default(), Echo::default()];
-        let mut pool = [Pool::default(), Pool::default()];
+        let mut pool = [CpuPool::default(); 2];
         for _ in 0..opts.rounds {
             for (i, &side) in sides.iter().enumerate() {
                 let (server, addr) = start(side, "wss", &bins, &dir, opts.server_cpu)?;
@@ -680,7 +661,7 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
                     r.p99_us,
                     r.errors
                 );
-                pool[i].add(r.rate, r.per_cpu);
+                pool_round(&mut pool[i], r.rate, r.per_cpu);
                 if r.rate > best[i].rate {
                     best[i] = r;
                 }
@@ -688,7 +669,7 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
             }
         }
         let [w, b] = &best;
-        let [pw, pb] = [pool[0].per_cpu(), pool[1].per_cpu()];
+        let [pw, pb] = pool.map(|p| p.per_cpu_s().unwrap_or(0.0));
         let size_s = if size >= 1024 {
             format!("{} KiB", size / 1024)
         } else {
@@ -704,7 +685,7 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
     }
     // https plaintext with wrk.
     let mut best = [(0.0, 0.0, 0.0), (0.0, 0.0, 0.0)];
-    let mut pool = [Pool::default(), Pool::default()];
+    let mut pool = [CpuPool::default(); 2];
     for _ in 0..opts.rounds {
         for (i, &side) in sides.iter().enumerate() {
             let (server, addr) = start(side, "https", &bins, &dir, opts.server_cpu)?;
@@ -720,7 +701,7 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
                 "https plaintext {}: {rate:.0} req/s, {per_cpu:.0} per server CPU-s, p99 {p99:.0} µs",
                 name(side)
             );
-            pool[i].add(rate, per_cpu);
+            pool_round(&mut pool[i], rate, per_cpu);
             if rate > best[i].0 {
                 best[i] = (rate, p99, per_cpu);
             }
@@ -728,7 +709,7 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
         }
     }
     for (b, p) in best.iter_mut().zip(&pool) {
-        b.2 = p.per_cpu();
+        b.2 = p.per_cpu_s().unwrap_or(0.0);
     }
     rows.push(format!(
         "| https plaintext keep-alive, wrk 1 thread × 100 conns | {:.0} req/s ({:.0} per CPU-s), p99 {:.0} µs | {:.0} req/s ({:.0} per CPU-s), p99 {:.0} µs | {} ({} per CPU-s) | 0 |",
@@ -737,7 +718,7 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
     ));
     // Handshakes.
     let mut best = [(0.0, 0.0, 0u64), (0.0, 0.0, 0u64)];
-    let mut pool = [Pool::default(), Pool::default()];
+    let mut pool = [CpuPool::default(); 2];
     for _ in 0..opts.rounds {
         for (i, &side) in sides.iter().enumerate() {
             let (server, addr) = start(side, "ssl-text", &bins, &dir, opts.server_cpu)?;
@@ -749,7 +730,7 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
                 r.1,
                 r.2
             );
-            pool[i].add(r.0, r.1);
+            pool_round(&mut pool[i], r.0, r.1);
             if r.0 > best[i].0 {
                 best[i] = r;
             }
@@ -757,7 +738,7 @@ pub fn run(opts: TlsOpts) -> Result<(), String> {
         }
     }
     for (b, p) in best.iter_mut().zip(&pool) {
-        b.1 = p.per_cpu();
+        b.1 = p.per_cpu_s().unwrap_or(0.0);
     }
     rows.push(format!(
         "| new TLS 1.3 connections (ECDSA P-256, X25519), 32 at a time | {:.0} handshakes/s ({:.0} per CPU-s) | {:.0} handshakes/s ({:.0} per CPU-s) | {} ({} per CPU-s) | {} |",

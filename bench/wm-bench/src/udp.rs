@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::suite::{free_port, Bins};
+use crate::suite::{free_port, Bins, CpuPool};
 use crate::sys;
 
 #[derive(clap::Args, Debug)]
@@ -267,9 +267,8 @@ pub fn section(bins: &Bins, o: &UdpCmd) -> String {
          target/release/wm-bench udp --out bench/RESULTS.md\n```\n"
     );
     let mut best: [Option<Figures>; 2] = [None, None];
-    // Every round's (messages, CPU-seconds) per side: the per-CPU row pools
-    // them (single rounds of one server differ more than the servers do).
-    let mut pool = [(0u64, 0.0f64); 2];
+    // The per-CPU row pools every round of a side.
+    let mut pool = [CpuPool::default(); 2];
     let mut errs = Vec::new();
     for round in 0..2 {
         for (i, which) in ["baseline", "wm-host"].iter().enumerate() {
@@ -293,8 +292,7 @@ pub fn section(bins: &Bins, o: &UdpCmd) -> String {
                         f.per_cpu(),
                         f.resent
                     );
-                    pool[i].0 += f.msgs;
-                    pool[i].1 += f.cpu;
+                    pool[i].add(f.msgs as f64, f.cpu);
                     if best[i].as_ref().is_none_or(|b| b.rate() < f.rate()) {
                         best[i] = Some(f);
                     }
@@ -316,8 +314,7 @@ pub fn section(bins: &Bins, o: &UdpCmd) -> String {
                 b.rate(),
                 w.rate() / b.rate()
             );
-            let per_cpu = |(m, c): (u64, f64)| m as f64 / c.max(1e-9);
-            let (pw, pb) = (per_cpu(pool[1]), per_cpu(pool[0]));
+            let [pb, pw] = pool.map(|p| p.per_cpu_s().unwrap_or(0.0));
             let _ = writeln!(
                 md,
                 "| msgs per server CPU-second, both rounds | {:.0} | {:.0} | {:.2} | ≥ 0.9 {} |",
